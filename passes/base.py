@@ -2,9 +2,14 @@
 
 Every fxport pass subclasses :class:`Pass` and implements :meth:`Pass.run`. The framework
 (``Pass.__call__``) hands ``run`` a private copy of the program, so a pass may edit
-``ep.graph`` in place; when ``run`` reports a change, the copy is re-traced
-(:func:`fxport.passes.graph.retrace`) so node metadata, shapes and the graph signature are
-fresh again, and validated. The caller's program is never mutated.
+``ep.graph`` in place; when ``run`` reports a change, the copy is updated
+(:func:`fxport.passes.graph.update`: dead code removed, node metadata, shapes and the graph
+signature's names refreshed by fake-tensor propagation, falling back to a full re-trace with
+:func:`fxport.passes.graph.retrace`) and validated. The caller's program is never mutated.
+
+A pass whose output only a full re-trace makes valid (it inserts in-place ops that must be
+functionalized, or leaves shapes that only re-tracing re-derives) sets ``needs_retrace = True``
+on its class or in its :class:`PassResult`.
 
 A pass:
   * matches conservatively: a node it cannot prove safe is left alone and counted in
@@ -51,9 +56,17 @@ class PassStats:
 
 @dataclass
 class PassResult:
+    """What ``run`` returns; ``Pass.__call__`` fills ``refresh`` with how the program was
+    updated after a change: ``"refresh"`` (fast fake-tensor propagation) or ``"retrace"``.
+
+    needs_retrace: ask ``Pass.__call__`` for a full re-trace instead of the fast refresh.
+    """
+
     ep: ExportedProgram
     changed: bool
     stats: PassStats
+    needs_retrace: bool = False
+    refresh: str | None = None
 
 
 @dataclass
@@ -72,11 +85,17 @@ class PassError(ValueError):
 
 
 def snake_case(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
 
 
 class Pass:
-    """Base class of all fxport passes. Subclasses implement :meth:`run`."""
+    """Base class of all fxport passes. Subclasses implement :meth:`run`.
+
+    needs_retrace: class attribute; True makes every changing call re-trace fully
+        (``run_decompositions``) instead of the fast metadata refresh.
+    """
+
+    needs_retrace: bool = False
 
     @property
     def name(self) -> str:
@@ -86,15 +105,18 @@ class Pass:
         raise NotImplementedError
 
     def __call__(self, ep: ExportedProgram, ctx: PassContext | None = None) -> PassResult:
-        from fxport.passes.graph import clone_program, retrace
+        from fxport.passes.graph import clone_program, snapshot, update
 
         ctx = ctx or PassContext()
-        result = self.run(clone_program(ep), ctx)
+        copy = clone_program(ep)
+        before = snapshot(copy)
+        result = self.run(copy, ctx)
         if not result.changed:
             return PassResult(ep, False, result.stats)
-        new_ep = retrace(result.ep)
-        new_ep.validate()
-        return PassResult(new_ep, True, result.stats)
+        since = before if result.ep.graph is before.graph else None
+        # ExportedProgram's constructor (inside update) validates the new program.
+        new_ep, how = update(result.ep, full=self.needs_retrace or result.needs_retrace, since=since)
+        return PassResult(new_ep, True, result.stats, refresh=how)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -1,0 +1,184 @@
+"""Readable dumps of ExportedPrograms: per-pass before/after/diff files and ``fxport dump``.
+
+Per pass, :func:`write_pass_dump` writes into the dump directory (``NN`` is the pass's
+1-based position in the pipeline, ``name`` its snake_case name)::
+
+    NN_name.before.txt   graph (print_readable style) + graph signature before the pass
+    NN_name.after.txt    the same after the pass
+    NN_name.diff         unified diff before -> after
+    NN_name.ops.txt      op histogram delta (ops whose count changed, totals)
+    NN_name.stats.json   {"pass", "method", "changed", "seconds", "stats": PassStats.as_dict()}
+    NN_name.after.pt2    only when ``model_explorer`` (ai-edge-model-explorer) is importable:
+                         the program after the pass, which Model Explorer opens directly
+
+:func:`dump_program` renders one program (or a saved ``.pt2``) as text: signature, inputs,
+outputs and buffers with shapes, op histogram and graph; ``fxport dump`` prints it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, TensorArgument
+
+from fxport.debug.histogram import delta_text, histogram_text, op_histogram
+
+DUMP_ENV = "FXPORT_DUMP"
+
+
+def dump_dir_from_env() -> Path | None:
+    """The directory named by ``FXPORT_DUMP`` (None when unset or empty)."""
+    value = os.environ.get(DUMP_ENV, "").strip()
+    return Path(value) if value else None
+
+
+def graph_text(ep: ExportedProgram) -> str:
+    """``print_readable`` text of the graph followed by the graph signature."""
+    code = ep.graph_module.print_readable(print_output=False)
+    return f"{code.rstrip()}\n\n# graph signature\n{ep.graph_signature}\n"
+
+
+def diff_text(before: str, after: str, name: str = "graph") -> str:
+    """Unified diff of two graph texts (empty string when equal)."""
+    lines = difflib.unified_diff(
+        before.splitlines(keepends=True),
+        after.splitlines(keepends=True),
+        fromfile=f"{name}.before",
+        tofile=f"{name}.after",
+    )
+    return "".join(lines)
+
+
+def model_explorer_available() -> bool:
+    return importlib.util.find_spec("model_explorer") is not None
+
+
+def write_pass_dump(
+    directory: Union[str, Path],
+    index: int,
+    name: str,
+    before: ExportedProgram,
+    after: ExportedProgram,
+    *,
+    changed: bool,
+    stats: dict[str, Any],
+    method: str | None = None,
+    seconds: float | None = None,
+    before_text: str | None = None,
+    after_text: str | None = None,
+) -> list[Path]:
+    """Write the five per-pass files (six with Model Explorer); returns their paths.
+
+    ``before_text`` / ``after_text`` let the pipeline reuse texts it already rendered.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = f"{index:02d}_{name}"
+    before_text = graph_text(before) if before_text is None else before_text
+    if after_text is None:
+        after_text = before_text if after is before else graph_text(after)
+    files = {
+        f"{stem}.before.txt": before_text,
+        f"{stem}.after.txt": after_text,
+        f"{stem}.diff": diff_text(before_text, after_text, stem),
+        f"{stem}.ops.txt": delta_text(op_histogram(before), op_histogram(after)),
+        f"{stem}.stats.json": json.dumps(
+            {"pass": name, "method": method, "changed": changed, "seconds": seconds, "stats": stats},
+            indent=2,
+            default=str,
+        )
+        + "\n",
+    }
+    paths = []
+    for fname, text in files.items():
+        path = directory / fname
+        path.write_text(text)
+        paths.append(path)
+    if model_explorer_available():
+        path = directory / f"{stem}.after.pt2"
+        torch.export.save(after, str(path))
+        paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------- fxport dump
+
+
+def _val_text(val: Any) -> str:
+    if isinstance(val, torch.Tensor):
+        dims = ", ".join(str(d) for d in val.shape)
+        return f"{str(val.dtype).removeprefix('torch.')}[{dims}]"
+    if val is None:
+        return "?"
+    return f"{type(val).__name__}({val})"
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    if not rows:
+        return "  (none)\n"
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for r in rows:
+        out.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return "\n".join(out) + "\n"
+
+
+def dump_program(program: Union[str, Path, ExportedProgram], *, graph: bool = True) -> str:
+    """Text report of a program: inputs, outputs, buffers (with shapes), op histogram, graph.
+
+    ``program`` is an ``ExportedProgram`` or the path of a ``torch.export.save``d ``.pt2``.
+    """
+    if isinstance(program, ExportedProgram):
+        ep, title = program, "ExportedProgram"
+    else:
+        path = Path(program)
+        if not path.exists():
+            raise FileNotFoundError(f"fxport dump: {path} does not exist; pass a file written by torch.export.save")
+        ep, title = torch.export.load(str(path)), str(path)
+
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes}
+    inputs, buffers, params = [], [], []
+    n_param_bytes = 0
+    for spec in ep.graph_signature.input_specs:
+        name = spec.arg.name if hasattr(spec.arg, "name") else str(spec.arg)
+        shape = _val_text(vals.get(name))
+        if spec.kind == InputKind.USER_INPUT:
+            inputs.append((name, shape))
+        elif spec.kind == InputKind.BUFFER:
+            persistent = "persistent" if spec.persistent else "non-persistent"
+            buffers.append((str(spec.target), shape, persistent))
+        else:
+            params.append((str(spec.target), shape, spec.kind.name.lower()))
+            t = ep.state_dict.get(spec.target, ep.constants.get(spec.target))
+            if isinstance(t, torch.Tensor):
+                n_param_bytes += t.numel() * t.element_size()
+    outputs = []
+    for spec in ep.graph_signature.output_specs:
+        name = spec.arg.name if isinstance(spec.arg, TensorArgument) else str(getattr(spec.arg, "name", spec.arg))
+        target = f" -> {spec.target}" if spec.target else ""
+        outputs.append((name, _val_text(vals.get(name)), f"{spec.kind.name.lower()}{target}"))
+
+    user_outputs = [shape for _, shape, kind in outputs if kind == "user_output"]
+    signature = ", ".join(f"{n}: {shape}" for n, shape in inputs)
+    parts = [f"# {title}\n"]
+    if ep.range_constraints:
+        ranges = ", ".join(f"{s}: [{r.lower}, {r.upper}]" for s, r in ep.range_constraints.items())
+        parts.append(f"symbolic ranges: {ranges}\n")
+    parts.append(f"signature: forward({signature}) -> ({', '.join(user_outputs)})\n")
+    parts.append(f"\n## user inputs ({len(inputs)})\n" + _table(inputs))
+    parts.append(f"\n## outputs ({len(outputs)})\n" + _table(outputs))
+    parts.append(f"\n## buffers ({len(buffers)})\n" + _table(buffers))
+    parts.append(
+        f"\n## parameters and constants ({len(params)}, {n_param_bytes / 2**20:.2f} MiB)\n" + _table(params)
+    )
+    parts.append("\n## op histogram\n" + histogram_text(op_histogram(ep)))
+    if graph:
+        parts.append("\n## graph\n" + graph_text(ep))
+    return "".join(parts)

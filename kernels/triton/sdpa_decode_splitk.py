@@ -1,0 +1,266 @@
+"""Split-K flash decoding (one query per head) in Triton: the impl of ``fxport::sdpa_decode_splitk``.
+
+Layout and contract (see :mod:`fxport.kernels.attention_ops`)::
+
+    q (B, H_q, 1, D); k, v (B, H_kv, S, D); mask broadcastable to (B, H_q, 1, S);
+    valid_len None or (), (1,), (B,) integer; -> out (B, H_q, 1, D)
+
+Two kernels:
+  1. ``_splitk_partial``, grid (B * H_kv, NUM_SPLITS). A program owns one KV head and all
+     N_REP query heads that read it (native GQA: the (N_REP, D) query tile is a ``tl.dot``
+     operand, K/V are read once per KV head and never expanded) and one slice of the valid
+     KV range. The valid range [0, valid_len) is divided evenly over the splits *on the
+     device*, so every split has work whatever the fill level of the cache and no KV block at
+     index >= valid_len is ever loaded. It keeps a running max ``m``, sum ``l`` and
+     accumulator (true online softmax: every exponent is ``exp(s - m)`` with ``m`` the
+     running max, no fixed offset, so logits of 1e3 are exact) and writes (m, l, acc) in fp32.
+  2. ``_splitk_reduce``, grid (B * H_q, D / 128): ``M = max_i m_i``, ``out = sum_i e^(m_i - M) acc_i /
+     sum_i e^(m_i - M) l_i``; a split without keys has m = -inf, l = 0 and weighs 0; a row
+     without any key is 0 (as aten SDPA).
+
+Launch configuration is explicit (:class:`DecodeConfig`); tests pass a tiny one under
+``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """block_n: keys per inner iteration; num_splits: programs along the KV axis per KV head
+    (None: enough to give ~4 programs per SM); num_warps / num_stages: Triton launch knobs."""
+
+    block_n: int = 64
+    num_splits: Optional[int] = None
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def default_decode_config(D: int, S: int, kv_programs: int, device: torch.device) -> DecodeConfig:
+    """A heuristic config for S keys and kv_programs = B * H_kv: 32..64 keys per block (>= 32 KiB of K+V in flight per stage), 8 warps
+    for D > 128; spill-free on sm_90 (the compile check of ``bench/sdpa.py`` without a GPU)."""
+    block_n = 64 if D <= 128 else 32
+    num_warps = 4 if D <= 128 else 8
+    sms = 132  # H100 SXM; the real count when the device is visible
+    if device.type == "cuda" and torch.cuda.is_available():
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    target = 4 * sms
+    splits = max(1, min(triton.cdiv(target, max(kv_programs, 1)), triton.cdiv(S, block_n), 256))
+    return DecodeConfig(block_n=block_n, num_splits=splits, num_warps=num_warps, num_stages=2)
+
+
+@triton.jit
+def _splitk_partial(
+    Q, K, V, Mask, ValidLen, Acc, Mx, Sm,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mn,
+    stride_lb,
+    H_kv, S, D, scale,
+    N_REP: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_VALID_LEN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = (pid_bh // H_kv).to(tl.int64)  # 64-bit base offsets: B * H * S * D may exceed 2^31
+    hkv = (pid_bh % H_kv).to(tl.int64)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_ok = offs_h < N_REP
+    d_ok = offs_d < D
+    qh = hkv * N_REP + offs_h  # query heads of this KV head
+
+    q = tl.load(
+        Q + b * stride_qb + qh[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+        mask=h_ok[:, None] & d_ok[None, :], other=0.0,
+    )  # (BLOCK_H, BLOCK_D)
+
+    # The valid range [0, n) is split evenly (in whole blocks) over NUM_SPLITS programs.
+    n = S
+    if HAS_VALID_LEN:
+        n = tl.minimum(tl.maximum(tl.load(ValidLen + b * stride_lb).to(tl.int32), 0), S)
+    blocks = tl.cdiv(n, BLOCK_N)
+    per_split = tl.cdiv(blocks, NUM_SPLITS) * BLOCK_N
+    lo = pid_s * per_split
+    hi = tl.minimum(lo + per_split, n)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    k_base = K + b * stride_kb + hkv * stride_kh
+    v_base = V + b * stride_vb + hkv * stride_vh
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_H, BLOCK_N) fp32
+        keep = h_ok[:, None] & n_ok[None, :]
+        if MASK_KIND != 0:
+            m_ptrs = Mask + b * stride_mb + qh[:, None] * stride_mh + offs_n[None, :] * stride_mn
+            if MASK_KIND == 1:
+                keep = keep & (tl.load(m_ptrs, mask=keep, other=0) != 0)
+            else:
+                s = s + tl.load(m_ptrs, mask=keep, other=0.0).to(tl.float32)
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: exp(-inf - 0) = 0
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    row = (b * H_kv * N_REP + qh) * NUM_SPLITS + pid_s  # partials (B, H_q, NUM_SPLITS[, D])
+    tl.store(Mx + row, m_i, mask=h_ok)
+    tl.store(Sm + row, l_i, mask=h_ok)
+    tl.store(Acc + row[:, None] * D + offs_d[None, :], acc, mask=h_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _splitk_reduce(
+    Acc, Mx, Sm, Out,
+    stride_ob, stride_oh, stride_od,
+    H_q, D,
+    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)  # b * H_q + h
+    pid_d = tl.program_id(1)  # slice of the head dim
+    b = (pid // H_q).to(tl.int64)
+    h = (pid % H_q).to(tl.int64)
+    # global max and denominator over all splits (NUM_SPLITS scalars)
+    offs_all = tl.arange(0, SPLITS_P2)
+    all_ok = offs_all < NUM_SPLITS
+    m_all = tl.load(Mx + pid * NUM_SPLITS + offs_all, mask=all_ok, other=float("-inf"))
+    l_all = tl.load(Sm + pid * NUM_SPLITS + offs_all, mask=all_ok, other=0.0)
+    big_m = tl.max(m_all, 0)
+    big_m = tl.where(big_m == float("-inf"), 0.0, big_m)
+    den = tl.sum(l_all * tl.exp(m_all - big_m), 0)  # splits without keys: exp(-inf) = 0
+    # numerator, BLOCK_S splits at a time (bounded registers for D = 512 and many splits)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    num = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(0, NUM_SPLITS, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        s_ok = offs_s < NUM_SPLITS
+        row = pid * NUM_SPLITS + offs_s
+        w = tl.exp(tl.load(Mx + row, mask=s_ok, other=float("-inf")) - big_m)
+        acc = tl.load(Acc + row[:, None] * D + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        num += tl.sum(acc * w[:, None], 0)
+    out = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty), mask=d_ok)
+
+
+def _mask_args(attn_mask: Optional[torch.Tensor], B: int, H_q: int, L: int, S: int, dummy: torch.Tensor):
+    """(kind, tensor, strides (b, h, l, s)) of a mask broadcast to (B, H_q, L, S).
+
+    The mask is passed as it is (no expand/copy: a view op in front of a kernel would be
+    functionalized as a write-back under tracing); broadcast dims get stride 0.
+    """
+    if attn_mask is None:
+        return MASK_NONE, dummy, (0, 0, 0, 0)
+    m = attn_mask
+    pad = 4 - m.dim()
+    sizes = [1] * pad + list(m.shape)
+    strides = [0] * pad + list(m.stride())
+    for i, (size, want) in enumerate(zip(sizes, (B, H_q, L, S))):
+        if isinstance(size, int) and size == 1:
+            strides[i] = 0
+        elif isinstance(size, int) and isinstance(want, int) and size != want:
+            raise ValueError(f"attn_mask of shape {tuple(m.shape)} does not broadcast to {(B, H_q, L, S)}")
+    kind = MASK_BOOL if m.dtype == torch.bool else MASK_ADD
+    return kind, m, tuple(strides)
+
+
+def _valid_len_args(valid_len: Optional[torch.Tensor], B: int, dummy: torch.Tensor):
+    if valid_len is None:
+        return False, dummy, 0
+    n = valid_len.numel()
+    if n != 1 and n != B:
+        raise ValueError(f"valid_len must have 1 or B={B} entries; got shape {tuple(valid_len.shape)}")
+    vl = valid_len if valid_len.dtype in (torch.int32, torch.int64) else valid_len.to(torch.int32)
+    # read in the kernel as ValidLen[b * stride]: () and (1,) -> stride 0
+    return True, vl, (0 if n == 1 else vl.stride(-1))
+
+
+def launch(kernel, grid, args: tuple, kwargs: dict, warmup: bool):
+    """Launch ``kernel`` through ``wrap_triton`` (traceable by export/AOTInductor), or with
+    ``warmup`` only compile it for the current driver's target and return the compiled kernel
+    (used by ``bench/sdpa.py`` to check registers/spills/shared memory without a GPU)."""
+    if warmup:
+        return kernel.warmup(*args, grid=grid, **kwargs)
+    wrap_triton(kernel)[grid](*args, **kwargs)
+    return None
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32: exact products (no TF32)
+
+
+def launch_sdpa_decode_splitk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    valid_len: Optional[torch.Tensor],
+    scale: float,
+    config: Optional[DecodeConfig] = None,
+    warmup: bool = False,
+):
+    """Launch both kernels (through ``wrap_triton``, so AOTInductor can capture them) and
+    return the output; with ``warmup``, compile only and return the two compiled kernels."""
+    B, H_q, L, D = q.shape
+    H_kv, S = k.shape[1], k.shape[2]
+    if L != 1:
+        raise ValueError(f"sdpa_decode_splitk: needs L == 1; got q {tuple(q.shape)}")
+    n_rep = H_q // H_kv
+    cfg = config or default_decode_config(D, S, B * H_kv, q.device)
+    num_splits = cfg.num_splits or default_decode_config(D, S, B * H_kv, q.device).num_splits
+    out = torch.empty_like(q)
+    acc = torch.empty((B, H_q, num_splits, D), dtype=torch.float32, device=q.device)
+    mx = torch.empty((B, H_q, num_splits), dtype=torch.float32, device=q.device)
+    sm = torch.empty((B, H_q, num_splits), dtype=torch.float32, device=q.device)
+    mask_kind, mask, ms = _mask_args(attn_mask, B, H_q, 1, S, q)
+    has_vl, vl, svl = _valid_len_args(valid_len, B, q)
+    block_d = max(16, triton.next_power_of_2(D))
+    block_h = max(16, triton.next_power_of_2(n_rep))
+    partial = launch(_splitk_partial, (B * H_kv, num_splits), (
+        q, k, v, mask, vl, acc, mx, sm,
+        q.stride(0), q.stride(1), q.stride(3),
+        k.stride(0), k.stride(1), k.stride(2), k.stride(3),
+        v.stride(0), v.stride(1), v.stride(2), v.stride(3),
+        ms[0], ms[1], ms[3],
+        svl,
+        H_kv, S, D, float(scale),
+    ), dict(
+        N_REP=n_rep, NUM_SPLITS=num_splits,
+        BLOCK_H=block_h, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+        MASK_KIND=mask_kind, HAS_VALID_LEN=has_vl, PRECISION=_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    ), warmup)
+    block_dr = min(block_d, 128)
+    reduce = launch(_splitk_reduce, (B * H_q, triton.cdiv(D, block_dr)), (
+        acc, mx, sm, out,
+        out.stride(0), out.stride(1), out.stride(3),
+        H_q, D,
+    ), dict(
+        NUM_SPLITS=num_splits, SPLITS_P2=max(2, triton.next_power_of_2(num_splits)),
+        BLOCK_S=min(16, max(2, triton.next_power_of_2(num_splits))), BLOCK_D=block_dr,
+        num_warps=4,
+    ), warmup)
+    return [partial, reduce] if warmup else out

@@ -1,0 +1,285 @@
+"""SDPADispatch: pick an attention kernel per ``aten.scaled_dot_product_attention`` call site.
+
+Matches: ``aten.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p=0, is_causal,
+    scale, enable_gqa)`` with 4-d q (B, H_q, L, D), D <= 512, float16/bfloat16/float32,
+    a bool (True = attend) or float additive mask (or none), and K/V that are either
+    * the repeat_kv expansion ``unsqueeze(x, 2) -> expand(B, H_kv, n_rep, S, D) ->
+      [clone] -> reshape/view/_unsafe_view(B, H_kv * n_rep, S, D)`` (no-op slices/aliases
+      allowed in between), which is peeled: the kernels read x (B, H_kv, S, D) directly;
+    * or already (B, H_kv, S, D) with H_q % H_kv == 0 (H_kv == H_q, or ``enable_gqa=True``).
+Produces, per site:
+    * L == 1 (static) and S > ``threshold`` and not causal ->
+      ``fxport::sdpa_decode_splitk(q, k, v, mask, valid_len, scale)``;
+    * otherwise ``fxport::sdpa(q, k, v, mask, valid_len, scale, is_causal, 0)`` (the tiled
+      kernel), or, with ``fallback="aten"``, the aten call is left for the backend.
+    ``valid_len`` is computed in the graph from the mask (1 + the largest key index that any
+    query row attends to, per batch row), so kernels skip the KV blocks past it; it is shared
+    by all sites that read the same mask node. Without a mask (or ``valid_len=False``) it is None.
+Leaves alone (counted in ``stats.skipped[reason]``): dropout, head dim > 512, other dtypes,
+    masks of other dtypes/ranks, K/V whose head layout it cannot prove (e.g. a repeat that is
+    not the repeat_kv order), K and V with different head counts.
+Invariant: the op computes the same attention as the aten call (the CPU reference impl calls
+    aten SDPA on the expanded K/V with the same mask, so on CPU the rewritten program equals
+    the original bit for bit); the Triton kernels are equal within float tolerance.
+Idempotent: the rewritten program has no matching aten SDPA left (``fallback="aten"`` sites
+    are left unchanged, so a second run changes nothing either).
+
+Stats: one ``sites`` entry per call site: node, module (the attention module's FQN when
+export recorded it), q/kv shapes, kv buffer (when the K source is a cache buffer), choice (``sdpa_decode_splitk`` | ``sdpa`` | ``aten``) and the reason.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch.export import ExportedProgram
+from torch.fx import Node
+
+import fxport.kernels.ops  # noqa: F401  (registers torch.ops.fxport.*)
+from fxport.passes.base import Pass, PassContext, PassResult, PassStats
+from fxport.passes.graph import buffer_placeholders, call
+
+aten = torch.ops.aten
+MAX_HEAD_DIM = 512
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+_NOOP_OPS = (aten.alias.default, aten.slice.Tensor, aten.clone.default, aten.contiguous.default)
+_VIEW_OPS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+
+
+class _Skip(Exception):
+    """A call site that does not match; the message is the skip reason."""
+
+
+def _shape(node) -> tuple | None:
+    val = node.meta.get("val") if isinstance(node, Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _plain(shape: tuple | None) -> tuple | None:
+    """A shape for stats: ints stay ints, symbolic dims become their name (e.g. 's27')."""
+    return None if shape is None else tuple(d if isinstance(d, int) else str(d) for d in shape)
+
+
+def _val(node) -> torch.Tensor | None:
+    val = node.meta.get("val") if isinstance(node, Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _same_shape(a: Node, b: Node) -> bool:
+    sa, sb = _shape(a), _shape(b)
+    return sa is not None and sa == sb
+
+
+def _through_noops(node: Node) -> Node:
+    """Skip value-preserving ops (aliases, full slices, clones) that keep the shape."""
+    while (
+        isinstance(node, Node)
+        and node.op == "call_function"
+        and node.target in _NOOP_OPS
+        and isinstance(node.args[0], Node)
+        and _same_shape(node, node.args[0])
+    ):
+        node = node.args[0]
+    return node
+
+
+def peel_repeat_kv(node: Node, h_q: int) -> tuple[Node, int]:
+    """(source (B, H_kv, S, D), n_rep) behind the repeat_kv expansion of ``node``.
+
+    Raises _Skip when ``node`` is an expansion of another layout.
+    """
+    shape = _shape(node)
+    if shape is None or len(shape) != 4:
+        raise _Skip("kv without a 4-d shape")
+    view = _through_noops(node)
+    if not (isinstance(view, Node) and view.op == "call_function" and view.target in _VIEW_OPS):
+        return view, 1  # not expanded here; the caller checks H_kv against H_q
+    expand = view.args[0]
+    if isinstance(expand, Node) and expand.target in (aten.clone.default, aten.contiguous.default):
+        expand = expand.args[0]
+    if not (isinstance(expand, Node) and expand.target == aten.expand.default):
+        raise _Skip("kv reshaped from something other than a repeat_kv expand")
+    unsq = _through_noops(expand.args[0])
+    if not (isinstance(unsq, Node) and unsq.target == aten.unsqueeze.default and unsq.args[1] in (2, -3)):
+        raise _Skip("kv expand not preceded by unsqueeze(2) (not the repeat_kv layout)")
+    src = _through_noops(unsq.args[0])
+    src_shape, exp_shape = _shape(src), _shape(expand)
+    if src_shape is None or len(src_shape) != 4 or exp_shape is None or len(exp_shape) != 5:
+        raise _Skip("repeat_kv source without a static 4-d shape")
+    b, h_kv, s, d = src_shape
+    n_rep = exp_shape[2]
+    if exp_shape != (b, h_kv, n_rep, s, d) or shape != (b, h_kv * n_rep, s, d):
+        raise _Skip(f"repeat_kv shapes {src_shape} -> {exp_shape} -> {shape} do not match")
+    if h_kv * n_rep != h_q:
+        raise _Skip(f"repeat_kv gives {h_kv * n_rep} heads, query has {h_q}")
+    return src, n_rep
+
+
+def _module_path(node: Node) -> str | None:
+    """Innermost module FQN that called ``node`` (from export's nn_module_stack), if known."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    return list(stack.values())[-1][0] or None
+
+
+def _kv_buffer(ep: ExportedProgram, node: Node) -> str | None:
+    """FQN of the cache buffer a K source was written into (through index_copy/gather/views)."""
+    by_node = {n: fqn for fqn, n in buffer_placeholders(ep).items()}
+    seen = 0
+    while isinstance(node, Node) and seen < 16:
+        if node in by_node:
+            return by_node[node]
+        if node.op != "call_function" or not node.args:
+            return None
+        node, seen = node.args[0], seen + 1
+    return None
+
+
+class SDPADispatch(Pass):
+    """Per call site: split-K decode, tiled Triton SDPA, or aten SDPA (see module docstring).
+
+    Args:
+        threshold: split-K when L_q == 1 and L_kv > threshold (default 2048: the crossover
+            measured by ``bench/sdpa.py``; sliding-window ring caches stay below it).
+        fallback: ``"tiled"`` rewrites the other sites to ``fxport::sdpa``; ``"aten"`` leaves
+            them to the backend.
+        valid_len: compute the valid KV length from the mask in-graph and pass it to the
+            kernels (block skipping). Off: kernels sweep the whole cache (mask only).
+    """
+
+    def __init__(self, threshold: int = 2048, fallback: Literal["tiled", "aten"] = "tiled", valid_len: bool = True):
+        if fallback not in ("tiled", "aten"):
+            raise ValueError(f"SDPADispatch: fallback must be 'tiled' or 'aten'; got {fallback!r}")
+        if threshold < 0:
+            raise ValueError(f"SDPADispatch: threshold must be >= 0; got {threshold}")
+        self.threshold, self.fallback, self.use_valid_len = threshold, fallback, valid_len
+
+    def __repr__(self) -> str:
+        return f"SDPADispatch(threshold={self.threshold}, fallback={self.fallback!r}, valid_len={self.use_valid_len})"
+
+    # ------------------------------------------------------------------ analysis
+
+    def _analyze(self, node: Node) -> dict:
+        args = dict(zip(_SDPA_ARGS, node.args))
+        args.update(node.kwargs)
+        q, k, v = args["query"], args["key"], args["value"]
+        mask = args.get("attn_mask")
+        if args.get("dropout_p", 0.0) not in (0, 0.0):
+            raise _Skip("dropout")
+        qv = _val(q)
+        if qv is None or qv.dim() != 4:
+            raise _Skip("query not 4-d")
+        if qv.dtype not in _DTYPES:
+            raise _Skip(f"dtype {qv.dtype}")
+        B, H_q, L, D = qv.shape
+        if not isinstance(D, int) or not isinstance(H_q, int):
+            raise _Skip("symbolic heads or head dim")
+        if D > MAX_HEAD_DIM:
+            raise _Skip(f"head dim {D} > {MAX_HEAD_DIM}")
+        k_src, k_rep = peel_repeat_kv(k, H_q)
+        v_src, v_rep = peel_repeat_kv(v, H_q)
+        ks, vs = _shape(k_src), _shape(v_src)
+        if ks is None or vs is None or ks != vs:
+            raise _Skip(f"k {ks} and v {vs} sources differ in shape")
+        if len(ks) != 4 or ks[3] != D or not isinstance(ks[1], int) or H_q % ks[1] != 0:
+            raise _Skip(f"kv {ks} does not fit query heads {H_q} / head dim {D}")
+        if ks[1] != H_q and k_rep == 1 and not args.get("enable_gqa", False):
+            raise _Skip("kv heads differ from query heads without repeat_kv or enable_gqa")
+        if mask is not None:
+            mv = _val(mask)
+            if mv is None or mv.dim() > 4 or not (mv.dtype == torch.bool or mv.dtype in _DTYPES):
+                raise _Skip("mask neither bool nor float of rank <= 4")
+        scale = args.get("scale")
+        scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        return dict(q=q, k=k_src, v=v_src, mask=mask, scale=scale, is_causal=bool(args.get("is_causal", False)),
+                    B=B, H_q=H_q, L=L, D=D, H_kv=ks[1], S=ks[2])
+
+    def _choose(self, site: dict) -> tuple[str, str]:
+        L, S = site["L"], site["S"]
+        if not isinstance(S, int):
+            return self._fallback_choice("symbolic L_kv")
+        if isinstance(L, int) and L == 1:
+            if site["is_causal"]:
+                return self._fallback_choice("is_causal decode (only key 0 attends)")
+            if S > self.threshold:
+                return "sdpa_decode_splitk", f"L_q=1, L_kv={S} > threshold {self.threshold}"
+            return self._fallback_choice(f"L_q=1, L_kv={S} <= threshold {self.threshold}")
+        return self._fallback_choice(f"L_q={L} > 1 (prefill)")
+
+    def _fallback_choice(self, reason: str) -> tuple[str, str]:
+        return ("sdpa" if self.fallback == "tiled" else "aten"), reason
+
+    # ------------------------------------------------------------------ rewrite
+
+    def _valid_len(self, graph, mask: Node, before: Node, cache: dict) -> Node | None:
+        """(B_mask,) or () int32: 1 + last key index any query row attends to; 0 if none.
+
+        Inserted before the first site that reads ``mask`` and shared by the later ones.
+        """
+        if mask in cache:
+            return cache[mask]
+        mv = _val(mask)
+        S = mv.shape[-1]
+        if not isinstance(S, int):  # a dynamic key length: sweep everything (mask only)
+            return None
+        with graph.inserting_before(before):
+            keep = mask if mv.dtype == torch.bool else call(graph, aten.gt.Scalar, mask, float("-inf"))
+            pos = graph.call_function(aten.arange.start_step, (1, S + 1, 1), {"dtype": torch.int32, "device": mv.device})
+            idx = call(graph, aten.mul.Tensor, keep, pos)  # (..., S) int32, 0 where masked
+            dims = list(range(1, mv.dim())) if mv.dim() == 4 else list(range(mv.dim()))
+            vl = call(graph, aten.amax.default, idx, dims)
+        cache[mask] = vl
+        return vl
+
+    def run(self, ep: ExportedProgram, ctx: PassContext) -> PassResult:
+        stats = PassStats()
+        graph = ep.graph
+        vl_cache: dict = {}
+        changed = False
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target != aten.scaled_dot_product_attention.default:
+                continue
+            stats.matched += 1
+            try:
+                site = self._analyze(node)
+            except _Skip as exc:
+                stats.skip(str(exc))
+                stats.sites.append({"node": node.name, "module": _module_path(node), "q": _plain(_shape(node.args[0])),
+                                    "choice": "aten", "reason": str(exc)})
+                continue
+            choice, reason = self._choose(site)
+            stats.sites.append({
+                "node": node.name,
+                "module": _module_path(node),
+                "q": _plain(_shape(site["q"])),
+                "kv": _plain(_shape(site["k"])),
+                "kv_buffer": _kv_buffer(ep, site["k"]),
+                "choice": choice,
+                "reason": reason,
+            })
+            if choice == "aten":
+                continue
+            mask = site["mask"]
+            vl = self._valid_len(graph, mask, node, vl_cache) if (mask is not None and self.use_valid_len) else None
+            with graph.inserting_before(node):
+                if choice == "sdpa_decode_splitk":
+                    new = call(graph, torch.ops.fxport.sdpa_decode_splitk.default,
+                               site["q"], site["k"], site["v"], mask, vl, site["scale"])
+                else:
+                    new = call(graph, torch.ops.fxport.sdpa.default,
+                               site["q"], site["k"], site["v"], mask, vl, site["scale"], site["is_causal"], 0)
+            new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "val")})
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            stats.rewritten += 1
+            changed = True
+        if changed:
+            graph.eliminate_dead_code()
+        return PassResult(ep, changed, stats)
+
+
+__all__ = ["SDPADispatch", "peel_repeat_kv"]

@@ -1,0 +1,350 @@
+"""The generation loop: chunked prefill, decode, sampling, stop conditions, streaming, tok/s.
+
+One loop drives every form of the model through the small :class:`Backend` protocol:
+
+    backend.max_seq_len         # positions the KV cache holds (None: unknown, not checked)
+    backend.max_prefill_chunk   # longest chunk one prefill call accepts
+    backend.prefill(tokens, input_pos) -> logits   # tokens (1, L) int64, input_pos (L,) int64
+    backend.decode(token, input_pos) -> logits     # token (1, 1) int64, input_pos (1,) int64
+    backend.reset()             # optional: called before a new sequence
+
+Logits are ``(1, L', V)`` (or ``(1, V)``) float; only the last row is read, so a prefill that
+returns last-token logits only (``L' = 1``) works as well as one returning all ``L``.
+
+Backends here: :class:`EagerBackend` (a ``Gemma4ForCausalLM`` or any module with the same call
+signature and ``max_seq_len``) and :class:`ExportedBackend` (the ``{"prefill": ep, "decode":
+ep}`` pair of ``export_methods``, run through ``ep.module()`` with the two modules sharing one
+set of weights and KV-cache buffers). The ExecuTorch ``.pte`` backend lives in
+``fxport.lowering.pte_backend.PteBackend``; :func:`as_backend` accepts a ``.pte`` path too.
+
+Positions: the prompt occupies 0..n-1; generated token i (0-based) is fed at position n + i,
+except the last one, which is never fed. So a prompt of n tokens with ``max_new_tokens`` m needs
+``n + m - 1 <= max_seq_len`` positions; :func:`generate` checks this before running anything.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from .samplers import Sampler
+
+__all__ = [
+    "Backend",
+    "EagerBackend",
+    "ExportedBackend",
+    "GenerationResult",
+    "ContextOverflowError",
+    "as_backend",
+    "generate",
+    "check_context",
+]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What :func:`generate` needs from a model (see the module docstring)."""
+
+    max_seq_len: int | None
+    max_prefill_chunk: int
+
+    def prefill(self, tokens: Tensor, input_pos: Tensor) -> Tensor: ...
+
+    def decode(self, token: Tensor, input_pos: Tensor) -> Tensor: ...
+
+
+class ContextOverflowError(ValueError):
+    """The prompt plus the requested new tokens do not fit the backend's KV cache."""
+
+
+class EagerBackend:
+    """An eager model called as ``model(tokens, input_pos) -> logits (B, L, V)``.
+
+    max_prefill_chunk: longest chunk per prefill call (default: the model's max_seq_len).
+    """
+
+    def __init__(self, model: torch.nn.Module, max_prefill_chunk: int | None = None):
+        self.model = model.eval()
+        self.max_seq_len = int(model.max_seq_len)
+        self.max_prefill_chunk = int(max_prefill_chunk or self.max_seq_len)
+
+    @torch.no_grad()
+    def prefill(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        return self.model(tokens, input_pos)
+
+    @torch.no_grad()
+    def decode(self, token: Tensor, input_pos: Tensor) -> Tensor:
+        return self.model(token, input_pos)
+
+    def reset(self) -> None:
+        reset = getattr(self.model, "reset_caches", None)
+        if reset is not None:
+            reset()
+
+
+def _set_tensor(module: torch.nn.Module, name: str, value: Tensor, kind: str) -> None:
+    *path, leaf = name.split(".")
+    for part in path:
+        module = getattr(module, part)
+    getattr(module, kind)[leaf] = value
+
+
+class ExportedBackend:
+    """The prefill / decode ``ExportedProgram`` pair of ``export_methods``, run eagerly.
+
+    Each program's ``.module()`` gets its own copy of the state; the decode module's parameters
+    and buffers are replaced by the prefill module's, so both read one set of weights and write
+    one KV cache (buffer mutations are in-place ``copy_`` into those shared tensors).
+
+    max_seq_len: default = dim 2 of the first ``*k_cache`` buffer (the full-length cache of
+    ``export_methods``; pass it explicitly for programs whose caches are ring buffers).
+    max_prefill_chunk: default = the upper bound of the prefill program's token dim.
+    """
+
+    def __init__(self, programs: Mapping[str, Any], max_seq_len: int | None = None,
+                 max_prefill_chunk: int | None = None):
+        missing = [m for m in ("prefill", "decode") if m not in programs]
+        if missing:
+            raise ValueError(f"ExportedBackend: programs has no {missing}; pass the dict "
+                             "export_methods returns ({'prefill': ep, 'decode': ep}).")
+        self.programs = dict(programs)
+        self._prefill = programs["prefill"].module()
+        self._decode = programs["decode"].module()
+        shared = dict(self._prefill.named_parameters(remove_duplicate=False))
+        for name, p in self._decode.named_parameters(remove_duplicate=False):
+            if name in shared and shared[name].shape == p.shape:
+                _set_tensor(self._decode, name, shared[name], "_parameters")
+        bufs = dict(self._prefill.named_buffers(remove_duplicate=False))
+        for name, b in self._decode.named_buffers(remove_duplicate=False):
+            if name in bufs and bufs[name].shape == b.shape:
+                _set_tensor(self._decode, name, bufs[name], "_buffers")
+        if max_seq_len is None:
+            caches = [b for n, b in bufs.items() if n.endswith("k_cache")]
+            max_seq_len = int(caches[0].shape[2]) if caches else None
+        self.max_seq_len = max_seq_len
+        if max_prefill_chunk is None:
+            max_prefill_chunk = self._upper_bound(programs["prefill"])
+        self.max_prefill_chunk = int(max_prefill_chunk)
+
+    @staticmethod
+    def _upper_bound(ep: Any) -> int:
+        """Largest token length the prefill program accepts (its range constraint on L)."""
+        tokens = next(n for n in ep.graph.nodes if n.op == "placeholder"
+                      and n.name not in ep.graph_signature.inputs_to_parameters
+                      and n.name not in ep.graph_signature.inputs_to_buffers
+                      and n.name not in ep.graph_signature.inputs_to_lifted_tensor_constants)
+        L = tokens.meta["val"].shape[-1]
+        if isinstance(L, int):
+            return L
+        upper = ep.range_constraints[L.node.expr].upper
+        return int(upper)
+
+    @torch.no_grad()
+    def prefill(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        return self._prefill(tokens, input_pos)
+
+    @torch.no_grad()
+    def decode(self, token: Tensor, input_pos: Tensor) -> Tensor:
+        return self._decode(token, input_pos)
+
+
+def as_backend(program: Any, max_prefill_chunk: int | None = None) -> Backend:
+    """A :class:`Backend` for ``program``: a backend (returned as is), an eager model, a
+    ``{"prefill", "decode"}`` dict of ExportedPrograms, or a ``.pte`` path."""
+    if isinstance(program, torch.nn.Module):
+        return EagerBackend(program, max_prefill_chunk)
+    if isinstance(program, Mapping):
+        return ExportedBackend(program, max_prefill_chunk=max_prefill_chunk)
+    if isinstance(program, (str, Path)) and str(program).endswith(".pte"):
+        from fxport.lowering.pte_backend import PteBackend
+
+        return PteBackend(program)
+    if isinstance(program, Backend):
+        return program
+    raise TypeError(
+        f"generate: cannot run a {type(program).__name__}; pass an eager model, the dict of "
+        "export_methods, a .pte path or an object with prefill/decode/max_seq_len/"
+        "max_prefill_chunk (the Backend protocol)."
+    )
+
+
+@dataclass
+class GenerationResult:
+    """Output and timing of one :func:`generate` call.
+
+    tokens: generated ids (an end-of-generation id that stopped the loop is included).
+    text: decoded generated text (special tokens skipped, cut before a stop string).
+    stop_reason: "eos", "stop_token", "stop_string" or "max_new_tokens".
+    prefill_s: wall time of all prefill chunks (forward calls); prefill_tok_s = prompt / that.
+    decode_s: wall time of the decode calls plus their sampling; decode_tok_s = decode_steps /
+        that (the first generated token comes from prefill and is not a decode step).
+    """
+
+    prompt_tokens: list[int]
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    stop_reason: str = "max_new_tokens"
+    prefill_chunks: int = 0
+    prefill_s: float = 0.0
+    decode_steps: int = 0
+    decode_s: float = 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return len(self.prompt_tokens) / self.prefill_s if self.prefill_s > 0 else float("nan")
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def check_context(prompt_len: int, max_new_tokens: int, max_seq_len: int | None) -> None:
+    """ContextOverflowError unless ``prompt_len + max_new_tokens - 1 <= max_seq_len``."""
+    if max_seq_len is None:
+        return
+    need = prompt_len + max_new_tokens - 1
+    if need > max_seq_len:
+        raise ContextOverflowError(
+            f"generate: prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} needs "
+            f"{need} cache positions but the backend holds max_seq_len={max_seq_len}; shorten "
+            f"the prompt, lower max_new_tokens to {max(max_seq_len - prompt_len + 1, 0)}, or "
+            "export with a larger max_seq_len."
+        )
+
+
+class _Streamer:
+    """Incremental detokenization: emits new text, holding back incomplete UTF-8 sequences and
+    text that could still become a stop string."""
+
+    def __init__(self, tokenizer: Any, stop_strings: Sequence[str], callback: Callable[[str], Any] | None):
+        self.tokenizer, self.stop_strings, self.callback = tokenizer, list(stop_strings), callback
+        self.hold = max((len(s) for s in self.stop_strings), default=1) - 1
+        self.emitted = 0
+        self.text = ""
+
+    def update(self, ids: Sequence[int]) -> bool:
+        """Decode ``ids``; True when a stop string appeared (text cut before it)."""
+        if self.tokenizer is None:
+            return False
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        hits = [text.find(s) for s in self.stop_strings if s and s in text]
+        if hits:
+            self.text = text[:min(hits)]
+            self._emit(len(self.text))
+            return True
+        self.text = text
+        end = len(text)
+        while end > self.emitted and text[end - 1] == "\ufffd":  # incomplete UTF-8 at the end
+            end -= 1
+        self._emit(max(self.emitted, end - self.hold))
+        return False
+
+    def flush(self) -> None:
+        self._emit(len(self.text))
+
+    def _emit(self, end: int) -> None:
+        if end > self.emitted:
+            if self.callback is not None:
+                self.callback(self.text[self.emitted:end])
+            self.emitted = end
+
+
+def _last_logits(logits: Tensor) -> Tensor:
+    return logits.reshape(-1, logits.shape[-1])[-1:]  # (1, V)
+
+
+def generate(
+    program: Any,
+    tokenizer: Any,
+    prompt: str | Sequence[int],
+    max_new_tokens: int,
+    sampler: Sampler | Callable[[Tensor], Tensor] | None = None,
+    max_prefill_chunk: int | None = None,
+    stop: Sequence[str | int] | None = None,
+    stream: Callable[[str], Any] | None = None,
+    add_bos: bool | None = None,
+) -> GenerationResult:
+    """Generate up to ``max_new_tokens`` tokens after ``prompt``.
+
+    program: anything :func:`as_backend` accepts (eager model, export_methods dict, .pte path,
+        Backend).
+    tokenizer: a ``fxport.models.gemma4.tokenizer.Tokenizer`` (or anything with ``encode``,
+        ``decode(ids, skip_special_tokens=)`` and ``eos_ids``); may be None when ``prompt`` is a
+        list of ids (then no text, and only ``stop`` ids end generation).
+    prompt: text (encoded with BOS per ``add_bos`` / the tokenizer's default) or token ids.
+    sampler: a :class:`Sampler` or any ``(1, V) logits -> (1,) ids`` callable; default greedy.
+    max_prefill_chunk: prompt chunk per prefill call (default and maximum: the backend's).
+    stop: extra stop token ids (int) and stop strings (str); the tokenizer's eos ids always stop.
+    stream: called with each new piece of text as soon as it is final.
+    """
+    backend = as_backend(program)
+    reset = getattr(backend, "reset", None)
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("generate: a text prompt needs a tokenizer; pass one or token ids.")
+        ids = list(tokenizer.encode(prompt, add_bos=add_bos))
+    else:
+        ids = [int(i) for i in prompt]
+    if not ids:
+        raise ValueError("generate: the prompt has no tokens; pass at least one (e.g. BOS).")
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1.")
+    chunk = backend.max_prefill_chunk if max_prefill_chunk is None else int(max_prefill_chunk)
+    if not 1 <= chunk <= backend.max_prefill_chunk:
+        raise ValueError(
+            f"generate: max_prefill_chunk={chunk} must be in [1, {backend.max_prefill_chunk}] "
+            "(the backend's largest prefill chunk)."
+        )
+    check_context(len(ids), max_new_tokens, backend.max_seq_len)
+    sampler = sampler if sampler is not None else Sampler()
+    stop = list(stop or [])
+    stop_ids = {int(s) for s in stop if not isinstance(s, str)}
+    eos_ids = set(getattr(tokenizer, "eos_ids", ()) or ())
+    streamer = _Streamer(tokenizer, [s for s in stop if isinstance(s, str)], stream)
+    result = GenerationResult(prompt_tokens=ids)
+    if reset is not None:
+        reset()
+
+    prompt_t = torch.tensor([ids], dtype=torch.long)  # (1, n)
+    t0 = time.perf_counter()
+    for start in range(0, len(ids), chunk):
+        end = min(start + chunk, len(ids))
+        logits = backend.prefill(prompt_t[:, start:end], torch.arange(start, end, dtype=torch.long))
+        result.prefill_chunks += 1
+    result.prefill_s = time.perf_counter() - t0
+
+    pos = len(ids)
+    decode_s = 0.0
+    next_id = int(sampler(_last_logits(logits).float())[0])
+    while True:
+        result.tokens.append(next_id)
+        if next_id in eos_ids:
+            result.stop_reason = "eos"
+            break
+        if next_id in stop_ids:
+            result.stop_reason = "stop_token"
+            break
+        if streamer.update(result.tokens):
+            result.stop_reason = "stop_string"
+            break
+        if len(result.tokens) >= max_new_tokens:
+            result.stop_reason = "max_new_tokens"
+            break
+        t1 = time.perf_counter()
+        logits = backend.decode(torch.tensor([[next_id]], dtype=torch.long),
+                                torch.tensor([pos], dtype=torch.long))
+        next_id = int(sampler(_last_logits(logits).float())[0])
+        decode_s += time.perf_counter() - t1
+        result.decode_steps += 1
+        pos += 1
+    result.decode_s = decode_s
+    if result.stop_reason != "stop_string":
+        streamer.update(result.tokens)
+        streamer.flush()
+    result.text = streamer.text
+    return result

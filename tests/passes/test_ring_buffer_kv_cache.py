@@ -1,0 +1,373 @@
+"""RingBufferKVCache on a tiny module with the model contract's patterns.
+
+The module (cache buffer + ``index_copy_`` on dim 2 + repeat_kv + SDPA with a bool mask built
+from ``input_pos`` and ``arange(S)``) is exported as prefill (L dynamic up to C) and decode
+(L = 1); the rewritten programs run chunked prefill then decode with their buffers carried
+from call to call, and their logits are compared with the unrewritten programs' at every step.
+The module runs in float64 so that the only difference (softmax summed over R ring slots
+instead of S positions) stays below 1e-10.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.export import Dim, export
+
+from fxport.passes.base import PassError
+from fxport.passes.ring_buffer_kv_cache import RingBufferKVCache, windows_from_config
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+HIDDEN, VOCAB, H_Q, H_KV, D = 16, 40, 4, 2, 8
+TOL = 1e-10  # float64: ring slots vs full cache only reorder the softmax sum
+
+
+class Attention(nn.Module):
+    def __init__(self, max_seq_len: int, cache_layout: str = "BHSD", extra_reader: str | None = None):
+        super().__init__()
+        self.layout, self.extra_reader = cache_layout, extra_reader
+        self.q_proj = nn.Linear(HIDDEN, H_Q * D, bias=False)
+        self.k_proj = nn.Linear(HIDDEN, H_KV * D, bias=False)
+        self.v_proj = nn.Linear(HIDDEN, H_KV * D, bias=False)
+        self.o_proj = nn.Linear(H_Q * D, HIDDEN, bias=False)
+        shape = (1, H_KV, max_seq_len, D) if cache_layout == "BHSD" else (1, max_seq_len, H_KV, D)
+        self.register_buffer("k_cache", torch.zeros(shape))
+        self.register_buffer("v_cache", torch.zeros(shape))
+
+    def forward(self, x, input_pos, mask):
+        B, L, _ = x.shape
+        old_sum = self.k_cache.sum() if self.extra_reader == "before" else 0.0
+        q = self.q_proj(x).view(B, L, H_Q, D).transpose(1, 2)  # (B, H_q, L, D)
+        k = self.k_proj(x).view(B, L, H_KV, D)
+        v = self.v_proj(x).view(B, L, H_KV, D)
+        if self.layout == "BHSD":
+            self.k_cache.index_copy_(2, input_pos, k.transpose(1, 2))
+            self.v_cache.index_copy_(2, input_pos, v.transpose(1, 2))
+            k, v = self.k_cache, self.v_cache  # (B, H_kv, S, D)
+        else:
+            self.k_cache.index_copy_(1, input_pos, k)
+            self.v_cache.index_copy_(1, input_pos, v)
+            k, v = self.k_cache.transpose(1, 2), self.v_cache.transpose(1, 2)
+        n = H_Q // H_KV
+
+        def repeat_kv(t):  # (B, H_kv, S, D) -> (B, H_q, S, D)
+            b, h, s, d = t.shape
+            return t.unsqueeze(2).expand(b, h, n, s, d).reshape(b, h * n, s, d)
+
+        o = F.scaled_dot_product_attention(q, repeat_kv(k), repeat_kv(v), attn_mask=mask)
+        out = self.o_proj(o.transpose(1, 2).reshape(B, L, -1))
+        if self.extra_reader == "after":
+            out = out + self.k_cache.sum()
+        return out + old_sum
+
+
+class Layer(nn.Module):
+    def __init__(self, attn: Attention):
+        super().__init__()
+        self.self_attn = attn
+
+
+class TinyLM(nn.Module):
+    """``model.layers.{i}.self_attn.{k,v}_cache`` buffers, masks as in the model contract."""
+
+    def __init__(self, window, max_seq_len, layer_types=(SLIDING, FULL, SLIDING), mask="bool", **attn_kw):
+        super().__init__()
+        self.window, self.max_seq_len, self.layer_types, self.mask = window, max_seq_len, layer_types, mask
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(VOCAB, HIDDEN)
+        self.model.layers = nn.ModuleList(Layer(Attention(max_seq_len, **attn_kw)) for _ in layer_types)
+        self.lm_head = nn.Linear(HIDDEN, VOCAB, bias=False)
+
+    def forward(self, tokens, input_pos):
+        x = self.model.embed_tokens(tokens)
+        q_pos = input_pos[:, None]  # (L, 1)
+        k_pos = torch.arange(self.max_seq_len)[None, :]  # (1, S)
+        full = k_pos <= q_pos
+        sliding = full & (q_pos - k_pos < self.window)
+        masks = {FULL: full[None, None], SLIDING: sliding[None, None]}  # (1, 1, L, S)
+        if self.mask == "float":
+            masks = {t: torch.zeros(m.shape, dtype=x.dtype).masked_fill(~m, float("-inf")) for t, m in masks.items()}
+        for layer, kind in zip(self.model.layers, self.layer_types):
+            x = x + layer.self_attn(x, input_pos, masks[kind])
+        return self.lm_head(x)
+
+
+def sliding_buffers(model: TinyLM) -> dict[str, int]:
+    return {
+        f"model.layers.{i}.self_attn.{kv}_cache": model.window
+        for i, kind in enumerate(model.layer_types)
+        if kind == SLIDING
+        for kv in "kv"
+    }
+
+
+def export_methods(model: nn.Module, max_chunk: int, dynamic: bool = True) -> dict:
+    """{"prefill": L dynamic in [1, max_chunk] (static max_chunk if not dynamic), "decode": L = 1}."""
+    def ex(n, dyn):
+        tokens, pos = torch.zeros(1, n, dtype=torch.long), torch.arange(n)
+        shapes = ({1: Dim("L", min=1, max=n)}, {0: Dim("L", min=1, max=n)}) if dyn else None
+        return export(model, (tokens, pos), dynamic_shapes=shapes).run_decompositions({})
+
+    return {"prefill": ex(max_chunk, dynamic and max_chunk > 1), "decode": ex(1, False)}
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_programs(window: int, mask: str = "bool") -> tuple[TinyLM, dict]:
+    """The tiny model (S = 4 * window + 4) exported with prefill chunks up to window + 1."""
+    torch.manual_seed(window)
+    model = TinyLM(window, 4 * window + 4, mask=mask).double().eval()
+    return model, export_methods(model, window + 1)
+
+
+@functools.lru_cache(maxsize=None)
+def modules(window: int, mask: str = "bool", ring_size: int | None = 0) -> tuple[dict, dict, dict]:
+    """(programs, stats, {method: ep.module()}); ring_size 0 = the unrewritten programs."""
+    model, programs = tiny_programs(window, mask)
+    stats = {}
+    if ring_size != 0:
+        programs, stats = ring(programs, sliding_buffers(model), ring_size)
+    return programs, stats, {k: ep.module() for k, ep in programs.items()}
+
+
+class Session:
+    """Runs several methods of one model on one shared set of buffers (zero at the start).
+
+    ``ep.module()`` keeps its own copy of the buffers, so each call copies the shared state
+    into the method's module and the mutated buffers back out.
+    """
+
+    def __init__(self, methods: dict):
+        self.methods = methods
+        first = next(iter(methods.values()))
+        self.state = {n: torch.zeros_like(b) for n, b in first.named_buffers()}
+
+    def __call__(self, method: str, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        module = self.methods[method]
+        buffers = dict(module.named_buffers())
+        assert buffers.keys() == self.state.keys()
+        for name, value in self.state.items():
+            buffers[name].copy_(value)
+        out = module(tokens, pos)
+        for name, value in self.state.items():
+            value.copy_(buffers[name])
+        return out
+
+
+def run_steps(methods: dict, tokens: torch.Tensor, chunks: list[int]) -> list[torch.Tensor]:
+    """Prefill ``tokens[:, :sum(chunks)]`` chunk by chunk, then decode the rest one by one."""
+    session, outs, start = Session(methods), [], 0
+    for n in chunks:
+        outs.append(session("prefill", tokens[:, start:start + n], torch.arange(start, start + n)))
+        start += n
+    for p in range(start, tokens.shape[1]):
+        outs.append(session("decode", tokens[:, p:p + 1], torch.tensor([p])))
+    return outs
+
+
+def ring(programs: dict, windows: dict, ring_size=None) -> tuple[dict, dict]:
+    """Apply the pass to each method; returns (programs, stats per method)."""
+    results = {k: RingBufferKVCache(windows, ring_size)(ep) for k, ep in programs.items()}
+    return {k: r.ep for k, r in results.items()}, {k: r.stats for k, r in results.items()}
+
+
+def assert_parity(reference: dict, rewritten: dict, tokens: torch.Tensor, chunks: list[int]) -> None:
+    """Logits of every step equal (float64, tolerance ``TOL``)."""
+    expected = run_steps(reference, tokens, chunks)
+    got = run_steps(rewritten, tokens, chunks)
+    assert len(got) == len(expected) == len(chunks) + tokens.shape[1] - sum(chunks)
+    for step, (e, g) in enumerate(zip(expected, got)):
+        torch.testing.assert_close(g, e, rtol=TOL, atol=TOL, msg=lambda m: f"step {step}: {m}")
+
+
+def buffer_shapes(ep) -> dict[str, tuple]:
+    return {name: tuple(t.shape) for name, t in ep.state_dict.items() if name.endswith("_cache")}
+
+
+# --------------------------------------------------------------------------------- parity
+
+
+@given(
+    window=st.sampled_from([2, 4]),
+    extra=st.sampled_from([0, 2]),  # R = 2 * window + extra; 0 = the tightest ring for chunks <= W + 1
+    data=st.data(),
+)
+@settings(max_examples=10, deadline=None)
+def test_chunked_prefill_then_decode_matches_full_cache(window, extra, data):
+    model, _ = tiny_programs(window)
+    _, stats, rewritten = modules(window, ring_size=2 * window + extra if extra else None)
+    assert all(s.rewritten == 4 for s in stats.values())
+    total = data.draw(st.integers(window + 1, model.max_seq_len), label="total length")
+    prompt = data.draw(st.integers(1, total), label="prompt length")
+    chunks = []
+    while sum(chunks) < prompt:
+        chunks.append(data.draw(st.integers(1, min(window + 1, prompt - sum(chunks))), label="chunk"))
+    tokens = torch.randint(0, VOCAB, (1, total), generator=torch.Generator().manual_seed(total))
+    assert_parity(modules(window)[2], rewritten, tokens, chunks)
+
+
+def test_boundary_chunk_r_minus_w_plus_1_matches():
+    """Chunks of exactly R - W + 1 (= W + 1 for the default R = 2W), across wrap-arounds."""
+    window = 4
+    model, _ = tiny_programs(window)
+    programs, _, rewritten = modules(window, ring_size=None)
+    assert buffer_shapes(programs["prefill"])["model.layers.0.self_attn.k_cache"] == (1, H_KV, 2 * window, D)
+    tokens = torch.randint(0, VOCAB, (1, model.max_seq_len), generator=torch.Generator().manual_seed(0))
+    assert_parity(modules(window)[2], rewritten, tokens, [window + 1] * 3)
+
+
+def test_additive_float_mask_matches():
+    window = 2
+    model, _ = tiny_programs(window, "float")
+    _, stats, rewritten = modules(window, "float", ring_size=None)
+    assert stats["prefill"].rewritten == 4 and stats["decode"].rewritten == 4
+    tokens = torch.randint(0, VOCAB, (1, model.max_seq_len), generator=torch.Generator().manual_seed(1))
+    assert_parity(modules(window, "float")[2], rewritten, tokens, [2, 1, 3])
+
+
+# --------------------------------------------------------------------------------- refusals
+
+
+def test_chunk_r_minus_w_plus_2_is_rejected():
+    window = 4  # prefill exported with chunks up to 5: R = 7 is one slot short
+    model, programs = tiny_programs(window)
+    with pytest.raises(PassError) as err:
+        RingBufferKVCache(sliding_buffers(model), ring_size=7)(programs["prefill"])
+    assert str(err.value) == (
+        "RingBufferKVCache: chunk 5 exceeds ring size 7 - window 4 + 1 for buffer "
+        "model.layers.0.self_attn.k_cache; export with a smaller max chunk or pass ring_size="
+    )
+    # Decode (chunk 1) is fine with the same ring.
+    assert RingBufferKVCache(sliding_buffers(model), ring_size=7)(programs["decode"]).changed
+
+
+def test_static_oversized_chunk_is_rejected():
+    torch.manual_seed(0)
+    model = TinyLM(2, 12).double()
+    prefill = export_methods(model, 4, dynamic=False)["prefill"]
+    with pytest.raises(PassError, match=r"^RingBufferKVCache: chunk 4 exceeds ring size 4 - window 2 \+ 1 "):
+        RingBufferKVCache(sliding_buffers(model))(prefill)
+
+
+# --------------------------------------------------------------------------------- structure
+
+
+def test_global_layers_untouched_and_methods_share_buffers():
+    window = 2
+    model, _ = tiny_programs(window)
+    rewritten, stats, _ = modules(window, ring_size=None)
+    S, R = model.max_seq_len, 2 * window
+    expected = {
+        f"model.layers.{i}.self_attn.{kv}_cache": (1, H_KV, R if kind == SLIDING else S, D)
+        for i, kind in enumerate(model.layer_types)
+        for kv in "kv"
+    }
+    for method in ("prefill", "decode"):
+        assert buffer_shapes(rewritten[method]) == expected
+        ep = rewritten[method]
+        dtypes = {n: ep.state_dict[n].dtype for n in expected}
+        assert set(dtypes.values()) == {torch.float64}
+    # Global layer: its SDPA still reads the untouched (1, 1, L, S) mask.
+    sdpas = [n for n in rewritten["decode"].graph.nodes if n.target == torch.ops.aten.scaled_dot_product_attention.default]
+    assert [tuple(n.args[3].meta["val"].shape) for n in sdpas] == [(1, 1, 1, R), (1, 1, 1, S), (1, 1, 1, R)]
+    # Stats: per buffer bytes before/after (float64, 2 heads x 8 dims per position).
+    sites = {s["buffer"]: s for s in stats["decode"].sites}
+    assert sites["model.layers.2.self_attn.v_cache"]["bytes_before"] == H_KV * S * D * 8
+    assert sites["model.layers.2.self_attn.v_cache"]["bytes_after"] == H_KV * R * D * 8
+    assert (stats["decode"].matched, stats["decode"].rewritten, dict(stats["decode"].skipped)) == (4, 4, {})
+
+
+def test_idempotent():
+    window = 2
+    model, programs = tiny_programs(window)
+    once = RingBufferKVCache(sliding_buffers(model))(programs["prefill"])
+    twice = RingBufferKVCache(sliding_buffers(model))(once.ep)
+    assert once.changed and not twice.changed
+    assert twice.ep is once.ep
+    assert twice.stats.rewritten == 0
+    assert dict(twice.stats.skipped) == {"cache length <= ring size (already a ring, or nothing to save)": 4}
+
+
+def test_windows_from_config():
+    config = SimpleNamespace(sliding_window=512, layer_types=[SLIDING, FULL, SLIDING])
+    assert windows_from_config(SimpleNamespace(text_config=config)) == {
+        "model.layers.0.self_attn.k_cache": 512,
+        "model.layers.0.self_attn.v_cache": 512,
+        "model.layers.2.self_attn.k_cache": 512,
+        "model.layers.2.self_attn.v_cache": 512,
+    }
+    with pytest.raises(ValueError, match="pass windows="):
+        RingBufferKVCache()
+
+
+# --------------------------------------------------------------------------------- leave alone
+
+
+def test_key_ringed_without_its_value_is_left_alone():
+    model, programs = tiny_programs(2)
+    result = RingBufferKVCache({"model.layers.0.self_attn.k_cache": 2})(programs["decode"])
+    assert not result.changed
+    assert dict(result.stats.skipped) == {"shares an SDPA with a cache that is not ringed alike": 1}
+
+
+@pytest.mark.parametrize(
+    "kwargs, reason",
+    [
+        ({"extra_reader": "before"}, "cache has readers other than one index_copy write"),
+        ({"extra_reader": "after"}, "cache read by aten.sum.default"),
+        ({"cache_layout": "BSHD"}, "index_copy not on dim 2 of the cache"),
+    ],
+)
+def test_unprovable_caches_are_left_alone(kwargs, reason):
+    torch.manual_seed(0)
+    model = TinyLM(2, 8, layer_types=(SLIDING,), **kwargs).double()
+    decode = export_methods(model, 1, dynamic=False)["decode"]
+    result = RingBufferKVCache(sliding_buffers(model))(decode)
+    assert not result.changed and result.ep is decode
+    # The value cache alone is fine, but shares its SDPA with the unprovable key cache.
+    other = 2 if "layout" in str(kwargs) else 1
+    expected = {reason: other} if other == 2 else {reason: 1, "shares an SDPA with a cache that is not ringed alike": 1}
+    assert dict(result.stats.skipped) == expected
+
+
+# --------------------------------------------------------------------------------- real model
+
+
+def test_gemma4_tiny_chunked_prefill_then_decode_matches_full_cache():
+    """fxport's own Gemma 4 (preset "tiny": sliding window 4, KV-shared last two layers,
+    k_eq_v global layers), windows from its config, R = 8, chunks up to R - W + 1 = 5."""
+    from fxport.models.gemma4.config import get_preset
+    from fxport.models.gemma4.export import export_methods as export_gemma
+    from fxport.models.gemma4.model import Gemma4ForCausalLM, sliding_window_buffers
+
+    torch.manual_seed(0)
+    config = get_preset("tiny")
+    model = Gemma4ForCausalLM(config, max_seq_len=16, max_batch_size=1).eval()
+    programs = export_gemma(model, max_prefill_chunk=5)
+    results = {k: RingBufferKVCache(config=config)(ep) for k, ep in programs.items()}
+    rewritten = {k: r.ep for k, r in results.items()}
+
+    # Owned sliding caches (layers 0, 1, 3) ringed; global layer 2 untouched; 4, 5 own none.
+    assert RingBufferKVCache(config=config).windows.keys() >= sliding_window_buffers(model).keys()
+    expected = {f"model.layers.{i}.self_attn.{kv}_cache": (1, 2, 8, 16) for i in (0, 1, 3) for kv in "kv"}
+    expected |= {f"model.layers.2.self_attn.{kv}_cache": (1, 1, 16, 32) for kv in "kv"}
+    for method, result in results.items():
+        shapes = {n: tuple(t.shape) for n, t in rewritten[method].constants.items() if n.endswith("_cache")}
+        shapes |= buffer_shapes(rewritten[method])
+        assert shapes == expected, method
+        assert (result.stats.matched, result.stats.rewritten) == (6, 6)
+        assert dict(result.stats.skipped) == {"buffer not in program": 2}  # KV-shared layers 4, 5
+
+    tokens = torch.randint(0, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    reference = {k: ep.module() for k, ep in programs.items()}
+    got = {k: ep.module() for k, ep in rewritten.items()}
+    expected_logits = run_steps(reference, tokens, [5, 3, 5])
+    for step, (e, g) in enumerate(zip(expected_logits, run_steps(got, tokens, [5, 3, 5]))):
+        # float32; the ring only reorders the softmax sum over the slots.
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {step}: {m}")
