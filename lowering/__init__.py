@@ -1,0 +1,48 @@
+"""Lowering of fxport programs to ExecuTorch.
+
+* :mod:`fxport.lowering.xnnpack`: CPU ``.pte`` (XNNPACK), one KV cache shared by prefill and
+  decode; ``export_model`` does quantize -> export -> CPU passes -> lower -> save.
+* :mod:`fxport.lowering.cuda`: CUDA ``.pte`` + ``.ptd`` (CudaPartitioner / AOTInductor) and the
+  CPU-only partition dry run ``cuda_dry_run``.
+* :mod:`fxport.lowering.dryrun`: delegation reports (what a backend took, what it left).
+* :mod:`fxport.lowering.pte_backend`: ``PteBackend``, a ``.pte`` as a ``runtime.generate`` backend.
+* :mod:`fxport.lowering.last_token` / :mod:`fxport.lowering.xnnpack_rewrites`: the CPU-side
+  passes (last-token logits; rewrites that keep attention and norms inside XNNPACK).
+
+Submodules import ExecuTorch lazily; importing this package is cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "export_model": "fxport.lowering.xnnpack",
+    "lower_to_xnnpack": "fxport.lowering.xnnpack",
+    "quantize_for_xnnpack": "fxport.lowering.xnnpack",
+    "cpu_passes": "fxport.lowering.xnnpack",
+    "cuda_dry_run": "fxport.lowering.cuda",
+    "export_cuda": "fxport.lowering.cuda",
+    "cuda_passes": "fxport.lowering.cuda",
+    "delegation_report": "fxport.lowering.dryrun",
+    "PteBackend": "fxport.lowering.pte_backend",
+    "LastTokenLogits": "fxport.lowering.last_token",
+    "AdditiveAttentionMask": "fxport.lowering.xnnpack_rewrites",
+    "RMSNormAsLinear": "fxport.lowering.xnnpack_rewrites",
+    "SDPAAsMatmul": "fxport.lowering.xnnpack_rewrites",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fxport.lowering' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -51,18 +51,34 @@ def clone_program(ep: ExportedProgram) -> ExportedProgram:
     into them. The copied graph may rename nodes whose names shadow a Python builtin (a user
     input named ``input`` becomes ``input_1``), so the copied signature is renamed to match.
     """
-    gm = copy.deepcopy(ep.graph_module)
+    # Graph.graph_copy copies nodes (meta shallow-copied, args remapped) without the
+    # GraphModule deepcopy's extra code generation: the program's constructor compiles once.
+    graph = torch.fx.Graph()
+    value_map: dict[Node, Node] = {}
+    graph.output(graph.graph_copy(ep.graph, value_map), type_expr=_output_node(ep.graph).type)
     signature = copy.deepcopy(ep.graph_signature)
-    renamed = {
-        old.name: new.name
-        for old, new in zip(ep.graph.nodes, gm.graph.nodes)
-        if old.name != new.name
-    }
+    renamed = {old.name: new.name for old, new in value_map.items() if old.name != new.name}
     if renamed:
         for spec in (*signature.input_specs, *signature.output_specs):
             if _has_name(spec.arg) and spec.arg.name in renamed:
                 spec.arg = dataclasses.replace(spec.arg, name=renamed[spec.arg.name])
-    return ep._update(gm, signature, state_dict=dict(ep.state_dict), constants=dict(ep.constants))
+    output = _output_node(graph)
+    output.meta = copy.copy(_output_node(ep.graph).meta)
+    return ExportedProgram(
+        root=ep.graph_module,
+        graph=graph,
+        graph_signature=signature,
+        state_dict=dict(ep.state_dict),
+        range_constraints=copy.deepcopy(ep.range_constraints),
+        module_call_graph=copy.deepcopy(ep.module_call_graph),
+        example_inputs=ep.example_inputs,
+        constants=dict(ep.constants),
+        verifiers=ep.verifiers,
+    )
+
+
+def _output_node(graph: torch.fx.Graph) -> Node:
+    return next(n for n in reversed(graph.nodes) if n.op == "output")
 
 
 class RefreshError(ValueError):
@@ -220,10 +236,9 @@ class _IncrementalFakeTensorProp(FakeTensorProp):
 
     def run_node(self, n: Node):
         if n.op in ("placeholder", "output"):
-            result = super().run_node(n)
-            if self.since is None or self.since.changed(n):
+            if self.since is None or self.since.changed(n):  # before run_node replaces the val
                 self.dirty.add(n)
-            return result
+            return super().run_node(n)
         if (
             self.since is not None
             and "val" in n.meta

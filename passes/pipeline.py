@@ -7,7 +7,8 @@ The pipeline
      already in that dialect (``ep.dialect == "ATEN"``) is used as it is. Before that, lifted
      constants that alias a parameter/buffer are folded into it (:func:`fold_aliased_constants`:
      transformers' static caches exported non-strict, which ``run_decompositions`` rejects);
-  2. runs the passes in order, each through ``Pass.__call__`` (private copy, re-trace on change)
+  2. runs the passes in order, each through ``Pass.__call__`` (private copy; on change, a fast metadata
+     refresh, :func:`fxport.passes.graph.update`, with a full re-trace as the fallback)
      with ``PassContext(method=method)``;
   3. validates the program after every pass (``ep.validate()``); a pass whose output fails
      validation is a bug, reported as :class:`PipelineError` naming the pass;

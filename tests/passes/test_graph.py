@@ -198,6 +198,10 @@ def test_fast_refresh_after_resize_keeps_symbolic_dims():
     assert (b, h, d) == (1, 2, 4) and isinstance(length, torch.SymInt) and str(length) == str(sym)
     wrapped = next(n for n in new.graph.nodes if n.target == aten.remainder.Scalar)
     assert str(wrapped.meta["val"].shape[0]) == str(sym)
+    # Only changed nodes were re-propagated; a full propagation finds the same metadata.
+    full = G.refresh(G.clone_program(new))
+    keys = [(n.name, G._meta_key(n.meta.get("val"))) for n in new.graph.nodes if n.op != "output"]
+    assert keys == [(n.name, G._meta_key(n.meta.get("val"))) for n in full.graph.nodes if n.op != "output"]
     # Numerics: positions 6..10 wrap around the 8 slots.
     x, pos = torch.randn(1, 2, 5, 4), torch.arange(6, 11)
     module = new.module()
@@ -283,3 +287,26 @@ def test_clone_program_with_input_named_input():
     result = Double()(ep)
     assert result.refresh == "refresh"
     torch.testing.assert_close(result.ep.module()(x), model(x) * 2, rtol=0, atol=0)
+
+
+def test_incremental_refresh_sees_edited_size_args():
+    class Flatten(torch.nn.Module):
+        def forward(self, x):
+            return x.view(2, 6) * 2
+
+    ep = torch.export.export(Flatten(), (torch.randn(3, 4),)).run_decompositions({})
+
+    class Transpose(Pass):
+        """Edits the size list of the existing view node in place (no new node)."""
+
+        def run(self, ep, ctx):
+            view = next(n for n in ep.graph.nodes if n.target == aten.view.default)
+            view.update_arg(1, [4, 3])
+            return PassResult(ep, True, PassStats(rewritten=1))
+
+    result = Transpose()(ep)
+    assert result.refresh == "refresh"
+    mul = next(n for n in result.ep.graph.nodes if n.target == aten.mul.Tensor)
+    assert tuple(mul.meta["val"].shape) == (4, 3)  # downstream of the edited node
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(result.ep.module()(x), x.reshape(4, 3) * 2, rtol=0, atol=0)

@@ -1,0 +1,294 @@
+"""CUDA lowering: prefill + decode -> ExecuTorch ``CudaPartitioner`` (AOTInductor) ``.pte`` + ``.ptd``.
+
+Flow:
+
+1. :func:`quantize_for_cuda` (optional): linears to torchao's int4 weight-only form
+   (``IntxWeightOnlyConfig(int4, PerGroup(g))`` exports as ``dequantize_affine + linear``), the
+   pattern :class:`fxport.passes.int4_dispatch.Int4Dispatch` turns into one packed int4 weight
+   with a GEMV for decode and dequant + mm for prefill.
+2. ``torch.export`` and :func:`cuda_passes`: ring-buffer KV caches, :class:`SDPADispatch`
+   (split-K decode / tiled Triton attention), :class:`Int4Dispatch`, last-token logits for
+   prefill. fxport's kernels are ``torch.library.triton_op``s, which AOTInductor compiles
+   into the delegate (it sees the Triton source, no fallback kernel needed).
+3. :func:`lower_to_cuda` (needs a GPU): ``to_edge_transform_and_lower`` of both methods with
+   one ``CudaPartitioner`` per method (its method-name compile spec), ``to_executorch`` with
+   shared mutable buffers and buffer names, weights written to a ``.ptd`` next to the ``.pte``.
+
+Without a GPU, :func:`cuda_dry_run` runs steps 1-2, converts each method to the edge dialect
+the way ``to_edge_transform_and_lower`` does for this partitioner (no core-ATen
+decomposition of ops the partitioner keeps), runs ``CudaPartitioner.partition`` and reports
+(a) every compute node left untagged (the goal: none) and (b) every tagged op AOTInductor
+could only run as a fallback kernel that ExecuTorch's CUDA runtime does not provide (ops
+with no Inductor lowering or decomposition, not a ``triton_op``, and not in
+``CudaBackend.get_supported_fallback_kernels()``), which would fail compilation on the GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from torch.export import ExportedProgram
+
+from fxport.lowering.dryrun import DelegationReport, MethodReport, op_name
+
+
+def gpu_available() -> bool:
+    return torch.cuda.is_available()
+
+
+# ----------------------------------------------------------------------------- quant + passes
+
+
+def quantize_for_cuda(model: nn.Module, recipe: str, *, group_size: int = 32) -> dict[str, str]:
+    """Int4 weight-only quantization of the linears ``recipe`` selects (in place).
+
+    ``recipe``: ``"int4"`` (every linear, including a tied head) or a name from
+    :mod:`fxport.quant.recipe` (its 4-bit rules; 8-bit rules and embeddings stay float here,
+    as Int4Dispatch only matches int4). Returns ``{linear FQN: description}``.
+    """
+    from torchao.quantization import IntxWeightOnlyConfig, PerGroup, quantize_
+
+    if recipe == "int4":
+        def pick(fqn: str):
+            return group_size
+    else:
+        from fxport.quant.recipe import get_recipe
+
+        qrecipe = get_recipe(recipe)
+        n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+
+        def pick(fqn: str):
+            cfg = qrecipe.config_for(fqn, n_layers)
+            return cfg.group_size if cfg is not None and cfg.bits == 4 else None
+
+    chosen: dict[int, set[str]] = {}
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            g = pick(f"{name}.weight")
+            if g and mod.in_features % g == 0:
+                chosen.setdefault(g, set()).add(name)
+                out[name] = f"int4 g{g} weight-only"
+    for g, names in chosen.items():
+        quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(g)),
+                  filter_fn=lambda m, fqn, names=names: fqn in names)
+    return out
+
+
+def cuda_passes(model: nn.Module | None = None, *, windows: Mapping[str, int] | None = None,
+                ring_size: int | None = None, splitk_threshold: int = 2048) -> dict[str, list]:
+    """The CUDA pass set per method: ring buffers, SDPA dispatch, int4 dispatch, last-token logits."""
+    from fxport.lowering.last_token import LastTokenLogits
+    from fxport.passes.int4_dispatch import Int4Dispatch
+    from fxport.passes.sdpa_dispatch import SDPADispatch
+
+    common: list = []
+    if windows is None and model is not None:
+        from fxport.models.gemma4.model import sliding_window_buffers
+
+        windows = sliding_window_buffers(model)
+    if windows:
+        from fxport.passes.ring_buffer_kv_cache import RingBufferKVCache
+
+        common.append(RingBufferKVCache(windows=windows, ring_size=ring_size))
+    common += [SDPADispatch(threshold=splitk_threshold), Int4Dispatch()]
+    return {"prefill": [*common, LastTokenLogits()], "decode": list(common)}
+
+
+def cuda_partitioner(method: str):
+    """A ``CudaPartitioner`` whose compile specs name ``method`` (one per method)."""
+    from executorch.backends.cuda.cuda_backend import CudaBackend
+    from executorch.backends.cuda.cuda_partitioner import CudaPartitioner
+
+    return CudaPartitioner([CudaBackend.generate_method_name_compile_spec(method)])
+
+
+# ----------------------------------------------------------------------------- dry run
+
+
+def inductor_coverage(target: Any) -> str:
+    """How AOTInductor would compile one op: "lowered", "decomposed", "triton_op",
+    "fallback-supported" (ExecuTorch's CUDA runtime has the shim) or "fallback-unsupported"."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._inductor.lowering import fallbacks, lowerings
+
+    from executorch.backends.aoti.passes.replace_view_copy_with_view import _VIEW_TARGETS
+    from executorch.backends.cuda.cuda_backend import CudaBackend
+
+    # The backend turns slice_copy/select_copy/split_copy back into views before compiling.
+    target = _VIEW_TARGETS.get(target, target)
+    if not isinstance(target, torch._ops.OpOverload):  # EdgeOpOverload -> its aten OpOverload
+        target = getattr(target, "_op", target)
+    if not isinstance(target, torch._ops.OpOverload):
+        return "lowered"  # python operators on sym ints, getitem
+    supported = CudaBackend.get_supported_fallback_kernels()
+    name = target._name  # e.g. "aten::_weight_int4pack_mm"
+    base = name.split("::")[-1]
+    overload = target._overloadname
+    shim = f"at::_ops::{base if overload == 'default' else f'{base}_{overload}'}::call"  # ATen's C++ op name
+    if _is_triton_op(target):
+        return "triton_op"
+    if target in fallbacks:  # Inductor has no codegen for it: an extern kernel at runtime
+        return "fallback-supported" if shim in supported or name in supported else "fallback-unsupported"
+    if target in lowerings or target.overloadpacket in lowerings:
+        return "lowered"
+    if target in select_decomp_table() or target in CudaBackend.get_decomposition_table():
+        return "decomposed"
+    if shim in supported or name in supported:
+        return "fallback-supported"
+    if target.has_kernel_for_dispatch_key(torch._C.DispatchKey.CompositeImplicitAutograd):
+        return "decomposed"
+    return "fallback-unsupported"
+
+
+def _is_triton_op(op: torch._ops.OpOverload) -> bool:
+    """True for ops registered with ``torch.library.triton_op`` (Inductor traces their kernels)."""
+    from torch._library.triton import triton_ops_to_kernels
+
+    return op._name in triton_ops_to_kernels
+
+
+@dataclass
+class CudaDryRunReport:
+    """Partition report per method plus the ops that would need an unsupported fallback."""
+
+    delegation: DelegationReport
+    fallback: dict[str, dict[str, str]] = field(default_factory=dict)  # method -> {op: coverage}
+    pass_results: dict = field(default_factory=dict)
+
+    @property
+    def unsupported(self) -> dict[str, list[str]]:
+        return {m: sorted(op for op, c in ops.items() if c == "fallback-unsupported") for m, ops in self.fallback.items()}
+
+    @property
+    def fully_delegated(self) -> bool:
+        return self.delegation.fully_delegated and not any(self.unsupported.values())
+
+    def summary(self) -> str:
+        lines = ["CUDA dry run (partition only; AOTInductor compilation needs a GPU)"]
+        for method, res in self.pass_results.items():
+            lines.extend(f"[{method}] {line}" for line in res.summary().splitlines())
+        for method, rep in self.delegation.methods.items():
+            tagged = sum(rep.delegated_ops.values())
+            lines.append(f"{method}: {tagged} node(s) delegated to CudaBackend in {rep.delegates} partition(s), "
+                         f"{len(rep.undelegated)} not delegated")
+            lines.extend(f"    not delegated: {name} ({op})" for name, op in rep.undelegated)
+            bad = self.unsupported.get(method, [])
+            if bad:
+                lines.append(f"    ops AOTInductor would need an unsupported fallback kernel for: {', '.join(bad)}")
+        lines.append("result: " + ("every node delegated" if self.fully_delegated else "NOT fully delegated (see above)"))
+        return "\n".join(lines)
+
+
+def partition_report(programs: Mapping[str, ExportedProgram]) -> CudaDryRunReport:
+    """Run ``CudaPartitioner.partition`` on the edge form of each method (no compilation)."""
+    from executorch.exir import EdgeCompileConfig, to_edge
+
+    delegation = DelegationReport()
+    fallback: dict[str, dict[str, str]] = {}
+    for method, ep in programs.items():
+        partitioner = cuda_partitioner(method)
+        keep, _ = partitioner.ops_to_not_decompose(ep)
+        edge = to_edge(
+            {method: ep},
+            compile_config=EdgeCompileConfig(_check_ir_validity=False, preserve_ops=keep),
+        )
+        edge_ep = edge.exported_program(method)
+        result = partitioner.partition(edge_ep)
+        tagged = result.tagged_exported_program
+        rep = MethodReport(method, delegates=len(result.partition_tags))
+        coverage: dict[str, str] = {}
+        for node in tagged.graph.nodes:
+            if node.op != "call_function":
+                continue
+            name = op_name(node.target)
+            if "delegation_tag" in node.meta:
+                rep.delegated_ops[name] += 1
+                coverage.setdefault(name, inductor_coverage(node.target))
+            else:
+                rep.undelegated.append((node.name, name))
+        delegation.methods[method] = rep
+        fallback[method] = coverage
+    return CudaDryRunReport(delegation, fallback)
+
+
+def cuda_dry_run(model: nn.Module, *, max_prefill_chunk: int = 128, quant: str | None = None,
+                 ring_size: int | None = None) -> CudaDryRunReport:
+    """Quantize (optional), export, CUDA passes, partition: the CUDA lowering minus compilation."""
+    from fxport.lowering.xnnpack import apply_method_passes
+    from fxport.models.gemma4.export import export_methods
+
+    if quant:
+        quantize_for_cuda(model, quant)
+    with torch.no_grad():
+        programs = export_methods(model, max_prefill_chunk=max_prefill_chunk)
+    programs, results = apply_method_passes(programs, cuda_passes(model, ring_size=ring_size))
+    report = partition_report(programs)
+    report.pass_results = results
+    return report
+
+
+# ----------------------------------------------------------------------------- real lowering (GPU)
+
+
+@dataclass
+class CudaExport:
+    pte: Path
+    ptd: list[Path]
+    pass_results: dict
+
+    def summary(self) -> str:
+        lines = [f"wrote {self.pte} ({self.pte.stat().st_size / 2**20:.1f} MiB)"]
+        lines += [f"wrote {p} ({p.stat().st_size / 2**20:.1f} MiB)" for p in self.ptd]
+        for method, res in self.pass_results.items():
+            lines.extend(f"[{method}] {line}" for line in res.summary().splitlines())
+        return "\n".join(lines)
+
+
+def lower_to_cuda(programs: Mapping[str, ExportedProgram], out: str | Path, *,
+                  constant_methods: Mapping[str, Any] | None = None) -> tuple[Path, list[Path]]:
+    """Compile both methods with AOTInductor into ``out`` (.pte) and its ``.ptd`` weights. Needs a GPU."""
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+
+    if not gpu_available():
+        raise RuntimeError("lower_to_cuda: no CUDA GPU; AOTInductor compiles on the GPU. Use cuda_dry_run on CPU.")
+    out = Path(out)
+    edge = to_edge_transform_and_lower(
+        dict(programs),
+        partitioner={m: [cuda_partitioner(m)] for m in programs},
+        constant_methods=dict(constant_methods or {}),
+        compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
+    )
+    et = edge.to_executorch(
+        ExecutorchBackendConfig(
+            memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True, alloc_graph_input=False),
+            emit_mutable_buffer_names=True,
+            do_quant_fusion_and_const_prop=True,
+        )
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(et.buffer)
+    before = set(out.parent.glob("*.ptd"))
+    et.write_tensor_data_to_file(str(out.parent))
+    ptd = sorted(set(out.parent.glob("*.ptd")) - before) or sorted(out.parent.glob("*.ptd"))
+    return out, ptd
+
+
+def export_cuda(model: nn.Module, out: str | Path, *, max_prefill_chunk: int = 128, quant: str | None = None,
+                ring_size: int | None = None) -> CudaExport:
+    """Eager model -> CUDA ``.pte`` + ``.ptd`` (quantize, export, CUDA passes, lower). Needs a GPU."""
+    from fxport.lowering.xnnpack import apply_method_passes, model_metadata
+    from fxport.models.gemma4.export import export_methods
+
+    if quant:
+        quantize_for_cuda(model, quant)
+    with torch.no_grad():
+        programs = export_methods(model, max_prefill_chunk=max_prefill_chunk)
+    programs, results = apply_method_passes(programs, cuda_passes(model, ring_size=ring_size))
+    pte, ptd = lower_to_cuda(programs, out, constant_methods=model_metadata(model, max_prefill_chunk))
+    return CudaExport(pte, ptd, results)

@@ -1,0 +1,405 @@
+"""XNNPACK lowering: ``{"prefill": ep, "decode": ep}`` -> one CPU ``.pte`` sharing its KV cache.
+
+Flow (each step usable alone):
+
+1. :func:`quantize_for_xnnpack` (optional, on the eager model, before export): every
+   ``nn.Linear`` a recipe selects becomes a torchao ``Int8DynamicActivationIntxWeightConfig``
+   linear (int8 dynamic per-token activations, int4 group-wise or int8 per-channel symmetric
+   weights). That is the form XNNPACK lowers to its ``qd8-f32-qb4w`` / ``qd8-f32-qc8w``
+   GEMMs. Embeddings stay float (XNNPACK has no quantized gather; a gather reads one row per
+   token, so it is not on the bandwidth-critical path).
+2. ``torch.export`` + fxport's CPU passes (:func:`cpu_passes`: ring-buffer KV caches, fixed-slot
+   fusion, last-token logits for prefill; never the Triton dispatches, which XNNPACK cannot run).
+3. :func:`lower_to_xnnpack`: ``to_edge_transform_and_lower`` of both methods with
+   ``XnnpackPartitioner``; ``to_executorch`` with
+   ``MemoryPlanningPass(share_mutable_buffers=True)`` (every method reads and writes the same
+   KV-cache allocation), ``emit_mutable_buffer_names=True`` (the cache keeps its FQN in the
+   program) and the re-inplace pass (``index_put`` on a cache writes in place instead of
+   copying the whole cache every step). Metadata such as ``max_seq_len`` is stored as constant
+   methods (``get_max_seq_len`` ...), read back by :class:`fxport.lowering.pte_backend.PteBackend`.
+
+Recipes accepted by ``quant=``: ``"8da4w"`` (every linear incl. the output head: int4
+group 32), ``"8da4w-head8"`` (same, output head int8 per channel), and the names of
+:mod:`fxport.quant.recipe` (``"default"``, ``"sensitive"``), mapped to what XNNPACK can run:
+int4 weights symmetric (XNNPACK's qb4w has no zero point), HQQ as torchao's scale-only HQQ,
+8-bit weights per channel. A tied output head takes the rule of the embedding it shares its
+weight with. Weights no rule selects stay float.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.export import ExportedProgram
+
+from fxport.lowering.dryrun import DelegationReport, delegation_report
+
+# ----------------------------------------------------------------------------- quantization
+
+
+@dataclass(frozen=True)
+class XnnpackWeightQuant:
+    """How one linear weight is quantized for XNNPACK.
+
+    bits: 4 (group-wise, ``group_size`` columns per scale) or 8 (per output channel).
+    hqq: choose scales with torchao's scale-only HQQ instead of min-max.
+    """
+
+    bits: int = 4
+    group_size: int | None = 32
+    hqq: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise ValueError(f"XnnpackWeightQuant: bits must be 4 or 8, got {self.bits}")
+        if self.bits == 4 and not self.group_size:
+            raise ValueError("XnnpackWeightQuant: 4-bit weights need a group_size (e.g. 32)")
+
+    def __str__(self) -> str:
+        g = f"g{self.group_size}" if self.bits == 4 else "per-channel"
+        return f"8da{self.bits}w {g}{' hqq' if self.hqq else ''}"
+
+    def torchao_config(self):
+        """The torchao config that produces this weight in XNNPACK's lowerable form."""
+        from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerAxis, PerGroup
+        from torchao.quantization.quant_primitives import MappingType
+        from torchao.quantization.quantize_.workflows.intx.intx_choose_qparams_algorithm import (
+            IntxChooseQParamsAlgorithm,
+        )
+
+        return Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=torch.int4 if self.bits == 4 else torch.int8,
+            weight_granularity=PerGroup(self.group_size) if self.bits == 4 else PerAxis(0),
+            weight_mapping_type=MappingType.SYMMETRIC,
+            intx_choose_qparams_algorithm=(
+                IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY if self.hqq else IntxChooseQParamsAlgorithm.AFFINE
+            ),
+        )
+
+
+# name -> (regex over the linear weight FQN, quant); first match wins; unmatched stay float.
+XNNPACK_RECIPES: dict[str, tuple[tuple[str, XnnpackWeightQuant], ...]] = {
+    "8da4w": ((r".*", XnnpackWeightQuant(4, 32)),),
+    "8da4w-head8": (
+        (r"(.*\.)?lm_head\.weight", XnnpackWeightQuant(8, None)),
+        (r".*", XnnpackWeightQuant(4, 32)),
+    ),
+}
+
+
+def recipe_names() -> list[str]:
+    """Every name ``quant=`` accepts: XNNPACK's own and :mod:`fxport.quant.recipe`'s."""
+    from fxport.quant.recipe import RECIPES
+
+    return sorted(set(XNNPACK_RECIPES) | set(RECIPES))
+
+
+def _from_quant_config(cfg: Any) -> XnnpackWeightQuant:
+    """A :class:`fxport.quant.recipe.QuantConfig` mapped to what XNNPACK runs (see module doc)."""
+    if cfg.bits == 8:
+        return XnnpackWeightQuant(8, None, hqq=False)
+    return XnnpackWeightQuant(4, cfg.group_size or 32, hqq=cfg.method == "hqq")
+
+
+def _resolver(recipe: str, num_layers: int | None):
+    """fqn -> XnnpackWeightQuant | None for recipe ``recipe``."""
+    if recipe in XNNPACK_RECIPES:
+        rules = XNNPACK_RECIPES[recipe]
+
+        def pick(fqn: str):
+            for pattern, q in rules:
+                if re.fullmatch(pattern, fqn):
+                    return q
+            return None
+
+        return pick
+    from fxport.quant.recipe import RECIPES
+
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown quantization recipe {recipe!r}; choose one of: {', '.join(recipe_names())}")
+    qrecipe = RECIPES[recipe]
+
+    def pick(fqn: str):
+        cfg = qrecipe.config_for(fqn, num_layers)
+        return None if cfg is None else _from_quant_config(cfg)
+
+    return pick
+
+
+@dataclass
+class QuantReport:
+    """What :func:`quantize_for_xnnpack` did: ``{linear FQN: description}`` and what stayed float."""
+
+    recipe: str
+    quantized: dict[str, str] = field(default_factory=dict)
+    kept_float: dict[str, str] = field(default_factory=dict)  # fqn -> reason
+
+    def summary(self) -> str:
+        from collections import Counter
+
+        kinds = Counter(self.quantized.values())
+        parts = [f"{n} x {k}" for k, n in sorted(kinds.items())]
+        return (
+            f"quant {self.recipe}: {len(self.quantized)} linear(s) quantized ({', '.join(parts) or 'none'}), "
+            f"{len(self.kept_float)} kept float"
+        )
+
+
+def quantize_for_xnnpack(model: nn.Module, recipe: str, *, num_layers: int | None = None) -> QuantReport:
+    """Quantize ``model``'s linears in place for XNNPACK with recipe ``recipe``.
+
+    A linear whose weight is tied to an embedding takes the rule of that embedding's weight
+    FQN when no rule names the linear itself. A linear whose ``in_features`` is not a
+    multiple of the group size stays float (reported in ``kept_float``).
+    Raises ValueError for an unknown recipe (the message lists the valid names).
+    """
+    from torchao.quantization import quantize_
+
+    if num_layers is None:
+        cfg = getattr(model, "config", None)
+        num_layers = getattr(cfg, "num_hidden_layers", None)
+    pick = _resolver(recipe, num_layers)
+    report = QuantReport(recipe)
+    tied: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), []).append(n)
+
+    groups: dict[XnnpackWeightQuant, set[str]] = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        fqn = f"{name}.weight"
+        q = pick(fqn)
+        if q is None:  # a tied head takes its embedding's rule
+            for other in tied.get(id(mod.weight), []):
+                if other != fqn and (q := pick(other)) is not None:
+                    break
+        if q is None:
+            report.kept_float[name] = "no rule"
+            continue
+        if q.bits == 4 and mod.in_features % q.group_size:
+            report.kept_float[name] = f"in_features {mod.in_features} not a multiple of group {q.group_size}"
+            continue
+        groups.setdefault(q, set()).add(name)
+        report.quantized[name] = str(q)
+    for q, names in groups.items():
+        quantize_(model, q.torchao_config(), filter_fn=lambda m, fqn, names=names: fqn in names)
+    return report
+
+
+# ----------------------------------------------------------------------------- passes
+
+
+def cpu_passes(model: nn.Module | None = None, *, windows: Mapping[str, int] | None = None,
+               ring_size: int | None = None, last_token_logits: bool = True,
+               xnnpack_rewrites: bool = True) -> dict[str, list]:
+    """The CPU pass set per method: ``{"prefill": [...], "decode": [...]}``.
+
+    * ``RingBufferKVCache`` when the model has sliding-window caches (windows from
+      ``fxport.models.gemma4.model.sliding_window_buffers(model)`` or ``windows=``);
+    * ``AdditiveAttentionMask``, ``SDPAAsMatmul`` and ``RMSNormAsLinear`` (:mod:`fxport.lowering.xnnpack_rewrites`)
+      when ``xnnpack_rewrites``: patterns XNNPACK would otherwise leave to portable kernels;
+    * ``LastTokenLogits`` on prefill (decode is already length 1) when ``last_token_logits``.
+    No Triton dispatch: XNNPACK cannot run fxport's Triton ops; the multimodal fusion is only
+    needed for programs exported with ``multimodal=True`` and is added by the caller then.
+    """
+    from fxport.lowering.last_token import LastTokenLogits
+    from fxport.lowering.xnnpack_rewrites import AdditiveAttentionMask, RMSNormAsLinear, SDPAAsMatmul
+
+    common: list = []
+    if windows is None and model is not None:
+        from fxport.models.gemma4.model import sliding_window_buffers
+
+        windows = sliding_window_buffers(model)
+    if windows:
+        from fxport.passes.ring_buffer_kv_cache import RingBufferKVCache
+
+        common.append(RingBufferKVCache(windows=windows, ring_size=ring_size))
+    if xnnpack_rewrites:
+        common += [AdditiveAttentionMask(), SDPAAsMatmul(), RMSNormAsLinear()]
+    prefill = list(common) + ([LastTokenLogits()] if last_token_logits else [])
+    return {"prefill": prefill, "decode": list(common)}
+
+
+# ----------------------------------------------------------------------------- lowering
+
+
+@dataclass
+class XnnpackProgram:
+    """A lowered program: the ``.pte`` bytes, what XNNPACK took, and the cache names."""
+
+    buffer: bytes
+    report: DelegationReport
+    mutable_buffers: list[str]
+    methods: list[str]
+    executorch_program: Any = None  # the serialized schema (execution plans), for inspection
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(self.buffer)
+        return path
+
+
+def _mutable_buffers(ep: ExportedProgram) -> list[str]:
+    return sorted(ep.graph_signature.buffers_to_mutate.values())
+
+
+def lower_to_xnnpack(
+    programs: Mapping[str, ExportedProgram],
+    *,
+    constant_methods: Mapping[str, Any] | None = None,
+) -> XnnpackProgram:
+    """Lower ``{method: ExportedProgram}`` to one XNNPACK ``.pte`` (see the module docstring).
+
+    All methods must mutate the same buffers (same FQNs, shapes, dtypes): that is what lets
+    them share one KV-cache allocation. Raises ValueError naming the method and buffers that
+    differ.
+    """
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+
+    if not programs:
+        raise ValueError("lower_to_xnnpack: no methods given; pass {'prefill': ep, 'decode': ep}")
+    _check_shared_buffers(programs)
+    edge = to_edge_transform_and_lower(
+        dict(programs),
+        partitioner=[XnnpackPartitioner()],
+        constant_methods=dict(constant_methods or {}),
+        # fxport's passes emit plain ATen ops; torchao's quant ops are not core ATen.
+        compile_config=EdgeCompileConfig(_check_ir_validity=False),
+    )
+    report = delegation_report({m: edge.exported_program(m) for m in programs})
+    et = edge.to_executorch(
+        ExecutorchBackendConfig(
+            memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
+            emit_mutable_buffer_names=True,
+            run_reinplace_pass=True,
+        )
+    )
+    first = next(iter(programs.values()))
+    return XnnpackProgram(et.buffer, report, _mutable_buffers(first), list(programs), et.executorch_program)
+
+
+def _buffer_shapes(ep: ExportedProgram) -> dict[str, tuple]:
+    """{mutated buffer FQN: shape} read from the buffer placeholders' metadata."""
+    mutated = set(ep.graph_signature.buffers_to_mutate.values())
+    by_placeholder = ep.graph_signature.inputs_to_buffers
+    out = {}
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and by_placeholder.get(node.name) in mutated:
+            val = node.meta.get("val")
+            out[by_placeholder[node.name]] = tuple(val.shape) if val is not None else None
+    return out
+
+
+def _check_shared_buffers(programs: Mapping[str, ExportedProgram]) -> None:
+    ref_name, ref = next(iter(programs.items()))
+    ref_bufs = _buffer_shapes(ref)
+    for name, ep in programs.items():
+        bufs = _buffer_shapes(ep)
+        if set(bufs) != set(ref_bufs):
+            diff = sorted(set(bufs) ^ set(ref_bufs))
+            raise ValueError(
+                f"lower_to_xnnpack: methods {ref_name!r} and {name!r} mutate different buffers {diff[:4]}; "
+                "export both methods from the same model and apply the same cache passes to both"
+            )
+        bad = sorted(n for n in bufs if bufs[n] != ref_bufs[n])
+        if bad:
+            raise ValueError(
+                f"lower_to_xnnpack: buffer {bad[0]} has shape {bufs[bad[0]]} in {name!r} but {ref_bufs[bad[0]]} "
+                f"in {ref_name!r}; shared caches need one shape (apply the same ring size to both methods)"
+            )
+
+
+def apply_method_passes(programs: Mapping[str, ExportedProgram], passes: Mapping[str, Sequence],
+                        dump: str | Path | None = None) -> tuple[dict[str, ExportedProgram], dict]:
+    """Run ``passes[method]`` over each method with :func:`fxport.passes.pipeline.apply`.
+
+    Returns the rewritten programs and ``{method: PipelineResult}`` (for stats and dumps).
+    """
+    from fxport.passes.pipeline import apply
+
+    out, results = {}, {}
+    for method, ep in programs.items():
+        res = apply(ep, passes.get(method, []), method=method, dump=dump)
+        out[method], results[method] = res.ep, res
+    return out, results
+
+
+# ----------------------------------------------------------------------------- one call
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_model` did, for the CLI to print."""
+
+    path: Path
+    quant: QuantReport | None
+    pass_results: dict
+    program: XnnpackProgram
+    metadata: dict[str, int]
+
+    def summary(self) -> str:
+        lines = [f"wrote {self.path} ({self.path.stat().st_size / 2**20:.1f} MiB)"]
+        if self.quant is not None:
+            lines.append(self.quant.summary())
+        for method, res in self.pass_results.items():
+            lines.extend(f"[{method}] {line}" for line in res.summary().splitlines())
+        lines.append(self.program.report.summary())
+        return "\n".join(lines)
+
+
+def model_metadata(model: nn.Module, max_prefill_chunk: int) -> dict[str, int]:
+    """Constant methods stored in the ``.pte`` (read back by ``PteBackend``)."""
+    cfg = model.config
+    eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, (list, tuple)) else cfg.eos_token_id
+    return {
+        "get_max_seq_len": int(model.max_seq_len),
+        "get_max_prefill_chunk": int(max_prefill_chunk),
+        "get_vocab_size": int(cfg.vocab_size),
+        "get_bos_id": int(cfg.bos_token_id),
+        "get_eos_id": int(eos),
+    }
+
+
+def export_model(
+    model: nn.Module,
+    out: str | Path,
+    *,
+    max_prefill_chunk: int = 128,
+    quant: str | None = None,
+    ring_size: int | None = None,
+    dump: str | Path | None = None,
+    on_stage=None,
+) -> ExportReport:
+    """Eager Gemma model -> XNNPACK ``.pte`` at ``out`` (quantize, export, CPU passes, lower).
+
+    ``on_stage(name)`` is called before each stage ("quantize", "export", "passes", "lower",
+    "save") so a caller can drive a progress bar. ``model`` is quantized in place when
+    ``quant`` is given.
+    """
+    from fxport.models.gemma4.export import export_methods
+
+    stage = on_stage or (lambda name: None)
+    qreport = None
+    if quant:
+        stage("quantize")
+        qreport = quantize_for_xnnpack(model, quant)
+    stage("export")
+    with torch.no_grad():
+        programs = export_methods(model, max_prefill_chunk=max_prefill_chunk)
+    stage("passes")
+    programs, results = apply_method_passes(programs, cpu_passes(model, ring_size=ring_size), dump=dump)
+    stage("lower")
+    meta = model_metadata(model, max_prefill_chunk)
+    lowered = lower_to_xnnpack(programs, constant_methods=meta)
+    stage("save")
+    path = lowered.save(out)
+    return ExportReport(path, qreport, results, lowered, meta)
