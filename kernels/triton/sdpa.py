@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fxport.kernels.triton.sdpa_decode_splitk import _mask_args, _precision, _valid_len_args, launch
+from fxport.kernels.triton._common import _attend_block, dot_precision, launch, mask_args, valid_len_args
 
 
 @dataclass(frozen=True)
@@ -90,32 +90,18 @@ def _sdpa_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base = K + b * stride_kb + hkv * stride_kh
     v_base = V + b * stride_vb + hkv * stride_vh
+    m_rows = Mask + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_ml  # (BLOCK_M, 1)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N) fp32
-        keep = m_ok[:, None] & n_ok[None, :]
+        keep = m_ok[:, None] & n_ok[None, :]  # (BLOCK_M, BLOCK_N)
         if IS_CAUSAL:
             keep = keep & (offs_n[None, :] <= offs_m[:, None])
             keep = keep & (offs_m[:, None] - offs_n[None, :] < win)
-        if MASK_KIND != 0:
-            m_ptrs = Mask + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_ml + offs_n[None, :] * stride_mn
-            if MASK_KIND == 1:
-                keep = keep & (tl.load(m_ptrs, mask=keep, other=0) != 0)
-            else:
-                s = s + tl.load(m_ptrs, mask=keep, other=0.0).to(tl.float32)
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(
+            q, k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, n_ok[:, None] & d_ok[None, :],
+            keep, m_rows + offs_n[None, :] * stride_mn, m_i, l_i, acc, scale, MASK_KIND, PRECISION)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # rows without keys: acc = 0 -> 0
     tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od,
@@ -144,8 +130,8 @@ def launch_sdpa(
     if config is None and isinstance(L, int) and L <= 16:  # decode-like: one 16-row tile (tl.dot minimum)
         cfg = SdpaConfig(16, cfg.block_n, cfg.num_warps, cfg.num_stages)
     out = torch.empty_like(q)
-    mask_kind, mask, ms = _mask_args(attn_mask, B, H_q, L, S, q)
-    has_vl, vl, svl = _valid_len_args(valid_len, B, q)
+    mask_kind, mask, ms = mask_args(attn_mask, B, H_q, L, S, q)
+    has_vl, vl, svl = valid_len_args(valid_len, B, q)
     kernel = launch(_sdpa_fwd, (triton.cdiv(L, cfg.block_m), B * H_q), (
         q, k, v, mask, vl, out,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
@@ -159,7 +145,7 @@ def launch_sdpa(
         N_REP=H_q // H_kv,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
         MASK_KIND=mask_kind, HAS_VALID_LEN=has_vl, IS_CAUSAL=bool(is_causal),
-        PRECISION=_precision(q.dtype),
+        PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ), warmup)
     return [kernel] if warmup else out

@@ -30,9 +30,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
+from fxport.kernels.triton._common import _attend_block, dot_precision, launch, mask_args, valid_len_args
 
 
 @dataclass(frozen=True)
@@ -102,29 +101,15 @@ def _splitk_partial(
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     k_base = K + b * stride_kb + hkv * stride_kh
     v_base = V + b * stride_vb + hkv * stride_vh
+    m_rows = Mask + b * stride_mb + qh[:, None] * stride_mh  # (BLOCK_H, 1)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_H, BLOCK_N) fp32
-        keep = h_ok[:, None] & n_ok[None, :]
-        if MASK_KIND != 0:
-            m_ptrs = Mask + b * stride_mb + qh[:, None] * stride_mh + offs_n[None, :] * stride_mn
-            if MASK_KIND == 1:
-                keep = keep & (tl.load(m_ptrs, mask=keep, other=0) != 0)
-            else:
-                s = s + tl.load(m_ptrs, mask=keep, other=0.0).to(tl.float32)
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: exp(-inf - 0) = 0
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(
+            q, k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, n_ok[:, None] & d_ok[None, :],
+            h_ok[:, None] & n_ok[None, :], m_rows + offs_n[None, :] * stride_mn, m_i, l_i, acc, scale,
+            MASK_KIND, PRECISION)
 
     row = (b * H_kv * N_REP + qh) * NUM_SPLITS + pid_s  # partials (B, H_q, NUM_SPLITS[, D])
     tl.store(Mx + row, m_i, mask=h_ok)
@@ -166,52 +151,6 @@ def _splitk_reduce(
     tl.store(Out + b * stride_ob + h * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty), mask=d_ok)
 
 
-def _mask_args(attn_mask: Optional[torch.Tensor], B: int, H_q: int, L: int, S: int, dummy: torch.Tensor):
-    """(kind, tensor, strides (b, h, l, s)) of a mask broadcast to (B, H_q, L, S).
-
-    The mask is passed as it is (no expand/copy: a view op in front of a kernel would be
-    functionalized as a write-back under tracing); broadcast dims get stride 0.
-    """
-    if attn_mask is None:
-        return MASK_NONE, dummy, (0, 0, 0, 0)
-    m = attn_mask
-    pad = 4 - m.dim()
-    sizes = [1] * pad + list(m.shape)
-    strides = [0] * pad + list(m.stride())
-    for i, (size, want) in enumerate(zip(sizes, (B, H_q, L, S))):
-        if isinstance(size, int) and size == 1:
-            strides[i] = 0
-        elif isinstance(size, int) and isinstance(want, int) and size != want:
-            raise ValueError(f"attn_mask of shape {tuple(m.shape)} does not broadcast to {(B, H_q, L, S)}")
-    kind = MASK_BOOL if m.dtype == torch.bool else MASK_ADD
-    return kind, m, tuple(strides)
-
-
-def _valid_len_args(valid_len: Optional[torch.Tensor], B: int, dummy: torch.Tensor):
-    if valid_len is None:
-        return False, dummy, 0
-    n = valid_len.numel()
-    if n != 1 and n != B:
-        raise ValueError(f"valid_len must have 1 or B={B} entries; got shape {tuple(valid_len.shape)}")
-    vl = valid_len if valid_len.dtype in (torch.int32, torch.int64) else valid_len.to(torch.int32)
-    # read in the kernel as ValidLen[b * stride]: () and (1,) -> stride 0
-    return True, vl, (0 if n == 1 else vl.stride(-1))
-
-
-def launch(kernel, grid, args: tuple, kwargs: dict, warmup: bool):
-    """Launch ``kernel`` through ``wrap_triton`` (traceable by export/AOTInductor), or with
-    ``warmup`` only compile it for the current driver's target and return the compiled kernel
-    (used by ``bench/sdpa.py`` to check registers/spills/shared memory without a GPU)."""
-    if warmup:
-        return kernel.warmup(*args, grid=grid, **kwargs)
-    wrap_triton(kernel)[grid](*args, **kwargs)
-    return None
-
-
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp32: exact products (no TF32)
-
-
 def launch_sdpa_decode_splitk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -235,8 +174,8 @@ def launch_sdpa_decode_splitk(
     acc = torch.empty((B, H_q, num_splits, D), dtype=torch.float32, device=q.device)
     mx = torch.empty((B, H_q, num_splits), dtype=torch.float32, device=q.device)
     sm = torch.empty((B, H_q, num_splits), dtype=torch.float32, device=q.device)
-    mask_kind, mask, ms = _mask_args(attn_mask, B, H_q, 1, S, q)
-    has_vl, vl, svl = _valid_len_args(valid_len, B, q)
+    mask_kind, mask, ms = mask_args(attn_mask, B, H_q, 1, S, q)
+    has_vl, vl, svl = valid_len_args(valid_len, B, q)
     block_d = max(16, triton.next_power_of_2(D))
     block_h = max(16, triton.next_power_of_2(n_rep))
     partial = launch(_splitk_partial, (B * H_kv, num_splits), (
@@ -250,7 +189,7 @@ def launch_sdpa_decode_splitk(
     ), dict(
         N_REP=n_rep, NUM_SPLITS=num_splits,
         BLOCK_H=block_h, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        MASK_KIND=mask_kind, HAS_VALID_LEN=has_vl, PRECISION=_precision(q.dtype),
+        MASK_KIND=mask_kind, HAS_VALID_LEN=has_vl, PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ), warmup)
     block_dr = min(block_d, 128)

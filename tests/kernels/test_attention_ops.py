@@ -1,6 +1,7 @@
 """fxport::sdpa / fxport::sdpa_decode_splitk: CPU reference impls, fake impls, export.
 
-The reference here is independent of the ops: an explicit fp64 softmax over gathered heads.
+The reference (:func:`fxport.kernels.reference.attention_fp64`) is independent of the ops: an
+explicit fp64 softmax over gathered heads.
 """
 
 import pytest
@@ -9,38 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxport.kernels.ops  # noqa: F401
+from fxport.kernels.reference import attention_fp64
 
 ops = torch.ops.fxport
-
-
-def attention_fp64(q, k, v, mask=None, valid_len=None, scale=1.0, is_causal=False, window=0):
-    """softmax(q k^T * scale + mask) v in float64; query head h reads KV head h // n_rep."""
-    q, k, v = q.double(), k.double(), v.double()
-    B, H_q, L, D = q.shape
-    H_kv, S = k.shape[1], k.shape[2]
-    heads = torch.arange(H_q) // (H_q // H_kv)
-    k, v = k[:, heads], v[:, heads]  # (B, H_q, S, D)
-    s = torch.einsum("bhld,bhsd->bhls", q, k) * scale
-    keep = torch.ones(B, H_q, L, S, dtype=torch.bool)
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            keep = keep & mask
-        else:
-            s = s + mask.double()
-            keep = keep & (mask > float("-inf"))
-    if valid_len is not None:
-        keep = keep & (torch.arange(S).view(1, 1, 1, S) < valid_len.reshape(-1, 1, 1, 1))
-    i, j = torch.arange(L).view(L, 1), torch.arange(S).view(1, S)
-    if is_causal:
-        keep = keep & (j <= i)
-    if window:
-        keep = keep & (i - j < window)
-    s = s.masked_fill(~keep, float("-inf"))
-    m = s.amax(-1, keepdim=True).clamp_min(-1e300)  # fully masked rows: m = -inf -> finite
-    p = torch.exp(s - m)
-    denom = p.sum(-1, keepdim=True)
-    out = torch.einsum("bhls,bhsd->bhld", p, v) / torch.where(denom == 0, 1.0, denom)
-    return out
 
 
 shapes = st.tuples(

@@ -235,6 +235,27 @@ def test_tied_embedding_and_cache_layout():
 
 # ---- multimodal merge -------------------------------------------------------------------
 
+def _multimodal_models(hf_model_cls, hf_cfg, img: int, seed: int):
+    """(HF multimodal model with eager attention and randomized weights, our model built from
+    its config with max_seq_len 16); checks the image token id is carried over."""
+    hf_cfg._attn_implementation = "eager"
+    hf_cfg.text_config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = hf_model_cls(hf_cfg).eval()
+    _randomize(hf, seed)
+    cfg = from_hf_config(hf_cfg)
+    assert cfg.image_token_id == img
+    return hf, Gemma4ForCausalLM(cfg, max_seq_len=16).eval()
+
+
+def _assert_merge_parity(hf, ours, tokens: torch.Tensor, feats: torch.Tensor, image_output) -> None:
+    """Our model's last hidden state == HF's for ``tokens`` with image features merged."""
+    with torch.no_grad():
+        ref = hf(input_ids=tokens, mm_encoder_outputs={"image": image_output}).last_hidden_state
+        ours_h = ours.model(tokens, torch.arange(tokens.shape[1]), feats)
+    assert (ours_h - ref).abs().max().item() <= ATOL
+
+
 def test_gemma4_multimodal_merge_matches_transformers():
     """Our masked_scatter merge (and pad-id PLE at placeholders) == HF Gemma4Model's."""
     from transformers import Gemma4Config as HFGemma4Config
@@ -244,24 +265,13 @@ def test_gemma4_multimodal_merge_matches_transformers():
     text_cfg = _gemma4_hf_config(ALL_ON)
     hf_cfg = HFGemma4Config(text_config=text_cfg, vision_config=None, audio_config=None,
                             image_token_id=img)
-    hf_cfg._attn_implementation = "eager"
-    hf_cfg.text_config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    hf = Gemma4Model(hf_cfg).eval()
-    _randomize(hf, 3)
-    cfg = from_hf_config(hf_cfg)
-    assert cfg.image_token_id == img
-    ours = Gemma4ForCausalLM(cfg, max_seq_len=16).eval()
+    hf, ours = _multimodal_models(Gemma4Model, hf_cfg, img, 3)
     sd = {k.removeprefix("language_model."): v for k, v in hf.state_dict().items()}
     ours.model.load_state_dict(sd, strict=True)
 
     tokens = torch.tensor([[2, 5, img, img, img, 9, 11, img, 4, 3]])
     feats = torch.randn(4, 32)
-    out = BaseModelOutputWithPooling(pooler_output=[feats[:3], feats[3:]])
-    with torch.no_grad():
-        ref = hf(input_ids=tokens, mm_encoder_outputs={"image": out}).last_hidden_state
-        ours_h = ours.model(tokens, torch.arange(10), feats)
-    assert (ours_h - ref).abs().max().item() <= ATOL
+    _assert_merge_parity(hf, ours, tokens, feats, BaseModelOutputWithPooling(pooler_output=[feats[:3], feats[3:]]))
 
 
 def test_gemma3_multimodal_merge_matches_transformers():
@@ -276,25 +286,15 @@ def test_gemma3_multimodal_merge_matches_transformers():
                              num_attention_heads=2, image_size=16, patch_size=4)
     hf_cfg = HFGemma3Config(text_config=text_cfg, vision_config=vis, image_token_id=img,
                             mm_tokens_per_image=4)
-    hf_cfg._attn_implementation = "eager"
-    hf_cfg.text_config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    hf = Gemma3Model(hf_cfg).eval()
-    _randomize(hf, 4)
-    cfg = from_hf_config(hf_cfg)
-    assert cfg.image_token_id == img
-    ours = Gemma4ForCausalLM(cfg, max_seq_len=16).eval()
+    hf, ours = _multimodal_models(Gemma3Model, hf_cfg, img, 4)
     sd = {k.removeprefix("language_model."): v for k, v in hf.state_dict().items()
           if k.startswith("language_model.")}
     ours.model.load_state_dict(sd, strict=True)
 
     tokens = torch.tensor([[2, 7, img, img, img, img, 8, 9]])
     feats = torch.randn(4, 32)
-    out = BaseModelOutputWithPooling(pooler_output=feats[None])  # (images, tokens, hidden)
-    with torch.no_grad():
-        ref = hf(input_ids=tokens, mm_encoder_outputs={"image": out}).last_hidden_state
-        ours_h = ours.model(tokens, torch.arange(8), feats)
-    assert (ours_h - ref).abs().max().item() <= ATOL
+    _assert_merge_parity(hf, ours, tokens, feats,
+                         BaseModelOutputWithPooling(pooler_output=feats[None]))  # (images, tokens, hidden)
 
 
 # ---- config -----------------------------------------------------------------------------

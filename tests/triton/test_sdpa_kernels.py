@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from fxport.kernels.reference import attention_fp64  # noqa: E402
 from fxport.kernels.triton.sdpa import SdpaConfig, _sdpa_fwd, launch_sdpa  # noqa: E402
 from fxport.kernels.triton.sdpa_decode_splitk import DecodeConfig, launch_sdpa_decode_splitk  # noqa: E402
 
@@ -24,35 +25,6 @@ if type(_sdpa_fwd).__name__ != "InterpretedFunction":
         "tests/triton/test_sdpa_kernels.py needs TRITON_INTERPRET=1 before triton is imported: run "
         "`TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/triton` in its own process"
     )
-
-
-def attention_fp64(q, k, v, mask=None, valid_len=None, scale=1.0, is_causal=False, window=0):
-    """softmax(q k^T * scale + mask) v in float64; query head h reads KV head h // n_rep."""
-    q, k, v = q.double(), k.double(), v.double()
-    B, H_q, L, D = q.shape
-    H_kv, S = k.shape[1], k.shape[2]
-    heads = torch.arange(H_q) // (H_q // H_kv)
-    k, v = k[:, heads], v[:, heads]
-    s = torch.einsum("bhld,bhsd->bhls", q, k) * scale
-    keep = torch.ones(B, H_q, L, S, dtype=torch.bool)
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            keep = keep & mask
-        else:
-            s = s + mask.double()
-            keep = keep & (mask > float("-inf"))
-    if valid_len is not None:
-        keep = keep & (torch.arange(S).view(1, 1, 1, S) < valid_len.reshape(-1, 1, 1, 1))
-    i, j = torch.arange(L).view(L, 1), torch.arange(S).view(1, S)
-    if is_causal:
-        keep = keep & (j <= i)
-    if window:
-        keep = keep & (i - j < window)
-    s = s.masked_fill(~keep, float("-inf"))
-    m = s.amax(-1, keepdim=True).clamp_min(-1e300)
-    p = torch.exp(s - m)
-    denom = p.sum(-1, keepdim=True)
-    return torch.einsum("bhls,bhsd->bhld", p, v) / torch.where(denom == 0, 1.0, denom)
 
 
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3}
