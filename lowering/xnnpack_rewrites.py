@@ -175,7 +175,9 @@ class SDPAAsMatmul(Pass):
     ``any``, which it does not). When L == 1 and K/V come from the repeat_kv chain
     ``unsqueeze -> expand -> reshape``, the chain is peeled: q is viewed as (B, H_kv, n_rep, D)
     and multiplied with the un-expanded cache (B, H_kv, S, D), so the cache is never copied
-    n_rep times per step.
+    n_rep times per step. The same fold applies for L > 1 (prefill, also with a dynamic L) when
+    the mask is (1, 1, L, S): q is reshaped to (B*H_kv, n_rep*L, D) and the mask added on a
+    (B*H_kv, n_rep, L, S) view of the scores.
     Leaves alone: bool masks, causal / dropout SDPA, non-4-d inputs (counted as skipped).
     Invariant: equal up to fp32 summation order for rows that see at least one key.
     """
@@ -205,10 +207,33 @@ class SDPAAsMatmul(Pass):
             scale = args.get("scale")
             scale = float(scale) if scale is not None else D ** -0.5
             pk, pv = _peel_repeat_kv(k), _peel_repeat_kv(v)
-            fold = (isinstance(L, int) and L == 1 and pk is not None and pv is not None and pk[1] == pv[1]
-                    and isinstance(B, int) and (mask is None or mv.numel() == mv.shape[-1]))
+            peeled = pk is not None and pv is not None and pk[1] == pv[1] and isinstance(B, int)
+            fold = peeled and isinstance(L, int) and L == 1 and (mask is None or mv.numel() == mv.shape[-1])
+            # prefill (L > 1 or dynamic): same fold, the mask broadcast over (B*H_kv, n_rep)
+            fold_many = (peeled and not fold and isinstance(Hq, int)
+                         and (mask is None or (mv.dim() == 4 and mv.shape[0] == 1 and mv.shape[1] == 1)))
             with g.inserting_before(node):
-                if fold:
+                if fold_many:
+                    (kx, n), (vx, _) = pk, pv
+                    Hkv = Hq // n
+                    S = _val(kx).shape[2]
+                    # (B*H_kv, n_rep*L, D): query heads of one KV head are adjacent (repeat_kv order)
+                    # (a contiguous copy viewed with -1, not a reshape: see SymbolicViewAsInferred)
+                    qc = call(g, aten.clone.default, q, memory_format=torch.contiguous_format)
+                    qg = call(g, aten.view.default, qc, [B * Hkv, -1, D])
+                    k3 = call(g, aten.view.default, kx, [B * Hkv, S, D])
+                    kt = call(g, aten.transpose.int, k3, 1, 2)  # (B*H_kv, D, S)
+                    scores = call(g, aten.bmm.default, qg, kt)  # (B*H_kv, n_rep*L, S)
+                    scores = call(g, aten.mul.Tensor, scores, scale)
+                    if mask is not None:
+                        scores = call(g, aten.view.default, scores, [B * Hkv, n, -1, S])  # (B*H_kv, n_rep, L, S)
+                        scores = call(g, aten.add.Tensor, scores, mask)  # mask (1, 1, L, S) broadcasts
+                        scores = call(g, aten.view.default, scores, [B * Hkv, -1, S])
+                    probs = call(g, aten._softmax.default, scores, -1, False)
+                    v3 = call(g, aten.view.default, vx, [B * Hkv, S, D])
+                    out = call(g, aten.bmm.default, probs, v3)  # (B*H_kv, n_rep*L, D)
+                    out = call(g, aten.view.default, out, [B, Hq, -1, D])  # (B, H_q, L, D)
+                elif fold:
                     (kx, n), (vx, _) = pk, pv
                     Hkv = Hq // n
                     S = _val(kx).shape[2]
@@ -222,15 +247,16 @@ class SDPAAsMatmul(Pass):
                 else:
                     kt = call(g, aten.transpose.int, k, 2, 3)
                     scores = call(g, aten.matmul.default, q, kt)  # (B, H_q, L, S)
-                scores = call(g, aten.mul.Tensor, scores, scale)
-                if mask is not None:
-                    scores = call(g, aten.add.Tensor, scores, mask)  # (1, 1, L, S) broadcasts
-                probs = call(g, aten._softmax.default, scores, -1, False)
+                if not fold_many:
+                    scores = call(g, aten.mul.Tensor, scores, scale)
+                    if mask is not None:
+                        scores = call(g, aten.add.Tensor, scores, mask)  # (1, 1, L, S) broadcasts
+                    probs = call(g, aten._softmax.default, scores, -1, False)
                 if fold:
                     v3 = call(g, aten.view.default, vx, [B * Hkv, S, D])
                     out = call(g, aten.bmm.default, probs, v3)  # (B*H_kv, n_rep, D)
                     out = call(g, aten.view.default, out, [B, Hq, 1, D])
-                else:
+                elif not fold_many:
                     out = call(g, aten.matmul.default, probs, v)
             # SDPA returns a (B, L, H, D)-strided tensor that callers view after transposing;
             # matmul's output is (B, H, L, D)-contiguous, so such views become reshapes.
@@ -242,7 +268,123 @@ class SDPAAsMatmul(Pass):
             node.replace_all_uses_with(out)
             g.erase_node(node)
             stats.rewritten += 1
-            stats.sites.append({"node": node.name, "gqa_folded": fold})
+            stats.sites.append({"node": node.name, "gqa_folded": fold or fold_many})
+        if stats.rewritten:
+            g.eliminate_dead_code()
+        return PassResult(ep, stats.rewritten > 0, stats)
+
+
+class SymbolicViewAsInferred(Pass):
+    """A view whose target shape has one symbolic dim names it ``-1`` instead.
+
+    XNNPACK's partitioner rejects ``view_copy`` with a symbolic size (``[1, s, 4, 256]`` from
+    ``x.view(B, L, H, D)`` in a dynamic-length prefill) but takes one inferred dim
+    (``[1, -1, 4, 256]``); each rejected view splits the delegate around it.
+    Matches: ``aten.view`` / ``aten._unsafe_view`` / ``aten.reshape`` whose shape list has
+    exactly one non-int entry and no ``-1``, and whose input and output shapes have the same
+    number of elements. Produces: the same node with that entry replaced by ``-1`` (a reshape
+    becomes ``view(clone(x, contiguous), shape)``: a reshape is decomposed later with its sizes
+    recomputed, which would bring the symbolic dim back).
+    Leaves alone: views with static shapes or several symbolic dims.
+    Invariant: identical output shape (the inferred dim is the one symbolic dim).
+    """
+
+    def run(self, ep: ExportedProgram, ctx: PassContext) -> PassResult:
+        stats = PassStats()
+        for node in ep.graph.nodes:
+            if node.op != "call_function" or node.target not in _VIEWS or len(node.args) < 2:
+                continue
+            shape = node.args[1]
+            if not isinstance(shape, (list, tuple)):
+                continue
+            symbolic = [i for i, d in enumerate(shape) if not isinstance(d, int)]
+            if not symbolic:
+                continue
+            stats.matched += 1
+            if len(symbolic) != 1 or any(d == -1 for d in shape if isinstance(d, int)):
+                stats.skip("several symbolic or inferred dims")
+                continue
+            if any(d == 0 for d in shape if isinstance(d, int)):
+                stats.skip("a zero-size dim")
+                continue
+            new_shape = list(shape)
+            new_shape[symbolic[0]] = -1
+            src = node.args[0]
+            if node.target is aten.reshape.default:
+                # reshape decomposes to a view of sizes computed again (symbolic); a contiguous
+                # copy (removed inside XNNPACK delegates) viewed with -1 keeps the -1
+                with ep.graph.inserting_before(node):
+                    src = call(ep.graph, aten.clone.default, src, memory_format=torch.contiguous_format)
+                node.target = aten.view.default
+            node.args = (src, new_shape, *node.args[2:])
+            stats.rewritten += 1
+        if stats.rewritten:
+            ep.graph.eliminate_dead_code()
+            remove_unused_inputs(ep)
+        return PassResult(ep, stats.rewritten > 0, stats)
+
+
+class RotateHalfAsLinear(Pass):
+    """RoPE's ``rotate_half`` as a linear with a constant signed permutation (prefill only matters).
+
+    XNNPACK does not take ``slice_copy`` on a tensor with a dynamic dim, so in a dynamic-length
+    prefill every ``rotate_half`` (``cat([-x[..., h:], x[..., :h]], -1)``, two per layer) splits
+    the delegate around it. Matches: ``aten.cat([neg(slice(x, -1, h, end)), slice(x, -1, 0, h)],
+    -1)`` on a float32 ``x`` whose last dim D = 2h is static. Produces ``linear(x, R)`` with
+    ``R`` (D, D): ``R[j, j + h] = -1`` (j < h), ``R[j, j - h] = 1`` (j >= h), one constant
+    ``fxport_rotate_half.<node>`` per site (see :class:`RMSNormAsLinear`). Leaves alone: other
+    cats, odd or dynamic D. Invariant: exact for finite inputs (each output is one input times
+    +-1 plus zeros).
+    """
+
+    def run(self, ep: ExportedProgram, ctx: PassContext) -> PassResult:
+        stats = PassStats()
+        g = ep.graph
+        for node in list(g.nodes):
+            if node.op != "call_function" or node.target is not aten.cat.default:
+                continue
+            parts = node.args[0]
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            out = _val(node)
+            if len(parts) != 2 or out is None:
+                continue
+            neg, low = parts
+            if not (isinstance(neg, Node) and neg.target is aten.neg.default and isinstance(low, Node)
+                    and low.target is aten.slice.Tensor):
+                continue
+            high = neg.args[0]
+            if not (isinstance(high, Node) and high.target is aten.slice.Tensor):
+                continue
+            x = high.args[0]
+            xval = _val(x)
+            if low.args[0] is not x or xval is None:
+                continue
+            stats.matched += 1
+            D = xval.shape[-1]
+            last = xval.dim() - 1
+            if xval.dtype != torch.float32 or not isinstance(D, int) or D % 2:
+                stats.skip("not fp32 or last dim odd / dynamic")
+                continue
+            h = D // 2
+
+            def _is(sl, start, end) -> bool:
+                a = list(sl.args) + [None] * (5 - len(sl.args))
+                d, s0, s1, step = a[1], a[2] or 0, a[3], a[4] or 1
+                return d in (-1, last) and s0 == start and (s1 == end or (end == D and s1 is not None and s1 >= D)) and step == 1
+
+            if dim not in (-1, last) or not _is(high, h, D) or not _is(low, 0, h):
+                stats.skip("not rotate_half's slices")
+                continue
+            R = torch.zeros(D, D)
+            idx = torch.arange(h)
+            R[idx, idx + h] = -1.0
+            R[idx + h, idx] = 1.0
+            weight = add_constant(ep, f"fxport_rotate_half.{node.name}", R)
+            with g.inserting_before(node):
+                new = call(g, aten.linear.default, x, weight)  # (..., D)
+            node.replace_all_uses_with(new)
+            g.erase_node(node)
+            stats.rewritten += 1
         if stats.rewritten:
             g.eliminate_dead_code()
         return PassResult(ep, stats.rewritten > 0, stats)

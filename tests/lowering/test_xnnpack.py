@@ -66,9 +66,13 @@ def _pte_steps(backend, tokens, chunks):
 
 def test_passes_applied_per_method(fp32):
     _, results, _ = fp32
-    common = ["ring_buffer_kv_cache", "additive_attention_mask", "sdpa_as_matmul", "rms_norm_as_linear"]
-    assert [r.name for r in results["prefill"].records] == [*common, "last_token_logits"]
+    common = ["ring_buffer_kv_cache", "additive_attention_mask", "sdpa_as_matmul", "rms_norm_as_linear",
+              "symbolic_view_as_inferred"]
+    assert [r.name for r in results["prefill"].records] == [*common, "rotate_half_as_linear", "last_token_logits"]
     assert [r.name for r in results["decode"].records] == common
+    # prefill (dynamic L): GQA folded too, and rotate_half of q and k in both layers as a linear.
+    assert [s["gqa_folded"] for s in results["prefill"]["sdpa_as_matmul"].stats.sites] == [True, True]
+    assert results["prefill"]["rotate_half_as_linear"].stats.rewritten == 2 * 2
     # decode: both layers' attention runs on the un-expanded cache (GQA folded, L == 1).
     assert results["decode"]["sdpa_as_matmul"].stats.sites == [
         {"node": "scaled_dot_product_attention", "gqa_folded": True},
