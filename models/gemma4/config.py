@@ -327,30 +327,6 @@ PRESETS: dict[str, Gemma4Config] = {
         image_token_id=255,
         max_position_embeddings=512,
     ),
-    # 26B-A4B-like: k_eq_v global layers + MoE block (dense MLP + 4 experts, top-2), no PLE.
-    "tiny-moe": Gemma4Config(
-        family="gemma4",
-        vocab_size=256,
-        vocab_size_per_layer_input=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        global_head_dim=32,
-        num_global_key_value_heads=1,
-        attention_k_eq_v=True,
-        layer_types=[SLIDING, SLIDING, FULL, SLIDING, SLIDING, FULL],
-        sliding_window=4,
-        final_logit_softcapping=30.0,
-        enable_moe_block=True,
-        num_experts=4,
-        top_k_experts=2,
-        moe_intermediate_size=32,
-        image_token_id=255,
-        max_position_embeddings=512,
-    ),
     "tiny-gemma3": Gemma4Config(
         family="gemma3",
         vocab_size=256,
@@ -372,6 +348,19 @@ PRESETS: dict[str, Gemma4Config] = {
         max_position_embeddings=512,
     ),
 }
+
+# 26B-A4B-like: "tiny" without PLE and KV sharing, plus the MoE block (dense MLP + 4 experts, top-2).
+PRESETS["tiny-moe"] = dataclasses.replace(
+    PRESETS["tiny"],
+    layer_types=list(PRESETS["tiny"].layer_types),
+    hidden_size_per_layer_input=0,
+    num_kv_shared_layers=0,
+    use_double_wide_mlp=False,
+    enable_moe_block=True,
+    num_experts=4,
+    top_k_experts=2,
+    moe_intermediate_size=32,
+)
 
 
 def get_preset(name: str) -> Gemma4Config:
