@@ -23,13 +23,17 @@ tokenizer comes from.
   shapes, all before any weight is assigned) and return a loaded :class:`Gemma4ForCausalLM`.
 
 Every failure raises :class:`CheckpointError` naming the file or tensor and the fix; nothing is
-returned half-loaded.
+returned half-loaded. Non-finite values are refused at load: a NaN/Inf weight (GGUF or
+safetensors; one ``torch.isfinite(t).all()`` per tensor) and a NaN/Inf float in the GGUF metadata
+or in the resulting config (``rms_norm_eps``, RoPE bases, ...). A file is GGUF when it starts with
+the GGUF magic bytes, whatever its name (Ollama stores GGUF blobs without a suffix).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import struct
@@ -48,6 +52,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
     "Checkpoint",
+    "is_gguf_file",
     "GGUFTensor",
     "GGUFFile",
     "read_gguf",
@@ -89,6 +94,57 @@ class Checkpoint(NamedTuple):
     config: Gemma4Config
     state_dict: dict[str, torch.Tensor]
     tokenizer: Any
+
+
+# ---- finiteness -----------------------------------------------------------------------------
+def _check_finite_tensor(t: torch.Tensor, name: str, source: Path | str) -> None:
+    """CheckpointError if a floating tensor holds NaN or Inf (one cheap reduction per tensor)."""
+    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+        return
+    n_nan = int(torch.isnan(t).sum())
+    n_inf = t.numel() - n_nan - int(torch.isfinite(t).sum())
+    raise CheckpointError(
+        f"{source}: tensor {name!r} has {n_nan} NaN and {n_inf} Inf value(s) of {t.numel()}; the "
+        "weights are corrupt (a broken conversion or download): re-download or re-convert the "
+        "checkpoint."
+    )
+
+
+def _check_finite_metadata(md: Mapping[str, Any], path: Path) -> None:
+    """CheckpointError naming the first scalar float metadata value that is NaN or Inf."""
+    for key, value in md.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CheckpointError(
+                f"{path}: GGUF metadata {key!r} is {value}; a model needs a finite value here. "
+                "The file is corrupt or was written by a broken converter: re-download or "
+                "re-convert it."
+            )
+
+
+def _check_finite_config(config: Gemma4Config, source: Path | str) -> Gemma4Config:
+    """CheckpointError naming the first float field of ``config`` that is NaN or Inf."""
+    import dataclasses
+
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CheckpointError(
+                f"{source}: config {f.name} is {value}; it must be a finite number. Fix the "
+                "value in the checkpoint's config (or re-download it)."
+            )
+    return config
+
+
+def is_gguf_file(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a file starting with the GGUF magic bytes (any name, any suffix)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
 
 
 # ---- Hugging Face safetensors -------------------------------------------------------------
@@ -165,6 +221,7 @@ def load_safetensors_dir(
                             f"cannot read tensor {name!r} from {f} ({e}); the file may be "
                             "truncated, re-download it."
                         ) from None
+                    _check_finite_tensor(t, name, f)
                     if dtype is not None and t.is_floating_point():
                         t = t.to(dtype)
                     if name in out:
@@ -202,9 +259,10 @@ def load_hf_config(path: str | os.PathLike) -> Gemma4Config:
         )
     try:
         hf = AutoConfig.for_model(**raw)
-        return from_hf_config(hf)
+        config = from_hf_config(hf)
     except ValueError as e:
         raise CheckpointError(f"{cfg_file}: {e}") from None
+    return _check_finite_config(config, cfg_file)
 
 
 # ---- GGUF -----------------------------------------------------------------------------------
@@ -487,6 +545,7 @@ def gguf_config(md: Mapping[str, Any], tensor_names: set[str], path: Path,
     (``query_pre_attn_scalar = key_length``), no logit softcapping, tied embeddings unless the
     file has ``output.weight``.
     """
+    _check_finite_metadata(md, path)
     arch = _meta(md, "general.architecture", path)
     if arch not in SUPPORTED_GGUF_ARCHS:
         raise CheckpointError(
@@ -515,7 +574,7 @@ def gguf_config(md: Mapping[str, Any], tensor_names: set[str], path: Path,
                               " and no token_embd.weight).")
     tied = "output.weight" not in tensor_names
     try:
-        return Gemma4Config(
+        config = Gemma4Config(
             family="gemma3",
             vocab_size=int(vocab_size),
             hidden_size=int(_meta(md, p + "embedding_length", path)),
@@ -546,6 +605,7 @@ def gguf_config(md: Mapping[str, Any], tensor_names: set[str], path: Path,
         )
     except ValueError as e:
         raise CheckpointError(f"{path}: GGUF metadata gives an invalid config: {e}") from None
+    return _check_finite_config(config, path)
 
 
 def expected_shapes(config: Gemma4Config) -> dict[str, tuple[int, ...]]:
@@ -641,6 +701,7 @@ def load_gguf(
         if isinstance(w, np.memmap) or not w.flags.writeable or w.dtype != np.float32:
             w = np.array(w, dtype=np.float32)  # own, writable fp32 copy of a memory-mapped tensor
         w = torch.from_numpy(np.ascontiguousarray(w))
+        _check_finite_tensor(w, t.name, path)
         if _is_gemma_norm(hf_name):
             w = w - 1.0  # llama.cpp stores Gemma norm weights as 1 + w
         state_dict[hf_name] = w.to(dtype)
@@ -651,10 +712,13 @@ def load_gguf(
 def load_checkpoint(
     path: str | os.PathLike, dtype: torch.dtype = torch.float32, progress: bool = True
 ) -> Checkpoint:
-    """A ``.gguf`` file (:func:`load_gguf`) or a Hugging Face directory / ``.safetensors`` file
-    (:func:`load_safetensors_dir` + :func:`load_hf_config`; tokenizer = the directory)."""
+    """A GGUF file (:func:`load_gguf`) or a Hugging Face directory / ``.safetensors`` file
+    (:func:`load_safetensors_dir` + :func:`load_hf_config`; tokenizer = the directory).
+
+    GGUF is recognized by its magic bytes, so an Ollama blob (no suffix) loads as GGUF; a
+    ``.gguf`` name without the magic is refused by :func:`load_gguf` as not a GGUF file."""
     path = Path(path)
-    if path.suffix == ".gguf":
+    if path.suffix == ".gguf" or is_gguf_file(path):
         return load_gguf(path, dtype=dtype, progress=progress)
     _require_exists(path, "checkpoint", "Pass a .gguf file or a Hugging Face directory.")
     config = load_hf_config(path)

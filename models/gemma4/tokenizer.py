@@ -190,7 +190,9 @@ def load_tokenizer(source: Any) -> Tokenizer:
                                  "returns as its third element.")
         return tokenizer_from_gguf_metadata(source)
     path = Path(source)
-    if path.suffix == ".gguf":
+    from .load import is_gguf_file
+
+    if path.suffix == ".gguf" or is_gguf_file(path):  # GGUF by its magic bytes (Ollama blobs have no suffix)
         from .load import gguf_tokenizer_metadata, read_gguf
 
         return tokenizer_from_gguf_metadata(gguf_tokenizer_metadata(read_gguf(path).metadata))
