@@ -88,9 +88,13 @@ class Gemma4Config:
     bos_token_id: int = 2
     eos_token_id: int | list[int] = 1
     image_token_id: int = 258_880
+    # Other multimodal placeholders (from the top-level transformers config); None: absent.
+    audio_token_id: int | None = None
+    video_token_id: int | None = None
     max_position_embeddings: int = 131_072
-    # Recorded from transformers; the eager model implements causal attention only, which is
-    # what transformers does for text and for multimodal input without mm_token_type_ids.
+    # "vision": sliding layers attend both ways inside each run of image/video tokens when the
+    # caller passes the vision-token mask (the multimodal model does; Gemma4ForCausalLM is
+    # causal, as transformers is without mm_token_type_ids). Full layers are always causal.
     use_bidirectional_attention: str | None = None
 
     def __post_init__(self) -> None:
@@ -398,6 +402,7 @@ def from_hf_config(hf_config: Any) -> Gemma4Config:
     softcapping, bidirectional text attention, unsupported RoPE types).
     """
     image_token_id = getattr(hf_config, "image_token_id", None)  # top-level multimodal config
+    mm_ids = {k: getattr(hf_config, k, None) for k in ("audio_token_id", "video_token_id")}
     if hasattr(hf_config, "get_text_config"):
         hf_config = hf_config.get_text_config()
     model_type = getattr(hf_config, "model_type", "")
@@ -463,6 +468,7 @@ def from_hf_config(hf_config: Any) -> Gemma4Config:
             moe_intermediate_size=hf_config.moe_intermediate_size or 0,
             use_bidirectional_attention=hf_config.use_bidirectional_attention,
             image_token_id=258_880 if image_token_id is None else image_token_id,
+            **mm_ids,
             **common,
         )
     if model_type.startswith("gemma3"):

@@ -305,6 +305,18 @@ class Gemma4TextModel(nn.Module):
             embeds = embeds.masked_scatter(mask[..., None].expand_as(embeds), _cast(mm_features, embeds.dtype))
             if cfg.hidden_size_per_layer_input:
                 ple_tokens = tokens.masked_fill(mask, cfg.pad_token_id)
+        return self.forward_embeds(embeds, ple_tokens, input_pos)
+
+    def forward_embeds(self, embeds: Tensor, ple_tokens: Tensor, input_pos: Tensor,
+                       vision_tokens: Tensor | None = None) -> Tensor:
+        """Decoder stack on merged embeddings (B, L, H); ``ple_tokens`` (B, L) feed the PLE lookup.
+
+        ``vision_tokens`` (B, L) bool, used when ``use_bidirectional_attention == "vision"``:
+        sliding layers also let a query see later keys of its own run of consecutive vision
+        tokens in this chunk (transformers' blockwise overlay; full layers stay causal). A run
+        must lie inside one prefill chunk for the keys to be in the cache.
+        """
+        cfg = self.config
         ple = self.per_layer_inputs(ple_tokens, embeds) if cfg.hidden_size_per_layer_input else None
 
         rope = self.rotary_emb(input_pos, embeds.dtype)  # {type: (cos, sin) each (L, D)}
@@ -313,7 +325,12 @@ class Gemma4TextModel(nn.Module):
         causal = k_pos <= q_pos  # (L, S)
         masks = {FULL: causal[None, None]}  # (1, 1, L, S)
         if SLIDING in rope:
-            masks[SLIDING] = (causal & (q_pos - k_pos < cfg.sliding_window))[None, None]
+            in_window = q_pos - k_pos < cfg.sliding_window  # (L, S)
+            if vision_tokens is not None and cfg.use_bidirectional_attention == "vision":
+                run = _same_vision_run(vision_tokens, input_pos, self.max_seq_len)  # (B, 1, L, S)
+                masks[SLIDING] = (causal[None, None] | run) & in_window[None, None]
+            else:
+                masks[SLIDING] = (causal & in_window)[None, None]
 
         x, kvs = embeds, {}
         for i, layer in enumerate(self.layers):
@@ -323,6 +340,15 @@ class Gemma4TextModel(nn.Module):
                               ple[:, :, i, :] if ple is not None else None,
                               kvs[src] if src is not None else None)
         return self.norm(x)
+
+
+def _same_vision_run(vision_tokens: Tensor, input_pos: Tensor, max_seq_len: int) -> Tensor:
+    """(B, 1, L, S) bool: query i and key position s hold tokens of the same vision run of this chunk."""
+    prev = F.pad(vision_tokens[:, :-1], (1, 0), value=False)  # (B, L): previous token is vision
+    run = torch.cumsum((vision_tokens & ~prev).long(), dim=1)  # (B, L): 1-based run index
+    run = torch.where(vision_tokens, run, 0)  # 0: text
+    key_run = run.new_zeros(run.shape[0], max_seq_len).index_copy(1, input_pos, run)  # (B, S)
+    return ((run[:, :, None] == key_run[:, None, :]) & (run[:, :, None] > 0))[:, None]
 
 
 class Gemma4ForCausalLM(nn.Module):
