@@ -23,7 +23,10 @@ Shared semantics (both ops)::
 
 ``sdpa`` adds ``is_causal`` (aten's convention: key j attends to query i iff j <= i) and
 ``window`` (> 0: additionally i - j < window; needs ``is_causal``).
-``sdpa_decode_splitk`` requires L == 1.
+``sdpa_decode_splitk`` takes 1 <= L <= 4 queries (a decode step, or a speculative-decoding
+verification step) and ``causal``: the L queries are the last L positions of the valid range
+n (n = valid_len[b], or S), query i attends keys j <= n - L + i (bottom-right aligned, unlike
+aten's top-left ``is_causal``); with L == 1 it excludes nothing.
 """
 
 from __future__ import annotations
@@ -185,28 +188,51 @@ def sdpa_decode_splitk(
     attn_mask: Optional[torch.Tensor],
     valid_len: Optional[torch.Tensor],
     scale: float,
+    causal: bool = False,
 ) -> torch.Tensor:
-    """Split-K flash decoding (L == 1); Triton impl (CUDA). Contract: module docstring."""
+    """Split-K flash decoding (1 <= L <= 4); Triton impl (CUDA). Contract: module docstring."""
     from fxport.kernels.triton.sdpa_decode_splitk import launch_sdpa_decode_splitk
 
-    return launch_sdpa_decode_splitk(q, k, v, attn_mask, valid_len, scale)
+    return launch_sdpa_decode_splitk(q, k, v, attn_mask, valid_len, scale, causal=causal)
+
+
+MAX_DECODE_QUERIES = 4  # = fxport.kernels.triton.sdpa_decode_splitk.MAX_QUERIES (no triton import here)
 
 
 def _check_decode(q) -> None:
     L = q.shape[2]
-    if isinstance(L, int) and L != 1:
-        raise ValueError(f"fxport::sdpa_decode_splitk: needs one query (L == 1); got q {tuple(q.shape)}; use fxport::sdpa")
+    if isinstance(L, int) and not 1 <= L <= MAX_DECODE_QUERIES:
+        raise ValueError(f"fxport::sdpa_decode_splitk: needs 1 <= L <= {MAX_DECODE_QUERIES} queries; got q "
+                         f"{tuple(q.shape)}; use fxport::sdpa for longer chunks")
+
+
+def _tail_causal_mask(q, k, attn_mask, valid_len):
+    """attn_mask combined with the bottom-right causal rule (query i of L attends keys
+    j <= n - L + i, n = valid_len[b] or S) as a bool/additive mask (B or 1, 1 or H_q, L, S)."""
+    L, S = q.shape[2], k.shape[2]
+    n = torch.full((1,), S, dtype=torch.int64, device=q.device) if valid_len is None else \
+        valid_len.reshape(-1).to(torch.int64).clamp(0, S)
+    j = torch.arange(S, device=q.device).view(1, 1, 1, S)
+    i = torch.arange(L, device=q.device).view(1, 1, L, 1)
+    keep = j <= n.view(-1, 1, 1, 1) - L + i  # (B or 1, 1, L, S)
+    if attn_mask is None:
+        return keep
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & keep
+    return attn_mask.masked_fill(~keep, float("-inf"))
 
 
 @sdpa_decode_splitk.register_fake
-def _sdpa_decode_splitk_fake(q, k, v, attn_mask, valid_len, scale):
+def _sdpa_decode_splitk_fake(q, k, v, attn_mask, valid_len, scale, causal=False):
     check_attention_inputs("fxport::sdpa_decode_splitk", q, k, v, attn_mask, valid_len)
     _check_decode(q)
     return torch.empty_like(q)
 
 
 @sdpa_decode_splitk.register_kernel("cpu")
-def _sdpa_decode_splitk_cpu(q, k, v, attn_mask, valid_len, scale):
+def _sdpa_decode_splitk_cpu(q, k, v, attn_mask, valid_len, scale, causal=False):
     check_attention_inputs("fxport::sdpa_decode_splitk", q, k, v, attn_mask, valid_len)
     _check_decode(q)
+    if causal:
+        attn_mask = _tail_causal_mask(q, k, attn_mask, valid_len)
     return _like_q(q, reference_sdpa(q, k, v, attn_mask, valid_len, scale))

@@ -8,7 +8,8 @@ Matches: ``aten.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p=0, is
       allowed in between), which is peeled: the kernels read x (B, H_kv, S, D) directly;
     * or already (B, H_kv, S, D) with H_q % H_kv == 0 (H_kv == H_q, or ``enable_gqa=True``).
 Produces, per site:
-    * L == 1 (static) and S > ``threshold`` and not causal ->
+    * 1 <= L <= 4 (static: a decode or speculative-verification step; the mask carries the
+      causal rule per query row) and S > ``threshold`` and not ``is_causal`` ->
       ``fxport::sdpa_decode_splitk(q, k, v, mask, valid_len, scale)``;
     * otherwise ``fxport::sdpa(q, k, v, mask, valid_len, scale, is_causal, 0)`` (the tiled
       kernel), or, with ``fallback="aten"``, the aten call is left for the backend.
@@ -38,6 +39,7 @@ from torch.export import ExportedProgram
 from torch.fx import Node
 
 import fxport.kernels.ops  # noqa: F401  (registers torch.ops.fxport.*)
+from fxport.kernels.attention_ops import MAX_DECODE_QUERIES
 from fxport.passes.base import Pass, PassContext, PassResult, PassStats
 from fxport.passes.graph import buffer_placeholders, call
 
@@ -143,7 +145,7 @@ class SDPADispatch(Pass):
     """Per call site: split-K decode, tiled Triton SDPA, or aten SDPA (see module docstring).
 
     Args:
-        threshold: split-K when L_q == 1 and L_kv > threshold (default 2048: the crossover
+        threshold: split-K when L_q <= 4 and L_kv > threshold (default 2048: the crossover
             measured by ``bench/sdpa.py``; sliding-window ring caches stay below it).
         fallback: ``"tiled"`` rewrites the other sites to ``fxport::sdpa``; ``"aten"`` leaves
             them to the backend.
@@ -202,13 +204,13 @@ class SDPADispatch(Pass):
         L, S = site["L"], site["S"]
         if not isinstance(S, int):
             return self._fallback_choice("symbolic L_kv")
-        if isinstance(L, int) and L == 1:
-            if site["is_causal"]:
-                return self._fallback_choice("is_causal decode (only key 0 attends)")
+        if isinstance(L, int) and 1 <= L <= MAX_DECODE_QUERIES:  # decode / speculative verification
+            if site["is_causal"]:  # aten's top-left rule: query i sees keys 0..i only
+                return self._fallback_choice(f"is_causal decode (only keys 0..{L - 1} attend)")
             if S > self.threshold:
-                return "sdpa_decode_splitk", f"L_q=1, L_kv={S} > threshold {self.threshold}"
-            return self._fallback_choice(f"L_q=1, L_kv={S} <= threshold {self.threshold}")
-        return self._fallback_choice(f"L_q={L} > 1 (prefill)")
+                return "sdpa_decode_splitk", f"L_q={L}, L_kv={S} > threshold {self.threshold}"
+            return self._fallback_choice(f"L_q={L}, L_kv={S} <= threshold {self.threshold}")
+        return self._fallback_choice(f"L_q={L} > {MAX_DECODE_QUERIES} (prefill)")
 
     def _fallback_choice(self, reason: str) -> tuple[str, str]:
         return ("sdpa" if self.fallback == "tiled" else "aten"), reason

@@ -62,6 +62,36 @@ def test_decode_cpu_matches_fp64(shape, use_mask, use_vl, seed):
     torch.testing.assert_close(out.double(), attention_fp64(q, k, v, mask, vl, 0.3), rtol=1e-5, atol=1e-5)
 
 
+def _tail_causal(B, L, S, vl):
+    """bool (B, 1, L, S): query i of the last L positions attends keys j <= n - L + i."""
+    n = torch.full((B,), S) if vl is None else vl.reshape(-1).expand(B)
+    return torch.arange(S).view(1, 1, 1, S) <= n.view(B, 1, 1, 1) - L + torch.arange(L).view(1, 1, L, 1)
+
+
+@given(shape=shapes, mask_kind=st.sampled_from(["none", "bool", "float"]), use_vl=st.booleans(),
+       causal=st.booleans(), seed=st.integers(0, 2**16))
+@settings(max_examples=30, deadline=None)
+def test_multi_query_decode_cpu_matches_fp64(shape, mask_kind, use_vl, causal, seed):
+    """L_q = 1..4 (speculative verification): per-row masks, and ``causal`` = bottom-right."""
+    B, (H_q, H_kv), L, S, D = shape
+    L = min(L, 4)
+    q, k, v = _inputs(seed, B, H_q, H_kv, L, S, D)
+    g = torch.Generator().manual_seed(seed + 1)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(1, 1, L, S, generator=g) < 0.7
+    elif mask_kind == "float":
+        mask = torch.randn(B, 1, L, S, generator=g).masked_fill(torch.rand(B, 1, L, S, generator=g) < 0.3, float("-inf"))
+    vl = torch.randint(0, S + 1, (B,), generator=g) if use_vl else None
+    out = ops.sdpa_decode_splitk(q, k, v, mask, vl, 0.3, causal)
+    ref_mask = mask
+    if causal:
+        keep = _tail_causal(B, L, S, vl)
+        ref_mask = keep if mask is None else (mask & keep if mask.dtype == torch.bool else
+                                              mask.masked_fill(~keep, float("-inf")))
+    torch.testing.assert_close(out.double(), attention_fp64(q, k, v, ref_mask, vl, 0.3), rtol=1e-5, atol=1e-5)
+
+
 def test_large_logits_stay_exact():
     """Logits around 1e3 (no fixed max offset): fp64 reference within fp32 rounding."""
     q = torch.full((1, 2, 1, 8), 10.0)
@@ -115,9 +145,10 @@ def test_errors_name_the_input():
     q, k, v = _inputs(0, 1, 3, 2, 1, 5, 8)
     with pytest.raises(ValueError, match=r"H_q=3 is not a multiple of H_kv=2"):
         ops.sdpa_decode_splitk(q, k, v, None, None, 1.0)
+    q5, k, v = _inputs(0, 1, 4, 2, 5, 5, 8)
+    with pytest.raises(ValueError, match=r"needs 1 <= L <= 4 queries; got q \(1, 4, 5, 8\); use fxport::sdpa"):
+        ops.sdpa_decode_splitk(q5, k, v, None, None, 1.0)
     q, k, v = _inputs(0, 1, 4, 2, 2, 5, 8)
-    with pytest.raises(ValueError, match=r"needs one query \(L == 1\); got q \(1, 4, 2, 8\)"):
-        ops.sdpa_decode_splitk(q, k, v, None, None, 1.0)
     with pytest.raises(ValueError, match=r"attn_mask must be bool \(True = attend\) or float \(additive\); got torch.int64"):
         ops.sdpa(q, k, v, torch.ones(1, 1, 2, 5, dtype=torch.long), None, 1.0, False, 0)
     with pytest.raises(ValueError, match=r"window=2 needs is_causal=True and window >= 0 \(0 = no window\)"):
@@ -188,6 +219,20 @@ def test_cuda_triton_impls_match_fp64(dtype, D):
     torch.testing.assert_close(out.double(), ref, rtol=HALF_TOL[dtype], atol=HALF_TOL[dtype])
     out = ops.sdpa(*dev, 0.1, True, 0).cpu()
     ref = attention_fp64(q, k, v, mask, vl, 0.1, True, 0)
+    torch.testing.assert_close(out.double(), ref, rtol=HALF_TOL[dtype], atol=HALF_TOL[dtype])
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("L", [2, 4])
+def test_cuda_multi_query_splitk_matches_fp64(dtype, L):
+    """31B global-layer heads (H_q 32, H_kv 4, D 512), L_q = 2 / 4, bottom-right causal."""
+    g = torch.Generator().manual_seed(L)
+    B, H_q, H_kv, S, D = 1, 32, 4, 5000, 512
+    q, k, v = (torch.randn(B, h, n, D, generator=g).to(dtype) for h, n in ((H_q, L), (H_kv, S), (H_kv, S)))
+    vl = torch.tensor([4321])
+    out = ops.sdpa_decode_splitk(q.cuda(), k.cuda(), v.cuda(), None, vl.cuda(), 0.05, True).cpu()
+    ref = attention_fp64(q, k, v, _tail_causal(B, L, S, vl), vl, 0.05)
     torch.testing.assert_close(out.double(), ref, rtol=HALF_TOL[dtype], atol=HALF_TOL[dtype])
 
 
