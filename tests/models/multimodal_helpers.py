@@ -2,9 +2,8 @@
 
 Shared by tests/models/test_multimodal*.py and tests/runtime/test_image*.py.
 
-Audio hook: :func:`audio_hf_config` returns None until the audio case is added; a test that wants
-audio passes ``audio=`` to :func:`hf_multimodal_config` and builds its inputs with
-:func:`audio_inputs` (to be filled in by the audio tower's owner).
+Audio: a test that wants audio passes ``audio=audio_hf_config(...)`` to :func:`hf_multimodal_config`
+and builds its inputs with :func:`audio_inputs` and :func:`prompt_with_audio`.
 """
 
 from __future__ import annotations
@@ -51,14 +50,39 @@ def hf_vision_config(hidden: int = 16, layers: int = 1, heads: int = 2, kv_heads
     return cfg
 
 
-def audio_hf_config():
-    """Hook for the audio case: a tiny transformers Gemma4AudioConfig, or None (no audio yet)."""
-    return None
+def audio_hf_config(hidden: int = 16, layers: int = 1, heads: int = 2, chunk: int = 3, left: int = 4,
+                    right: int = 1, clipped: bool = True, out: int = 24):
+    """A tiny transformers Gemma4AudioConfig (8 mel bins: subsampling channels (8, 4))."""
+    from transformers.models.gemma4.configuration_gemma4 import Gemma4AudioConfig
+
+    cfg = Gemma4AudioConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        subsampling_conv_channels=[8, 4], conv_kernel_size=3, attention_chunk_size=chunk,
+        attention_context_left=left, attention_context_right=right, use_clipped_linears=clipped,
+        output_proj_dims=out,
+    )
+    cfg._attn_implementation = "eager"
+    return cfg
 
 
-def audio_inputs(hf_cfg, g: torch.Generator):
-    """Hook for the audio case: (input_features, input_features_mask, n_tokens) for one clip."""
-    raise NotImplementedError("the audio case is added with the audio tower's tests")
+def audio_inputs(hf_cfg, g: torch.Generator, frames: int = 21, valid: int | None = None):
+    """(input_features (1, frames, 8), input_features_mask (1, frames), n_tokens) for one clip,
+    right-padded after ``valid`` frames as the feature extractor pads (features zero there)."""
+    from fxport.models.gemma4.audio import num_audio_tokens
+
+    n_mels = hf_cfg.subsampling_conv_channels[0] // 4 * 4
+    valid = frames if valid is None else valid
+    mask = (torch.arange(frames) < valid)[None]
+    feats = torch.randn(1, frames, n_mels, generator=g) * mask[..., None]
+    return feats, mask, int(num_audio_tokens(mask)[0])
+
+
+def prompt_with_audio(config, n: int, g: torch.Generator) -> torch.Tensor:
+    """(1, L): BOS, text, ``boa + audio * n + eoa``, text."""
+    from fxport.models.gemma4.multimodal import audio_placeholders
+
+    ids = [2] + torch.randint(3, TEXT_MAX + 1, (2,), generator=g).tolist() + audio_placeholders(config, n)
+    return torch.tensor([ids + torch.randint(3, TEXT_MAX + 1, (2,), generator=g).tolist()])
 
 
 def hf_multimodal_config(text: Gemma4TextConfig, vision: Gemma4VisionConfig | None,

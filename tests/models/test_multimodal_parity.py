@@ -20,12 +20,15 @@ from .multimodal_helpers import (
     IMG,
     S,
     TEXT_MAX,
+    audio_hf_config,
+    audio_inputs,
     hf_multimodal_config,
     hf_text_config,
     hf_vision_config,
     image_inputs,
     mm_token_type_ids,
     pair,
+    prompt_with_audio,
     prompt_with_images,
     rel_max_err,
 )
@@ -33,14 +36,16 @@ from .multimodal_helpers import (
 RTOL = 1e-4  # relative max error, fp32 logits
 
 
-def _check(hf, ours, tokens, pv=None, pos=None) -> tuple[float, float]:
+def _check(hf, ours, tokens, pv=None, pos=None, feats=None, fmask=None) -> tuple[float, float]:
     """(prefill, decode) relative max errors of ours vs transformers; asserts both <= RTOL."""
     L = tokens.shape[1]
     with torch.no_grad():
         kw = {} if pv is None else dict(pixel_values=pv, image_position_ids=pos)
+        if feats is not None:
+            kw.update(input_features=feats, input_features_mask=fmask)
         out = hf(input_ids=tokens, mm_token_type_ids=mm_token_type_ids(tokens), use_cache=True,
                  output_hidden_states=True, **kw)
-        got = ours.generate_step(tokens, torch.arange(L), pv, pos)
+        got = ours.generate_step(tokens, torch.arange(L), pv, pos, feats, fmask)
         e1 = rel_max_err(got, out.logits)
         nxt = torch.tensor([[int(out.logits[0, -1].argmax()) % (TEXT_MAX + 1)]])
         ref2 = hf(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True,
@@ -170,3 +175,42 @@ def test_hf_state_dict_names_and_config():
     assert cfg.vision.pooling_kernel_size == 2 and cfg.vision.use_clipped_linears and cfg.vision.standardize
     assert ours.lm_head.weight is ours.model.language_model.embed_tokens.weight
     assert set(ours.state_dict()) == set(hf.state_dict())
+
+
+# ---- audio ------------------------------------------------------------------------------
+
+@settings(max_examples=4, deadline=None)
+@given(frames=st.integers(5, 30), pad=st.integers(0, 12), clipped=st.booleans(), with_vision=st.booleans(),
+       ple=st.sampled_from([0, 4]), seed=st.integers(0, 2**16))
+def test_audio_and_text_then_decode(frames, pad, clipped, with_vision, ple, seed):
+    """One right-padded clip: ``boa + audio * n + eoa`` with n from the mask after the two
+    stride-2 subsamplings; prefill and one decode step vs transformers (with or without a
+    vision tower alongside)."""
+    vis = hf_vision_config() if with_vision else None
+    text = hf_text_config(ple=ple)
+    hf, ours = pair(hf_multimodal_config(text, vis, audio=audio_hf_config(clipped=clipped)), seed)
+    g = torch.Generator().manual_seed(seed)
+    feats, fmask, n = audio_inputs(hf.config.audio_config, g, frames=frames,
+                                   valid=max(1, frames - pad))
+    tokens = prompt_with_audio(ours.config, n, g)
+    assert int((tokens == AUD).sum()) == n
+    _check(hf, ours, tokens, feats=feats, fmask=fmask)
+
+
+def test_audio_and_image_in_one_prompt():
+    """An image and an audio clip in the same prompt: both merges on their own placeholder ids."""
+    hf, ours = pair(hf_multimodal_config(hf_text_config(), hf_vision_config(), audio=audio_hf_config()), 7)
+    g = torch.Generator().manual_seed(7)
+    pv, pos = image_inputs([(2, 4)], patch=2, max_patches=16, g=g)
+    feats, fmask, n = audio_inputs(hf.config.audio_config, g, frames=17, valid=13)
+    img = prompt_with_images(ours.config, [2], g)
+    aud = prompt_with_audio(ours.config, n, g)
+    tokens = torch.cat([img, aud[:, 1:]], dim=1)
+    _check(hf, ours, tokens, pv, pos, feats, fmask)
+    with torch.no_grad():  # the clip's features reach the logits
+        ours.reset_caches()
+        a = ours.generate_step(tokens, torch.arange(tokens.shape[1]), pv, pos, feats, fmask)
+        ours.reset_caches()
+        b = ours.generate_step(tokens, torch.arange(tokens.shape[1]), pv, pos,
+                               feats + torch.randn(feats.shape, generator=g) * fmask[..., None], fmask)
+    assert rel_max_err(a, b) > 1e-3
