@@ -17,10 +17,13 @@ outputs and buffers with shapes, op histogram and graph; ``fxport dump`` prints 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import json
+import logging
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Union
 
@@ -28,6 +31,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, TensorArgument
 
+from fxport import fileio
 from fxport.debug.histogram import delta_text, histogram_text, op_histogram
 
 DUMP_ENV = "FXPORT_DUMP"
@@ -99,11 +103,13 @@ def write_pass_dump(
     paths = []
     for fname, text in files.items():
         path = directory / fname
-        path.write_text(text)
+        fileio.write_text(path, text)
         paths.append(path)
     if model_explorer_available():
         path = directory / f"{stem}.after.pt2"
-        torch.export.save(after, str(path))
+        with fileio.atomic_path(path) as tmp:
+            torch.export.save(after, str(tmp.with_suffix(".pt2")))  # torch.export.save wants the suffix
+            os.replace(tmp.with_suffix(".pt2"), tmp)
         paths.append(path)
     return paths
 
@@ -130,6 +136,57 @@ def _table(rows: list[tuple[str, ...]]) -> str:
     return "\n".join(out) + "\n"
 
 
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.errors: list[BaseException] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.errors.append(record.exc_info[1])
+
+
+@contextlib.contextmanager
+def _logged_errors():
+    """torch.export.load logs a full traceback (as a warning) before raising a generic error on a
+    bad file: keep those records off stderr and hand their exceptions to the caller."""
+    logger = logging.getLogger("torch.export")
+    handler = _Collect()
+    saved = logger.handlers[:], logger.propagate
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    try:
+        yield handler.errors
+    finally:
+        logger.handlers[:], logger.propagate = saved
+
+
+def load_pt2(path: Union[str, Path]) -> ExportedProgram:
+    """``torch.export.load`` with one-line errors: ValueError naming the file and what it is."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"fxport dump: {path} does not exist; pass a file written by torch.export.save")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; pass a .pt2 written by torch.export.save or a .pte")
+    with path.open("rb") as f:
+        head = f.read(8)
+    if head[4:6] == b"ET":
+        raise ValueError(f"{path} is an ExecuTorch program, not a .pt2; name it *.pte to dump it as one")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a program saved by torch.export.save (not a zip archive); "
+                         "pass a .pt2 written by torch.export.save or a .pte")
+    with _logged_errors() as logged:
+        try:
+            return torch.export.load(str(path))
+        except Exception as exc:  # torch raises RuntimeError / KeyError / ... on foreign archives
+            failure = logged[0] if logged else exc
+    text = str(failure).strip().splitlines()[0] if str(failure).strip() else ""
+    # first sentence, without a "[enforce fail at file.cc:N] ." prefix
+    reason = text.split("] ")[-1].lstrip(". ").split(". ")[0][:160] or type(failure).__name__
+    raise ValueError(f"{path} is not a program saved by torch.export.save ({reason}); "
+                     "pass a .pt2 written by torch.export.save or a .pte") from None
+
+
 def dump_program(program: Union[str, Path, ExportedProgram], *, graph: bool = True) -> str:
     """Text report of a program: inputs, outputs, buffers (with shapes), op histogram, graph.
 
@@ -139,9 +196,7 @@ def dump_program(program: Union[str, Path, ExportedProgram], *, graph: bool = Tr
         ep, title = program, "ExportedProgram"
     else:
         path = Path(program)
-        if not path.exists():
-            raise FileNotFoundError(f"fxport dump: {path} does not exist; pass a file written by torch.export.save")
-        ep, title = torch.export.load(str(path)), str(path)
+        ep, title = load_pt2(path), str(path)
 
     vals = {n.name: n.meta.get("val") for n in ep.graph.nodes}
     inputs, buffers, params = [], [], []

@@ -7,6 +7,7 @@ One loop drives every form of the model through the small :class:`Backend` proto
     backend.prefill(tokens, input_pos) -> logits   # tokens (1, L) int64, input_pos (L,) int64
     backend.decode(token, input_pos) -> logits     # token (1, 1) int64, input_pos (1,) int64
     backend.reset()             # optional: called before a new sequence
+    backend.vocab_size          # optional: ids the program knows; prompt ids are checked against it
 
 Logits are ``(1, L', V)`` (or ``(1, V)``) float; only the last row is read, so a prefill that
 returns last-token logits only (``L' = 1``) works as well as one returning all ``L``.
@@ -15,11 +16,14 @@ Backends here: :class:`EagerBackend` (a ``Gemma4ForCausalLM`` or any module with
 signature and ``max_seq_len``) and :class:`ExportedBackend` (the ``{"prefill": ep, "decode":
 ep}`` pair of ``export_methods``, run through ``ep.module()`` with the two modules sharing one
 set of weights and KV-cache buffers). The ExecuTorch ``.pte`` backend lives in
-``fxport.lowering.pte_backend.PteBackend``; :func:`as_backend` accepts a ``.pte`` path too.
+``fxport.runtime.pte_backend.PteBackend``; :func:`as_backend` accepts a ``.pte`` path too.
 
 Positions: the prompt occupies 0..n-1; generated token i (0-based) is fed at position n + i,
 except the last one, which is never fed. So a prompt of n tokens with ``max_new_tokens`` m needs
-``n + m - 1 <= max_seq_len`` positions; :func:`generate` checks this before running anything.
+``n + m - 1 <= max_seq_len`` positions; :func:`generate` checks this before running anything,
+and checks every prompt id against ``backend.vocab_size`` (:class:`TokenIdError`): an id the
+program does not know (another model's tokenizer, a stale sidecar, a typo in ``--prompt-ids``)
+would otherwise index past the embedding table inside the runtime.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ __all__ = [
     "ExportedBackend",
     "GenerationResult",
     "ContextOverflowError",
+    "TokenIdError",
+    "check_token_ids",
     "as_backend",
     "generate",
     "check_context",
@@ -62,6 +68,25 @@ class ContextOverflowError(ValueError):
     """The prompt plus the requested new tokens do not fit the backend's KV cache."""
 
 
+class TokenIdError(ValueError):
+    """A token id outside the program's vocabulary."""
+
+
+def check_token_ids(ids: Sequence[int] | Tensor, vocab_size: int | None, fix: str | None = None) -> None:
+    """TokenIdError naming the first id outside ``[0, vocab_size)`` (None: not checked)."""
+    if vocab_size is None:
+        return
+    vocab_size = int(vocab_size)
+    flat = ids.reshape(-1).tolist() if isinstance(ids, Tensor) else [int(i) for i in ids]
+    for pos, i in enumerate(flat):
+        if not 0 <= i < vocab_size:
+            raise TokenIdError(
+                f"token id {i} (prompt position {pos}) is outside the program's vocabulary of "
+                f"{vocab_size} ids (0..{vocab_size - 1}); "
+                + (fix or f"pass token ids below {vocab_size}.")
+            )
+
+
 class EagerBackend:
     """An eager model called as ``model(tokens, input_pos) -> logits (B, L, V)``.
 
@@ -71,6 +96,7 @@ class EagerBackend:
     def __init__(self, model: torch.nn.Module, max_prefill_chunk: int | None = None):
         self.model = model.eval()
         self.max_seq_len = int(model.max_seq_len)
+        self.vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
         self.max_prefill_chunk = int(max_prefill_chunk or self.max_seq_len)
 
     @torch.no_grad()
@@ -130,6 +156,8 @@ class ExportedBackend:
         if max_prefill_chunk is None:
             max_prefill_chunk = self._upper_bound(programs["prefill"])
         self.max_prefill_chunk = int(max_prefill_chunk)
+        embed = [p for n, p in shared.items() if n.endswith("embed_tokens.weight")]
+        self.vocab_size = int(embed[0].shape[0]) if embed else None
 
     @staticmethod
     def _upper_bound(ep: Any) -> int:
@@ -161,7 +189,7 @@ def as_backend(program: Any, max_prefill_chunk: int | None = None) -> Backend:
     if isinstance(program, Mapping):
         return ExportedBackend(program, max_prefill_chunk=max_prefill_chunk)
     if isinstance(program, (str, Path)) and str(program).endswith(".pte"):
-        from fxport.lowering.pte_backend import PteBackend
+        from fxport.runtime.pte_backend import PteBackend
 
         return PteBackend(program)
     if isinstance(program, Backend):
@@ -208,6 +236,13 @@ def check_context(prompt_len: int, max_new_tokens: int, max_seq_len: int | None)
     if max_seq_len is None:
         return
     need = prompt_len + max_new_tokens - 1
+    if prompt_len > max_seq_len:
+        raise ContextOverflowError(
+            f"generate: prompt of {prompt_len} tokens does not fit the program's context of "
+            f"max_seq_len={max_seq_len} positions; shorten the prompt to fewer than {max_seq_len} "
+            f"tokens (to leave room for new ones), or re-export with a larger context "
+            f"(fxport export --max-seq-len {need})."
+        )
     if need > max_seq_len:
         raise ContextOverflowError(
             f"generate: prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} needs "
@@ -254,6 +289,19 @@ class _Streamer:
             self.emitted = end
 
 
+def _check_utf8(text: str) -> None:
+    """ValueError for text that is not valid Unicode: command-line bytes that are not UTF-8
+    arrive as lone surrogates (Python's ``surrogateescape``) that no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raw = text[e.start:e.end].encode("utf-8", "surrogateescape")
+        raise ValueError(
+            f"generate: the prompt is not valid UTF-8 (byte 0x{raw[0]:02x} at character {e.start}); "
+            "pass UTF-8 text (check the terminal's encoding) or token ids (--prompt-ids)."
+        ) from None
+
+
 def _last_logits(logits: Tensor) -> Tensor:
     return logits.reshape(-1, logits.shape[-1])[-1:]  # (1, V)
 
@@ -284,12 +332,24 @@ def generate(
     """
     backend = as_backend(program)
     reset = getattr(backend, "reset", None)
+    vocab_size = getattr(backend, "vocab_size", None)
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ValueError("generate: a text prompt needs a tokenizer; pass one or token ids.")
+        _check_utf8(prompt)
         ids = list(tokenizer.encode(prompt, add_bos=add_bos))
+        tok_vocab = getattr(tokenizer, "vocab_size", None)
+        fix = ("the tokenizer does not belong to this program"
+               + (f" (it has {tok_vocab} ids)" if tok_vocab is not None else "")
+               + ": use the tokenizer the program was exported with (--tokenizer FILE.gguf|DIR, "
+               "or re-export to write MODEL.tokenizer/ beside the program).")
     else:
         ids = [int(i) for i in prompt]
+        fix = None
+    try:
+        check_token_ids(ids, vocab_size, fix)
+    except TokenIdError as e:
+        raise TokenIdError(f"generate: {e}") from None
     if not ids:
         raise ValueError("generate: the prompt has no tokens; pass at least one (e.g. BOS).")
     if max_new_tokens < 1:

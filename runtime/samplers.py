@@ -8,13 +8,15 @@ the temperature as a tensor, so one program serves greedy and sampled decoding.
 Gumbel-max: ``argmax(logits / T - log(-log(U)))`` with ``U ~ Uniform(0, 1)`` i.i.d. is an exact
 draw from ``softmax(logits / T)``. Tokens filtered out (``-inf`` logits) are never drawn.
 
-:class:`Sampler` is the runtime's configuration object: ``temperature <= 0`` is greedy;
+:class:`Sampler` is the runtime's configuration object: ``temperature == 0`` is greedy;
 otherwise temperature, then top-k, then top-p filtering, then one Gumbel-max draw from a
-seeded ``torch.Generator``.
+seeded ``torch.Generator``. A NaN, infinite or negative temperature, a top-p outside (0, 1] and
+a top-k below 1 are refused with ``ValueError`` when the sampler is built, before any token.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -93,7 +95,7 @@ class GumbelMaxSampler(torch.nn.Module):
 class Sampler:
     """Sampling configuration used by :func:`fxport.runtime.generate.generate`.
 
-    temperature: <= 0 -> greedy (top_k / top_p / seed unused).
+    temperature: 0 -> greedy (top_k / top_p / seed unused); must be finite and >= 0.
     top_k: keep the k most likely tokens (None: all).
     top_p: keep the nucleus of mass p, 0 < p <= 1 (None: all).
     seed: seeds the private ``torch.Generator`` (None: nondeterministic).
@@ -106,9 +108,13 @@ class Sampler:
     generator: torch.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"Sampler: temperature={t!r} must be a finite number >= 0 "
+                             "(0 is greedy; 0.7-1.0 is usual for sampling).")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"Sampler: top_k={self.top_k} must be >= 1 (or None for no limit).")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:  # NaN fails this too
             raise ValueError(f"Sampler: top_p={self.top_p} must be in (0, 1] (or None).")
         self.generator = torch.Generator()
         if self.seed is None:

@@ -66,8 +66,8 @@ def test_top_p_always_keeps_the_most_likely_token():
 
 def test_temperature_to_zero_is_greedy():
     x = _logits(0, B=4, V=200)
-    for t in (0.0, -1.0):
-        assert torch.equal(Sampler(temperature=t)(x), x.argmax(-1))
+    assert torch.equal(Sampler(temperature=0.0)(x), x.argmax(-1))
+    assert torch.equal(Sampler(temperature=0)(x), x.argmax(-1))
     # a tiny positive temperature: logit gaps / T dwarf any Gumbel noise from float32 uniforms
     # (|noise| < 17); gaps here are > 1e-3, / 1e-6 -> > 1e3.
     gaps = torch.sort(x, -1, descending=True).values
@@ -142,10 +142,18 @@ def test_sampler_seed_is_reproducible():
     ({"top_k": 0}, "Sampler: top_k=0 must be >= 1 (or None for no limit)."),
     ({"top_p": 0.0}, "Sampler: top_p=0.0 must be in (0, 1] (or None)."),
     ({"top_p": 1.5}, "Sampler: top_p=1.5 must be in (0, 1] (or None)."),
+    ({"top_p": float("nan")}, "Sampler: top_p=nan must be in (0, 1] (or None)."),
+    ({"top_p": -0.1}, "Sampler: top_p=-0.1 must be in (0, 1] (or None)."),
+    ({"temperature": float("nan")},
+     "Sampler: temperature=nan must be a finite number >= 0 (0 is greedy; 0.7-1.0 is usual for sampling)."),
+    ({"temperature": float("inf")},
+     "Sampler: temperature=inf must be a finite number >= 0 (0 is greedy; 0.7-1.0 is usual for sampling)."),
+    ({"temperature": -1.0},
+     "Sampler: temperature=-1.0 must be a finite number >= 0 (0 is greedy; 0.7-1.0 is usual for sampling)."),
 ])
 def test_sampler_rejects_bad_settings(kwargs, message):
     with pytest.raises(ValueError) as e:
-        Sampler(temperature=1.0, **kwargs)
+        Sampler(**({"temperature": 1.0} | kwargs))
     assert str(e.value) == message
 
 
