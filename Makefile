@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.fxport-installed
 # pytest worker count is left at 1: the CI machine has 2 cores and torch uses both.
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: setup test test-cpu test-triton demo bench lint clean
+.PHONY: setup test test-cpu test-triton gpu-smoke gpu-check demo bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,21 +18,36 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# CPU tests, then the Triton kernels under the interpreter in their own process
-# (TRITON_INTERPRET must be set before triton is imported).
-test: setup test-cpu test-triton
+# The GPU check's CPU smoke, the CPU tests, then the Triton kernels under the interpreter in
+# their own process (TRITON_INTERPRET must be set before triton is imported).
+# tests/bench/test_gpu_smoke.py runs the same smoke for plain `pytest tests`; make test has
+# already run it as gpu-smoke, so test-cpu leaves it out.
+test: setup gpu-smoke test-cpu test-triton
 
 test-cpu: setup
-	$(PYTEST) tests --ignore=tests/triton
+	$(PYTEST) tests --ignore=tests/triton --ignore=tests/bench/test_gpu_smoke.py
 
 test-triton: setup
 	TRITON_INTERPRET=1 $(PYTEST) tests/triton
+
+# bench/gpu_check.py on the CPU: every stage's code path, tiny shapes, Triton interpreter,
+# torchao/executorch imports blocked as on the GPU machine. Writes build/gpu-check.md; fails
+# unless the split-K, int4 GEMV and decode rows are ok. Figures are not measurements.
+gpu-smoke: setup
+	TRITON_INTERPRET=1 $(PY) bench/gpu_check.py --smoke --out build --require "split-K,GEMV M=1,tok/s"
+
+# On a GPU machine (no .venv, no setup: its own python with torch/triton, after
+# `pip install --no-deps -e .`): the one-shot check, <= 8 min; writes build/gpu-check.md.
+# Extra flags: make gpu-check GPU_CHECK_ARGS="--out DIR --stages 2,5 --peak-gbs 4800".
+GPU_CHECK_ARGS ?=
+gpu-check:
+	TRITON_INTERPRET=0 timeout 540 $(PYTHON) bench/gpu_check.py --out build $(GPU_CHECK_ARGS)
 
 demo: setup
 	$(PY) -m fxport.cli demo
 
 bench: setup
-	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in bench/*.py; do [ "$$b" = bench/gpu_check.py ] && continue; echo "== $$b"; $(PY) $$b || exit 1; done
 
 lint: setup
 	$(PY) -m compileall -q passes kernels lowering models quant runtime debug cli.py

@@ -4,6 +4,8 @@ The reference (:func:`fxport.kernels.reference.attention_fp64`) is independent o
 explicit fp64 softmax over gathered heads.
 """
 
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -11,6 +13,15 @@ from hypothesis import strategies as st
 
 import fxport.kernels.ops  # noqa: F401
 from fxport.kernels.reference import attention_fp64
+
+# FXPORT_MAX_EXAMPLES caps hypothesis examples per test (the one-shot GPU check, where every new
+# shape is a kernel compile, sets it); unset: the counts below.
+_MAX_EXAMPLES = int(os.environ.get("FXPORT_MAX_EXAMPLES", "0"))
+
+
+def examples(n: int) -> int:
+    return min(n, _MAX_EXAMPLES) if _MAX_EXAMPLES > 0 else n
+
 
 ops = torch.ops.fxport
 
@@ -32,7 +43,7 @@ def _inputs(seed, B, H_q, H_kv, L, S, D, dtype=torch.float32):
 
 @given(shape=shapes, mask_kind=st.sampled_from(["none", "bool", "float"]), use_vl=st.booleans(),
        causal=st.booleans(), window=st.integers(0, 4), seed=st.integers(0, 2**16))
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 def test_sdpa_cpu_matches_fp64(shape, mask_kind, use_vl, causal, window, seed):
     B, (H_q, H_kv), L, S, D = shape
     q, k, v = _inputs(seed, B, H_q, H_kv, L, S, D)
@@ -51,7 +62,7 @@ def test_sdpa_cpu_matches_fp64(shape, mask_kind, use_vl, causal, window, seed):
 
 
 @given(shape=shapes, use_mask=st.booleans(), use_vl=st.booleans(), seed=st.integers(0, 2**16))
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 def test_decode_cpu_matches_fp64(shape, use_mask, use_vl, seed):
     B, (H_q, H_kv), _, S, D = shape
     q, k, v = _inputs(seed, B, H_q, H_kv, 1, S, D)
@@ -70,7 +81,7 @@ def _tail_causal(B, L, S, vl):
 
 @given(shape=shapes, mask_kind=st.sampled_from(["none", "bool", "float"]), use_vl=st.booleans(),
        causal=st.booleans(), seed=st.integers(0, 2**16))
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 def test_multi_query_decode_cpu_matches_fp64(shape, mask_kind, use_vl, causal, seed):
     """L_q = 1..4 (speculative verification): per-row masks, and ``causal`` = bottom-right."""
     B, (H_q, H_kv), L, S, D = shape

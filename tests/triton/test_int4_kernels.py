@@ -20,6 +20,15 @@ from fxport.kernels.triton.int4_dequant import int4_dequant_launch  # noqa: E402
 from fxport.kernels.triton.int4_gemv import gemv_config, int4_gemv_launch  # noqa: E402
 from fxport.quant.packed import pack_int4  # noqa: E402
 
+# FXPORT_MAX_EXAMPLES caps hypothesis examples per test (the one-shot GPU check, where every new
+# shape is a kernel compile, sets it); unset: the counts below.
+_MAX_EXAMPLES = int(os.environ.get("FXPORT_MAX_EXAMPLES", "0"))
+
+
+def examples(n: int) -> int:
+    return min(n, _MAX_EXAMPLES) if _MAX_EXAMPLES > 0 else n
+
+
 CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 DEVICE = "cuda" if CUDA else "cpu"
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and TRITON_INTERPRET=0")
@@ -46,7 +55,7 @@ def _weight(n, k, g, seed, scale_dtype=torch.float32, fractional_zeros=True):
     split_k=st.sampled_from([None, 1, 3]),
     seed=st.integers(0, 2**16),
 )
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @example(n=33, k_groups=3, g=48, m=5, split_k=3, seed=1)  # per-column scale path, split-K
 @example(n=64, k_groups=4, g=128, m=64, split_k=None, seed=2)  # several M blocks
 def test_gemv_matches_reference(n, k_groups, g, m, split_k, seed):
@@ -76,7 +85,7 @@ def test_gemv_half_inputs(x_dtype, scale_dtype):
     fractional=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(20), deadline=None)
 @example(n=9, k_groups=5, g=6, dtype=torch.float16, fractional=True, seed=3)  # per-column scale path
 def test_dequant_matches_reference_exactly(n, k_groups, g, dtype, fractional, seed):
     k = g * k_groups

@@ -22,6 +22,15 @@ from fxport.kernels.triton.sdpa import SdpaConfig, _sdpa_fwd, launch_sdpa  # noq
 from fxport.kernels.triton.sdpa_decode_splitk import (  # noqa: E402
     DEFAULT_SMS, DecodeConfig, choose_num_splits, launch_sdpa_decode_splitk)
 
+# FXPORT_MAX_EXAMPLES caps hypothesis examples per test (the one-shot GPU check, where every new
+# shape is a kernel compile, sets it); unset: the counts below.
+_MAX_EXAMPLES = int(os.environ.get("FXPORT_MAX_EXAMPLES", "0"))
+
+
+def examples(n: int) -> int:
+    return min(n, _MAX_EXAMPLES) if _MAX_EXAMPLES > 0 else n
+
+
 INTERPRETED = type(_sdpa_fwd).__name__ == "InterpretedFunction"
 if not INTERPRETED and not torch.cuda.is_available():
     raise RuntimeError(
@@ -77,7 +86,7 @@ def _valid_len(g, kind, B, S):
     vl=st.sampled_from(["none", "one", "batch"]), dtype=st.sampled_from([torch.float32, torch.float16]),
     splits=st.integers(1, 4), block_n=st.sampled_from([8, 16]), seed=st.integers(0, 2**16),
 )
-@settings(max_examples=45, deadline=None)
+@settings(max_examples=examples(45), deadline=None)
 def test_decode_splitk_matches_fp64(B, heads, D, S, mask, vl, dtype, splits, block_n, seed):
     g = torch.Generator().manual_seed(seed)
     (H_q, H_kv) = heads
@@ -97,7 +106,7 @@ def test_decode_splitk_matches_fp64(B, heads, D, S, mask, vl, dtype, splits, blo
     dtype=st.sampled_from([torch.float32, torch.float16]), block=st.sampled_from([(8, 8), (16, 8), (8, 16)]),
     seed=st.integers(0, 2**16),
 )
-@settings(max_examples=45, deadline=None)
+@settings(max_examples=examples(45), deadline=None)
 def test_tiled_sdpa_matches_fp64(B, heads, D, L, S, mask, vl, causal, window, dtype, block, seed):
     g = torch.Generator().manual_seed(seed)
     (H_q, H_kv) = heads
@@ -191,7 +200,7 @@ def _tail_causal_keep(B, L, S, lens):
     dtype=st.sampled_from([torch.float32, torch.float16]), splits=st.integers(1, 5),
     block_n=st.sampled_from([8, 16]), seed=st.integers(0, 2**16),
 )
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 def test_multi_query_splitk_matches_fp64(B, heads, D, L, S, mask, vl, causal, dtype, splits, block_n, seed):
     """L_q = 1..4 (speculative verification): every query row gets its own mask row; with
     ``causal`` the L queries are the last L valid positions (bottom-right causal)."""
