@@ -128,6 +128,39 @@ def _resolve_dump(dump: Union[str, Path, None, bool], method: str | None) -> Pat
     return directory / method if method else directory
 
 
+def _check_apply_args(ep: Any, passes: Any) -> list[Pass]:
+    """TypeError naming what ``apply`` got and what to pass instead."""
+    if not isinstance(ep, ExportedProgram):
+        if isinstance(ep, torch.nn.Module):
+            hint = (f"got the module {type(ep).__name__}; export it first: "
+                    "apply(torch.export.export(model, example_args), passes)")
+        elif isinstance(ep, (str, Path)):
+            hint = f"got the path {str(ep)!r}; load it first: apply(torch.export.load(path), passes)"
+        else:
+            hint = f"got {_describe(ep)}; pass torch.export.export(model, example_args)"
+        raise TypeError(f"apply: the first argument must be a torch.export.ExportedProgram; {hint}")
+    if isinstance(passes, (Pass, type)) or not isinstance(passes, Iterable):
+        raise TypeError(f"apply: passes must be a list of pass instances, got {_describe(passes)}; "
+                        "write apply(ep, [SomePass()])")
+    passes = list(passes)
+    for i, p in enumerate(passes):
+        if isinstance(p, type):
+            raise TypeError(f"apply: passes[{i}] is the class {p.__name__}, not an instance; "
+                            f"pass {p.__name__}() (with its options) instead")
+        if not callable(p):
+            raise TypeError(f"apply: passes[{i}] is {_describe(p)}, not a pass; pass instances of "
+                            "fxport.passes.base.Pass (or callables p(ep, ctx) -> PassResult)")
+    return passes
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, type):
+        return f"the class {obj.__name__}"
+    name = type(obj).__name__
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    return f"{article} {name}" + (f" ({obj!r})" if isinstance(obj, (str, int, float)) else "")
+
+
 def apply(
     ep: ExportedProgram,
     passes: Iterable[Pass],
@@ -146,10 +179,12 @@ def apply(
         validate: call ``ep.validate()`` after every pass (and after normalization).
 
     Raises:
+        TypeError: ``ep`` is not an ExportedProgram (an ``nn.Module``, a path, ...) or a pass is a
+            class instead of an instance, or not callable; the message says what to pass.
         PassError: a pass refused its input (message from the pass, naming the fix).
         PipelineError: a pass crashed or returned an invalid program; the message names it.
     """
-    passes = list(passes)
+    passes = _check_apply_args(ep, passes)
     dump_dir = _resolve_dump(dump, method)
     ctx = PassContext(method=method)
 

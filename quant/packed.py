@@ -182,7 +182,10 @@ def save_quantized(
         layout=json.dumps(layout, sort_keys=True),
         dense=json.dumps(sorted(dense)),
     )
-    save_file(tensors, os.fspath(path), metadata=metadata)
+    from fxport.fileio import atomic_path
+
+    with atomic_path(path) as tmp:  # a failed or interrupted save keeps the previous file
+        save_file(tensors, os.fspath(tmp), metadata=metadata)
 
 
 def load_quantized(
@@ -214,6 +217,16 @@ def load_quantized(
             dense_names = json.loads(meta.get("dense", "[]"))
         except (KeyError, json.JSONDecodeError) as e:
             raise QuantFormatError(f"{path}: corrupt layout metadata ({e})") from e
+        if not isinstance(layout, dict):
+            raise QuantFormatError(
+                f"{path}: corrupt layout metadata (a JSON {type(layout).__name__}, expected an object of "
+                "weight name -> {bits, group_size, shape}); re-write it with fxport.quant.save_quantized"
+            )
+        if not isinstance(dense_names, list) or not all(isinstance(d, str) for d in dense_names):
+            raise QuantFormatError(
+                f"{path}: corrupt dense metadata ({meta.get('dense')!r}, expected a JSON list of tensor "
+                "names); re-write it with fxport.quant.save_quantized"
+            )
         keys = set(f.keys())
         weights: dict[str, QuantizedWeight] = {}
         for name, info in layout.items():
@@ -224,6 +237,8 @@ def load_quantized(
             qw = QuantizedWeight.__new__(QuantizedWeight)  # validated below, with the file in the message
             qw.__dict__.update({part: f.get_tensor(t) for part, t in names.items()})
             try:
+                if not isinstance(info, dict):
+                    raise TypeError(f"a JSON {type(info).__name__}, expected an object")
                 qw.group_size, qw.bits = int(info["group_size"]), int(info["bits"])
                 qw.shape = tuple(int(s) for s in info["shape"])
             except (KeyError, TypeError, ValueError) as e:
