@@ -35,6 +35,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = [
     "OutputPathError",
+    "OutputWriteError",
     "atomic_dir",
     "atomic_file",
     "atomic_path",
@@ -48,6 +49,20 @@ __all__ = [
 
 class OutputPathError(ValueError):
     """An output path fxport cannot write to; the message names the path and the fix."""
+
+
+class OutputWriteError(OSError):
+    """Writing an output ran out of space (``ENOSPC`` / ``EDQUOT``); the previous file is intact."""
+
+
+def _no_space(exc: BaseException, path: Path) -> BaseException:
+    """``exc`` as an :class:`OutputWriteError` with the path and the fix when the disk is full."""
+    if not is_no_space(exc) or isinstance(exc, OutputWriteError):
+        return exc
+    err = OutputWriteError(f"no space left on the device writing {path} ({exc.strerror or exc}); the previous "
+                           f"file, if any, is unchanged: free some space or write to another disk")
+    err.errno = exc.errno
+    return err
 
 
 # ----------------------------------------------------------------------------- checks
@@ -129,10 +144,13 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise
+        err = _no_space(exc, path)
+        if err is exc:
+            raise
+        raise err from exc
     _fsync_dir(path.parent)
 
 
@@ -217,9 +235,12 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
         yield tmp
         _fsync_tree(tmp)
         _swap_dir_in(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        err = _no_space(exc, path)
+        if err is exc:
+            raise
+        raise err from exc
 
 
 # ----------------------------------------------------------------------------- program + sidecar
@@ -265,12 +286,15 @@ def write_program(
             elif side.exists() or side.is_symlink():
                 remove_tree(side)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if side_tmp is not None:
             shutil.rmtree(side_tmp, ignore_errors=True)
-        raise
+        err = _no_space(exc, path)
+        if err is exc:
+            raise
+        raise err from exc
     _fsync_dir(path.parent)
     return path
 

@@ -66,7 +66,7 @@ def test_failed_write_keeps_previous_file_and_leaves_no_temp(tmp_path, failing_o
 
 def test_failure_after_n_bytes_through_atomic_file(tmp_path, failing_open):
     out = tmp_path / "model.pte"
-    with pytest.raises(OSError) as info:
+    with pytest.raises(fileio.OutputWriteError) as info:
         with atomic_file(out) as f:
             f.write(NEW[:600])
             f.write(NEW[600:])  # crosses the 1000-byte limit
@@ -83,9 +83,11 @@ def test_enospc_at_fsync(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", lambda fd: full(fd, b""))
-    with pytest.raises(OSError) as info:
+    with pytest.raises(fileio.OutputWriteError) as info:
         write_bytes(out, NEW)
     assert fileio.is_no_space(info.value)
+    assert str(info.value) == (f"no space left on the device writing {out} (No space left on device); the "
+                               "previous file, if any, is unchanged: free some space or write to another disk")
     assert out.read_bytes() == OLD
     assert _listing(tmp_path) == ["model.pte"]
 

@@ -21,8 +21,9 @@ HF_TO_GGUF = {
     "post_feedforward_layernorm": "post_ffw_norm", "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
 }
-TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{i:02X}>" for i in range(256)] + ["\u2581a", "ab"]
-TYPES = [3, 3, 3, 2] + [6] * 256 + [1, 1]
+# Byte tokens 4..259, then words: "ab" encodes as [bos, 262], an id a 256-token program lacks.
+TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{i:02X}>" for i in range(256)] + ["a", "b", "ab", "\u2581a"]
+TYPES = [3, 3, 3, 2] + [6] * 256 + [1] * 4
 
 
 def load_by_path(name: str, path: Path):
