@@ -22,7 +22,8 @@ Two kernels:
      without any key is 0 (as aten SDPA).
 
 Launch configuration is explicit (:class:`DecodeConfig`); tests pass a tiny one under
-``TRITON_INTERPRET=1``. The split count is :func:`choose_num_splits`, a pure function of the
+``TRITON_INTERPRET=1``. NUM_SPLITS is a runtime argument (only its power-of-two bucket is a
+compile-time constant of the reduce), so a new cache length does not compile a new kernel. The split count is :func:`choose_num_splits`, a pure function of the
 SM count, the number of (batch, KV head) programs and L_kv.
 """
 
@@ -96,8 +97,8 @@ def _splitk_partial(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_ml, stride_mn,
     stride_lb,
-    H_kv, S, D, scale,
-    N_REP: tl.constexpr, L_Q: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    H_kv, S, D, scale, NUM_SPLITS,
+    N_REP: tl.constexpr, L_Q: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_VALID_LEN: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -158,8 +159,8 @@ def _splitk_partial(
 def _splitk_reduce(
     Acc, Mx, Sm, Out,
     stride_ob, stride_oh, stride_ol, stride_od,
-    H_q, D,
-    L_Q: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_S: tl.constexpr,
+    H_q, D, NUM_SPLITS,
+    L_Q: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)  # (b * H_q + h) * L_Q + query index
@@ -228,9 +229,9 @@ def launch_sdpa_decode_splitk(
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
         ms[0], ms[1], ms[2], ms[3],
         svl,
-        H_kv, S, D, float(scale),
+        H_kv, S, D, float(scale), num_splits,
     ), dict(
-        N_REP=n_rep, L_Q=L, NUM_SPLITS=num_splits,
+        N_REP=n_rep, L_Q=L,
         BLOCK_R=block_r, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         MASK_KIND=mask_kind, HAS_VALID_LEN=has_vl, CAUSAL=bool(causal), PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -239,9 +240,9 @@ def launch_sdpa_decode_splitk(
     reduce = launch(_splitk_reduce, (B * H_q * L, triton.cdiv(D, block_dr)), (
         acc, mx, sm, out,
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-        H_q, D,
+        H_q, D, num_splits,
     ), dict(
-        L_Q=L, NUM_SPLITS=num_splits, SPLITS_P2=max(2, triton.next_power_of_2(num_splits)),
+        L_Q=L, SPLITS_P2=max(2, triton.next_power_of_2(num_splits)),
         BLOCK_S=min(16, max(2, triton.next_power_of_2(num_splits))), BLOCK_D=block_dr,
         num_warps=4,
     ), warmup)
