@@ -14,9 +14,10 @@ under ``model.audio_tower.``), so an HF ``state_dict`` loads with ``strict=True`
   * features (B, T', output_proj_dims), mask (B, T') bool. Padded positions are computed as
     transformers computes them (the caller keeps the ``mask``-true rows: ``num_audio_tokens``).
 
-Export: shapes depend on T only; the attention mask is built from aranges, a pad and an unfold
-of the frame mask (no nonzero / item / boolean indexing), so ``torch.export`` at a fixed T gives
-one static graph (:func:`audio_encoder_method`).
+Export: shapes depend on T only; the attention mask is built from aranges, pads and slices of
+the frame mask (no nonzero / item / boolean indexing), so ``torch.export`` at a fixed T gives
+one static graph (:func:`audio_encoder_method`). Attention runs as 3-D bmm's over (batch, head,
+block) and key windows are slices of the padded blocks: forms XNNPACK delegates.
 """
 
 from __future__ import annotations
@@ -208,33 +209,44 @@ class AudioAttention(nn.Module):
         self.relative_k_proj = nn.Linear(h, h, bias=False)
         self.per_dim_scale = nn.Parameter(torch.zeros(self.head_dim))
 
-    def _context(self, x: Tensor) -> Tensor:
-        # (B, S, H, D) -> (B, nb, W, H, D): key window of every query block
-        x = F.pad(x, (0, 0, 0, 0, self.past, self.future + self.chunk - 1))
-        return x.unfold(1, self.context, self.chunk).permute(0, 1, 4, 2, 3)
-
-    def forward(self, x: Tensor, pos_embed: Tensor, allowed: Tensor) -> Tensor:
-        # x (B, S, hidden), pos_embed (P, hidden), allowed (B, 1, nb, C, W) bool
+    def forward(self, x: Tensor, pos_embed: Tensor, keep: Tensor, fill: Tensor) -> Tensor:
+        # x (B, S, hidden), pos_embed (P, hidden); keep (B, 1, nb, C, W) 1.0 where the query may
+        # read the key, fill = (1 - keep) * invalid (``logits * keep + fill`` is masked_fill exactly:
+        # the capped logits are finite). Matmuls are 3-D bmm's, windows are slices: what XNNPACK takes.
         B, S, _ = x.shape
         H, D, C, W = self.n_heads, self.head_dim, self.chunk, self.context
+        nb = keep.shape[2]
         q = _f32(self.q_proj(x)).view(B, S, H, D) * self.q_scale * F.softplus(self.per_dim_scale)
         k = _f32(self.k_proj(x)).view(B, S, H, D) * self.k_scale
         v = _f32(self.v_proj(x)).view(B, S, H, D)
-        nb = allowed.shape[2]
         q = F.pad(q, (0, 0, 0, 0, 0, nb * C - S)).view(B, nb, C, H, D).permute(0, 3, 1, 2, 4)  # (B, H, nb, C, D)
-        k = self._context(k).permute(0, 3, 1, 4, 2)  # (B, H, nb, D, W)
-        v = self._context(v).permute(0, 3, 1, 2, 4)  # (B, H, nb, W, D)
-        ac = q @ k  # (B, H, nb, C, W)
+        k = block_windows(k, C, self.past, W, nb).permute(0, 3, 1, 4, 2)  # (B, H, nb, D, W)
+        v = block_windows(v, C, self.past, W, nb).permute(0, 3, 1, 2, 4)  # (B, H, nb, W, D)
+        ac = torch.bmm(q.reshape(B * H * nb, C, D), k.reshape(B * H * nb, D, W)).view(B, H, nb, C, W)
         r = _f32(self.relative_k_proj(pos_embed)).view(-1, H, D).permute(1, 2, 0)  # (H, D, P)
         P = r.shape[-1]
-        bd = (q.reshape(B, H, nb * C, D) @ r).view(B, H, nb, C, P)
+        bd = torch.bmm(q.permute(1, 0, 2, 3, 4).reshape(H, B * nb * C, D), r)  # (H, B*nb*C, P)
+        bd = bd.view(H, B, nb, C, P).permute(1, 0, 2, 3, 4)  # (B, H, nb, C, P)
         # relative shift: row i of a block moves left by i, giving (B, H, nb, C, W)
-        bd = F.pad(bd, (0, W + 1 - P)).view(B, H, nb, C * (W + 1))[..., : C * W].view(B, H, nb, C, W)
+        bd = F.pad(bd, (0, W + 1 - P)).reshape(B, H, nb, C * (W + 1))[..., : C * W].view(B, H, nb, C, W)
         logits = torch.tanh((ac + bd) / self.cap) * self.cap
-        logits = logits.masked_fill(~allowed, self.invalid)
-        probs = torch.softmax(logits, dim=-1)
-        out = (probs @ v).permute(0, 2, 3, 1, 4).reshape(B, nb * C, H * D)[:, :S]  # (B, S, hidden)
+        probs = torch.softmax(logits * keep + fill, dim=-1)  # (B, H, nb, C, W)
+        out = torch.bmm(probs.reshape(B * H * nb, C, W), v.reshape(B * H * nb, W, D))  # (B*H*nb, C, D)
+        out = out.view(B, H, nb * C, D).permute(0, 2, 1, 3).reshape(B, nb * C, H * D)[:, :S]  # (B, S, hidden)
         return self.post(out.to(x.dtype))
+
+
+def block_windows(x: Tensor, chunk: int, past: int, width: int, nb: int) -> Tensor:
+    """(B, S, *rest) -> (B, nb, width, *rest): window blk = x[blk*chunk - past : ... + width],
+    zeros (False) outside [0, S). Built from k = ceil(width / chunk) shifted views of the padded
+    blocks (slices and one cat; no unfold, which XNNPACK does not take)."""
+    B, S = x.shape[:2]
+    k = -(-width // chunk)
+    total = (nb + k - 1) * chunk
+    pad = [0, 0] * (x.dim() - 2) + [past, total - past - S]
+    blocks = F.pad(x, pad).view(B, nb + k - 1, chunk, *x.shape[2:])
+    win = blocks[:, :nb] if k == 1 else torch.cat([blocks[:, j : j + nb] for j in range(k)], dim=2)
+    return win[:, :, :width]
 
 
 class FeedForward(nn.Module):
@@ -295,10 +307,10 @@ class AudioLayer(nn.Module):
         self.norm_out = RMSNorm(h, 1e-6)
         self.clip = config.gradient_clipping
 
-    def forward(self, x: Tensor, pos_embed: Tensor, allowed: Tensor) -> Tensor:
+    def forward(self, x: Tensor, pos_embed: Tensor, keep: Tensor, fill: Tensor) -> Tensor:
         c = min(self.clip, torch.finfo(self.norm_pre_attn.weight.dtype).max)
         x = self.feed_forward1(x)
-        a = self.self_attn(self.norm_pre_attn(x.clamp(-c, c)), pos_embed, allowed)
+        a = self.self_attn(self.norm_pre_attn(x.clamp(-c, c)), pos_embed, keep, fill)
         x = self.norm_post_attn(a.clamp(-c, c)) + x
         x = self.feed_forward2(self.lconv1d(x))
         return self.norm_out(x.clamp(-c, c))
@@ -331,8 +343,7 @@ class Gemma4AudioModel(nn.Module):
         d = i - o + past  # (C, W) q - k
         window = ((d >= 0) & (d < past)) | ((d < 0) & (-d < cfg.attention_context_right))
         q_real = (torch.arange(nb * C, device=dev) < S).view(nb, C, 1)
-        keys = F.pad(mask, (past, cfg.attention_context_right + C - 1), value=False)
-        keys = keys.unfold(1, W, C)  # (B, nb, W): key o of block blk is real
+        keys = block_windows(mask, C, past, W, nb)  # (B, nb, W): key o of block blk is real
         return (window & q_real & keys[:, :, None, :])[:, None]
 
     def forward(self, input_features: Tensor, input_features_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -347,9 +358,10 @@ class Gemma4AudioModel(nn.Module):
         mask = input_features_mask.to(torch.bool)
         x, mask = self.subsample_conv_projection(input_features, mask)  # (B, S, hidden), (B, S)
         pos = self.rel_pos_enc(x.dtype)
-        allowed = self.attention_allowed(mask)
+        keep = self.attention_allowed(mask).to(x.dtype)  # (B, 1, nb, C, W)
+        fill = (1.0 - keep) * self.config.attention_invalid_logits_value
         for layer in self.layers:
-            x = layer(x, pos, allowed)
+            x = layer(x, pos, keep, fill)
         return self.output_proj(x), mask  # (B, S, output_proj_dims), (B, S)
 
 
