@@ -18,13 +18,20 @@
 
 ``pad_to`` pads the result to a program's fixed frame count (``audio_encoder`` is exported at
 ``max_audio_frames``): extra frames are zero with mask False, as the extractor pads a batch.
+
+:func:`prepare_audio` turns what a caller has (the extractor's output, a (features, mask) pair,
+or a waveform) into the encoder's inputs plus the clip's placeholder count; errors are
+:class:`AudioError` naming the fix.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
+import torch
 
 SAMPLING_RATE = 16_000
 
@@ -113,3 +120,77 @@ def log_mel_features(
         feats = np.pad(feats, ((0, extra), (0, 0)))
         mask = np.pad(mask, (0, extra))
     return feats, mask
+
+
+# ----------------------------------------------------------------------------- prompt inputs
+
+
+class AudioError(ValueError):
+    """Audio input that cannot be used; the message names the problem and the fix."""
+
+
+@dataclass
+class AudioInput:
+    input_features: torch.Tensor  # (1, T, n_mels) float32, T = the program's frame count when padded
+    input_features_mask: torch.Tensor  # (1, T) bool, True on real frames
+    num_soft_tokens: int  # audio_token placeholders the clip takes in the prompt
+
+
+def prepare_audio(audio: Any, n_mels: int | None = None, max_frames: int | None = None) -> AudioInput:
+    """One clip as the audio encoder takes it.
+
+    ``audio``: the HF feature extractor's output (a mapping with ``input_features`` (1, T, M) or
+    (T, M) and ``input_features_mask``), a ``(features, mask)`` pair of the same shapes, or a 1-D
+    16 kHz waveform (NumPy / torch), run through :func:`log_mel_features`.
+    ``n_mels``: the width the encoder expects (checked); ``max_frames``: a fixed-shape program's
+    frame count: the clip is padded to it (mask False), longer clips are an error.
+    """
+    if isinstance(audio, Mapping):
+        missing = [k for k in ("input_features", "input_features_mask") if k not in audio]
+        if missing:
+            raise AudioError(f"audio: the mapping has no {missing}; pass the feature extractor's output "
+                             "(input_features, input_features_mask) or a 16 kHz waveform.")
+        feats, mask = audio["input_features"], audio["input_features_mask"]
+    elif isinstance(audio, (tuple, list)) and len(audio) == 2:
+        feats, mask = audio
+    else:
+        wav = audio.numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
+        if wav.ndim != 1:
+            raise AudioError(
+                f"audio: expected the feature extractor's output, a (features, mask) pair or a 1-D 16 kHz "
+                f"waveform; got an array of shape {wav.shape}."
+            )
+        feats, mask = log_mel_features(wav, n_mels=n_mels or 128)
+    feats = torch.as_tensor(np.asarray(feats) if not isinstance(feats, torch.Tensor) else feats).float()
+    mask = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask).bool()
+    if feats.dim() == 2:
+        feats, mask = feats[None], mask.reshape(1, -1)
+    if feats.dim() != 3 or feats.shape[0] != 1 or mask.shape != feats.shape[:2]:
+        raise AudioError(
+            f"audio: input_features {tuple(feats.shape)} and input_features_mask {tuple(mask.shape)} must be "
+            "(1, T, n_mels) and (1, T) (one clip per call); pass clips one at a time."
+        )
+    if n_mels is not None and feats.shape[-1] != n_mels:
+        raise AudioError(
+            f"audio: the features have {feats.shape[-1]} mel bins but the model's audio encoder takes {n_mels}; "
+            f"compute them with feature_size={n_mels}."
+        )
+    T = feats.shape[1]
+    if max_frames is not None:
+        if T > max_frames:
+            raise AudioError(
+                f"audio: the clip has {T} mel frames but the program's audio_encoder takes at most {max_frames} "
+                f"({max_frames / 100:.2f} s at a 10 ms hop); trim the clip or re-export with a larger "
+                "max_audio_frames."
+            )
+        feats = torch.nn.functional.pad(feats, (0, 0, 0, max_frames - T))
+        mask = torch.nn.functional.pad(mask, (0, max_frames - T), value=False)
+    n = int(mask[:, ::2][:, ::2].sum())  # the tower's two stride-2 subsamplings
+    if n == 0:
+        raise AudioError("audio: the clip has no real frames after subsampling (empty mask); pass a longer clip.")
+    return AudioInput(feats, mask, n)
+
+
+def audio_soft_tokens(features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The encoder's (1, T', H) output and (1, T') mask -> (n, H): the valid rows, in order (host side)."""
+    return features.reshape(-1, features.shape[-1])[valid.reshape(-1)]
