@@ -1,0 +1,111 @@
+"""Image preprocessing for Gemma 4, as transformers' ``Gemma4ImageProcessorPil`` does it (Pillow only).
+
+``preprocess_image(image, patch_size, pooling_kernel_size, max_soft_tokens)`` ->
+:class:`ImageInput` with
+  * pixel_values (max_patches, 3 * patch**2) float32 in [0, 1], max_patches = max_soft_tokens *
+    k**2 (k = pooling_kernel_size): the image converted to RGB (transparency composited on
+    white), resized (bicubic) keeping its aspect ratio to the largest size whose sides are
+    multiples of patch * k and that gives at most max_patches patches, cut into patches
+    row-major, each flattened (row, column, channel), zero rows after the real patches;
+  * position_ids (max_patches, 2) int64 (column, row) per patch, (-1, -1) on padding;
+  * num_soft_tokens = real patches / k**2: the image's placeholder count in the prompt.
+
+Errors are :class:`ImageError` (a ValueError) naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+DEFAULT_MAX_SOFT_TOKENS = 280
+
+
+class ImageError(ValueError):
+    """An image that cannot be read or used; the message names it and says what to do."""
+
+
+@dataclass
+class ImageInput:
+    pixel_values: torch.Tensor  # (max_patches, 3 p^2) float32 in [0, 1]
+    position_ids: torch.Tensor  # (max_patches, 2) int64, (column, row); (-1, -1) on padding
+    num_soft_tokens: int
+    size: tuple[int, int]  # (height, width) after resizing
+
+
+def target_size(height: int, width: int, patch_size: int, max_patches: int, pooling_kernel_size: int) -> tuple[int, int]:
+    """(height, width) after the aspect-preserving resize (transformers' arithmetic, same edge cases)."""
+    side = pooling_kernel_size * patch_size
+    factor = math.sqrt(max_patches * patch_size**2 / (height * width))
+    th = int(math.floor(factor * height / side)) * side
+    tw = int(math.floor(factor * width / side)) * side
+    if th == 0 and tw == 0:
+        raise ImageError(f"image of {height}x{width} pixels resizes to 0x0; it is too small for {side}-pixel cells")
+    longest = (max_patches // pooling_kernel_size**2) * side
+    if th == 0:  # very wide: one cell high, as wide as the ratio allows
+        th, tw = side, min(int(math.floor(width / height)) * side, longest)
+    elif tw == 0:
+        tw, th = side, min(int(math.floor(height / width)) * side, longest)
+    if th * tw > max_patches * patch_size**2:
+        raise ImageError(
+            f"image of {height}x{width} pixels would resize to {th}x{tw}, more than {max_patches} patches; "
+            "crop it to a less extreme aspect ratio"
+        )
+    return th, tw
+
+
+def load_image(image: Any):
+    """A PIL image in RGB from a path or a PIL image (transparency composited on white)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise ImageError(f"no such image file: {path}")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                image = im.copy()
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise ImageError(
+                f"cannot read image {path} ({type(exc).__name__}: {exc}); pass a PNG, JPEG or another "
+                "format Pillow reads"
+            ) from None
+    if not isinstance(image, Image.Image):
+        raise ImageError(f"expected an image path or a PIL image, got {type(image).__name__}")
+    if image.mode == "RGB":
+        return image
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def preprocess_image(image: Any, patch_size: int, pooling_kernel_size: int,
+                     max_soft_tokens: int = DEFAULT_MAX_SOFT_TOKENS) -> ImageInput:
+    """See the module docstring. ``image``: a path or a PIL image."""
+    from PIL import Image
+
+    if max_soft_tokens < 1:
+        raise ImageError(f"max_soft_tokens={max_soft_tokens} must be >= 1")
+    im = load_image(image)
+    k, p = pooling_kernel_size, patch_size
+    max_patches = max_soft_tokens * k * k
+    w, h = im.size
+    th, tw = target_size(h, w, p, max_patches, k)
+    if (th, tw) != (h, w):
+        im = im.resize((tw, th), resample=Image.BICUBIC)
+    arr = np.asarray(im, dtype=np.float32) / np.float32(255.0)  # (H, W, 3)
+    rows, cols = th // p, tw // p
+    patches = arr.reshape(rows, p, cols, p, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, p * p * 3)
+    n = rows * cols
+    pixel_values = torch.zeros(max_patches, 3 * p * p, dtype=torch.float32)
+    pixel_values[:n] = torch.from_numpy(np.ascontiguousarray(patches))
+    position_ids = torch.full((max_patches, 2), -1, dtype=torch.long)
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    position_ids[:n] = torch.stack([c.reshape(-1), r.reshape(-1)], dim=-1)
+    return ImageInput(pixel_values, position_ids, n // (k * k), (th, tw))
