@@ -144,7 +144,7 @@ def lower_to_xnnpack(
             run_reinplace_pass=True,
         )
     )
-    first = next(iter(programs.values()))
+    first = next((ep for ep in programs.values() if ep.graph_signature.buffers_to_mutate), next(iter(programs.values())))
     return XnnpackProgram(et.buffer, report, _mutable_buffers(first), list(programs), et.executorch_program)
 
 
@@ -161,9 +161,13 @@ def _buffer_shapes(ep: ExportedProgram) -> dict[str, tuple]:
 
 
 def _check_shared_buffers(programs: Mapping[str, ExportedProgram]) -> None:
-    ref_name, ref = next(iter(programs.items()))
+    # Methods that mutate no buffer (a multimodal program's image / audio encoders) share nothing.
+    mutating = {m: ep for m, ep in programs.items() if ep.graph_signature.buffers_to_mutate}
+    if not mutating:
+        return
+    ref_name, ref = next(iter(mutating.items()))
     ref_bufs = _buffer_shapes(ref)
-    for name, ep in programs.items():
+    for name, ep in mutating.items():
         bufs = _buffer_shapes(ep)
         if set(bufs) != set(ref_bufs):
             diff = sorted(set(bufs) ^ set(ref_bufs))
