@@ -145,3 +145,23 @@ def test_wrong_mel_width_is_a_clear_error():
 @pytest.mark.parametrize("frames", [1, 2, 3, 4, 5, 127, 128, 129, 3000])
 def test_output_length_matches_hf_processor_arithmetic(frames):
     assert audio_output_length(frames) == hf_token_count(np.ones(frames, dtype=bool))
+
+
+def test_real_geometry_small_width():
+    """The checkpoint's attention geometry (chunk 12, left 13, right 0), subsampling channels
+    (128, 32) and 128 mel bins, at hidden 16: 130 frames -> 33 tokens in 3 blocks, right padding."""
+    hf_cfg = hf_audio_config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, output_proj_dims=24)
+    torch.manual_seed(0)
+    hf = HFAudioModel(hf_cfg).eval()
+    randomize(hf, 0)
+    ours = Gemma4AudioModel(from_hf_config(hf_cfg)).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    feats = torch.randn(2, 130, 128, generator=torch.Generator().manual_seed(0))
+    mask = torch.arange(130)[None] < torch.tensor([[130], [71]])
+    with torch.no_grad():
+        ref = hf(feats, mask)
+        got, got_mask = ours(feats, mask)
+    assert got.shape == (2, 33, 24) and torch.equal(got_mask, ref.attention_mask)
+    assert num_audio_tokens(mask).tolist() == [33, 18]
+    rel = ((got - ref.last_hidden_state).abs().max() / ref.last_hidden_state.abs().max()).item()
+    assert rel <= RTOL, f"relative max diff {rel:.2e}"
