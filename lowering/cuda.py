@@ -219,51 +219,102 @@ def partition_report(programs: Mapping[str, ExportedProgram]) -> CudaDryRunRepor
 def cuda_dry_run(model: nn.Module, *, max_prefill_chunk: int = 128, quant: str | None = None,
                  ring_size: int | None = None) -> CudaDryRunReport:
     """Quantize (optional), export, CUDA passes, partition: the CUDA lowering minus compilation."""
-    from fxport.lowering.xnnpack import apply_method_passes
-    from fxport.models.gemma4.export import export_methods
+    from fxport.builder import BuildOptions, Source, build
 
-    if quant:
-        quantize_for_cuda(model, quant)
-    with torch.no_grad():
-        programs = export_methods(model, max_prefill_chunk=max_prefill_chunk)
-    programs, results = apply_method_passes(programs, cuda_passes(model, ring_size=ring_size))
-    report = partition_report(programs)
-    report.pass_results = results
+    result = build(Source(model=model), None, BuildOptions(
+        backend="cuda", quant=quant, max_seq_len=int(model.max_seq_len), max_prefill_chunk=max_prefill_chunk,
+        ring_size=ring_size, dry_run=True))
+    report = result.report
+    report.pass_results = result.pass_results
     return report
 
 
-# ----------------------------------------------------------------------------- real lowering (GPU)
+# ----------------------------------------------------------------------------- backend entry points
+# What :func:`fxport.builder.build` calls: validate (before any work), quantize, export,
+# run_passes, then dry_run (no GPU) or lower.
+
+NAME = "cuda"
+PROGRAM_SUFFIX = ".pte"
+INT4_RECIPE = "int4"
+
+
+def recipe_names() -> list[str]:
+    """Every name ``quant=`` accepts here: ``int4`` and :mod:`fxport.quant.recipe`'s recipes
+    (their 4-bit rules; Int4Dispatch only matches int4)."""
+    from fxport.quant.recipe import RECIPES
+
+    return sorted({INT4_RECIPE, *RECIPES})
+
+
+def validate(options: Any) -> None:
+    """Refuse options this backend cannot build, before any work (ValueError, one line)."""
+    names = recipe_names()
+    if options.quant is not None and options.quant not in names:
+        raise ValueError(f"unknown --quant recipe {options.quant!r} for --backend cuda; "
+                         f"choose one of: {', '.join(names)}")
+    if not options.dry_run and not gpu_available():
+        raise ValueError("--backend cuda compiles with AOTInductor on a CUDA GPU and none is visible; "
+                         "add --dry-run for the partition report on this machine")
+
+
+def quantize(model: nn.Module, recipe: str) -> dict[str, str]:
+    return quantize_for_cuda(model, recipe)
+
+
+def export(model: nn.Module, options: Any) -> dict[str, ExportedProgram]:
+    from fxport.models.gemma4.export import export_methods
+
+    with torch.no_grad():
+        return export_methods(model, max_prefill_chunk=options.max_prefill_chunk)
+
+
+def run_passes(model: nn.Module, programs: Mapping[str, ExportedProgram], options: Any):
+    from fxport.lowering.xnnpack import apply_method_passes
+
+    return apply_method_passes(programs, cuda_passes(model, ring_size=options.ring_size), dump=options.dump)
+
+
+def dry_run(programs: Mapping[str, ExportedProgram]) -> "CudaDryRunReport":
+    return partition_report(programs)
 
 
 @dataclass
-class CudaExport:
-    pte: Path
-    ptd: list[Path]
-    pass_results: dict
+class CudaProgram:
+    """A compiled CUDA program: the ``.pte`` bytes and the manager that writes its ``.ptd``."""
 
-    def summary(self) -> str:
-        lines = [f"wrote {self.pte} ({self.pte.stat().st_size / 2**20:.1f} MiB)"]
-        lines += [f"wrote {p} ({p.stat().st_size / 2**20:.1f} MiB)" for p in self.ptd]
-        for method, res in self.pass_results.items():
-            lines.extend(f"[{method}] {line}" for line in res.summary().splitlines())
-        return "\n".join(lines)
+    buffer: bytes
+    manager: Any
+    report: Any = None
+
+    def write(self, path: str | Path, *, sidecar: Path | None = None, fill_sidecar=None) -> list[Path]:
+        """Write the ``.ptd`` weights beside ``path``, then the program and its sidecar atomically."""
+        from fxport.fileio import write_program
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        before = {p: p.stat().st_mtime_ns for p in path.parent.glob("*.ptd")}
+        self.manager.write_tensor_data_to_file(str(path.parent))
+        ptd = sorted(p for p in path.parent.glob("*.ptd") if before.get(p) != p.stat().st_mtime_ns)
+        write_program(path, self.buffer, sidecar=sidecar, fill_sidecar=fill_sidecar)
+        return ptd
 
 
-def lower_to_cuda(programs: Mapping[str, ExportedProgram], out: str | Path, *,
-                  constant_methods: Mapping[str, Any] | None = None) -> tuple[Path, list[Path]]:
-    """Compile both methods with AOTInductor into ``out`` (.pte) and its ``.ptd`` weights. Needs a GPU."""
+def lower(programs: Mapping[str, ExportedProgram], *, constant_methods: Mapping[str, Any] | None = None,
+          on_serialize=None) -> CudaProgram:
+    """Compile both methods with AOTInductor (needs a GPU); the program is written by ``write``."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
     if not gpu_available():
-        raise RuntimeError("lower_to_cuda: no CUDA GPU; AOTInductor compiles on the GPU. Use cuda_dry_run on CPU.")
-    out = Path(out)
+        raise RuntimeError("lower: no CUDA GPU; AOTInductor compiles on the GPU. Use the dry run on CPU.")
     edge = to_edge_transform_and_lower(
         dict(programs),
         partitioner={m: [cuda_partitioner(m)] for m in programs},
         constant_methods=dict(constant_methods or {}),
         compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
     )
+    if on_serialize is not None:
+        on_serialize()
     et = edge.to_executorch(
         ExecutorchBackendConfig(
             memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True, alloc_graph_input=False),
@@ -271,24 +322,24 @@ def lower_to_cuda(programs: Mapping[str, ExportedProgram], out: str | Path, *,
             do_quant_fusion_and_const_prop=True,
         )
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(et.buffer)
-    before = set(out.parent.glob("*.ptd"))
-    et.write_tensor_data_to_file(str(out.parent))
-    ptd = sorted(set(out.parent.glob("*.ptd")) - before) or sorted(out.parent.glob("*.ptd"))
+    return CudaProgram(et.buffer, et)
+
+
+# ----------------------------------------------------------------------------- real lowering (GPU)
+
+
+def lower_to_cuda(programs: Mapping[str, ExportedProgram], out: str | Path, *,
+                  constant_methods: Mapping[str, Any] | None = None) -> tuple[Path, list[Path]]:
+    """Compile both methods with AOTInductor into ``out`` (.pte) and its ``.ptd`` weights. Needs a GPU."""
+    out = Path(out)
+    ptd = lower(programs, constant_methods=constant_methods).write(out)
     return out, ptd
 
 
 def export_cuda(model: nn.Module, out: str | Path, *, max_prefill_chunk: int = 128, quant: str | None = None,
-                ring_size: int | None = None) -> CudaExport:
-    """Eager model -> CUDA ``.pte`` + ``.ptd`` (quantize, export, CUDA passes, lower). Needs a GPU."""
-    from fxport.lowering.xnnpack import apply_method_passes, model_metadata
-    from fxport.models.gemma4.export import export_methods
+                ring_size: int | None = None):
+    """Eager model -> CUDA ``.pte`` + ``.ptd`` via :func:`fxport.builder.build`. Needs a GPU."""
+    from fxport.builder import BuildOptions, Source, build
 
-    if quant:
-        quantize_for_cuda(model, quant)
-    with torch.no_grad():
-        programs = export_methods(model, max_prefill_chunk=max_prefill_chunk)
-    programs, results = apply_method_passes(programs, cuda_passes(model, ring_size=ring_size))
-    pte, ptd = lower_to_cuda(programs, out, constant_methods=model_metadata(model, max_prefill_chunk))
-    return CudaExport(pte, ptd, results)
+    return build(Source(model=model), out, BuildOptions(backend="cuda", quant=quant, max_seq_len=int(model.max_seq_len),
+                                                        max_prefill_chunk=max_prefill_chunk, ring_size=ring_size))

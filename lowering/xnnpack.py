@@ -16,7 +16,10 @@ Flow (each step usable alone):
    KV-cache allocation), ``emit_mutable_buffer_names=True`` (the cache keeps its FQN in the
    program) and the re-inplace pass (``index_put`` on a cache writes in place instead of
    copying the whole cache every step). Metadata such as ``max_seq_len`` is stored as constant
-   methods (``get_max_seq_len`` ...), read back by :class:`fxport.lowering.pte_backend.PteBackend`.
+   methods (``get_max_seq_len`` ...), read back by :class:`fxport.runtime.pte_backend.PteBackend`.
+
+:func:`fxport.builder.build` drives these steps through this module's backend entry points
+(:func:`validate`, :func:`quantize`, :func:`export`, :func:`run_passes`, :func:`lower`).
 
 Recipes (the names ``quant=`` accepts) live in :mod:`fxport.lowering.xnnpack_quant`.
 """
@@ -97,10 +100,18 @@ class XnnpackProgram:
     executorch_program: Any = None  # the serialized schema (execution plans), for inspection
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(self.buffer)
-        return path
+        """Write the program atomically (temporary file, fsync, rename)."""
+        from fxport.fileio import write_bytes
+
+        return write_bytes(path, self.buffer)
+
+    def write(self, path: str | Path, *, sidecar: Path | None = None, fill_sidecar=None) -> list[Path]:
+        """Write the program and replace its sidecar directory with it (see
+        :func:`fxport.fileio.write_program`); returns the extra files written (none)."""
+        from fxport.fileio import write_program
+
+        write_program(path, self.buffer, sidecar=sidecar, fill_sidecar=fill_sidecar)
+        return []
 
 
 def _mutable_buffers(ep: ExportedProgram) -> list[str]:
@@ -198,40 +209,60 @@ def apply_method_passes(programs: Mapping[str, ExportedProgram], passes: Mapping
     return out, results
 
 
+# ----------------------------------------------------------------------------- backend entry points
+# What :func:`fxport.builder.build` calls, in order: validate (before any work), quantize,
+# export, run_passes, lower.
+
+NAME = "xnnpack"
+PROGRAM_SUFFIX = ".pte"
+
+
+def validate(options: Any) -> None:
+    """Refuse options this backend cannot build, before any work (ValueError, one line).
+
+    ``options``: a :class:`fxport.builder.BuildOptions` (``quant``, ``dry_run`` ...).
+    """
+    names = recipe_names()
+    if options.quant is not None and options.quant not in names:
+        raise ValueError(f"unknown --quant recipe {options.quant!r} for --backend xnnpack; "
+                         f"choose one of: {', '.join(names)}")
+    if options.dry_run:
+        raise ValueError("--dry-run is a --backend cuda option (a partition report without a GPU); "
+                         "--backend xnnpack builds on this CPU: drop --dry-run")
+
+
+def quantize(model: nn.Module, recipe: str) -> QuantReport:
+    return quantize_for_xnnpack(model, recipe)
+
+
+def export(model: nn.Module, options: Any) -> dict[str, ExportedProgram]:
+    """prefill + decode in functional ATen IR (:func:`fxport.models.gemma4.export.export_methods`)."""
+    from fxport.models.gemma4.export import export_methods
+
+    with torch.no_grad():
+        return export_methods(model, max_prefill_chunk=options.max_prefill_chunk)
+
+
+def run_passes(model: nn.Module, programs: Mapping[str, ExportedProgram], options: Any):
+    """The CPU pass set (:func:`cpu_passes`) over each method: ``(programs, {method: result})``."""
+    return apply_method_passes(programs, cpu_passes(model, ring_size=options.ring_size), dump=options.dump)
+
+
+def lower(programs: Mapping[str, ExportedProgram], *, constant_methods: Mapping[str, Any] | None = None,
+          on_serialize=None) -> XnnpackProgram:
+    """:func:`lower_to_xnnpack`; ``on_serialize()`` is called when serialization starts."""
+    return lower_to_xnnpack(programs, constant_methods=constant_methods,
+                            on_stage=None if on_serialize is None else (lambda name: on_serialize()))
+
+
 # ----------------------------------------------------------------------------- one call
 
 
-@dataclass
-class ExportReport:
-    """What :func:`export_model` did, for the CLI to print."""
-
-    path: Path
-    quant: QuantReport | None
-    pass_results: dict
-    program: XnnpackProgram
-    metadata: dict[str, int]
-
-    def summary(self) -> str:
-        lines = [f"wrote {self.path} ({self.path.stat().st_size / 2**20:.1f} MiB)"]
-        if self.quant is not None:
-            lines.append(self.quant.summary())
-        for method, res in self.pass_results.items():
-            lines.extend(f"[{method}] {line}" for line in res.summary().splitlines())
-        lines.append(self.program.report.summary())
-        return "\n".join(lines)
-
-
 def model_metadata(model: nn.Module, max_prefill_chunk: int) -> dict[str, int]:
-    """Constant methods stored in the ``.pte`` (read back by ``PteBackend``)."""
-    cfg = model.config
-    eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, (list, tuple)) else cfg.eos_token_id
-    return {
-        "get_max_seq_len": int(model.max_seq_len),
-        "get_max_prefill_chunk": int(max_prefill_chunk),
-        "get_vocab_size": int(cfg.vocab_size),
-        "get_bos_id": int(cfg.bos_token_id),
-        "get_eos_id": int(eos),
-    }
+    """Constant methods stored in the ``.pte``; see :func:`fxport.builder.model_metadata`."""
+    from fxport.builder import model_metadata as _metadata
+
+    return _metadata(model, max_prefill_chunk)
 
 
 def export_model(
@@ -243,28 +274,17 @@ def export_model(
     ring_size: int | None = None,
     dump: str | Path | None = None,
     on_stage=None,
-) -> ExportReport:
-    """Eager Gemma model -> XNNPACK ``.pte`` at ``out`` (quantize, export, CPU passes, lower).
+):
+    """Eager Gemma model -> XNNPACK ``.pte`` at ``out``: a thin wrapper over
+    :func:`fxport.builder.build` (kept for existing callers; new code calls ``build``).
 
-    ``on_stage(name)`` is called before each stage ("quantize", "export", "passes", "lower"
-    (``to_edge_transform_and_lower``), "serialize" (``to_executorch``), "save") so a caller can drive a progress bar. ``model`` is quantized in place when
-    ``quant`` is given.
+    Returns the :class:`fxport.builder.BuildResult` (``.out``, ``.quant_report``,
+    ``.pass_results``, ``.report``, ``.metadata``, ``.summary()``). ``model`` is quantized in
+    place when ``quant`` is given.
     """
-    from fxport.models.gemma4.export import export_methods
+    from fxport.builder import BuildOptions, Source, build
 
-    stage = on_stage or (lambda name: None)
-    qreport = None
-    if quant:
-        stage("quantize")
-        qreport = quantize_for_xnnpack(model, quant)
-    stage("export")
-    with torch.no_grad():
-        programs = export_methods(model, max_prefill_chunk=max_prefill_chunk)
-    stage("passes")
-    programs, results = apply_method_passes(programs, cpu_passes(model, ring_size=ring_size), dump=dump)
-    stage("lower")
-    meta = model_metadata(model, max_prefill_chunk)
-    lowered = lower_to_xnnpack(programs, constant_methods=meta, on_stage=on_stage)
-    stage("save")
-    path = lowered.save(out)
-    return ExportReport(path, qreport, results, lowered, meta)
+    options = BuildOptions(backend="xnnpack", quant=quant, max_seq_len=int(model.max_seq_len),
+                           max_prefill_chunk=max_prefill_chunk, ring_size=ring_size,
+                           dump=None if dump is None else str(dump))
+    return build(Source(model=model), out, options, on_stage=on_stage)

@@ -50,11 +50,15 @@ class PteBackend:
 
     path: the ``.pte`` file; data_path: its ``.ptd`` weights file when it has one (CUDA).
     num_threads: ExecuTorch threadpool size (None: leave as is).
+    verbose: show the runtime's native log lines (cpuinfo probing, ...); by default they are
+        captured (:mod:`fxport.runtime.native_log`) and only shown inside a load error.
+        ``FXPORT_VERBOSE=1`` sets the default.
     Raises PteError for a missing file, a file ExecuTorch cannot load, or a program without
     ``prefill`` and ``decode`` methods.
     """
 
-    def __init__(self, path: str | Path, *, data_path: str | Path | None = None, num_threads: int | None = None):
+    def __init__(self, path: str | Path, *, data_path: str | Path | None = None, num_threads: int | None = None,
+                 verbose: bool | None = None):
         path = Path(path)
         if not path.is_file():
             raise PteError(f"no such .pte file: {path}")
@@ -64,23 +68,35 @@ class PteBackend:
             raise PteError(f"{path} is not a loadable ExecuTorch program (no 'ET' file identifier at byte 4)")
         from executorch.runtime import Runtime
 
-        if num_threads is not None:
-            set_num_threads(num_threads)
-        log = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(log):  # the runtime logs its reason; put it in the error
-                self.program = Runtime.get().load_program(path, data_path=data_path)
-        except Exception as exc:  # the runtime raises RuntimeError with a status code
-            reason = " ".join(log.getvalue().split()) or f"{type(exc).__name__}: {exc}"
+        from fxport.runtime.native_log import capture_native_stderr, verbose_default
+
+        verbose = verbose_default() if verbose is None else verbose
+        # The runtime logs to fd 2 (cpuinfo probing on every XNNPACK load, the reason of a failed
+        # load): captured here, shown with --verbose or inside the error.
+        with capture_native_stderr(verbose) as native:
+            if num_threads is not None:
+                set_num_threads(num_threads)
+            log = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(log):
+                    self.program = Runtime.get().load_program(path, data_path=data_path)
+                failure = None
+            except Exception as exc:  # the runtime raises RuntimeError with a status code
+                failure = exc
+            if failure is None:
+                names = self.program.method_names
+                missing = [m for m in ("prefill", "decode") if m not in names]
+                if not missing:
+                    self.path = path
+                    self.metadata: dict[str, Any] = {m: self._constant(m) for m in METADATA_METHODS}
+                    self._prefill = self.program.load_method("prefill")
+                    self._decode = self.program.load_method("decode")
+        if failure is not None:
+            lines = [line for line in native.lines() if "cpuinfo" not in line]
+            reason = " ".join((log.getvalue() + " ".join(lines[-2:])).split()) or f"{type(failure).__name__}: {failure}"
             raise PteError(f"{path} is not a loadable ExecuTorch program ({reason})") from None
-        names = self.program.method_names
-        missing = [m for m in ("prefill", "decode") if m not in names]
         if missing:
             raise PteError(f"{path} has no method(s) {missing} (methods: {sorted(names)}); export it with fxport")
-        self.path = path
-        self.metadata: dict[str, Any] = {m: self._constant(m) for m in METADATA_METHODS}
-        self._prefill = self.program.load_method("prefill")
-        self._decode = self.program.load_method("decode")
         prefill_in = self.program.metadata("prefill").input_tensor_meta(0).sizes()
         self.max_prefill_chunk = int(self.metadata["get_max_prefill_chunk"] or prefill_in[-1])
         self.max_seq_len = int(self.metadata["get_max_seq_len"] or 0) or None
@@ -99,14 +115,79 @@ class PteBackend:
         L = tokens.shape[-1]
         if not 1 <= L <= self.max_prefill_chunk:
             raise ValueError(f"prefill chunk of {L} tokens; this .pte accepts 1..{self.max_prefill_chunk} per call")
+        self._check_ids(tokens)
         return self._prefill.execute([tokens.to(torch.long).contiguous(), input_pos.to(torch.long).contiguous()])[0]
 
     def decode(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """Logits for one token: token (1, 1) int64, input_pos (1,) int64."""
+        self._check_ids(token)
         return self._decode.execute([token.to(torch.long).reshape(1, 1), input_pos.to(torch.long).reshape(1)])[0]
+
+    def _check_ids(self, tokens: torch.Tensor) -> None:
+        """TokenIdError before the runtime sees an id outside the vocabulary (it would index past
+        the embedding table and fail with an opaque status code)."""
+        if self.vocab_size is not None and tokens.numel() and not (
+                int(tokens.min()) >= 0 and int(tokens.max()) < self.vocab_size):
+            from fxport.runtime.generate import check_token_ids
+
+            check_token_ids(tokens, self.vocab_size, f"{self.path} was exported for {self.vocab_size} ids.")
 
     def reset(self) -> None:
         """Start a new sequence (nothing to clear; see the module docstring)."""
 
     def __repr__(self) -> str:
         return f"PteBackend({str(self.path)!r}, max_seq_len={self.max_seq_len}, max_prefill_chunk={self.max_prefill_chunk})"
+
+
+# ----------------------------------------------------------------------------- tools over a .pte
+
+
+def bench_pte(path: str | Path, prompt_len: int, new_tokens: int, threads: int | None,
+              warmup: int = 1, verbose: bool | None = None) -> dict[str, float]:
+    """Prefill and decode tok/s of a ``.pte`` on random token ids (no tokenizer needed).
+
+    Raises ValueError when ``prompt_len + new_tokens`` exceeds the program's ``max_seq_len``.
+    """
+    import time
+
+    backend = PteBackend(path, num_threads=threads, verbose=verbose)
+    vocab = backend.vocab_size or 256
+    need = prompt_len + new_tokens
+    if backend.max_seq_len is not None and need > backend.max_seq_len:
+        raise ValueError(f"prompt {prompt_len} + {new_tokens} new tokens exceed the program's max_seq_len "
+                         f"{backend.max_seq_len}")
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (1, need), generator=g)
+
+    def prefill() -> float:
+        t0 = time.perf_counter()
+        for s in range(0, prompt_len, backend.max_prefill_chunk):
+            e = min(s + backend.max_prefill_chunk, prompt_len)
+            backend.prefill(tokens[:, s:e], torch.arange(s, e))
+        return time.perf_counter() - t0
+
+    for _ in range(warmup):
+        prefill()
+    t_prefill = prefill()
+    t0 = time.perf_counter()
+    for p in range(prompt_len, need):
+        backend.decode(tokens[:, p:p + 1], torch.tensor([p]))
+    t_decode = time.perf_counter() - t0
+    return {"prefill_tok_s": prompt_len / t_prefill, "decode_tok_s": new_tokens / t_decode,
+            "prompt_len": prompt_len, "new_tokens": new_tokens}
+
+
+def describe_pte(path: str | Path) -> str:
+    """Methods, metadata and input/output sizes of a fxport ``.pte`` (``fxport dump``)."""
+    backend = PteBackend(path)
+    prog = backend.program
+    lines = [f"# {path}", f"methods: {', '.join(sorted(prog.method_names))}"]
+    for key, value in backend.metadata.items():
+        if value is not None:
+            lines.append(f"{key}: {value}")
+    for name in ("prefill", "decode"):
+        meta = prog.metadata(name)
+        ins = [f"{tuple(meta.input_tensor_meta(i).sizes())}" for i in range(meta.num_inputs())]
+        outs = [f"{tuple(meta.output_tensor_meta(i).sizes())}" for i in range(meta.num_outputs())]
+        lines.append(f"{name}: inputs {', '.join(ins)} -> outputs {', '.join(outs)} (max sizes)")
+    return "\n".join(lines)

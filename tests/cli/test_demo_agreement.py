@@ -2,7 +2,7 @@
 
 import torch
 
-from fxport.cli import teacher_forced_agreement
+from fxport.demo import teacher_forced_agreement
 from fxport.models.gemma4.config import get_preset
 from fxport.models.gemma4.model import Gemma4ForCausalLM
 from fxport.runtime.generate import generate

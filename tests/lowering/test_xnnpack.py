@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fxport.lowering.pte_backend import PteBackend, PteError
+from fxport.runtime.pte_backend import PteBackend, PteError
 from fxport.lowering.xnnpack import (
     XnnpackWeightQuant,
     apply_method_passes,
