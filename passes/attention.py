@@ -53,6 +53,7 @@ static value, or the bound of its symbols in ``ep.range_constraints`` / the shap
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,7 +194,7 @@ class SDPAArgs:
 
     def scale_for(self, head_dim: int) -> float:
         """The scale SDPA applies: the explicit one, or ``1 / sqrt(head_dim)``."""
-        return float(self.scale) if self.scale is not None else head_dim ** -0.5
+        return float(self.scale) if self.scale is not None else 1.0 / math.sqrt(head_dim)
 
 
 def is_sdpa(node: Any) -> bool:

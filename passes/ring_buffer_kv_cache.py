@@ -2,41 +2,54 @@
 
 A sliding-window layer with window W only ever attends to the last W positions, yet the
 eager model (and most foreign exports) keep a cache of the full context length S for it.
-This pass shrinks such a cache to R slots (default ``2 * W``) and rewrites its write and its
-readers so that the program computes the same logits.
+This pass shrinks such a cache to R slots and rewrites its write and its readers so that the
+program computes the same logits. The graph is read through :mod:`fxport.passes.attention`.
+
+Ring size: ``R = max(2 * W, W + C - 1)`` where C is the largest prefill chunk: the
+``max_prefill_chunk`` argument, else the largest number of rows the program's cache write
+takes (its symbol's upper bound; 1 for decode). A pass object remembers the R it chose per
+buffer, so prefill and decode rewritten by the same object share one cache shape (rewrite
+prefill first, or pass ``max_prefill_chunk``). An explicit ``ring_size`` is used as given.
 
 Matches, per cache buffer that has a window (from ``windows=`` or the model config):
-  * the buffer's only reader is ``aten.index_copy(cache, 2, pos, new)`` whose result is
-    written back to the buffer (functional IR of ``cache.index_copy_(2, input_pos, new)``);
-  * every other reader of that result is ``aten.scaled_dot_product_attention`` as ``key`` or
-    ``value`` (rank 4, sequence at dim 2), directly or through the repeat_kv chain
-    ``unsqueeze -> expand -> clone -> view/_unsafe_view/reshape`` (``_to_copy``/``alias``
-    allowed), with an explicit ``attn_mask`` whose last dim is S and ``is_causal=False``;
-  * every SDPA it feeds reads only caches that are rewritten too, written at the same ``pos``
-    and with the same R (so key and value lengths stay equal).
+  * the buffer's one write, written back to it (:func:`~fxport.passes.attention.find_cache_write`),
+    on dim 2 of a rank-4 (B, H, S, D) cache with a static S, in any of the forms
+    ``index_copy(cache, 2, pos, new)`` (HF, ExecuTorch), ``index_put(cache, [None, None, pos],
+    new)`` (``cache[:, :, pos] = new``: gpt-fast, torchtune) or ``slice_scatter(cache,
+    copy(slice(cache, 2, p, p + L), new), 2, p, p + L)`` (``cache.narrow(2, p, L).copy_(new)``
+    with a symbolic start, ExecuTorch's dynamic-shape Llama);
+  * every reader of the written cache is an SDPA reading it as ``key`` or ``value``, directly
+    or through a K/V chain :func:`~fxport.passes.attention.peel_kv` recognizes
+    (``repeat_interleave(n, dim=1)``, repeat_kv ``unsqueeze -> expand -> clone -> view``,
+    ``enable_gqa``, copy-like ops), with an explicit ``attn_mask`` whose last dim is S and
+    ``is_causal=False``;
+  * every SDPA it feeds reads only caches that are rewritten too, written at the same
+    positions and with the same R (so key and value lengths stay equal).
 
 Produces:
   * the buffer resized to R along dim 2 (same name, dtype, device: prefill and decode keep
-    sharing one cache), written at ``pos % R``;
-  * the size arguments of the repeat_kv chain changed from S to R;
+    sharing one cache), written at ``pos % R`` (index forms: the index replaced; the slice
+    form becomes ``index_copy(cache, 2, arange(p, p + L) % R, new)``, as a contiguous slice
+    cannot wrap around);
+  * the size arguments of expand/view nodes in the reader chains changed from S to R;
   * for each SDPA, a new mask: the ORIGINAL mask ``(..., L, S)`` gathered along its last dim
     at the absolute position held by each slot, AND-ed with "slot written" (``-inf`` for
     additive float masks). With contiguous writes and last written position ``p = pos[-1]``,
     slot ``j`` holds position ``k_pos[j] = p - ((p - j) mod R)``; ``k_pos < 0`` means the
-    slot was never written. One gathered mask is shared per (mask node, pos node, R).
+    slot was never written. One gathered mask is shared per (mask node, positions, R).
     Whatever the original mask encoded (causal, window, padding) is kept exactly.
 
 Leaves alone (counted in ``stats.skipped`` with the reason): buffers without a window
 (global layers), caches with other readers or writes, writes not on dim 2, SDPA without a
 mask or with ``is_causal``, caches already of size <= R (so the pass is idempotent).
 
-Rejects (PassError): a prefill chunk L > R - W + 1 -- the write of such a chunk overwrites
-slots that its own first queries still need. L is the static length of ``pos`` or the upper
-bound of its symbol in ``ep.range_constraints``.
+Rejects (PassError, before any edit): a chunk L > R - W + 1 (the write of such a chunk
+overwrites slots that its own first queries still need), and an unbounded chunk; the message
+names the buffer, the chunk, the limit and both fixes.
 
 Stats: ``matched`` = windowed buffers present in the program, ``rewritten`` = buffers ringed,
-``skipped[reason]``, and one ``sites`` entry per buffer (window, ring_size, bytes_before,
-bytes_after; or the skip reason).
+``skipped[reason]``, and one ``sites`` entry per buffer (window, ring_size, chunk, write form,
+readers' GQA spelling, bytes_before, bytes_after; or the skip reason).
 
 Invariant: for contiguous positions starting at 0 (chunked prefill then decode, chunks
 <= R - W + 1) and a mask that never lets a query see keys older than W positions, the
@@ -53,14 +66,22 @@ import torch
 from torch.export import ExportedProgram
 from torch.fx import Node
 
+from fxport.passes.attention import (
+    EXPAND_OPS,
+    VIEW_OPS,
+    AttentionSite,
+    CacheWrite,
+    NotRecognized,
+    attention_sites,
+    find_cache_write,
+    set_sdpa_arg,
+    upper_bound,
+    val,
+)
 from fxport.passes.base import Pass, PassContext, PassError, PassResult, PassStats
-from fxport.passes.graph import buffer_placeholders, call, mutated_buffers, resize_buffer, tensor_of
+from fxport.passes.graph import call, resize_buffer, tensor_of
 
 aten = torch.ops.aten
-
-_SDPA = aten.scaled_dot_product_attention.default
-_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
-_SAME_SHAPE = (aten.clone.default, aten._to_copy.default, aten.alias.default)
 
 
 def windows_from_config(config: Any) -> dict[str, int]:
@@ -85,14 +106,10 @@ def windows_from_config(config: Any) -> dict[str, int]:
     }
 
 
-def max_length(ep: ExportedProgram, size: int | torch.SymInt) -> int | float:
-    """Static value of ``size``, or the upper bound of its symbol in ``ep.range_constraints``."""
-    if isinstance(size, int):
-        return size
-    from torch.utils._sympy.value_ranges import bound_sympy
-
-    upper = bound_sympy(size.node.expr, dict(ep.range_constraints)).upper
-    return int(upper) if upper.is_finite else float("inf")
+def default_ring_size(window: int, chunk: int) -> int:
+    """``max(2 * window, window + chunk - 1)``: the smallest ring that takes chunks of ``chunk``
+    rows (``R - W + 1 >= C``), and at least two windows (decode then wraps every W steps)."""
+    return max(2 * window, window + chunk - 1)
 
 
 class _Skip(Exception):
@@ -104,7 +121,9 @@ class RingBufferKVCache(Pass):
 
     windows: ``{buffer FQN: window}``; for foreign graphs. Defaults to
         :func:`windows_from_config` of ``config``.
-    ring_size: R for every buffer, or ``{buffer FQN: R}``; default ``2 * window``.
+    ring_size: R for every buffer, or ``{buffer FQN: R}``; default :func:`default_ring_size`.
+    max_prefill_chunk: C for the default R; default: read from the program (the bound of its
+        write's length), remembered per buffer for the next method this object rewrites.
     """
 
     def __init__(
@@ -112,6 +131,7 @@ class RingBufferKVCache(Pass):
         windows: Mapping[str, int] | None = None,
         ring_size: int | Mapping[str, int] | None = None,
         config: Any = None,
+        max_prefill_chunk: int | None = None,
     ):
         if windows is None:
             if config is None:
@@ -121,117 +141,129 @@ class RingBufferKVCache(Pass):
         for name, w in self.windows.items():
             if w < 1:
                 raise ValueError(f"RingBufferKVCache: window {w} of buffer {name} must be >= 1")
-        self.ring_size = ring_size
-        for name in self.windows:
-            r, w = self._ring(name), self.windows[name]
-            if r < w:
+        if max_prefill_chunk is not None and max_prefill_chunk < 1:
+            raise ValueError(f"RingBufferKVCache: max_prefill_chunk must be >= 1; got {max_prefill_chunk}")
+        self.ring_size, self.max_prefill_chunk = ring_size, max_prefill_chunk
+        self.chosen: dict[str, int] = {}  # buffer -> R chosen from a program (shared by later methods)
+        for name, w in self.windows.items():
+            r = self._explicit(name)
+            if r is not None and r < w:
                 raise ValueError(f"RingBufferKVCache: ring_size {r} < window {w} for buffer {name}")
 
-    def _ring(self, name: str) -> int:
-        if self.ring_size is None:
-            return 2 * self.windows[name]
+    def _explicit(self, name: str) -> int | None:
         if isinstance(self.ring_size, int):
             return self.ring_size
-        return int(self.ring_size.get(name, 2 * self.windows[name]))
+        if isinstance(self.ring_size, Mapping) and name in self.ring_size:
+            return int(self.ring_size[name])
+        return None
+
+    def _ring(self, name: str, chunk: int | float) -> int:
+        """R for ``name`` given the program's chunk bound (PassError when unbounded)."""
+        explicit = self._explicit(name)
+        if explicit is not None:
+            return explicit
+        w = self.windows[name]
+        if self.max_prefill_chunk is not None:
+            return default_ring_size(w, self.max_prefill_chunk)
+        if chunk == float("inf"):
+            raise PassError(
+                f"RingBufferKVCache: the chunk written to buffer {name} has no upper bound, so no ring size "
+                f"fits it; export with a bounded chunk (fxport export --max-prefill-chunk N) or pass "
+                f"max_prefill_chunk= / ring_size= (--ring-size R)"
+            )
+        r = default_ring_size(w, int(chunk))
+        earlier = self.chosen.get(name)
+        if earlier is not None and r > earlier:
+            raise PassError(
+                f"RingBufferKVCache: buffer {name} was ringed to {earlier} slots for an earlier method, but this "
+                f"program writes chunks of {chunk} (needs {r}); rewrite the prefill method first or pass "
+                f"max_prefill_chunk= (fxport export --max-prefill-chunk)"
+            )
+        return earlier if earlier is not None else r
 
     def __repr__(self) -> str:
-        return f"RingBufferKVCache(windows={len(self.windows)} buffers, ring_size={self.ring_size})"
+        return (f"RingBufferKVCache(windows={len(self.windows)} buffers, ring_size={self.ring_size}, "
+                f"max_prefill_chunk={self.max_prefill_chunk})")
 
     # ------------------------------------------------------------------------ matching
 
-    def _match(self, ep: ExportedProgram, name: str, buf: Node, writes: dict[str, str]) -> dict:
-        """Check one cache; returns its site (write node, chains, SDPA readers) or raises _Skip."""
-        r = self._ring(name)
-        val = buf.meta["val"]
-        if val.dim() != 4:
-            raise _Skip("cache is not rank 4 (B, H, S, D)")
-        s = val.shape[2]
+    def _match(self, ep: ExportedProgram, name: str, readers_of: dict[Node, list]) -> dict:
+        """Check one cache; returns its site (write, chains, SDPA readers) or raises _Skip."""
+        try:
+            write = find_cache_write(ep, name)
+        except NotRecognized as exc:
+            raise _Skip(str(exc)) from None
+        cval = val(write.cache)
+        if cval.dim() != 4 or write.dim != 2:
+            raise _Skip("cache write not on dim 2 of a (B, H, S, D) cache")
+        s = cval.shape[2]
         if not isinstance(s, int):
             raise _Skip("symbolic cache length")
-        users = list(buf.users)
-        if len(users) != 1 or users[0].target != aten.index_copy.default:
-            raise _Skip("cache has readers other than one index_copy write")
-        write = users[0]
-        cache, dim, pos, _new = write.args
-        if cache is not buf or dim not in (2, -2):
-            raise _Skip("index_copy not on dim 2 of the cache")
-        if writes.get(name) != write.name:
-            raise _Skip("index_copy result is not the buffer's write-back")
+        chunk = upper_bound(ep, write.length)
+        r = self._ring(name, chunk)
         if s <= r:
             raise _Skip("cache length <= ring size (already a ring, or nothing to save)")
-        if pos.meta["val"].dim() != 1:
-            raise _Skip("index_copy index is not 1-D")
-        chains: list[tuple[Node, int]] = []  # (expand/view node, index of S in its sizes)
-        readers: list[tuple[Node, int]] = []  # (sdpa, arg index)
-        # Walk the readers: (node, seq dim of node's value).
-        stack = [(write, 2)]
+
+        # Every reader of the written cache: an SDPA's key/value through a recognized chain.
+        reads = readers_of.get(write.node, [])
+        allowed = {n for _, _, kv in reads for n in kv.chain}
+        sdpas = {site.node for site, _, _ in reads}
+        stack = [write.node]
         while stack:
-            node, seq = stack.pop()
+            node = stack.pop()
             for user in node.users:
                 if user.op == "output":
-                    if node is not write:
+                    if node is not write.node:
                         raise _Skip("cache view is a program output")
-                    continue
-                if user.target == _SDPA:
-                    idx = [i for i, a in enumerate(user.args[:3]) if a is node]
-                    if idx != [1] and idx != [2]:
-                        raise _Skip("cache used by SDPA as query (or twice)")
-                    if node.meta["val"].dim() != 4 or seq != 2:
-                        raise _Skip("SDPA reads the cache with the sequence not at dim 2")
-                    readers.append((user, idx[0]))
-                    continue
-                if user.args[0] is not node:
-                    raise _Skip(f"cache read by {user.target} in a non-input position")
-                out_seq = self._seq_dim(user, seq, s)
-                stack.append((user, out_seq))
-                if user.target == aten.expand.default or user.target in _VIEWS:
-                    if user.args[1][out_seq] not in (s, -1):
-                        raise _Skip(f"{user.target} of the cache with a computed sequence size")
-                    chains.append((user, out_seq))
-        if not readers:
+                elif user in sdpas:
+                    if node is not write.node and node not in allowed:
+                        raise _Skip("cache read by SDPA through an unrecognized chain")
+                elif user in allowed:
+                    stack.append(user)
+                else:
+                    raise _Skip(f"cache read by {user.target}")
+        if not reads:
             raise _Skip("cache not read by any SDPA")
-        for sdpa, _ in readers:
-            mask = _sdpa_arg(sdpa, 3, "attn_mask")
-            if not isinstance(mask, Node):
+        chains: list[Node] = []
+        for site, which, kv in reads:
+            if which not in ("key", "value"):
+                raise _Skip("cache used by SDPA as query or mask")
+            for node in kv.chain:
+                if node.target in EXPAND_OPS or node.target in VIEW_OPS:
+                    sizes = node.args[1]
+                    if sizes[-2] not in (s, -1):
+                        raise _Skip(f"{node.target} of the cache with a computed sequence size")
+                    chains.append(node)
+            a = site.args
+            if not isinstance(a.attn_mask, Node):
                 raise _Skip("SDPA without attn_mask")
-            if _sdpa_arg(sdpa, 5, "is_causal", False):
+            if a.is_causal:
                 raise _Skip("SDPA with is_causal")
-            if mask.meta["val"].shape[-1] != s:
+            mval = val(a.attn_mask)
+            if mval is None or mval.shape[-1] != s:
                 raise _Skip("SDPA mask last dim is not the cache length")
-            if mask.meta["val"].dtype not in (torch.bool, sdpa.args[0].meta["val"].dtype):
+            if mval.dtype not in (torch.bool, val(a.query).dtype):
                 raise _Skip("SDPA float mask dtype differs from the query's")
-        return {"name": name, "buf": buf, "write": write, "pos": pos, "ring": r, "s": s,
-                "chains": chains, "readers": readers}
-
-    @staticmethod
-    def _seq_dim(user: Node, seq: int, s: int) -> int:
-        """Sequence dim of ``user``'s output given the one of its input (or raise _Skip)."""
-        if user.target == aten.unsqueeze.default:
-            rank = user.meta["val"].dim()
-            d = user.args[1] % rank
-            return seq + 1 if d <= seq else seq
-        if user.target == aten.expand.default:
-            return seq + len(user.args[1]) - user.args[0].meta["val"].dim()
-        if user.target in _SAME_SHAPE:
-            return seq
-        if user.target in _VIEWS:
-            src = user.args[0].meta["val"].shape
-            out = user.meta["val"].shape
-            if not all(isinstance(d, int) for d in (*src, *out)):
-                raise _Skip("symbolic shape in the cache's repeat_kv chain")
-            prefix = _prod(src[:seq])
-            for k in range(len(out)):
-                if _prod(out[:k]) == prefix and out[k] == s:
-                    return k
-            raise _Skip("view of the cache that merges or splits the sequence dim")
-        raise _Skip(f"cache read by {user.target}")
+        if write.positions is not None:
+            key = _value_key(write.positions)
+        else:  # K and V may each call pos[0].item(): equal computations are one position source
+            key = ("slice", _value_key(write.start), str(write.length))
+        return {"name": name, "write": write, "ring": r, "s": s, "chunk": chunk, "pos_key": key,
+                "chains": chains, "readers": reads}
 
     # ------------------------------------------------------------------------ rewriting
 
     def run(self, ep: ExportedProgram, ctx: PassContext) -> PassResult:
         stats = PassStats()
+        from fxport.passes.graph import buffer_placeholders
+
         buffers = buffer_placeholders(ep)
-        writes = mutated_buffers(ep)
+        # source node -> [(site, "key"/"value", KVSource)] for every recognized SDPA
+        readers_of: dict[Node, list] = {}
+        for _, site in attention_sites(ep.graph):
+            if isinstance(site, AttentionSite):
+                readers_of.setdefault(site.key.source, []).append((site, "key", site.key))
+                readers_of.setdefault(site.value.source, []).append((site, "value", site.value))
         sites: dict[str, dict] = {}
         for name in self.windows:
             if name not in buffers:
@@ -239,23 +271,23 @@ class RingBufferKVCache(Pass):
                 continue
             stats.matched += 1
             try:
-                sites[name] = self._match(ep, name, buffers[name], writes)
+                sites[name] = self._match(ep, name, readers_of)
             except _Skip as e:
                 stats.skip(str(e))
                 stats.sites.append({"buffer": name, "window": self.windows[name], "skipped": str(e)})
 
-        # An SDPA must read only rewritten caches, written at one pos with one R.
+        # An SDPA must read only rewritten caches, written at one position source with one R.
         changed = True
         while changed:
             changed = False
-            by_sdpa: dict[Node, dict[int, str]] = {}
+            by_sdpa: dict[Node, dict[str, str]] = {}
             for name, site in sites.items():
-                for sdpa, arg in site["readers"]:
-                    by_sdpa.setdefault(sdpa, {})[arg] = name
+                for sdpa_site, which, _ in site["readers"]:
+                    by_sdpa.setdefault(sdpa_site.node, {})[which] = name
             for sdpa, args in by_sdpa.items():
                 names = set(args.values())
-                keys = {(sites[n]["pos"], sites[n]["ring"]) for n in names}
-                if set(args) == {1, 2} and len(keys) == 1:
+                keys = {(sites[n]["pos_key"], sites[n]["ring"]) for n in names}
+                if set(args) == {"key", "value"} and len(keys) == 1:
                     continue
                 reason = "shares an SDPA with a cache that is not ringed alike"
                 for n in names:
@@ -267,96 +299,123 @@ class RingBufferKVCache(Pass):
 
         # Chunk check before any edit: a refused program is left exactly as it was.
         for name, site in sites.items():
-            r, w = site["ring"], self.windows[name]
-            chunk = max_length(ep, site["pos"].meta["val"].shape[0])
+            r, w, chunk = site["ring"], self.windows[name], site["chunk"]
             if chunk > r - w + 1:
-                chunk = "unbounded" if chunk == float("inf") else chunk
                 raise PassError(
-                    f"RingBufferKVCache: chunk {chunk} exceeds ring size {r} - window {w} + 1 for "
-                    f"buffer {name}; export with a smaller max chunk or pass ring_size="
+                    f"RingBufferKVCache: chunk {chunk} exceeds ring size {r} - window {w} + 1 = {r - w + 1} for "
+                    f"buffer {name}; export with chunks <= {r - w + 1} (fxport export --max-prefill-chunk "
+                    f"{r - w + 1}) or pass ring_size >= {w + chunk - 1} (--ring-size {w + chunk - 1})"
                 )
 
         graph = ep.graph
-        slot_pos: dict[tuple[Node, int], tuple[Node, Node, Node]] = {}
-        masks: dict[tuple[Node, Node, int], Node] = {}
+        masks: dict[tuple, Node] = {}
+        slot_pos: dict[tuple, tuple[Node, Node, Node, Node]] = {}
         done: set[Node] = set()
         for name, site in sites.items():
-            buf, write, pos, r, s = site["buf"], site["write"], site["pos"], site["ring"], site["s"]
-            old = tensor_of(ep, buf)
+            write, r, s = site["write"], site["ring"], site["s"]
+            old = tensor_of(ep, write.cache)
             shape = list(old.shape)
             shape[2] = r
-            new = torch.zeros(shape, dtype=old.dtype, device=old.device)
-            resize_buffer(ep, name, new)
-            if (pos, r) not in slot_pos:
-                slot_pos[(pos, r)] = self._slot_positions(graph, pos, r)
-            wrapped, idx, valid = slot_pos[(pos, r)]
-            write.update_arg(2, wrapped)
-            for node, k in site["chains"]:
-                if node.args[1][k] == s:
-                    node.update_arg(1, [*node.args[1][:k], r, *node.args[1][k + 1:]])
-            for sdpa, _ in site["readers"]:
+            resize_buffer(ep, name, torch.zeros(shape, dtype=old.dtype, device=old.device))
+            self.chosen[name] = r
+            key = (site["pos_key"], r)
+            shared = slot_pos.get(key)
+            if shared is None or _order(graph)[shared[0]] > _order(graph)[write.node]:
+                shared = slot_pos[key] = _slot_positions(graph, write, r)  # after this write's inputs
+            wrapped, idx, valid, _ = shared
+            _write_at(write, wrapped)
+            for node in site["chains"]:
+                sizes = list(node.args[1])
+                if sizes[-2] == s:
+                    sizes[-2] = r
+                    node.update_arg(1, sizes)
+            for sdpa_site, _, _ in site["readers"]:
+                sdpa = sdpa_site.node
                 if sdpa in done:  # its value (or key) cache was handled first
                     continue
                 done.add(sdpa)
-                mask = _sdpa_arg(sdpa, 3, "attn_mask")
-                if (mask, pos, r) not in masks:
-                    masks[(mask, pos, r)] = self._gather_mask(graph, mask, idx, valid)
-                _set_sdpa_arg(sdpa, 3, "attn_mask", masks[(mask, pos, r)])
+                mask = sdpa_site.args.attn_mask
+                if (mask, key) not in masks:
+                    masks[(mask, key)] = _gather_mask(graph, mask, idx, valid)
+                set_sdpa_arg(sdpa, "attn_mask", masks[(mask, key)])
             stats.rewritten += 1
             before = old.numel() * old.element_size()
             stats.sites.append({"buffer": name, "window": self.windows[name], "ring_size": r,
+                                "chunk": site["chunk"], "write": write.kind,
+                                "readers": sorted({kv.spelling for _, _, kv in site["readers"]}),
                                 "bytes_before": before, "bytes_after": before // s * r})
         return PassResult(ep, bool(sites), stats)
 
-    @staticmethod
-    def _slot_positions(graph: torch.fx.Graph, pos: Node, r: int) -> tuple[Node, Node, Node]:
-        """Nodes for ``pos % R``, the gather index ``clamp(k_pos, 0)`` and ``k_pos >= 0``."""
-        device = pos.meta["val"].device
-        with graph.inserting_before(_after(pos)):
-            wrapped = call(graph, aten.remainder.Scalar, pos, r)
-            last = call(graph, aten.select.int, pos, 0, -1)  # () last written position p
-            slots = call(graph, aten.arange.default, r, dtype=torch.int64, device=device)  # (R,)
-            back = call(graph, aten.remainder.Scalar, call(graph, aten.sub.Tensor, last, slots), r)
-            k_pos = call(graph, aten.sub.Tensor, last, back)  # (R,) absolute position held by slot j
-            idx = call(graph, aten.clamp.default, k_pos, 0)
-            valid = call(graph, aten.ge.Scalar, k_pos, 0)
-        return wrapped, idx, valid
 
-    @staticmethod
-    def _gather_mask(graph: torch.fx.Graph, mask: Node, idx: Node, valid: Node) -> Node:
-        """``mask[..., clamp(k_pos, 0)]`` and-ed with ``k_pos >= 0``: (..., L, R)."""
-        m = mask.meta["val"]
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        anchor = max((mask, valid), key=order.__getitem__)
-        with graph.inserting_before(_after(anchor)):
-            gathered = call(graph, aten.index_select.default, mask, m.dim() - 1, idx)  # (..., L, R)
-            if m.dtype == torch.bool:
-                return call(graph, aten.logical_and.default, gathered, valid)
-            return call(graph, aten.where.ScalarOther, valid, gathered, float("-inf"))
+def _value_key(x: Any) -> Any:
+    """A hashable key equal for equal computations: inputs by name, op nodes by (target, args)."""
+    if isinstance(x, Node):
+        if x.op != "call_function":
+            return ("node", x.name)
+        return (str(x.target), tuple(_value_key(a) for a in x.args),
+                tuple(sorted((k, _value_key(v)) for k, v in x.kwargs.items())))
+    if isinstance(x, (list, tuple)):
+        return tuple(_value_key(a) for a in x)
+    return ("const", repr(x))
 
 
-def _after(node: Node) -> Node:
-    """The node before which new nodes computed from ``node`` go (after all placeholders)."""
-    if node.op == "placeholder":
-        node = [n for n in node.graph.nodes if n.op == "placeholder"][-1]
-    return node.next
+def _order(graph: torch.fx.Graph) -> dict[Node, int]:
+    return {n: i for i, n in enumerate(graph.nodes)}
 
 
-def _prod(xs) -> int:
-    out = 1
-    for x in xs:
-        out *= x
-    return out
-
-
-def _sdpa_arg(sdpa: Node, index: int, name: str, default=None):
-    if len(sdpa.args) > index:
-        return sdpa.args[index]
-    return sdpa.kwargs.get(name, default)
-
-
-def _set_sdpa_arg(sdpa: Node, index: int, name: str, value) -> None:
-    if len(sdpa.args) > index:
-        sdpa.update_arg(index, value)
+def _slot_positions(graph: torch.fx.Graph, write: CacheWrite, r: int) -> tuple[Node, Node, Node, Node]:
+    """Nodes for the written positions ``pos``, ``pos % R``, the gather index ``clamp(k_pos, 0)``
+    and ``k_pos >= 0``; inserted after the last node they depend on."""
+    device = val(write.cache).device
+    if write.positions is not None:
+        deps = [write.positions]
     else:
-        sdpa.update_kwarg(name, value)
+        deps = [x for x in (write.start, write.end) if isinstance(x, Node)]
+    order = _order(graph)
+    anchor = max(deps, key=order.__getitem__) if deps else None
+    with graph.inserting_before(_after(anchor, graph)):
+        if write.positions is not None:
+            pos = write.positions
+        else:  # (L,) absolute positions of a slice write
+            pos = call(graph, aten.arange.start_step, write.start, write.end, 1, dtype=torch.int64, device=device)
+        wrapped = call(graph, aten.remainder.Scalar, pos, r)
+        last = call(graph, aten.select.int, pos, 0, -1)  # () last written position p
+        slots = call(graph, aten.arange.default, r, dtype=torch.int64, device=device)  # (R,)
+        back = call(graph, aten.remainder.Scalar, call(graph, aten.sub.Tensor, last, slots), r)
+        k_pos = call(graph, aten.sub.Tensor, last, back)  # (R,) absolute position held by slot j
+        idx = call(graph, aten.clamp.default, k_pos, 0)
+        valid = call(graph, aten.ge.Scalar, k_pos, 0)
+    return wrapped, idx, valid, pos
+
+
+def _write_at(write: CacheWrite, wrapped: Node) -> None:
+    """Point the write at slots ``wrapped`` (= positions % R)."""
+    node = write.node
+    if write.kind == "index_copy":
+        node.update_arg(2, wrapped)
+    elif write.kind == "index_put":
+        indices = list(node.args[1])
+        indices[write.dim] = wrapped
+        node.update_arg(1, indices)
+    else:  # slice_scatter: a contiguous slice cannot wrap; the same rows as index_copy
+        node.target = aten.index_copy.default
+        node.args, node.kwargs = (write.cache, write.dim, wrapped, write.value), {}
+
+
+def _gather_mask(graph: torch.fx.Graph, mask: Node, idx: Node, valid: Node) -> Node:
+    """``mask[..., clamp(k_pos, 0)]`` and-ed with ``k_pos >= 0``: (..., L, R)."""
+    m = val(mask)
+    order = _order(graph)
+    anchor = max((mask, valid), key=order.__getitem__)
+    with graph.inserting_before(_after(anchor, graph)):
+        gathered = call(graph, aten.index_select.default, mask, m.dim() - 1, idx)  # (..., L, R)
+        if m.dtype == torch.bool:
+            return call(graph, aten.logical_and.default, gathered, valid)
+        return call(graph, aten.where.ScalarOther, valid, gathered, float("-inf"))
+
+
+def _after(node: Node | None, graph: torch.fx.Graph) -> Node:
+    """The node before which new nodes computed from ``node`` go (after all placeholders)."""
+    if node is None or node.op == "placeholder":
+        node = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    return node.next

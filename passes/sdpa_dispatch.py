@@ -2,11 +2,13 @@
 
 Matches: ``aten.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p=0, is_causal,
     scale, enable_gqa)`` with 4-d q (B, H_q, L, D), D <= 512, float16/bfloat16/float32,
-    a bool (True = attend) or float additive mask (or none), and K/V that are either
-    * the repeat_kv expansion ``unsqueeze(x, 2) -> expand(B, H_kv, n_rep, S, D) ->
-      [clone] -> reshape/view/_unsafe_view(B, H_kv * n_rep, S, D)`` (no-op slices/aliases
-      allowed in between), which is peeled: the kernels read x (B, H_kv, S, D) directly;
-    * or already (B, H_kv, S, D) with H_q % H_kv == 0 (H_kv == H_q, or ``enable_gqa=True``).
+    a bool (True = attend) or float additive mask (or none), and K/V read through any GQA
+    spelling :func:`fxport.passes.attention.peel_kv` recognizes: ``repeat_interleave(n, dim=1)``
+    (ExecuTorch's Llama), the repeat_kv chain ``unsqueeze(x, 2) -> expand(B, H_kv, n_rep, S, D)
+    -> [clone] -> reshape/view/_unsafe_view(B, H_kv * n_rep, S, D)`` (transformers), or
+    ``enable_gqa=True`` with (B, H_kv, S, D), copy-like ops in between. The expansion is
+    peeled: the kernels read the UN-expanded cache (B, H_kv, S, D) (native GQA), never the
+    n_rep-times larger copy.
 Produces, per site:
     * 1 <= L <= 4 (static: a decode or speculative-verification step; the mask carries the
       causal rule per query row) and S > ``threshold`` and not ``is_causal`` ->
@@ -17,8 +19,9 @@ Produces, per site:
     query row attends to, per batch row), so kernels skip the KV blocks past it; it is shared
     by all sites that read the same mask node. Without a mask (or ``valid_len=False``) it is None.
 Leaves alone (counted in ``stats.skipped[reason]``): dropout, head dim > 512, other dtypes,
-    masks of other dtypes/ranks, K/V whose head layout it cannot prove (e.g. a repeat that is
-    not the repeat_kv order), K and V with different head counts.
+    masks of other dtypes/ranks, K/V whose head layout it cannot prove (e.g. an expand that is
+    not the repeat_kv order), K and V with different head counts, a cast between the cache and
+    SDPA (the kernels would read the cache's dtype).
 Invariant: the op computes the same attention as the aten call (the CPU reference impl calls
     aten SDPA on the expanded K/V with the same mask, so on CPU the rewritten program equals
     the original bit for bit); the Triton kernels are equal within float tolerance.
@@ -26,7 +29,9 @@ Idempotent: the rewritten program has no matching aten SDPA left (``fallback="at
     are left unchanged, so a second run changes nothing either).
 
 Stats: one ``sites`` entry per call site: node, module (the attention module's FQN when
-export recorded it), q/kv shapes, kv buffer (when the K source is a cache buffer), choice (``sdpa_decode_splitk`` | ``sdpa`` | ``aten``) and the reason.
+export recorded it), q/kv shapes (kv: the peeled source), kv buffer (when the K source is a
+cache buffer), gqa (the K/V spelling peeled), choice (``sdpa_decode_splitk`` | ``sdpa`` |
+``aten``) and the reason.
 """
 
 from __future__ import annotations
@@ -40,15 +45,13 @@ from torch.fx import Node
 
 import fxport.kernels.ops  # noqa: F401  (registers torch.ops.fxport.*)
 from fxport.kernels.attention_ops import MAX_DECODE_QUERIES
+from fxport.passes.attention import NotRecognized, attention_site, val
 from fxport.passes.base import Pass, PassContext, PassResult, PassStats
 from fxport.passes.graph import buffer_placeholders, call
 
 aten = torch.ops.aten
 MAX_HEAD_DIM = 512
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
-_NOOP_OPS = (aten.alias.default, aten.slice.Tensor, aten.clone.default, aten.contiguous.default)
-_VIEW_OPS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 
 
 class _Skip(Exception):
@@ -63,61 +66,6 @@ def _shape(node) -> tuple | None:
 def _plain(shape: tuple | None) -> tuple | None:
     """A shape for stats: ints stay ints, symbolic dims become their name (e.g. 's27')."""
     return None if shape is None else tuple(d if isinstance(d, int) else str(d) for d in shape)
-
-
-def _val(node) -> torch.Tensor | None:
-    val = node.meta.get("val") if isinstance(node, Node) else None
-    return val if isinstance(val, torch.Tensor) else None
-
-
-def _same_shape(a: Node, b: Node) -> bool:
-    sa, sb = _shape(a), _shape(b)
-    return sa is not None and sa == sb
-
-
-def _through_noops(node: Node) -> Node:
-    """Skip value-preserving ops (aliases, full slices, clones) that keep the shape."""
-    while (
-        isinstance(node, Node)
-        and node.op == "call_function"
-        and node.target in _NOOP_OPS
-        and isinstance(node.args[0], Node)
-        and _same_shape(node, node.args[0])
-    ):
-        node = node.args[0]
-    return node
-
-
-def peel_repeat_kv(node: Node, h_q: int) -> tuple[Node, int]:
-    """(source (B, H_kv, S, D), n_rep) behind the repeat_kv expansion of ``node``.
-
-    Raises _Skip when ``node`` is an expansion of another layout.
-    """
-    shape = _shape(node)
-    if shape is None or len(shape) != 4:
-        raise _Skip("kv without a 4-d shape")
-    view = _through_noops(node)
-    if not (isinstance(view, Node) and view.op == "call_function" and view.target in _VIEW_OPS):
-        return view, 1  # not expanded here; the caller checks H_kv against H_q
-    expand = view.args[0]
-    if isinstance(expand, Node) and expand.target in (aten.clone.default, aten.contiguous.default):
-        expand = expand.args[0]
-    if not (isinstance(expand, Node) and expand.target == aten.expand.default):
-        raise _Skip("kv reshaped from something other than a repeat_kv expand")
-    unsq = _through_noops(expand.args[0])
-    if not (isinstance(unsq, Node) and unsq.target == aten.unsqueeze.default and unsq.args[1] in (2, -3)):
-        raise _Skip("kv expand not preceded by unsqueeze(2) (not the repeat_kv layout)")
-    src = _through_noops(unsq.args[0])
-    src_shape, exp_shape = _shape(src), _shape(expand)
-    if src_shape is None or len(src_shape) != 4 or exp_shape is None or len(exp_shape) != 5:
-        raise _Skip("repeat_kv source without a static 4-d shape")
-    b, h_kv, s, d = src_shape
-    n_rep = exp_shape[2]
-    if exp_shape != (b, h_kv, n_rep, s, d) or shape != (b, h_kv * n_rep, s, d):
-        raise _Skip(f"repeat_kv shapes {src_shape} -> {exp_shape} -> {shape} do not match")
-    if h_kv * n_rep != h_q:
-        raise _Skip(f"repeat_kv gives {h_kv * n_rep} heads, query has {h_q}")
-    return src, n_rep
 
 
 def _module_path(node: Node) -> str | None:
@@ -166,39 +114,36 @@ class SDPADispatch(Pass):
     # ------------------------------------------------------------------ analysis
 
     def _analyze(self, node: Node) -> dict:
-        args = dict(zip(_SDPA_ARGS, node.args))
-        args.update(node.kwargs)
-        q, k, v = args["query"], args["key"], args["value"]
-        mask = args.get("attn_mask")
-        if args.get("dropout_p", 0.0) not in (0, 0.0):
+        try:
+            site = attention_site(node)
+        except NotRecognized as exc:
+            raise _Skip(str(exc)) from None
+        a = site.args
+        if a.dropout_p != 0.0:
             raise _Skip("dropout")
-        qv = _val(q)
-        if qv is None or qv.dim() != 4:
-            raise _Skip("query not 4-d")
+        qv = val(a.query)
         if qv.dtype not in _DTYPES:
             raise _Skip(f"dtype {qv.dtype}")
         B, H_q, L, D = qv.shape
-        if not isinstance(D, int) or not isinstance(H_q, int):
+        if not isinstance(D, int):
             raise _Skip("symbolic heads or head dim")
         if D > MAX_HEAD_DIM:
             raise _Skip(f"head dim {D} > {MAX_HEAD_DIM}")
-        k_src, k_rep = peel_repeat_kv(k, H_q)
-        v_src, v_rep = peel_repeat_kv(v, H_q)
-        ks, vs = _shape(k_src), _shape(v_src)
-        if ks is None or vs is None or ks != vs:
-            raise _Skip(f"k {ks} and v {vs} sources differ in shape")
-        if len(ks) != 4 or ks[3] != D or not isinstance(ks[1], int) or H_q % ks[1] != 0:
-            raise _Skip(f"kv {ks} does not fit query heads {H_q} / head dim {D}")
-        if ks[1] != H_q and k_rep == 1 and not args.get("enable_gqa", False):
-            raise _Skip("kv heads differ from query heads without repeat_kv or enable_gqa")
+        k, v = site.key.source, site.value.source
+        ks, vs = _shape(k), _shape(v)
+        if ks != vs:
+            raise _Skip(f"k {_plain(ks)} and v {_plain(vs)} sources differ in shape")
+        if ks[3] != D:
+            raise _Skip(f"kv {_plain(ks)} does not fit query heads {H_q} / head dim {D}")
+        if val(k).dtype != qv.dtype or val(v).dtype != qv.dtype:
+            raise _Skip("K/V cast between the cache and SDPA (source dtype differs from the query's)")
+        mask = a.attn_mask
         if mask is not None:
-            mv = _val(mask)
+            mv = val(mask)
             if mv is None or mv.dim() > 4 or not (mv.dtype == torch.bool or mv.dtype in _DTYPES):
                 raise _Skip("mask neither bool nor float of rank <= 4")
-        scale = args.get("scale")
-        scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-        return dict(q=q, k=k_src, v=v_src, mask=mask, scale=scale, is_causal=bool(args.get("is_causal", False)),
-                    B=B, H_q=H_q, L=L, D=D, H_kv=ks[1], S=ks[2])
+        return dict(q=a.query, k=k, v=v, mask=mask, scale=a.scale_for(D), is_causal=a.is_causal,
+                    B=B, H_q=H_q, L=L, D=D, H_kv=ks[1], S=ks[2], gqa=site.key.spelling, n_rep=site.n_rep)
 
     def _choose(self, site: dict) -> tuple[str, str]:
         L, S = site["L"], site["S"]
@@ -224,7 +169,7 @@ class SDPADispatch(Pass):
         """
         if mask in cache:
             return cache[mask]
-        mv = _val(mask)
+        mv = val(mask)
         S = mv.shape[-1]
         if not isinstance(S, int):  # a dynamic key length: sweep everything (mask only)
             return None
@@ -260,6 +205,7 @@ class SDPADispatch(Pass):
                 "q": _plain(_shape(site["q"])),
                 "kv": _plain(_shape(site["k"])),
                 "kv_buffer": _kv_buffer(ep, site["k"]),
+                "gqa": site["gqa"],
                 "choice": choice,
                 "reason": reason,
             })
@@ -284,4 +230,4 @@ class SDPADispatch(Pass):
         return PassResult(ep, changed, stats)
 
 
-__all__ = ["SDPADispatch", "peel_repeat_kv"]
+__all__ = ["SDPADispatch"]

@@ -291,7 +291,7 @@ def test_sdpa_args_positional_and_keyword_read_alike():
     bare, _ = _sdpa_graph(("q", "k", "v"), {"dropout_p": 0.1})
     a = sdpa_args(bare)
     assert (a.attn_mask, a.dropout_p, a.is_causal, a.scale, a.enable_gqa) == (None, 0.1, False, None, False)
-    assert a.scale_for(64) == 0.125
+    assert a.scale_for(64) == 1 / 8
 
 
 def test_set_sdpa_arg_writes_where_the_argument_is():

@@ -30,14 +30,20 @@ TOL = 1e-10  # float64: ring slots vs full cache only reorder the softmax sum
 
 
 class Attention(nn.Module):
-    def __init__(self, max_seq_len: int, cache_layout: str = "BHSD", extra_reader: str | None = None):
+    """write: "index_copy" (HF), "index_put" (``cache[:, :, pos] = k``: gpt-fast, torchtune) or
+    "narrow" (``cache.narrow(2, pos[0].item(), L).copy_(k)``: ExecuTorch's dynamic-shape Llama);
+    gqa: "repeat_kv" (HF), "repeat_interleave" (ExecuTorch) or "enable_gqa"."""
+
+    def __init__(self, max_seq_len: int, cache_layout: str = "BHSD", extra_reader: str | None = None,
+                 write: str = "index_copy", gqa: str = "repeat_kv", h_kv: int = H_KV):
         super().__init__()
-        self.layout, self.extra_reader = cache_layout, extra_reader
+        self.layout, self.extra_reader, self.write, self.gqa, self.h_kv = cache_layout, extra_reader, write, gqa, h_kv
+        self.max_seq_len = max_seq_len
         self.q_proj = nn.Linear(HIDDEN, H_Q * D, bias=False)
-        self.k_proj = nn.Linear(HIDDEN, H_KV * D, bias=False)
-        self.v_proj = nn.Linear(HIDDEN, H_KV * D, bias=False)
+        self.k_proj = nn.Linear(HIDDEN, h_kv * D, bias=False)
+        self.v_proj = nn.Linear(HIDDEN, h_kv * D, bias=False)
         self.o_proj = nn.Linear(H_Q * D, HIDDEN, bias=False)
-        shape = (1, H_KV, max_seq_len, D) if cache_layout == "BHSD" else (1, max_seq_len, H_KV, D)
+        shape = (1, h_kv, max_seq_len, D) if cache_layout == "BHSD" else (1, max_seq_len, h_kv, D)
         self.register_buffer("k_cache", torch.zeros(shape))
         self.register_buffer("v_cache", torch.zeros(shape))
 
@@ -45,23 +51,37 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         old_sum = self.k_cache.sum() if self.extra_reader == "before" else 0.0
         q = self.q_proj(x).view(B, L, H_Q, D).transpose(1, 2)  # (B, H_q, L, D)
-        k = self.k_proj(x).view(B, L, H_KV, D)
-        v = self.v_proj(x).view(B, L, H_KV, D)
+        k = self.k_proj(x).view(B, L, self.h_kv, D)
+        v = self.v_proj(x).view(B, L, self.h_kv, D)
         if self.layout == "BHSD":
-            self.k_cache.index_copy_(2, input_pos, k.transpose(1, 2))
-            self.v_cache.index_copy_(2, input_pos, v.transpose(1, 2))
+            for cache, new in ((self.k_cache, k.transpose(1, 2)), (self.v_cache, v.transpose(1, 2))):
+                if self.write == "index_copy":
+                    cache.index_copy_(2, input_pos, new)
+                elif self.write == "index_put":
+                    cache[:, :, input_pos] = new
+                else:
+                    start = input_pos[0].item()
+                    torch._check(start >= 0)
+                    torch._check(start + L <= self.max_seq_len)
+                    cache.narrow(2, start, L).copy_(new)
             k, v = self.k_cache, self.v_cache  # (B, H_kv, S, D)
         else:
             self.k_cache.index_copy_(1, input_pos, k)
             self.v_cache.index_copy_(1, input_pos, v)
             k, v = self.k_cache.transpose(1, 2), self.v_cache.transpose(1, 2)
-        n = H_Q // H_KV
+        n = H_Q // self.h_kv
 
         def repeat_kv(t):  # (B, H_kv, S, D) -> (B, H_q, S, D)
             b, h, s, d = t.shape
             return t.unsqueeze(2).expand(b, h, n, s, d).reshape(b, h * n, s, d)
 
-        o = F.scaled_dot_product_attention(q, repeat_kv(k), repeat_kv(v), attn_mask=mask)
+        if self.gqa == "repeat_kv":
+            o = F.scaled_dot_product_attention(q, repeat_kv(k), repeat_kv(v), attn_mask=mask)
+        elif self.gqa == "repeat_interleave":
+            o = F.scaled_dot_product_attention(q, k.repeat_interleave(n, dim=1), v.repeat_interleave(n, dim=1),
+                                               attn_mask=mask)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         out = self.o_proj(o.transpose(1, 2).reshape(B, L, -1))
         if self.extra_reader == "after":
             out = out + self.k_cache.sum()
@@ -77,12 +97,14 @@ class Layer(nn.Module):
 class TinyLM(nn.Module):
     """``model.layers.{i}.self_attn.{k,v}_cache`` buffers, masks as in the model contract."""
 
-    def __init__(self, window, max_seq_len, layer_types=(SLIDING, FULL, SLIDING), mask="bool", **attn_kw):
+    def __init__(self, window, max_seq_len, layer_types=(SLIDING, FULL, SLIDING), mask="bool", layer_kw=None,
+                 **attn_kw):
         super().__init__()
         self.window, self.max_seq_len, self.layer_types, self.mask = window, max_seq_len, layer_types, mask
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(VOCAB, HIDDEN)
-        self.model.layers = nn.ModuleList(Layer(Attention(max_seq_len, **attn_kw)) for _ in layer_types)
+        layer_kw = layer_kw or [{}] * len(layer_types)
+        self.model.layers = nn.ModuleList(Layer(Attention(max_seq_len, **attn_kw, **kw)) for kw in layer_kw)
         self.lm_head = nn.Linear(HIDDEN, VOCAB, bias=False)
 
     def forward(self, tokens, input_pos):
@@ -240,19 +262,23 @@ def test_chunk_r_minus_w_plus_2_is_rejected():
     with pytest.raises(PassError) as err:
         RingBufferKVCache(sliding_buffers(model), ring_size=7)(programs["prefill"])
     assert str(err.value) == (
-        "RingBufferKVCache: chunk 5 exceeds ring size 7 - window 4 + 1 for buffer "
-        "model.layers.0.self_attn.k_cache; export with a smaller max chunk or pass ring_size="
+        "RingBufferKVCache: chunk 5 exceeds ring size 7 - window 4 + 1 = 4 for buffer "
+        "model.layers.0.self_attn.k_cache; export with chunks <= 4 (fxport export --max-prefill-chunk 4) "
+        "or pass ring_size >= 8 (--ring-size 8)"
     )
     # Decode (chunk 1) is fine with the same ring.
     assert RingBufferKVCache(sliding_buffers(model), ring_size=7)(programs["decode"]).changed
 
 
-def test_static_oversized_chunk_is_rejected():
+def test_static_chunk_sizes_the_ring_and_an_explicit_small_ring_is_rejected():
     torch.manual_seed(0)
     model = TinyLM(2, 12).double()
     prefill = export_methods(model, 4, dynamic=False)["prefill"]
-    with pytest.raises(PassError, match=r"^RingBufferKVCache: chunk 4 exceeds ring size 4 - window 2 \+ 1 "):
-        RingBufferKVCache(sliding_buffers(model))(prefill)
+    # default R = max(2W, W + C - 1) = max(4, 5)
+    assert buffer_shapes(RingBufferKVCache(sliding_buffers(model))(prefill).ep)["model.layers.0.self_attn.k_cache"] == (
+        1, H_KV, 5, D)
+    with pytest.raises(PassError, match=r"^RingBufferKVCache: chunk 4 exceeds ring size 4 - window 2 \+ 1 = 3 "):
+        RingBufferKVCache(sliding_buffers(model), ring_size=4)(prefill)
 
 
 # --------------------------------------------------------------------------------- structure
@@ -319,9 +345,9 @@ def test_key_ringed_without_its_value_is_left_alone():
 @pytest.mark.parametrize(
     "kwargs, reason",
     [
-        ({"extra_reader": "before"}, "cache has readers other than one index_copy write"),
+        ({"extra_reader": "before"}, "cache has readers other than its one write"),
         ({"extra_reader": "after"}, "cache read by aten.sum.default"),
-        ({"cache_layout": "BSHD"}, "index_copy not on dim 2 of the cache"),
+        ({"cache_layout": "BSHD"}, "cache write not on dim 2 of a (B, H, S, D) cache"),
     ],
 )
 def test_unprovable_caches_are_left_alone(kwargs, reason):
@@ -371,3 +397,67 @@ def test_gemma4_tiny_chunked_prefill_then_decode_matches_full_cache():
     for step, (e, g) in enumerate(zip(expected_logits, run_steps(got, tokens, [5, 3, 5]))):
         # float32; the ring only reorders the softmax sum over the slots.
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {step}: {m}")
+
+
+# --------------------------------------------------------------------------------- foreign spellings
+
+FOREIGN_LAYERS = [  # (layer type, Attention kwargs): one cache-write form and GQA spelling each
+    (SLIDING, {"write": "index_put", "gqa": "repeat_interleave"}),  # gpt-fast / torchtune write
+    (SLIDING, {"write": "narrow", "gqa": "enable_gqa"}),  # ExecuTorch dynamic-shape write
+    (SLIDING, {"write": "index_copy", "gqa": "repeat_interleave", "h_kv": H_Q}),  # repeat_interleave(1)
+    (FULL, {"write": "index_put", "gqa": "repeat_kv"}),
+]
+FOREIGN_WINDOW, FOREIGN_CHUNK, FOREIGN_S = 2, 6, 16
+FOREIGN_R = FOREIGN_WINDOW + FOREIGN_CHUNK - 1  # max(2W, W + C - 1) = 7: chunks larger than W + 1
+
+
+@functools.lru_cache(maxsize=None)
+def foreign_programs() -> tuple[TinyLM, dict]:
+    torch.manual_seed(3)
+    model = TinyLM(FOREIGN_WINDOW, FOREIGN_S, layer_types=tuple(t for t, _ in FOREIGN_LAYERS), mask="float",
+                   layer_kw=[kw for _, kw in FOREIGN_LAYERS]).double().eval()
+    return model, export_methods(model, FOREIGN_CHUNK)
+
+
+def test_foreign_writes_and_gqa_spellings_are_ringed_with_r_from_the_program():
+    model, programs = foreign_programs()
+    ring_pass = RingBufferKVCache(sliding_buffers(model))  # no ring_size, no max_prefill_chunk
+    results = {m: ring_pass(programs[m]) for m in ("prefill", "decode")}  # one object: one R for both
+    for method, result in results.items():
+        h_kv = [H_KV, H_KV, H_Q, H_KV]
+        assert buffer_shapes(result.ep) == {
+            f"model.layers.{i}.self_attn.{kv}_cache": (1, h_kv[i], FOREIGN_R if t == SLIDING else FOREIGN_S, D)
+            for i, (t, _) in enumerate(FOREIGN_LAYERS) for kv in "kv"}, method
+        sites = {s["buffer"].split(".")[2] + s["buffer"][-7]: s for s in result.stats.sites}
+        assert {k: (s["write"], s["readers"], s["chunk"]) for k, s in sites.items()} == {
+            "0k": ("index_put", ["repeat_interleave"], FOREIGN_CHUNK if method == "prefill" else 1),
+            "0v": ("index_put", ["repeat_interleave"], FOREIGN_CHUNK if method == "prefill" else 1),
+            "1k": ("slice_scatter", ["enable_gqa"], FOREIGN_CHUNK if method == "prefill" else 1),
+            "1v": ("slice_scatter", ["enable_gqa"], FOREIGN_CHUNK if method == "prefill" else 1),
+            "2k": ("index_copy", ["repeat_interleave"], FOREIGN_CHUNK if method == "prefill" else 1),
+            "2v": ("index_copy", ["repeat_interleave"], FOREIGN_CHUNK if method == "prefill" else 1),
+        }
+        # the slice write (it cannot wrap) became an index_copy at positions % R
+        targets = [n.target for n in result.ep.graph.nodes]
+        assert torch.ops.aten.slice_scatter.default not in targets
+        assert targets.count(torch.ops.aten.index_copy.default) == 4
+    tokens = torch.randint(0, VOCAB, (1, FOREIGN_S), generator=torch.Generator().manual_seed(5))
+    reference = {k: ep.module() for k, ep in programs.items()}
+    assert_parity(reference, {k: r.ep.module() for k, r in results.items()}, tokens, [FOREIGN_CHUNK, 1, 5])
+
+
+def test_ring_chosen_for_decode_first_refuses_a_larger_prefill():
+    model, programs = foreign_programs()
+    ring_pass = RingBufferKVCache(sliding_buffers(model))
+    assert buffer_shapes(ring_pass(programs["decode"]).ep)["model.layers.0.self_attn.k_cache"][2] == 2 * FOREIGN_WINDOW
+    with pytest.raises(PassError) as err:
+        ring_pass(programs["prefill"])
+    assert str(err.value) == (
+        "RingBufferKVCache: buffer model.layers.0.self_attn.k_cache was ringed to 4 slots for an earlier method, "
+        "but this program writes chunks of 6 (needs 7); rewrite the prefill method first or pass "
+        "max_prefill_chunk= (fxport export --max-prefill-chunk)")
+    # max_prefill_chunk makes the order irrelevant
+    explicit = RingBufferKVCache(sliding_buffers(model), max_prefill_chunk=FOREIGN_CHUNK)
+    shapes = {m: buffer_shapes(explicit(programs[m]).ep) for m in ("decode", "prefill")}
+    assert shapes["decode"] == shapes["prefill"]
+    assert shapes["decode"]["model.layers.1.self_attn.v_cache"] == (1, H_KV, FOREIGN_R, D)

@@ -214,7 +214,7 @@ def test_enable_gqa_causal_prefill():
     "mod, h_kv, reason",
     [
         (Dropout(), 4, "dropout"),
-        (WrongRepeat(), 2, "kv expand not preceded by unsqueeze(2) (not the repeat_kv layout)"),
+        (WrongRepeat(), 2, "K/V expand not preceded by unsqueeze(2) (not the repeat_kv layout)"),
     ],
 )
 def test_skips_with_reason(mod, h_kv, reason):
@@ -340,3 +340,36 @@ def test_gemma4_splitk_exactly_at_global_layers_and_parity():
     for step, (e, g) in enumerate(zip(expected, got)):
         # the CPU reference impls call aten SDPA on the same values: identical logits
         torch.testing.assert_close(g, e, rtol=0, atol=0, msg=lambda m: f"step {step}: {m}")
+
+
+class RepeatInterleaveCache(torch.nn.Module):
+    """ExecuTorch's Llama spelling: a cache written with index_copy_, GQA by
+    ``repeat_interleave(n_rep, dim=1)`` in front of SDPA (n_rep = 1 too)."""
+
+    def __init__(self, h_kv, s=40, d=8):
+        super().__init__()
+        self.n_rep = 4 // h_kv
+        self.register_buffer("k_cache", torch.zeros(1, h_kv, s, d))
+        self.register_buffer("v_cache", torch.zeros(1, h_kv, s, d))
+
+    def forward(self, q, k, v, input_pos):
+        self.k_cache.index_copy_(2, input_pos, k)
+        self.v_cache.index_copy_(2, input_pos, v)
+        mask = (torch.arange(self.k_cache.shape[2])[None, :] <= input_pos[:, None])[None, None]
+        kc, vc = self.k_cache.repeat_interleave(self.n_rep, dim=1), self.v_cache.repeat_interleave(self.n_rep, dim=1)
+        return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask)
+
+
+@pytest.mark.parametrize("h_kv", [2, 4])
+def test_repeat_interleave_splitk_reads_the_unexpanded_cache(h_kv):
+    g = torch.Generator().manual_seed(h_kv)
+    args = (torch.randn(1, 4, 1, 8, generator=g), torch.randn(1, h_kv, 1, 8, generator=g),
+            torch.randn(1, h_kv, 1, 8, generator=g), torch.tensor([17]))
+    ep = G.to_functional(torch.export.export(RepeatInterleaveCache(h_kv), args))
+    res = SDPADispatch(threshold=32)(ep)
+    assert [(s["choice"], s["gqa"], s["kv"], s["kv_buffer"]) for s in res.stats.sites] == [
+        ("sdpa_decode_splitk", "repeat_interleave", (1, h_kv, 40, 8), "k_cache")]
+    node = next(n for n in res.ep.graph.nodes if n.target == SPLITK)
+    assert [a.target for a in node.args[1:3]] == [aten.index_copy.default] * 2  # the cache, not a copy
+    assert aten.repeat_interleave.self_int not in _targets(res.ep)
+    torch.testing.assert_close(res.ep.module()(*args), ep.module()(*args), rtol=0, atol=0)  # CPU reference: exact
