@@ -207,3 +207,48 @@ def audio_placeholders(config: Gemma4MultimodalConfig, num_soft_tokens: int) -> 
     if config.audio_token_id is None:
         raise ValueError("audio_placeholders: the config has no audio_token_id.")
     return [config.boa_token_id] + [config.audio_token_id] * num_soft_tokens + [config.eoa_token_id]
+
+
+def load_hf_multimodal(path: Any, max_seq_len: int = 2048, dtype: torch.dtype | None = None,
+                       progress: bool = False) -> Gemma4ForConditionalGeneration:
+    """A ``Gemma4ForConditionalGeneration`` Hugging Face directory (config.json + safetensors)
+    as an eager model. Needs transformers (the ``[hf]`` extra) to read the config.
+
+    Every tensor of the model must be in the checkpoint (``lm_head.weight`` may be absent when
+    tied); the only extra tensors allowed are the K/V projections and norms of KV-shared layers,
+    which transformers also ignores. Anything else is a :class:`CheckpointError` naming it.
+    """
+    import re
+    from pathlib import Path
+
+    from .load import CheckpointError, load_safetensors_dir
+
+    path = Path(path)
+    try:
+        from transformers import AutoConfig
+    except ImportError:  # pragma: no cover - the [hf] extra
+        raise CheckpointError("load_hf_multimodal: reading a Hugging Face config needs transformers; "
+                              "pip install 'fxport[hf]'.") from None
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json; pass a Hugging Face Gemma 4 checkpoint directory.")
+    hf_config = AutoConfig.from_pretrained(str(path))
+    config = multimodal_from_hf_config(hf_config)
+    model = Gemma4ForConditionalGeneration(config, max_seq_len=max_seq_len)
+    state = load_safetensors_dir(path, dtype=dtype, progress=progress)
+    shared = {i for i in range(config.text.num_hidden_layers) if config.text.kv_source(i) is not None}
+    ignorable = re.compile(r"model\.language_model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.")
+    extra = [k for k in state if k not in model.state_dict()]
+    bad = [k for k in extra if not ((m := ignorable.match(k)) and int(m.group(1)) in shared)]
+    if bad:
+        raise CheckpointError(f"{path}: tensors the model does not have: {bad[:4]} ({len(bad)} in all); "
+                              "is this a Gemma 4 checkpoint of this transformers version?")
+    for k in extra:
+        del state[k]
+    missing, _ = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.text.tie_word_embeddings)]
+    if missing:
+        raise CheckpointError(f"{path}: missing tensors {missing[:4]} ({len(missing)} in all); the checkpoint "
+                              "is incomplete or for another architecture.")
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()

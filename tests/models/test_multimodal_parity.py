@@ -214,3 +214,17 @@ def test_audio_and_image_in_one_prompt():
         b = ours.generate_step(tokens, torch.arange(tokens.shape[1]), pv, pos,
                                feats + torch.randn(feats.shape, generator=g) * fmask[..., None], fmask)
     assert rel_max_err(a, b) > 1e-3
+
+
+def test_load_hf_directory(tmp_path):
+    """save_pretrained of a tiny transformers model loads back equal (tied lm_head absent)."""
+    from fxport.models.gemma4.multimodal import load_hf_multimodal
+
+    d = dict(pooling=2, max_soft=4, vis_layers=1, kv_heads=1, clipped=True, standardize=True, ple=4,
+             window=3, bidir=None, layer_types=(S, F), seed=3)
+    hf, ours = _models(d)
+    hf.save_pretrained(tmp_path)
+    loaded = load_hf_multimodal(tmp_path, max_seq_len=64)
+    ref, got = ours.state_dict(), loaded.state_dict()
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    assert loaded.config == ours.config
