@@ -105,14 +105,20 @@ class BuildOptions:
 
 
 class StageTimes:
-    """Wall time per stage, in order; ``table()`` prints them with the load average."""
+    """Wall and CPU time per stage, in order; ``table()`` prints them with the load average.
+
+    CPU seconds (``time.process_time``: every thread of this process) are what the stage costs
+    whatever the machine's load; on a loaded machine wall time is inflated by waiting for a core.
+    """
 
     def __init__(self, stages: tuple[str, ...] = STAGES, progress: bool = False,
                  on_stage: Callable[[str], None] | None = None):
         self.order = list(stages)
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
         self._current: str | None = None
         self._t0 = 0.0
+        self._c0 = 0.0
         self._on_stage = on_stage
         self._bar = None
         if progress:
@@ -124,7 +130,7 @@ class StageTimes:
         if name not in self.order:
             raise ValueError(f"unknown stage {name!r}; stages: {', '.join(self.order)}")
         self.stop()
-        self._current, self._t0 = name, time.perf_counter()
+        self._current, self._t0, self._c0 = name, time.perf_counter(), time.process_time()
         if self._bar is not None:
             self._bar.set_description(name)
         if self._on_stage is not None:
@@ -133,6 +139,8 @@ class StageTimes:
     def stop(self) -> None:
         if self._current is not None:
             self.seconds[self._current] = self.seconds.get(self._current, 0.0) + time.perf_counter() - self._t0
+            self.cpu_seconds[self._current] = (self.cpu_seconds.get(self._current, 0.0)
+                                               + time.process_time() - self._c0)
             self._current = None
             if self._bar is not None:
                 self._bar.update(1)
@@ -147,12 +155,17 @@ class StageTimes:
     def total(self) -> float:
         return sum(self.seconds.values())
 
+    @property
+    def cpu_total(self) -> float:
+        return sum(self.cpu_seconds.values())
+
     def table(self, title: str = "stage times") -> str:
         load = os.getloadavg()
         rows = [f"{title} (load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {os.cpu_count()} cores)",
-                f"  {'stage':<10} {'seconds':>8}"]
-        rows += [f"  {name:<10} {self.seconds[name]:>8.1f}" for name in self.order if name in self.seconds]
-        rows.append(f"  {'total':<10} {self.total:>8.1f}")
+                f"  {'stage':<10} {'wall s':>8} {'cpu s':>8}"]
+        rows += [f"  {name:<10} {self.seconds[name]:>8.1f} {self.cpu_seconds.get(name, 0.0):>8.1f}"
+                 for name in self.order if name in self.seconds]
+        rows.append(f"  {'total':<10} {self.total:>8.1f} {self.cpu_total:>8.1f}")
         return "\n".join(rows)
 
 
