@@ -320,6 +320,9 @@ def compile_check(shapes, lengths, emit) -> None:
             parts = launch_sdpa_decode_splitk(q, k, v, mask, vl, shape["scale"], cfg, warmup=True)
             for kname, kernel in zip(("split-K partial", "split-K reduce"), parts):
                 emit(f"| {kname} | {label} | L_kv={S_max}: {cfg} | {_resource_usage(kernel)} |")
+            q4 = torch.zeros(1, shape["H_q"], 4, shape["D"], dtype=torch.bfloat16)  # speculative verification
+            parts = launch_sdpa_decode_splitk(q4, k, v, mask, vl, shape["scale"], cfg, warmup=True, causal=True)
+            emit(f"| split-K partial, L_q=4 causal | {label} | as above | {_resource_usage(parts[0])} |")
             (kernel,) = launch_sdpa(q, k, v, mask, vl, shape["scale"], False, 0, warmup=True)
             emit(f"| tiled, L_q=1 | {label} | block_m=16, else as below | {_resource_usage(kernel)} |")
             qp = torch.zeros(1, shape["H_q"], 256, shape["D"], dtype=torch.bfloat16)

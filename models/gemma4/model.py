@@ -120,7 +120,36 @@ class Attention(nn.Module):
             shape = (max_batch_size, self.n_kv_heads, max_seq_len, hd)  # (B, H_kv, S, D)
             self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
             self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
+            self._rope_args = config.rope_for(t)
         self.o_proj = nn.Linear(self.n_heads * hd, hidden, bias=bias)
+
+    def derive_keys_from_values(self) -> bool:
+        """k_eq_v layer: drop ``k_cache`` and compute the keys from ``v_cache`` at every step.
+
+        With k_eq_v both come from the same projection: K = rope(k_norm(raw)) and V =
+        v_norm(raw) (or raw), so K = rope(V * k_norm scale) (v_norm, scale-free, is the same
+        RMS normalization; bit-exact in fp32) or rope(k_norm(V)), RoPE taken at every cache
+        slot's position. Saves the K cache (31B at 128K: 5 GiB) for a recompute over the
+        cache per step. Returns False (nothing changed) for other layers.
+        """
+        if self.kv_source is not None or self.v_proj is not None or self.k_cache is None:
+            return False
+        self.register_buffer("k_cache", None, persistent=False)
+        inv = rope_inv_freq(self.head_dim, *self._rope_args).to(self.v_cache.device)
+        self.register_buffer("cache_inv_freq", inv, persistent=False)  # (D/2,) as RotaryEmbedding's
+        return True
+
+    def _keys_from_values(self, v_all: Tensor) -> Tensor:
+        # v_all (B, H_kv, S, D) -> keys (B, H_kv, S, D), RoPE at positions 0..S-1
+        S = v_all.shape[2]
+        freqs = torch.arange(S, device=v_all.device).float()[:, None] * self.cache_inv_freq[None, :]  # (S, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (S, D)
+        if self.v_norm is not None:  # k_norm(raw) = v_norm(raw) * scale
+            w = 1.0 + _f32(self.k_norm.weight) if self.k_norm.unit_offset else _f32(self.k_norm.weight)
+            k = _cast(_f32(v_all) * w, v_all.dtype)
+        else:
+            k = self.k_norm(v_all)
+        return apply_rope(k, _cast(emb.cos(), v_all.dtype), _cast(emb.sin(), v_all.dtype))
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, mask: Tensor,
                 shared_kv: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -134,9 +163,13 @@ class Attention(nn.Module):
             if self.v_norm is not None:
                 v = self.v_norm(v)
             v = v.transpose(1, 2)  # (B, H_kv, L, D)
-            self.k_cache.index_copy_(2, input_pos, k)
-            self.v_cache.index_copy_(2, input_pos, v)
-            k_all, v_all = self.k_cache, self.v_cache  # (B, H_kv, S, D)
+            if self.k_cache is None:  # derive_keys_from_values(): one cache
+                self.v_cache.index_copy_(2, input_pos, v)
+                k_all, v_all = self._keys_from_values(self.v_cache), self.v_cache
+            else:
+                self.k_cache.index_copy_(2, input_pos, k)
+                self.v_cache.index_copy_(2, input_pos, v)
+                k_all, v_all = self.k_cache, self.v_cache  # (B, H_kv, S, D)
         else:
             k_all, v_all = shared_kv
         k, v = k_all, v_all
@@ -384,6 +417,13 @@ class Gemma4ForCausalLM(nn.Module):
         for name, buf in self.named_buffers():
             if name.endswith(("k_cache", "v_cache")):
                 buf.zero_()
+
+
+def derive_keys_from_values(model: nn.Module) -> list[str]:
+    """Every k_eq_v layer of ``model`` keeps only its V cache (see
+    :meth:`Attention.derive_keys_from_values`); returns the attention modules changed."""
+    return [name for name, mod in model.named_modules()
+            if isinstance(mod, Attention) and mod.derive_keys_from_values()]
 
 
 def cache_buffers(model: nn.Module) -> list[str]:
