@@ -17,6 +17,7 @@ from fxport.models.gemma4.audio import (
     Gemma4AudioConfig,
     Gemma4AudioModel,
     audio_encoder_method,
+    audio_encoder_passes,
     audio_output_length,
 )
 
@@ -93,10 +94,9 @@ def test_pte_matches_eager(exported):
     from executorch.runtime import Runtime
 
     from fxport.lowering.xnnpack import apply_method_passes, lower_to_xnnpack
-    from fxport.lowering.xnnpack_rewrites import RMSNormAsLinear
 
     eager, ep = exported
-    programs, _ = apply_method_passes({"audio_encoder": ep}, {"audio_encoder": [RMSNormAsLinear()]})
+    programs, _ = apply_method_passes({"audio_encoder": ep}, {"audio_encoder": audio_encoder_passes()})
     lowered = lower_to_xnnpack(programs)
     report = lowered.report["audio_encoder"]
     assert lowered.methods == ["audio_encoder"] and report.delegates > 0
