@@ -8,7 +8,7 @@
 * :mod:`fxport.lowering.dryrun`: delegation reports (what a backend took, what it left).
 * ``PteBackend`` (the runtime's ``.pte`` backend) moved to :mod:`fxport.runtime.pte_backend`;
   the lazy name ``fxport.lowering.PteBackend`` still resolves there.
-* :mod:`fxport.lowering.last_token` / :mod:`fxport.lowering.xnnpack_rewrites`: the CPU-side
+* :mod:`fxport.passes.last_token_logits` / :mod:`fxport.passes.xnnpack`: the CPU-side
   passes (last-token logits; rewrites that keep attention and norms inside XNNPACK).
 
 Submodules import ExecuTorch lazily; importing this package is cheap.
@@ -28,10 +28,10 @@ _LAZY = {
     "cuda_passes": "fxport.lowering.cuda",
     "delegation_report": "fxport.lowering.dryrun",
     "PteBackend": "fxport.runtime.pte_backend",
-    "LastTokenLogits": "fxport.lowering.last_token",
-    "AdditiveAttentionMask": "fxport.lowering.xnnpack_rewrites",
-    "RMSNormAsLinear": "fxport.lowering.xnnpack_rewrites",
-    "SDPAAsMatmul": "fxport.lowering.xnnpack_rewrites",
+    "LastTokenLogits": "fxport.passes.last_token_logits",
+    "AdditiveAttentionMask": "fxport.passes.xnnpack",
+    "RMSNormAsLinear": "fxport.passes.xnnpack",
+    "SDPAAsMatmul": "fxport.passes.xnnpack",
 }
 
 __all__ = sorted(_LAZY)

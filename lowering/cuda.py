@@ -80,10 +80,11 @@ def quantize_for_cuda(model: nn.Module, recipe: str, *, group_size: int = 32) ->
 
 
 def cuda_passes(model: nn.Module | None = None, *, windows: Mapping[str, int] | None = None,
-                ring_size: int | None = None, splitk_threshold: int = 2048) -> dict[str, list]:
+                ring_size: int | None = None, splitk_threshold: int = 2048,
+                max_prefill_chunk: int | None = None) -> dict[str, list]:
     """The CUDA pass set per method: ring buffers, SDPA dispatch, int4 dispatch, last-token logits."""
-    from fxport.lowering.last_token import LastTokenLogits
     from fxport.passes.int4_dispatch import Int4Dispatch
+    from fxport.passes.last_token_logits import LastTokenLogits
     from fxport.passes.sdpa_dispatch import SDPADispatch
 
     common: list = []
@@ -94,7 +95,7 @@ def cuda_passes(model: nn.Module | None = None, *, windows: Mapping[str, int] | 
     if windows:
         from fxport.passes.ring_buffer_kv_cache import RingBufferKVCache
 
-        common.append(RingBufferKVCache(windows=windows, ring_size=ring_size))
+        common.append(RingBufferKVCache(windows=windows, ring_size=ring_size, max_prefill_chunk=max_prefill_chunk))
     common += [SDPADispatch(threshold=splitk_threshold), Int4Dispatch()]
     return {"prefill": [*common, LastTokenLogits()], "decode": list(common)}
 
@@ -271,7 +272,8 @@ def export(model: nn.Module, options: Any) -> dict[str, ExportedProgram]:
 def run_passes(model: nn.Module, programs: Mapping[str, ExportedProgram], options: Any):
     from fxport.lowering.xnnpack import apply_method_passes
 
-    return apply_method_passes(programs, cuda_passes(model, ring_size=options.ring_size), dump=options.dump)
+    return apply_method_passes(programs, cuda_passes(model, ring_size=options.ring_size,
+                                                            max_prefill_chunk=options.max_prefill_chunk), dump=options.dump)
 
 
 def dry_run(programs: Mapping[str, ExportedProgram]) -> "CudaDryRunReport":

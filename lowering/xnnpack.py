@@ -48,21 +48,21 @@ from fxport.lowering.xnnpack_quant import (  # noqa: F401  (re-exported: the bac
 
 def cpu_passes(model: nn.Module | None = None, *, windows: Mapping[str, int] | None = None,
                ring_size: int | None = None, last_token_logits: bool = True,
-               xnnpack_rewrites: bool = True) -> dict[str, list]:
+               xnnpack_rewrites: bool = True, max_prefill_chunk: int | None = None) -> dict[str, list]:
     """The CPU pass set per method: ``{"prefill": [...], "decode": [...]}``.
 
     * ``RingBufferKVCache`` when the model has sliding-window caches (windows from
       ``fxport.models.gemma4.model.sliding_window_buffers(model)`` or ``windows=``);
     * ``AdditiveAttentionMask``, ``SDPAAsMatmul``, ``RMSNormAsLinear`` and ``SymbolicViewAsInferred``
-      (:mod:`fxport.lowering.xnnpack_rewrites`) when ``xnnpack_rewrites``: patterns XNNPACK would
+      (:mod:`fxport.passes.xnnpack`) when ``xnnpack_rewrites``: patterns XNNPACK would
       otherwise leave to portable kernels (each one left out splits a delegate); on prefill also
       ``RotateHalfAsLinear`` (decode's static slices are delegated as they are);
     * ``LastTokenLogits`` on prefill (decode is already length 1) when ``last_token_logits``.
     No Triton dispatch: XNNPACK cannot run fxport's Triton ops; the multimodal fusion is only
     needed for programs exported with ``multimodal=True`` and is added by the caller then.
     """
-    from fxport.lowering.last_token import LastTokenLogits
-    from fxport.lowering.xnnpack_rewrites import (
+    from fxport.passes.last_token_logits import LastTokenLogits
+    from fxport.passes.xnnpack import (
         AdditiveAttentionMask,
         RMSNormAsLinear,
         RotateHalfAsLinear,
@@ -78,7 +78,7 @@ def cpu_passes(model: nn.Module | None = None, *, windows: Mapping[str, int] | N
     if windows:
         from fxport.passes.ring_buffer_kv_cache import RingBufferKVCache
 
-        common.append(RingBufferKVCache(windows=windows, ring_size=ring_size))
+        common.append(RingBufferKVCache(windows=windows, ring_size=ring_size, max_prefill_chunk=max_prefill_chunk))
     if xnnpack_rewrites:
         common += [AdditiveAttentionMask(), SDPAAsMatmul(), RMSNormAsLinear(), SymbolicViewAsInferred()]
     prefill_only = [RotateHalfAsLinear()] if xnnpack_rewrites else []
@@ -245,7 +245,8 @@ def export(model: nn.Module, options: Any) -> dict[str, ExportedProgram]:
 
 def run_passes(model: nn.Module, programs: Mapping[str, ExportedProgram], options: Any):
     """The CPU pass set (:func:`cpu_passes`) over each method: ``(programs, {method: result})``."""
-    return apply_method_passes(programs, cpu_passes(model, ring_size=options.ring_size), dump=options.dump)
+    return apply_method_passes(programs, cpu_passes(model, ring_size=options.ring_size,
+                                                           max_prefill_chunk=options.max_prefill_chunk), dump=options.dump)
 
 
 def lower(programs: Mapping[str, ExportedProgram], *, constant_methods: Mapping[str, Any] | None = None,

@@ -19,6 +19,12 @@ _LAZY_PASSES = {
     "RingBufferKVCache": "fxport.passes.ring_buffer_kv_cache",
     "SDPADispatch": "fxport.passes.sdpa_dispatch",
     "Int4Dispatch": "fxport.passes.int4_dispatch",
+    "LastTokenLogits": "fxport.passes.last_token_logits",
+    "AdditiveAttentionMask": "fxport.passes.xnnpack",
+    "RMSNormAsLinear": "fxport.passes.xnnpack",
+    "RotateHalfAsLinear": "fxport.passes.xnnpack",
+    "SDPAAsMatmul": "fxport.passes.xnnpack",
+    "SymbolicViewAsInferred": "fxport.passes.xnnpack",
 }
 
 __all__ = [

@@ -20,6 +20,11 @@ Vocabulary:
   * ``Through(ops, pattern)``: zero or more nodes of ``ops`` followed along their first
     argument, then ``pattern`` (e.g. unsqueeze/expand/view wrapping a mask).
   * ``Or(*patterns)``: the first alternative that matches.
+  * ``Seq(*patterns)``: a list/tuple argument (e.g. ``aten.cat``'s tensors) of exactly that
+    length, element by element.
+
+Used by :mod:`fxport.passes.attention` (the repeat_kv chain), :mod:`fxport.passes.fixed_slot_fusion`
+(the multimodal merge) and :mod:`fxport.passes.xnnpack.rotate_half_as_linear` (RoPE's rotate_half).
 
 Graph walks: ``is_op(node, *ops)``, ``producers_through(node, ops)`` (follow first arguments
 back through e.g. view ops), ``ancestors(nodes, stop)`` / ``descendants(nodes, stop)``.
@@ -210,6 +215,26 @@ class Or(Pattern):
                 captures.update(trial)
                 return True
         return False
+
+
+class Seq(Pattern):
+    def __init__(self, *patterns: Pattern, name: str | None = None):
+        self.patterns, self.name = patterns, name
+
+    def match(self, value, captures):
+        if not isinstance(value, (list, tuple)) or len(value) != len(self.patterns):
+            return False
+        trial = dict(captures)
+        for pat, item in zip(self.patterns, value):
+            if not pat.match(item, trial):
+                return False
+        if not self._capture(value, trial):
+            return False
+        captures.update(trial)
+        return True
+
+    def __repr__(self):
+        return f"Seq({', '.join(repr(p) for p in self.patterns)})"
 
 
 def match(pattern: Pattern, value: _Any) -> Captures | None:

@@ -6,16 +6,20 @@ token, more than the rest of the model). This pass makes the output head read on
 last position.
 
 Matches: the first user output of the program, reached backwards from the output through
-value-preserving single-tensor ops (``_to_copy``, ``tanh``, ``div``/``mul`` by a scalar or
-0-d tensor, ``clone``, ``alias``) to an ``aten.linear`` whose input is rank 3 ``(B, L, H)``.
+value-preserving per-position ops (:data:`PER_POSITION`: ``_to_copy``, ``tanh``, ``div``/``mul``
+by a scalar or 0-d tensor, ``clone``, ``alias``, softmax / log-softmax) to an ``aten.linear``
+whose input is rank 3 ``(B, L, H)``.
 Produces: ``aten.slice(x, 1, -1)`` on that linear's input, so the output is ``(B, 1, V)``.
 When the input is a dynamically quantized activation (torchao's per-token
 ``choose_qparams_affine -> quantize_affine -> dequantize_affine`` chain, as
 ``Int8DynamicActivationIntxWeightConfig`` exports it), the slice goes *before* the chain, so
 the pattern XNNPACK lowers (dq(q(x)) -> linear) stays intact.
-Leaves alone: programs whose head is already length 1 (decode; idempotent: a second run sees
-L == 1), outputs not produced by a linear through such ops (counted as skipped with reason).
-Invariant: the new output equals ``old_output[:, -1:]`` exactly (the head is per-position).
+Leaves alone (skip reasons): programs whose head input is already length 1 (decode; so the
+pass is idempotent: a second run sees L == 1), outputs not produced by a linear through such
+ops, head inputs that are not rank 3, programs without a user output.
+Invariant: the new output equals ``old_output[:, -1:]`` (the head is per position) up to the
+rounding of the head matmul, which BLAS may block differently for 1 row than for L rows
+(~1e-7 relative in fp32).
 """
 
 from __future__ import annotations
@@ -27,32 +31,25 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import OutputKind
 from torch.fx import Node
 
+from fxport.passes.attention import val
 from fxport.passes.base import Pass, PassContext, PassResult, PassStats
 from fxport.passes.graph import call
 
 aten = torch.ops.aten
 
-_PASS_THROUGH = {
-    aten._to_copy.default,
-    aten.tanh.default,
-    aten.clone.default,
-    aten.alias.default,
-    aten.div.Tensor,
-    aten.div.Scalar,
-    aten.mul.Tensor,
-    aten.mul.Scalar,
-    aten.softmax.int,
-    aten._softmax.default,
-    aten.log_softmax.int,
-    aten._log_softmax.default,
-}
+#: ops between the output head and the program output that act per position
+PER_POSITION = frozenset({
+    aten._to_copy.default, aten.tanh.default, aten.clone.default, aten.alias.default,
+    aten.div.Tensor, aten.div.Scalar, aten.mul.Tensor, aten.mul.Scalar,
+    aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default,
+})
 
 
 def _is_scalarish(arg) -> bool:
     if not isinstance(arg, Node):
         return True
-    val = arg.meta.get("val")
-    return isinstance(val, torch.Tensor) and val.dim() == 0
+    v = val(arg)
+    return v is not None and v.dim() == 0
 
 
 def _head_linear(node: Node) -> Node | None:
@@ -60,10 +57,9 @@ def _head_linear(node: Node) -> Node | None:
     while isinstance(node, Node) and node.op == "call_function":
         if node.target is aten.linear.default:
             return node
-        if node.target not in _PASS_THROUGH:
+        if node.target not in PER_POSITION:
             return None
-        tensors = [a for a in node.args[1:] if isinstance(a, Node)]
-        if not all(_is_scalarish(a) for a in tensors):
+        if not all(_is_scalarish(a) for a in node.args[1:] if isinstance(a, Node)):
             return None
         node = node.args[0]
     return None
@@ -107,19 +103,18 @@ class LastTokenLogits(Pass):
         if not user_outputs:
             stats.skip("no user output")
             return PassResult(ep, False, stats)
-        out_node = ep.graph.output_node()
-        logits = out_node.args[0][user_outputs[0]]
+        logits = ep.graph.output_node().args[0][user_outputs[0]]
         linear = _head_linear(logits)
         if linear is None:
             stats.skip("output is not a linear head through per-position ops")
             return PassResult(ep, False, stats)
         stats.matched += 1
         x, consumers = _activation_source(linear)
-        val = x.meta.get("val")
-        if not isinstance(val, torch.Tensor) or val.dim() != 3:
+        v = val(x)
+        if v is None or v.dim() != 3:
             stats.skip("head input is not rank 3 (B, L, H)")
             return PassResult(ep, False, stats)
-        if isinstance(val.shape[1], int) and val.shape[1] == 1:
+        if isinstance(v.shape[1], int) and v.shape[1] == 1:
             stats.skip("head input already has length 1")
             return PassResult(ep, False, stats)
         with ep.graph.inserting_after(x):
@@ -129,3 +124,6 @@ class LastTokenLogits(Pass):
         stats.rewritten += 1
         stats.sites.append({"node": linear.name, "choice": "last position"})
         return PassResult(ep, True, stats)
+
+
+__all__ = ["LastTokenLogits", "PER_POSITION"]
