@@ -282,6 +282,39 @@ def decode_bytes(shape: dict, S: int, itemsize: int) -> int:
     return 2 * shape["H_kv"] * S * shape["D"] * itemsize + 2 * shape["H_q"] * shape["D"] * itemsize + S
 
 
+def keys_from_values_cost(chk: Check, S: int) -> tuple[str, float]:
+    """ms to derive one 31B global layer's keys from its V cache (L_kv = S), eager and compiled,
+    checked against rope(k_norm(raw)) written the two-cache way."""
+    from fxport.models.gemma4.model import Attention, apply_rope, rope_inv_freq
+
+    cfg = smoke_model_config() if chk.smoke else prefix_config(6)
+    layer = cfg.layer_types.index("full_attention")
+    with torch.device("meta"):
+        attn = Attention(cfg, layer, 1, S)
+    attn = attn.to_empty(device=chk.device)
+    with torch.no_grad():
+        attn.k_norm.weight.copy_(torch.rand_like(attn.k_norm.weight) + 0.5)
+        attn.derive_keys_from_values()
+        attn.cache_inv_freq.copy_(rope_inv_freq(attn.head_dim, *cfg.rope_for("full_attention")).to(chk.device))
+        attn = attn.to(chk.dtype)
+        raw = torch.randn(1, attn.n_kv_heads, S, attn.head_dim, device=chk.device, dtype=chk.dtype)
+        v = attn.v_norm(raw)
+        pos = torch.arange(S, device=chk.device).float()[:, None] * attn.cache_inv_freq.float()[None, :]
+        emb = torch.cat((pos, pos), dim=-1)
+        want = apply_rope(attn.k_norm(raw), emb.cos().to(chk.dtype), emb.sin().to(chk.dtype))
+        got = attn._keys_from_values(v)
+        err = (got.float() - want.float()).abs().max().item() / want.float().abs().max().item()
+        t_eager = chk.ms(lambda: attn._keys_from_values(v))
+        compiled = torch.compile(attn._keys_from_values, backend="eager" if chk.smoke else "inductor")
+        compiled(v)
+        t_comp = chk.ms(lambda: compiled(v))
+    nbytes = 2 * v.numel() * v.element_size()  # read V, write K (the cos/sin tables are extra)
+    return (f"k_eq_v single cache, L_kv={S}, H_kv={attn.n_kv_heads} D={attn.head_dim}: deriving K from V costs "
+            f"{t_eager:.3f} ms eager, {t_comp:.3f} ms compiled ({chk.pct(nbytes, t_comp):.0f}% HBM for V in + K out) "
+            f"per layer and step, saving {v.numel() * v.element_size() / 2**20:.0f} MiB per layer; "
+            f"max diff vs rope(k_norm(raw)) {err:.1e} of the largest key"), err
+
+
 def stage_splitk(chk: Check, budget: float) -> None:
     from fxport.kernels.triton.sdpa import launch_sdpa
     from fxport.kernels.triton.sdpa_decode_splitk import choose_num_splits, device_sms, launch_sdpa_decode_splitk
@@ -324,6 +357,14 @@ def stage_splitk(chk: Check, budget: float) -> None:
             chk.add(fig, "split-K >= 85% HBM at 128K, faster than aten", "ok" if err <= tol else "failed",
                     time.perf_counter() - t0)
             del q, k, v, mask, ref
+    # the price of the k_eq_v single cache (derive_keys_from_values): K derived from V per step
+    if chk.left() > 0:
+        t0 = time.perf_counter()
+        S = cases[0][2][-1]
+        fig, err = keys_from_values_cost(chk, S)
+        tol = 1e-6 if chk.smoke else 2 ** -6  # bf16: K rounded twice (V, then V * scale)
+        chk.add(fig, "derive K << split-K time (else keep two caches)", "ok" if err <= tol else "failed",
+                time.perf_counter() - t0)
     # crossover vs the tiled kernel (what SDPADispatch uses below its threshold)
     for label, shape in sweep.items():
         if chk.left() < 0:
