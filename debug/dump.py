@@ -152,13 +152,15 @@ def _logged_errors():
     bad file: keep those records off stderr and hand their exceptions to the caller."""
     logger = logging.getLogger("torch.export")
     handler = _Collect()
-    saved = logger.handlers[:], logger.propagate
+    saved = logger.handlers[:], logger.propagate, logger.level
     logger.handlers[:] = [handler]
     logger.propagate = False
+    logger.setLevel(logging.WARNING)  # the CLI may have raised it to ERROR; the record carries the cause
     try:
         yield handler.errors
     finally:
-        logger.handlers[:], logger.propagate = saved
+        logger.handlers[:], logger.propagate, _ = saved
+        logger.setLevel(saved[2])
 
 
 def load_pt2(path: Union[str, Path]) -> ExportedProgram:

@@ -1,8 +1,9 @@
 """Silence (and keep) what native code prints to file descriptor 2.
 
-ExecuTorch's runtime logs through its C++ PAL straight to ``stderr`` (fd 2): every XNNPACK
-program load prints five ``[cpuinfo_utils.cpp:...]`` lines, and a failed load prints its reason
-there too. The log level is fixed when the runtime is built and the Python bindings expose no
+ExecuTorch's runtime logs through its C++ PAL to ``stderr``: every XNNPACK program load prints
+five ``[cpuinfo_utils.cpp:...]`` lines, and a failed load prints its reason there too. Depending
+on the build the lines reach fd 2 directly or go through Python's ``sys.stderr`` (the pybindings
+route them there), so both are redirected. The log level is fixed when the runtime is built and the Python bindings expose no
 switch, so fxport redirects fd 2 to a temporary file around the runtime calls that log
 (:func:`capture_native_stderr`), keeps the text for error messages, and replays it when asked
 (``fxport run --verbose``, ``FXPORT_VERBOSE=1``).
@@ -38,8 +39,9 @@ class NativeLog:
 def capture_native_stderr(verbose: bool = False) -> Iterator[NativeLog]:
     """Redirect fd 2 to a temporary file for the block; ``verbose`` writes the text back after.
 
-    Python-level ``sys.stderr`` writes inside the block are captured as well (flushed into the
-    same file). Nothing is redirected when fd 2 cannot be duplicated (no such descriptor).
+    ``sys.stderr`` is pointed at the same file for the block, so Python-level writes (and native
+    logs routed through Python) are captured too. Nothing is redirected when fd 2 cannot be
+    duplicated (no such descriptor).
     """
     log = NativeLog()
     try:
@@ -51,14 +53,18 @@ def capture_native_stderr(verbose: bool = False) -> Iterator[NativeLog]:
         with contextlib.suppress(Exception):
             sys.stderr.flush()
         os.dup2(tmp.fileno(), 2)
+        py_stderr = sys.stderr
+        sys.stderr = open(os.dup(tmp.fileno()), "w", encoding="utf-8", errors="replace", buffering=1)
         try:
             yield log
         finally:
             with contextlib.suppress(Exception):
-                sys.stderr.flush()
+                sys.stderr.close()
+            sys.stderr = py_stderr
             os.dup2(saved, 2)
             os.close(saved)
             tmp.seek(0)
             log.text = tmp.read().decode("utf-8", errors="replace")
             if verbose and log.text:
-                os.write(2, log.text.encode())
+                sys.stderr.write(log.text)
+                sys.stderr.flush()

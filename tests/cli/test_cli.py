@@ -90,7 +90,7 @@ def test_corrupt_pt2_and_gguf(capsys, tmp_path):
 def test_argument_errors(capsys, tmp_path):
     out = str(tmp_path / "m.pte")
     line = _one_line_error(capsys, ["export", "--preset", "tiny", "--out", out, "--quant", "int3"])
-    assert line == ("fxport export: error: unknown --quant recipe 'int3'; choose one of: "
+    assert line == ("fxport export: error: unknown --quant recipe 'int3' for --backend xnnpack; choose one of: "
                     "8da4w, 8da4w-head8, default, sensitive")
     line = _one_line_error(capsys, ["export", "--preset", "tiny", "--gguf", __file__, "--out", out])
     assert "not allowed with argument" in line
@@ -144,13 +144,10 @@ def test_dump_saved_pt2(capsys, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """``fxport export`` of a 1-layer tiny-gemma3 (random weights, seed 0), 8da4w."""
-    out = tmp_path_factory.mktemp("cli") / "tiny.pte"
-    argv = ["export", "--preset", "tiny-gemma3", "--layers", "1", "--quant", "8da4w", "--max-seq-len", "16",
-            "--max-prefill-chunk", "5", "--out", str(out), "--quiet"]
-    assert main(argv) == 0
-    return out
+def exported(tiny_pte):
+    """``fxport export`` of a 1-layer tiny-gemma3 (random weights, seed 0), 8da4w (conftest.py: shared
+    with test_errors.py)."""
+    return tiny_pte
 
 
 def test_export_writes_a_program(exported, capsys):
