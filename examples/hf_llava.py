@@ -67,7 +67,8 @@ def main(argv=None) -> None:
     print(result.summary())
     ops_before, ops_after = op_counts(before), op_counts(result.ep)
     for op in ("aten.masked_scatter.default", "aten.nonzero.default", "aten.item.default", "aten._assert_scalar.default"):
-        print(f"  {op}: {ops_before[op]} -> {ops_after[op]}")
+        if ops_before[op]:
+            print(f"  {op}: {ops_before[op]} -> {ops_after[op]}")
     same = torch.equal(result.ep.module()(ids, pixels, torch.arange(ids.shape[1])),
                        before.module()(ids, pixels, torch.arange(ids.shape[1])))
     print(f"logits identical to the unrewritten program: {same}")

@@ -49,8 +49,8 @@ def test_hf_llava():
     pytest.importorskip("transformers")
     out = run("hf_llava.py", "--image-size", "16", "--patch", "4")
     assert "fixed_slot_fusion: changed=True matched=1 rewritten=1 " in out, out
-    assert "aten.masked_scatter.default: 1 -> 0" in out, out
-    assert "aten._assert_scalar.default: 0 -> 0" not in out or "aten.item.default: 0 -> 0" in out, out
+    # the merge, and transformers' placeholder-count check: one item() feeding 6 runtime asserts
+    assert "aten.masked_scatter.default: 1 -> 0\n  aten.item.default: 1 -> 0\n  aten._assert_scalar.default: 6 -> 0\n" in out, out
     assert "logits identical to the unrewritten program: True" in out, out
 
 
