@@ -474,9 +474,15 @@ def stage_int4(chk: Check, budget: float) -> None:
     from fxport.kernels.triton.int4_dequant import int4_dequant_launch
     from fxport.kernels.triton.int4_gemv import int4_gemv_launch
 
+    from fxport.models.gemma4.config import get_preset
+
     g = 32
-    if chk.smoke:
-        shapes = dict(list(sorted(linear_shapes("tiny").items()))[:3])
+    head_cfg = get_preset("tiny" if chk.smoke else "31b")
+    head_shape = (head_cfg.vocab_size, head_cfg.hidden_size)
+    if chk.smoke:  # two small shapes and the output head (whose time stage 5 uses)
+        all_shapes = linear_shapes("tiny")
+        shapes = dict(sorted(all_shapes.items())[:2])
+        shapes[head_shape] = all_shapes[head_shape]
         prefill_T = (8,)
     else:
         shapes = linear_shapes("31b")
@@ -496,6 +502,8 @@ def stage_int4(chk: Check, budget: float) -> None:
         err = ((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
         nbytes = packed.numel() + 2 * scales.numel() * scales.element_size() + (k + n) * x.element_size()
         t = {"fxport": chk.ms(lambda: int4_gemv_launch(x, packed, scales, zeros, g))}
+        if n == head_shape[0] and k == head_shape[1]:
+            chk.facts["head_ms"] = t["fxport"]  # the lm_head GEMV: the fixed cost stage 5 scales around
         t["tinygemm"] = None
         if chk.device.type == "cuda":
             try:
@@ -760,6 +768,11 @@ def stage_decode(chk: Check, budget: float) -> None:
         a, b = pick(measured[0]), pick(measured[1])
         est = {c: a[c] + (b[c] - a[c]) * (full_layers - n1) / (n2 - n1) for c in contexts}
         how = f"linear fit over the {n1}- and {n2}-layer prefixes, scaled to {full_layers} layers"
+    elif "head_ms" in chk.facts:  # per-layer part scaled, the lm_head GEMV (stage 4) counted once
+        n1, head = measured[0][0], chk.facts["head_ms"]
+        est = {c: head + (pick(measured[0])[c] - head) * full_layers / n1 for c in contexts}
+        how = (f"{n1}-layer prefix minus the lm_head GEMV of stage 4 ({head:.3f} ms), x {full_layers / n1:g}, "
+               f"plus the head once")
     else:
         n1 = measured[0][0]
         est = {c: pick(measured[0])[c] * full_layers / n1 for c in contexts}

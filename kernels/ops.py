@@ -1,8 +1,9 @@
-"""All fxport custom ops (``torch.ops.fxport.*``): importing this module registers them."""
+"""All fxport custom ops (``torch.ops.fxport.*``): importing this module registers them.
+
+Neither op module imports torchao or executorch, nor the Triton kernel modules: those load
+when a CUDA tensor (or a trace for AOTInductor) reaches an op. (``torch.library.triton_op``
+itself imports triton, so set ``TRITON_INTERPRET`` before importing this module.)
+"""
 
 from fxport.kernels import attention_ops  # noqa: F401
-
-try:  # int4 ops are another engineer's module; attention ops must not depend on it
-    from fxport.kernels import int4_ops  # noqa: F401
-except ImportError:  # pragma: no cover - only while int4_ops.py is absent
-    int4_ops = None
+from fxport.kernels import int4_ops  # noqa: F401
