@@ -384,6 +384,8 @@ def stage_splitk(chk: Check, budget: float) -> None:
             implied = f"split-K never faster up to {sweep_lengths[-1]}: threshold >= {sweep_lengths[-1]}"
         elif first == 0:
             implied = f"split-K faster from {sweep_lengths[0]}: threshold < {sweep_lengths[0]}"
+            if label.endswith("global"):
+                chk.facts["threshold"] = sweep_lengths[0]  # the shortest length measured (upstream's 256)
         else:
             implied = f"split-K faster from {sweep_lengths[first]}: threshold = {sweep_lengths[first - 1]}"
             if label.endswith("global"):
