@@ -232,3 +232,20 @@ def test_dump_files_that_are_not_programs(capfd, tmp_path, tiny_pte):
     bad_pte.write_bytes(b"\x00" * 64)
     assert _error(capfd, ["dump", str(bad_pte)]) == (
         f"fxport dump: error: {bad_pte} is not a loadable ExecuTorch program (no 'ET' file identifier at byte 4)")
+
+
+def test_pte_backend_checks_ids_before_the_runtime(tiny_pte):
+    """Direct library use: an id past the embedding table never reaches method->execute()."""
+    import torch
+
+    from fxport.runtime.generate import TokenIdError
+    from fxport.runtime.pte_backend import PteBackend
+
+    backend = PteBackend(tiny_pte, num_threads=1)
+    with pytest.raises(TokenIdError) as e:
+        backend.prefill(torch.tensor([[2, 300]]), torch.arange(2))
+    assert str(e.value) == (f"token id 300 (prompt position 1) is outside the program's vocabulary of 256 ids "
+                            f"(0..255); {tiny_pte} was exported for 256 ids.")
+    with pytest.raises(TokenIdError, match=r"^token id -1 \(prompt position 0\)"):
+        backend.decode(torch.tensor([[-1]]), torch.tensor([0]))
+    assert backend.decode(torch.tensor([[255]]), torch.tensor([0])).shape[-1] == 256
