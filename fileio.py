@@ -41,6 +41,7 @@ __all__ = [
     "atomic_path",
     "check_writable_output",
     "remove_tree",
+    "staging_dir",
     "write_bytes",
     "write_program",
     "write_text",
@@ -252,14 +253,17 @@ def write_program(
     *,
     sidecar: PathLike | None = None,
     fill_sidecar: Callable[[Path], None] | None = None,
+    beside: PathLike | None = None,
 ) -> Path:
     """Write a program and replace its sidecar directory with it, as a pair.
 
     ``data`` is the program's bytes, or a function that writes the program to the path it is given.
     ``sidecar`` (e.g. ``model.tokenizer/``) is rebuilt whole by ``fill_sidecar(tmp_dir)``; with
     ``fill_sidecar=None`` an existing sidecar is removed, because it belongs to the previous
-    program. Both are written to temporaries first; the renames come last, so a failure while
-    writing leaves the previous program and sidecar as they were.
+    program. ``beside`` is a staging directory (:func:`staging_dir`) whose files (e.g. the CUDA
+    ``.ptd`` weights) are moved next to the program just before it. Everything is written to
+    temporaries first; the renames come last, so a failure while writing leaves the previous
+    files as they were.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -278,7 +282,13 @@ def write_program(
                 f.write(data)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        # Everything is on disk: publish the sidecar, then the program.
+        extra = sorted(p for p in Path(beside).iterdir() if p.is_file()) if beside is not None else []
+        for f in extra:
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        # Everything is on disk: publish the files beside the program, the sidecar, then the program.
+        for f in extra:
+            os.replace(f, path.parent / f.name)
         if side is not None:
             if side_tmp is not None:
                 _swap_dir_in(side_tmp, side)
@@ -297,6 +307,19 @@ def write_program(
         raise err from exc
     _fsync_dir(path.parent)
     return path
+
+
+@contextlib.contextmanager
+def staging_dir(folder: PathLike) -> Iterator[Path]:
+    """A temporary directory inside ``folder`` (same filesystem, so its files can be renamed into
+    ``folder``), removed with whatever is left in it on exit."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".fxport-stage-", suffix=".tmp"))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def is_no_space(exc: BaseException) -> bool:

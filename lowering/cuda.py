@@ -289,15 +289,15 @@ class CudaProgram:
     report: Any = None
 
     def write(self, path: str | Path, *, sidecar: Path | None = None, fill_sidecar=None) -> list[Path]:
-        """Write the ``.ptd`` weights beside ``path``, then the program and its sidecar atomically."""
-        from fxport.fileio import write_program
+        """Write the ``.ptd`` weights beside ``path``, then the program and its sidecar atomically
+        (the weights are staged in a temporary folder and renamed in with the program)."""
+        from fxport.fileio import staging_dir, write_program
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        before = {p: p.stat().st_mtime_ns for p in path.parent.glob("*.ptd")}
-        self.manager.write_tensor_data_to_file(str(path.parent))
-        ptd = sorted(p for p in path.parent.glob("*.ptd") if before.get(p) != p.stat().st_mtime_ns)
-        write_program(path, self.buffer, sidecar=sidecar, fill_sidecar=fill_sidecar)
+        with staging_dir(path.parent) as stage:
+            self.manager.write_tensor_data_to_file(str(stage))
+            ptd = sorted(path.parent / p.name for p in stage.glob("*.ptd"))
+            write_program(path, self.buffer, sidecar=sidecar, fill_sidecar=fill_sidecar, beside=stage)
         return ptd
 
 

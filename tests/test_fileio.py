@@ -243,3 +243,31 @@ def test_check_refuses_a_read_only_folder():
         os.chmod(ro, 0o755)
         ro.rmdir()
         base.rmdir()
+
+
+def test_write_program_publishes_files_beside_it(tmp_path):
+    """CUDA programs: the .ptd weights are staged, then renamed next to the program with it."""
+    out = tmp_path / "model.pte"
+    (tmp_path / "weights.ptd").write_bytes(b"old weights")
+    with fileio.staging_dir(tmp_path) as stage:
+        (stage / "weights.ptd").write_bytes(b"new weights")
+        write_program(out, NEW, beside=stage)
+    assert out.read_bytes() == NEW and (tmp_path / "weights.ptd").read_bytes() == b"new weights"
+    assert _listing(tmp_path) == ["model.pte", "weights.ptd"]
+
+
+def test_write_program_failure_keeps_files_beside_it(tmp_path):
+    out = tmp_path / "model.pte"
+    out.write_bytes(OLD)
+    (tmp_path / "weights.ptd").write_bytes(b"old weights")
+
+    def program(tmp: Path) -> None:
+        tmp.write_bytes(NEW[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(fileio.OutputWriteError):
+        with fileio.staging_dir(tmp_path) as stage:
+            (stage / "weights.ptd").write_bytes(b"new weights")
+            write_program(out, program, beside=stage)
+    assert out.read_bytes() == OLD and (tmp_path / "weights.ptd").read_bytes() == b"old weights"
+    assert _listing(tmp_path) == ["model.pte", "weights.ptd"]
