@@ -98,8 +98,17 @@ class Checkpoint(NamedTuple):
 
 # ---- finiteness -----------------------------------------------------------------------------
 def _check_finite_tensor(t: torch.Tensor, name: str, source: Path | str) -> None:
-    """CheckpointError if a floating tensor holds NaN or Inf (one cheap reduction per tensor)."""
-    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+    """CheckpointError if a floating tensor holds NaN or Inf.
+
+    One sum per tensor (NaN and Inf propagate through it): ~0.1 s for Gemma 3 270M's 168M-value
+    embedding where ``torch.isfinite(t).all()`` took 10 s (both measured on 2 loaded cores). Only
+    a non-finite sum (a bad value, or an overflow of huge but finite weights) is checked exactly.
+    """
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
+        return
+    if bool(torch.isfinite(t).all()):  # the sum overflowed; every value is finite
         return
     n_nan = int(torch.isnan(t).sum())
     n_inf = t.numel() - n_nan - int(torch.isfinite(t).sum())

@@ -133,3 +133,16 @@ def test_hf_config_nan_rms_norm_eps(hf_dir, tmp_path):
     assert _err(load_checkpoint, d, progress=False) == (
         f"{d / 'config.json'}: config rms_norm_eps is nan; it must be a finite number. Fix the value in "
         "the checkpoint's config (or re-download it).")
+
+
+def test_huge_finite_weights_are_not_mistaken_for_inf():
+    """The check sums each tensor first; a sum that overflows falls back to the exact test."""
+    from fxport.models.gemma4.load import _check_finite_tensor
+
+    big = torch.full((4,), 3e38)
+    assert torch.isinf(big.sum())
+    _check_finite_tensor(big, "w", "f")  # no error
+    _check_finite_tensor(torch.zeros(0), "empty", "f")
+    _check_finite_tensor(torch.tensor([1.0, 2.0], dtype=torch.bfloat16), "bf16", "f")
+    with pytest.raises(CheckpointError, match=r"^f: tensor 'h' has 1 NaN and 1 Inf value\(s\) of 3;"):
+        _check_finite_tensor(torch.tensor([1.0, math.nan, -math.inf], dtype=torch.float16), "h", "f")
