@@ -461,3 +461,50 @@ def test_ring_chosen_for_decode_first_refuses_a_larger_prefill():
     shapes = {m: buffer_shapes(explicit(programs[m]).ep) for m in ("decode", "prefill")}
     assert shapes["decode"] == shapes["prefill"]
     assert shapes["decode"]["model.layers.1.self_attn.v_cache"] == (1, H_KV, FOREIGN_R, D)
+
+
+# --------------------------------------------------------------------------------- the CLI's defaults
+
+
+class _StopAfterPasses(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gemma3"])
+def test_cli_export_with_default_options_rings_for_the_default_chunk(preset, tmp_path, monkeypatch, capsys):
+    """``fxport export --preset P`` with default options (max prefill chunk 128, window 4):
+    R = W + C - 1 = 131 for both methods. Lowering is stubbed out (it is tested in
+    tests/lowering); the run stops right after the passes."""
+    import fxport.lowering.xnnpack as xnnpack
+    from fxport.cli import main
+    from fxport.models.gemma4.config import get_preset
+
+    seen = {}
+
+    def lower(programs, **kwargs):
+        seen.update(programs)
+        raise _StopAfterPasses("stop after passes")
+
+    monkeypatch.setattr(xnnpack, "lower", lower)
+    assert main(["export", "--preset", preset, "--out", str(tmp_path / "m.pte"), "--quiet"]) == 1
+    assert "_StopAfterPasses: stop after passes" in capsys.readouterr().err
+    config = get_preset(preset)
+    W, C = config.sliding_window, 128
+    for method in ("prefill", "decode"):
+        ep = seen[method]
+        shapes = {n: tuple(t.shape) for n, t in {**ep.state_dict, **ep.constants}.items() if n.endswith("_cache")}
+        ringed = {n: s[2] for n, s in shapes.items() if s[2] != 1024}
+        sliding = {i for i, t in enumerate(config.layer_types) if t == SLIDING}
+        assert ringed and set(ringed.values()) == {max(2 * W, W + C - 1)}, method
+        assert {int(n.split(".")[2]) for n in ringed} <= sliding
+
+
+def test_cli_ring_size_too_small_is_refused_with_the_fix(tmp_path, capsys):
+    """The CLI refuses ``--ring-size`` below W + C - 1 before any work (the pass's own error,
+    naming the buffer, is asserted in test_chunk_r_minus_w_plus_2_is_rejected)."""
+    from fxport.cli import main
+
+    rc = main(["export", "--preset", "tiny", "--ring-size", "8", "--out", str(tmp_path / "m.pte"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("fxport export: error: ") and "131" in err and "--ring-size" in err, err
