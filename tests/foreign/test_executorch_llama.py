@@ -133,3 +133,31 @@ def test_executorch_shapes_drawn(heads, head_dim, window, chunk, data):
     """ExecuTorch's own spelling (repeat_interleave, n_rep = 1 included) over drawn shapes."""
     chunks = data.draw(st.lists(st.integers(1, chunk), min_size=1, max_size=3), label="chunks")
     check("repeat_interleave", heads[0], heads[1], head_dim, window, chunk, chunks)
+
+
+def test_executorch_own_ring_cache_left_alone():
+    """``export_llama --local_global_attention`` swaps in ExecuTorch's own ``RingKVCache`` (2W
+    slots, written at ``(arange(L) + start) % 2W`` with slot positions kept in a buffer, its own
+    float mask): RingBufferKVCache leaves that ring as it is, SDPADispatch still gives its decode
+    attention split-K on the 2 KV heads, and the numbers are unchanged."""
+    from executorch.examples.models.llama.source_transformation.custom_kv_cache import (
+        replace_kv_cache_with_ring_kv_cache,
+    )
+
+    model = build(4, 2, 8, 4, "repeat_interleave")
+    model.layers[0].attention.mask.fill_(True)  # ExecuTorch's ring computes its own mask
+    replace_kv_cache_with_ring_kv_cache(model, [4, 0])  # layer 0: window 4, layer 1: global
+    reference = {m: drive.normalized(ep) for m, ep in export(model, 4).items()}
+    names = cache_names(0) + cache_names(1)
+    passes = [RingBufferKVCache({n: 4 for n in cache_names(0)}), SDPADispatch(threshold=0)]
+    results = {m: apply(ep, passes, method=m, dump=False) for m, ep in reference.items()}
+    for method, res in results.items():
+        ring = res["ring_buffer_kv_cache"].stats
+        assert not ring.rewritten and dict(ring.skipped) == {"cache length <= ring size (already a ring, or nothing to save)": 2}
+        assert drive.cache_lengths(res.ep, names) == {**dict.fromkeys(cache_names(0), 8), **dict.fromkeys(cache_names(1), MAX_CONTEXT)}
+    assert [(r["k"], r["k_cache"]) for r in drive.splitk_reads(results["decode"].ep, names)] == [
+        ((1, 2, 8, 8), cache_names(0)[0]), ((1, 2, MAX_CONTEXT, 8), cache_names(1)[0])
+    ]
+    assert drive.kv_expansions(results["decode"].ep, names) == []
+    tokens = torch.randint(0, 64, (1, MAX_CONTEXT), generator=torch.Generator().manual_seed(1))
+    drive.compare(reference, {m: res.ep for m, res in results.items()}, feed, tokens, [4, 3, 4])
