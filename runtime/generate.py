@@ -185,13 +185,22 @@ def as_backend(program: Any, max_prefill_chunk: int | None = None) -> Backend:
     """A :class:`Backend` for ``program``: a backend (returned as is), an eager model, a
     ``{"prefill", "decode"}`` dict of ExportedPrograms, or a ``.pte`` path."""
     if isinstance(program, torch.nn.Module):
+        if hasattr(program, "encode_images"):  # a multimodal Gemma4ForConditionalGeneration
+            from .multimodal import MultimodalEagerBackend
+
+            return MultimodalEagerBackend(program, max_prefill_chunk)
         return EagerBackend(program, max_prefill_chunk)
     if isinstance(program, Mapping):
         return ExportedBackend(program, max_prefill_chunk=max_prefill_chunk)
     if isinstance(program, (str, Path)) and str(program).endswith(".pte"):
         from fxport.runtime.pte_backend import PteBackend
 
-        return PteBackend(program)
+        backend = PteBackend(program)
+        if {"image_encoder", "audio_encoder"} & set(backend.program.method_names):
+            from .multimodal import open_pte
+
+            return open_pte(program)
+        return backend
     if isinstance(program, Backend):
         return program
     raise TypeError(
@@ -316,6 +325,9 @@ def generate(
     stop: Sequence[str | int] | None = None,
     stream: Callable[[str], Any] | None = None,
     add_bos: bool | None = None,
+    images: Sequence[Any] | None = None,
+    audio: Any = None,
+    max_soft_tokens: int | None = None,
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` tokens after ``prompt``.
 
@@ -329,6 +341,9 @@ def generate(
     max_prefill_chunk: prompt chunk per prefill call (default and maximum: the backend's).
     stop: extra stop token ids (int) and stop strings (str); the tokenizer's eos ids always stop.
     stream: called with each new piece of text as soon as it is final.
+    images: image paths or PIL images (a multimodal program only); each takes ``boi + image *
+        n + eoi`` prompt tokens (see :mod:`fxport.runtime.multimodal` for where they go);
+        ``max_soft_tokens`` caps n per image (default: the program's). audio: one clip or a list.
     """
     backend = as_backend(program)
     reset = getattr(backend, "reset", None)
@@ -360,6 +375,21 @@ def generate(
             f"generate: max_prefill_chunk={chunk} must be in [1, {backend.max_prefill_chunk}] "
             "(the backend's largest prefill chunk)."
         )
+    mm_prompt = None
+    if images or audio is not None:
+        from .multimodal import build_prompt
+
+        bos = getattr(tokenizer, "bos_id", None) if tokenizer is not None else getattr(backend, "bos_id", None)
+        mm_prompt = build_prompt(backend, ids, images or [], audio, max_soft_tokens, bos_id=bos)
+        added = len(mm_prompt.ids) - len(ids)
+        ids = mm_prompt.ids
+        try:
+            check_context(len(ids), max_new_tokens, backend.max_seq_len)
+        except ContextOverflowError as e:
+            raise ContextOverflowError(
+                f"{e} The {len(images or [])} image(s) / audio take {added} of the {len(ids)} prompt tokens: "
+                "pass fewer images or a lower max_soft_tokens."
+            ) from None
     check_context(len(ids), max_new_tokens, backend.max_seq_len)
     sampler = sampler if sampler is not None else Sampler()
     stop = list(stop or [])
@@ -372,9 +402,11 @@ def generate(
 
     prompt_t = torch.tensor([ids], dtype=torch.long)  # (1, n)
     t0 = time.perf_counter()
-    for start in range(0, len(ids), chunk):
-        end = min(start + chunk, len(ids))
-        logits = backend.prefill(prompt_t[:, start:end], torch.arange(start, end, dtype=torch.long))
+    bounds = (mm_prompt.chunks(chunk) if mm_prompt is not None
+              else [(s, min(s + chunk, len(ids))) for s in range(0, len(ids), chunk)])
+    for start, end in bounds:
+        extra = mm_prompt.features(start, end) if mm_prompt is not None else {}
+        logits = backend.prefill(prompt_t[:, start:end], torch.arange(start, end, dtype=torch.long), **extra)
         result.prefill_chunks += 1
     result.prefill_s = time.perf_counter() - t0
 
