@@ -1,128 +1,329 @@
-"""End-to-end CPU generation speed on the Gemma 3 270M GGUF: fxport .pte vs transformers vs llama.cpp.
+"""End-to-end CPU generation on the Gemma 3 270M GGUF: fxport .pte recipes vs llama.cpp vs transformers,
+speed and quality in one table.
 
-One table, same threads, same prompt length, one run each (after one warm-up prefill):
+One command produces the README table (``make`` not needed)::
 
-    runtime                          prefill tok/s   decode tok/s
-    fxport XNNPACK .pte (8da4w)           ...             ...
-    transformers eager fp32               ...             ...
-    llama.cpp (llama-cpp-python)          ...             ...
+    nice .venv/bin/python bench/e2e_cpu.py            # --recipes balanced fast --reps 3 --threads 2
 
-* fxport: the .pte written by ``fxport demo`` / ``fxport export --gguf`` (``--pte``; exported
-  here when missing), run with ``executorch.runtime`` via ``PteBackend`` on random token ids.
-* transformers: ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`` in fp32 with a
-  static-free default cache; prefill = one forward over the prompt, decode = forwards of one
-  token with ``past_key_values``.
-* llama.cpp: ``llama_cpp.Llama(model_path=gguf, n_threads=T)``; ``eval`` of the prompt, then
-  single tokens. Skipped with a message when ``llama-cpp-python`` (extra ``[llamacpp]``) is not
-  installed.
+Per runtime, in one run:
 
-Usage: ``python bench/e2e_cpu.py [--threads 2] [--prompt-len 128] [--new-tokens 64] [--pte FILE]``
+* speed: prefill of a 128-token prompt, then 64 decode steps (one token per call), on the same
+  random token ids; the runtimes are timed interleaved (A B C A B C ..., ``--reps`` >= 3 rounds
+  after one warm-up round) and the medians printed, with the load average before and after;
+* quality (``bench/quality.py``): perplexity on text A / text B, mean KL to the fp32 reference
+  and top-1 agreement (cached per program under ``build/quality/``);
+* bytes read per decode token, file size, peak RSS of one ``fxport run`` (resp. a llama.cpp
+  generation) in its own process (``os.wait4``), and decode tok/s as a share of the
+  bandwidth ceiling: measured read bandwidth ÷ bytes per token. Bandwidth: the median of 5
+  sums over a 1 GiB float32 tensor with the same threads (a read-only stream).
+
+Runtimes: fxport ``.pte`` per recipe (``build/gemma3-270m-<recipe>.pte``, exported here when
+missing: ``--force-export`` rebuilds), llama.cpp through llama-cpp-python on the same GGUF (see
+``bench/quality.py LLAMACPP_INSTALL`` for the install command that works on AMX CPUs),
+transformers 5 eager fp32 (``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality as Q  # noqa: E402
 
-def bench_fxport(pte: Path, prompt_len: int, new_tokens: int, threads: int) -> tuple[float, float]:
-    from fxport.cli import bench_pte
-
-    r = bench_pte(pte, prompt_len, new_tokens, threads)
-    return r["prefill_tok_s"], r["decode_tok_s"]
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "build"
 
 
-def bench_transformers(gguf: Path, prompt_len: int, new_tokens: int, threads: int) -> tuple[float, float]:
-    from transformers import AutoModelForCausalLM
+# ----------------------------------------------------------------------------- programs
 
-    torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32)
-    model.eval()
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (1, prompt_len + new_tokens), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        model(ids[:, :prompt_len])  # warm-up
+
+def pte_path(recipe: str) -> Path:
+    return BUILD / f"gemma3-270m-{recipe}.pte"
+
+
+def ensure_pte(recipe: str, gguf: Path, force: bool = False) -> Path:
+    """The recipe's .pte (max_seq_len 512, prefill chunk 128) and its ``.bytes`` sidecar."""
+    out = pte_path(recipe)
+    if out.is_file() and out.with_suffix(".bytes").is_file() and not force:
+        return out
+    from fxport.lowering.xnnpack import export_model
+    from fxport.models.gemma4.load import load_model
+
+    print(f"exporting {out} (recipe {recipe}) ...", file=sys.stderr, flush=True)
+    model, _ = load_model(gguf, max_seq_len=Q.WINDOW, progress=False)
+    t0 = time.perf_counter()
+    export_model(model, out, max_prefill_chunk=128, quant=recipe)
+    out.with_suffix(".bytes").write_text(str(Q.linear_bytes(model)))
+    print(f"exported {out} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- runtimes
+
+
+class FxportRuntime:
+    def __init__(self, pte: Path, threads: int):
+        from fxport.runtime.pte_backend import PteBackend
+
+        self.backend = PteBackend(pte, num_threads=threads)
+
+    def run(self, ids: list[int], prompt_len: int) -> tuple[float, float]:
+        b = self.backend
+        b.reset()
+        toks = torch.tensor([ids])
         t0 = time.perf_counter()
-        out = model(ids[:, :prompt_len], use_cache=True)
-        t_prefill = time.perf_counter() - t0
-        past = out.past_key_values
+        for s in range(0, prompt_len, b.max_prefill_chunk):
+            e = min(s + b.max_prefill_chunk, prompt_len)
+            b.prefill(toks[:, s:e], torch.arange(s, e))
+        t1 = time.perf_counter()
+        for p in range(prompt_len, len(ids)):
+            b.decode(toks[:, p:p + 1], torch.tensor([p]))
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1
+
+
+class LlamaCppRuntime:
+    def __init__(self, gguf: Path, threads: int, n_ctx: int, prompt_len: int):
+        self.llm = Q.load_llamacpp(gguf, n_ctx, threads, logits_all=False, n_batch=prompt_len)
+
+    def run(self, ids: list[int], prompt_len: int) -> tuple[float, float]:
+        llm = self.llm
+        llm.reset()
         t0 = time.perf_counter()
-        for i in range(prompt_len, prompt_len + new_tokens):
-            out = model(ids[:, i:i + 1], past_key_values=past, use_cache=True)
+        llm.eval(ids[:prompt_len])
+        t1 = time.perf_counter()
+        for tok in ids[prompt_len:]:
+            llm.eval([tok])
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1
+
+
+class TransformersRuntime:
+    def __init__(self, gguf: Path, threads: int):
+        try:
+            from transformers import AutoModelForCausalLM
+        except ImportError:
+            raise SystemExit("transformers is not installed: .venv/bin/pip install -e '.[hf]' (or --skip transformers)") from None
+        torch.set_num_threads(threads)
+        self.model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                          dtype=torch.float32).eval()
+
+    def run(self, ids: list[int], prompt_len: int) -> tuple[float, float]:
+        t = torch.tensor([ids])
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            out = self.model(t[:, :prompt_len], use_cache=True)
+            t1 = time.perf_counter()
             past = out.past_key_values
-        t_decode = time.perf_counter() - t0
-    return prompt_len / t_prefill, new_tokens / t_decode
+            for i in range(prompt_len, len(ids)):
+                out = self.model(t[:, i:i + 1], past_key_values=past, use_cache=True)
+                past = out.past_key_values
+            t2 = time.perf_counter()
+        return t1 - t0, t2 - t1
+
+    def logits(self, window: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(torch.tensor([window])).logits[0].float()
 
 
-def bench_llamacpp(gguf: Path, prompt_len: int, new_tokens: int, threads: int) -> tuple[float, float] | str:
-    try:
-        import llama_cpp
-    except ImportError:
-        return "llama-cpp-python not installed (pip install 'fxport[llamacpp]'); column skipped"
-    llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads,
-                          n_ctx=prompt_len + new_tokens + 8, n_batch=prompt_len, verbose=False)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, llm.n_vocab(), (prompt_len + new_tokens,), generator=g).tolist()
-    llm.eval(ids[:prompt_len])  # warm-up
-    llm.reset()
-    t0 = time.perf_counter()
-    llm.eval(ids[:prompt_len])
-    t_prefill = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for tok in ids[prompt_len:]:
-        llm.eval([tok])
-    t_decode = time.perf_counter() - t0
-    return prompt_len / t_prefill, new_tokens / t_decode
+# ----------------------------------------------------------------------------- measurements
+
+
+def read_bandwidth(threads: int, gib: float = 1.0, reps: int = 5) -> float:
+    """Median bytes/s of ``x.sum()`` over a ``gib`` GiB float32 tensor (a read-only stream)."""
+    torch.set_num_threads(threads)
+    x = torch.ones(int(gib * 2**30) // 4)
+    x.sum()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return x.numel() * 4 / statistics.median(times)
+
+
+_RSS_FXPORT = """
+import sys, torch
+from fxport.runtime.pte_backend import PteBackend
+b = PteBackend(sys.argv[1], num_threads=int(sys.argv[2]))
+ids = torch.randint(0, b.vocab_size, (1, 192), generator=torch.Generator().manual_seed(0))
+b.prefill(ids[:, :128], torch.arange(128))
+for p in range(128, 192):
+    b.decode(ids[:, p:p + 1], torch.tensor([p]))
+"""
+
+_RSS_LLAMA = """
+import sys, random
+import llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=256, n_batch=128, n_threads=int(sys.argv[2]), verbose=False)
+rng = random.Random(0); ids = [rng.randrange(100, llm.n_vocab()) for _ in range(192)]
+llm.eval(ids[:128])
+for t in ids[128:]:
+    llm.eval([t])
+"""
+
+
+def peak_rss(cmd: list[str]) -> float | None:
+    """Peak resident set (MB) of ``cmd`` run to completion in its own process; None if it failed."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        print(f"peak RSS run failed ({' '.join(cmd[:4])} ...): {proc.stderr.read().decode()[-300:]}", file=sys.stderr)
+        return None
+    return usage.ru_maxrss / 1024  # KiB -> MiB
+
+
+def quality_of(name: str, key_file: Path | None, corpus, ref, logits_fn) -> Q.Score:
+    """Score a runtime, cached in build/quality/<name>-<corpus>-<mtime>.json."""
+    tag = f"{name}-{corpus.key()}" + (f"-{int(key_file.stat().st_mtime)}" if key_file else "")
+    path = Q.CACHE / f"{tag}.json"
+    if path.is_file():
+        d = json.loads(path.read_text())
+        return Q.Score(d["nll"], d["count"], d["kl"], d["agree"], d["positions"])
+    sc, dt = Q.score(corpus, ref, logits_fn)
+    print(f"scored {name} in {dt:.0f} s", file=sys.stderr, flush=True)
+    path.write_text(json.dumps(sc.__dict__))
+    return sc
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipes", nargs="*", default=["balanced", "fast"], help="fxport XNNPACK recipes (one .pte each)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--pte", type=Path, default=Path("build/gemma3-270m.pte"))
-    p.add_argument("--quant", default="8da4w")
-    p.add_argument("--skip", nargs="*", default=[], choices=["fxport", "transformers", "llamacpp"])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--skip", nargs="*", default=[], choices=["transformers", "llamacpp", "quality", "rss"])
+    p.add_argument("--force-export", action="store_true")
     args = p.parse_args(argv)
+    if args.reps < 3:
+        p.error("--reps must be >= 3 (medians of interleaved rounds)")
+    load_start = os.getloadavg()
+    torch.set_num_threads(args.threads)
 
-    from fxport.models.gemma4.load import gemma3_270m_gguf
+    from fxport.models.gemma4.load import gemma3_270m_gguf, load_model
+    from fxport.models.gemma4.tokenizer import load_tokenizer
 
     gguf = gemma3_270m_gguf()
-    if "fxport" not in args.skip and not args.pte.exists():
-        from fxport.cli import main as cli
+    ptes = {r: ensure_pte(r, gguf, args.force_export) for r in args.recipes}
 
-        print(f"exporting {args.pte} ...", file=sys.stderr)
-        rc = cli(["export", "--gguf", str(gguf), "--quant", args.quant, "--out", str(args.pte)])
-        if rc:
-            return rc
+    # ---- quality (cached)
+    qual: dict[str, Q.Score | None] = {}
+    nbytes: dict[str, int | None] = {"reference": None}
+    if "quality" not in args.skip:
+        reference, tok_src = load_model(gguf, max_seq_len=Q.WINDOW, progress=False)
+        tokenizer = load_tokenizer(tok_src)
+        corpus = Q.build_corpus(tokenizer)
+        ref = Q.reference_logp(corpus, reference, gguf)
+        nbytes["reference"] = Q.linear_bytes(reference)
+        del reference
+        qual["reference"] = Q._self_score(corpus, ref)
+        for r, pte in ptes.items():
+            rt = FxportRuntime(pte, args.threads)
+            qual[r] = quality_of(f"pte-{r}", pte, corpus, ref, lambda w: Q.pte_logits(rt.backend, w))
+            del rt
+        if "llamacpp" not in args.skip:
+            llm = Q.load_llamacpp(gguf, Q.WINDOW, args.threads, logits_all=True)
+            print(Q.check_tokenizers(tokenizer, llm), file=sys.stderr)
+            qual["llamacpp"] = quality_of("llamacpp", gguf, corpus, ref, lambda w: Q.llamacpp_logits(llm, w))
+            del llm
+        if "transformers" not in args.skip:
+            tr = TransformersRuntime(gguf, args.threads)
+            qual["transformers"] = quality_of("transformers", gguf, corpus, ref, tr.logits)
+            del tr
+        del ref
 
-    rows: list[tuple[str, str, str]] = []
-    notes: list[str] = []
-    runs = [
-        ("fxport", f"fxport XNNPACK .pte ({args.quant})", lambda: bench_fxport(args.pte, args.prompt_len, args.new_tokens, args.threads)),
-        ("transformers", "transformers eager fp32", lambda: bench_transformers(gguf, args.prompt_len, args.new_tokens, args.threads)),
-        ("llamacpp", "llama.cpp (llama-cpp-python)", lambda: bench_llamacpp(gguf, args.prompt_len, args.new_tokens, args.threads)),
-    ]
-    for key, label, run in runs:
-        if key in args.skip:
+    for r, pte in ptes.items():
+        side = pte.with_suffix(".bytes")
+        nbytes[r] = int(side.read_text()) if side.is_file() else None
+    nbytes["llamacpp"] = Q.gguf_bytes(gguf)
+    nbytes["transformers"] = nbytes["reference"]
+    sizes = {r: pte.stat().st_size for r, pte in ptes.items()}
+    sizes["llamacpp"] = gguf.stat().st_size
+
+    # ---- speed, interleaved
+    runtimes: dict[str, object] = {r: FxportRuntime(pte, args.threads) for r, pte in ptes.items()}
+    if "llamacpp" not in args.skip:
+        runtimes["llamacpp"] = LlamaCppRuntime(gguf, args.threads, args.prompt_len + args.new_tokens + 8, args.prompt_len)
+    if "transformers" not in args.skip:
+        runtimes["transformers"] = TransformersRuntime(gguf, args.threads)
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 262144, (args.prompt_len + args.new_tokens,), generator=g).tolist()
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in runtimes}
+    load_speed = os.getloadavg()
+    for rnd in range(args.reps + 1):  # round 0 = warm-up
+        for k, rt in runtimes.items():
+            t = rt.run(ids, args.prompt_len)
+            if rnd:
+                times[k].append(t)
+    load_after = os.getloadavg()
+    del runtimes
+    bw = read_bandwidth(args.threads)
+
+    rss: dict[str, float | None] = {}
+    if "rss" not in args.skip:
+        for r, pte in ptes.items():
+            rss[r] = peak_rss([sys.executable, "-c", _RSS_FXPORT, str(pte), str(args.threads)])
+        if "llamacpp" not in args.skip:
+            rss["llamacpp"] = peak_rss([sys.executable, "-c", _RSS_LLAMA, str(gguf), str(args.threads)])
+
+    labels = {"reference": "reference fp32 (GGUF dequantized)", "llamacpp": "llama.cpp (llama-cpp-python 0.3.36), same GGUF",
+              "transformers": "transformers eager fp32"}
+    labels.update({r: f"fxport .pte `{r}`" for r in ptes})
+    print(f"Gemma 3 270M Q4_K_M GGUF ({sizes['llamacpp'] / 1e6:.0f} MB), {args.threads} threads, prompt "
+          f"{args.prompt_len} tokens, {args.new_tokens} decode steps; median of {args.reps} interleaved rounds "
+          f"after a warm-up round")
+    print(f"load average: at start {load_start[0]:.2f}, before timing {load_speed[0]:.2f}, after timing "
+          f"{load_after[0]:.2f} (1-min); read bandwidth {bw / 1e9:.1f} GB/s (1 GiB float32 sum, median of 5)")
+    if qual:
+        print(f"quality: texts A = {Q.TEXTS['A']}, B = {Q.TEXTS['B']}, {Q.N_TOKENS} tokens each, "
+              f"{Q.WINDOW}-token windows; fxport .pte scored through its decode method, teacher-forced")
+    print("| runtime | ppl A | ppl B | KL to ref | top-1 agree | bytes/token | file | peak RSS | prefill tok/s | "
+          "decode tok/s | decode % of BW ceiling |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for k in ["reference", *ptes, "llamacpp", "transformers"]:
+        if k != "reference" and k not in times:
             continue
-        result = run()
-        if isinstance(result, str):
-            notes.append(f"{label}: {result}")
-            rows.append((label, "-", "-"))
+        sc = qual.get(k)
+        qcols = ("—",) * 4 if sc is None else (f"{sc.ppl('A'):.2f}", f"{sc.ppl('B'):.2f}", f"{sc.mean_kl:.3f}",
+                                              f"{100 * sc.agreement:.1f}%")
+        nb = nbytes.get(k)
+        if k in times:
+            pre = statistics.median(args.prompt_len / t[0] for t in times[k])
+            dec = statistics.median(args.new_tokens / t[1] for t in times[k])
+            ceiling = f"{100 * dec / (bw / nb):.0f}%" if nb else "—"
+            speed = (f"{pre:.0f}", f"{dec:.1f}", ceiling)
         else:
-            rows.append((label, f"{result[0]:.1f}", f"{result[1]:.1f}"))
-    print(f"Gemma 3 270M Q4_K_M GGUF, {args.threads} threads, prompt {args.prompt_len} tokens, "
-          f"{args.new_tokens} decode steps, one run")
-    print(f"{'runtime':<36} {'prefill tok/s':>14} {'decode tok/s':>13}")
-    for label, pre, dec in rows:
-        print(f"{label:<36} {pre:>14} {dec:>13}")
-    for note in notes:
-        print(note)
+            speed = ("—", "—", "—")
+        size = f"{sizes[k] / 1e6:.0f} MB" if k in sizes else "—"
+        r = rss.get(k)
+        cols = [labels[k], *qcols, f"{nb / 1e6:.0f} MB" if nb else "—", size, f"{r:.0f} MB" if r else "—", *speed]
+        print("| " + " | ".join(cols) + " |")
+    if "llamacpp" in times:
+        base = [statistics.median(args.prompt_len / t[0] for t in times["llamacpp"]),
+                statistics.median(args.new_tokens / t[1] for t in times["llamacpp"])]
+        for r in ptes:
+            pre = statistics.median(args.prompt_len / t[0] for t in times[r])
+            dec = statistics.median(args.new_tokens / t[1] for t in times[r])
+            line = f"{r}: prefill {pre / base[0]:.2f}x llama.cpp, decode {dec / base[1]:.2f}x"
+            if r in qual and "llamacpp" in qual:
+                a, b = qual[r], qual["llamacpp"]
+                line += (f"; perplexity {100 * (a.ppl('A') / b.ppl('A') - 1):+.1f}% / "
+                         f"{100 * (a.ppl('B') / b.ppl('B') - 1):+.1f}% vs llama.cpp")
+            print(line)
+    print(f"peak RSS: one process loading the program and generating {args.new_tokens} tokens after a "
+          f"{args.prompt_len}-token prompt (python + runtime), from os.wait4")
     return 0
 
 

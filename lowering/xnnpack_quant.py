@@ -2,14 +2,33 @@
 
 Every ``nn.Linear`` a recipe selects becomes a torchao ``Int8DynamicActivationIntxWeightConfig``
 linear (int8 dynamic per-token activations, int4 group-wise or int8 per-channel symmetric
-weights): the form XNNPACK lowers to its ``qd8-f32-qb4w`` / ``qd8-f32-qc8w`` GEMMs.
+weights): the form XNNPACK lowers to its ``qd8-f32-qb4w`` / ``qd8-f32-qc8w`` GEMMs. A recipe
+may also quantize the token embedding to a lookup ExecuTorch's quantized kernels run
+(``quantized_decomposed.embedding_4bit`` / ``embedding_byte``, :mod:`fxport.quant.embedding`);
+a ``.pte`` holding one needs ``import executorch.kernels.quantized`` before it is loaded.
 
-Recipes accepted by ``quant=``: ``"8da4w"`` (every linear incl. the output head: int4
-group 32), ``"8da4w-head8"`` (same, output head int8 per channel), and the names of
-:mod:`fxport.quant.recipe` (``"default"``, ``"sensitive"``), mapped to what XNNPACK can run:
-int4 weights symmetric (XNNPACK's qb4w has no zero point), HQQ as torchao's scale-only HQQ,
-8-bit weights per channel. A tied output head takes the rule of the embedding it shares its
-weight with. Weights no rule selects stay float.
+Recipes accepted by ``quant=`` (``python -c "from fxport.lowering.xnnpack_quant import
+describe; print(describe())"`` prints them):
+
+* ``"balanced"`` (fxport's CPU default, :data:`DEFAULT_RECIPE`): every linear int8 per channel,
+  the output head too (it is untied from the embedding), the embedding table int4 g64
+  asymmetric in a quantized lookup. The Gemma 3 270M Q4_K_M GGUF keeps its layers at Q5_0 /
+  Q8_0 / Q6_K / Q4_K and its tied head at Q8_0: int8 per channel holds those (requantizing a
+  5-6 bit grid to 8 bits per channel adds far less error than the grid's own); XNNPACK's int4
+  is symmetric (no zero point) so Q4_K's mins cannot be kept at 4 bits, and int8 is the
+  nearest XNNPACK form. Measured quality and speed: README "End to end on CPU".
+* ``"fast"`` (:data:`FAST_RECIPE`): int4 g32 HQQ (torchao's scale-only HQQ, symmetric) for
+  the MLP and q/k/o projections, int8 per channel for v_proj and the layers measured most
+  sensitive, the head int8, the embedding int4 g64: fewer bytes per token at a stated cost.
+* ``"8da8w"``: every linear int8 per channel, embedding float. ``"8da4w"``: every linear
+  incl. the output head int4 g32. ``"8da4w-head8"``: the same with the head int8.
+* the names of :mod:`fxport.quant.recipe` (``"default"``, ``"sensitive"``), mapped to what
+  XNNPACK can run: int4 weights symmetric (XNNPACK's qb4w has no zero point), HQQ as torchao's
+  scale-only HQQ, 8-bit weights per channel. A tied output head takes the rule of the
+  embedding it shares its weight with.
+
+Weights no rule selects stay float. ``IntxWeightOnlyConfig`` (weight-only int8) is never used:
+XNNPACK delegates it but returned wrong numbers (rel. error ~3e3, ../shared/DESIGN.md).
 """
 
 from __future__ import annotations
@@ -64,14 +83,67 @@ class XnnpackWeightQuant:
         )
 
 
-# name -> (regex over the linear weight FQN, quant); first match wins; unmatched stay float.
-XNNPACK_RECIPES: dict[str, tuple[tuple[str, XnnpackWeightQuant], ...]] = {
-    "8da4w": ((r".*", XnnpackWeightQuant(4, 32)),),
-    "8da4w-head8": (
-        (r"(.*\.)?lm_head\.weight", XnnpackWeightQuant(8, None)),
-        (r".*", XnnpackWeightQuant(4, 32)),
+@dataclass(frozen=True)
+class XnnpackRecipe:
+    """A CPU recipe: ordered ``(regex over linear weight FQN, quant or None=float)`` rules
+    (first match wins, unmatched linears stay float) and the embedding's quantized lookup
+    (``(bits, group_size)`` or None: float table)."""
+
+    name: str
+    rules: tuple[tuple[str, XnnpackWeightQuant | None], ...]
+    embedding: tuple[int, int | None] | None = None
+    doc: str = ""
+
+    def pick(self, fqn: str) -> XnnpackWeightQuant | None | bool:
+        """The quant of the first rule matching ``fqn``; None: a rule keeps it float; False: no rule."""
+        for pattern, q in self.rules:
+            if re.fullmatch(pattern, fqn):
+                return q
+        return False
+
+
+INT8_PC = XnnpackWeightQuant(8, None)
+INT4_G32 = XnnpackWeightQuant(4, 32)
+INT4_G32_HQQ = XnnpackWeightQuant(4, 32, hqq=True)
+_HEAD = r"(.*\.)?lm_head\.weight"
+
+DEFAULT_RECIPE = XnnpackRecipe(
+    "balanced",
+    ((r".*", INT8_PC),),
+    embedding=(4, 64),
+    doc="every linear (head untied) int8 per channel; embedding int4 g64 lookup",
+)
+
+# Layers whose MLP stays 8-bit in "fast": the first two and last two (Gemma 3 270M has 18),
+# where 4-bit error measured largest (README "Int4 quality": sensitivity per layer).
+FAST_8BIT_LAYERS = (0, 1, 16, 17)
+FAST_RECIPE = XnnpackRecipe(
+    "fast",
+    (
+        (_HEAD, INT8_PC),
+        (r".*layers\.\d+\.self_attn\.v_proj\.weight", INT8_PC),
+        (r".*layers\.(%s)\..*" % "|".join(map(str, FAST_8BIT_LAYERS)), INT8_PC),
+        (r".*", INT4_G32_HQQ),
     ),
+    embedding=(4, 64),
+    doc="MLP and q/k/o int4 g32 HQQ, v_proj and layers 0, 1, 16, 17 int8, head int8; embedding int4 g64",
+)
+
+XNNPACK_RECIPES: dict[str, XnnpackRecipe] = {
+    r.name: r
+    for r in (
+        DEFAULT_RECIPE,
+        FAST_RECIPE,
+        XnnpackRecipe("8da8w", ((r".*", INT8_PC),), doc="every linear int8 per channel"),
+        XnnpackRecipe("8da4w", ((r".*", INT4_G32),), doc="every linear incl. the head int4 g32"),
+        XnnpackRecipe("8da4w-head8", ((_HEAD, INT8_PC), (r".*", INT4_G32)), doc="int4 g32, head int8"),
+    )
 }
+
+
+def describe() -> str:
+    """One line per XNNPACK recipe: name and what it quantizes how."""
+    return "\n".join(f"{r.name:<12} {r.doc}" for r in XNNPACK_RECIPES.values())
 
 
 def recipe_names() -> list[str]:
@@ -91,13 +163,11 @@ def _from_quant_config(cfg: Any) -> XnnpackWeightQuant:
 def _resolver(recipe: str, num_layers: int | None):
     """fqn -> XnnpackWeightQuant | None for recipe ``recipe``."""
     if recipe in XNNPACK_RECIPES:
-        rules = XNNPACK_RECIPES[recipe]
+        r = XNNPACK_RECIPES[recipe]
 
         def pick(fqn: str):
-            for pattern, q in rules:
-                if re.fullmatch(pattern, fqn):
-                    return q
-            return None
+            q = r.pick(fqn)
+            return None if q is False else q
 
         return pick
     from fxport.quant.recipe import RECIPES
@@ -120,15 +190,17 @@ class QuantReport:
     recipe: str
     quantized: dict[str, str] = field(default_factory=dict)
     kept_float: dict[str, str] = field(default_factory=dict)  # fqn -> reason
+    embedding: str | None = None  # the quantized lookup, when the recipe has one
 
     def summary(self) -> str:
         from collections import Counter
 
         kinds = Counter(self.quantized.values())
         parts = [f"{n} x {k}" for k, n in sorted(kinds.items())]
+        emb = f"; embedding {self.embedding}" if self.embedding else ""
         return (
             f"quant {self.recipe}: {len(self.quantized)} linear(s) quantized ({', '.join(parts) or 'none'}), "
-            f"{len(self.kept_float)} kept float"
+            f"{len(self.kept_float)} kept float{emb}"
         )
 
 
@@ -136,7 +208,9 @@ def quantize_for_xnnpack(model: nn.Module, recipe: str, *, num_layers: int | Non
     """Quantize ``model``'s linears in place for XNNPACK with recipe ``recipe``.
 
     A linear whose weight is tied to an embedding takes the rule of that embedding's weight
-    FQN when no rule names the linear itself. A linear whose ``in_features`` is not a
+    FQN when no rule names the linear itself. A recipe with an embedding rule swaps the
+    module ``model.embed_tokens`` for a :class:`fxport.quant.embedding.QuantizedEmbedding`
+    (after the head, which shares its weight, was quantized from the float table). A linear whose ``in_features`` is not a
     multiple of the group size stays float (reported in ``kept_float``).
     Raises ValueError for an unknown recipe (the message lists the valid names).
     """
@@ -171,4 +245,18 @@ def quantize_for_xnnpack(model: nn.Module, recipe: str, *, num_layers: int | Non
         report.quantized[name] = str(q)
     for q, names in groups.items():
         quantize_(model, q.torchao_config(), filter_fn=lambda m, fqn, names=names: fqn in names)
+    emb_rule = XNNPACK_RECIPES[recipe].embedding if recipe in XNNPACK_RECIPES else None
+    if emb_rule is not None:
+        from fxport.quant.embedding import quantize_embedding
+
+        fqn = next((n for n, m in model.named_modules() if n.endswith("embed_tokens") and isinstance(m, nn.Embedding)), None)
+        if fqn is None:
+            raise ValueError(f"recipe {recipe!r} quantizes the token embedding but the model has no "
+                             "nn.Embedding named '*embed_tokens'")
+        head = getattr(model, "lm_head", None)
+        if isinstance(head, nn.Linear) and head.weight is model.get_submodule(fqn).weight:
+            raise ValueError(f"recipe {recipe!r}: the tied head must be quantized before its embedding "
+                             "(give lm_head a rule)")
+        q = quantize_embedding(model, fqn, *emb_rule)
+        report.embedding = f"{fqn} int{emb_rule[0]} g{emb_rule[1]} ({q.nbytes() / 2**20:.1f} MiB)"
     return report
