@@ -228,12 +228,36 @@ def multimodal_metadata(model: torch.nn.Module, max_prefill_chunk: int, max_soft
     return meta
 
 
+def rewrite_multimodal_programs(model: torch.nn.Module, programs: dict[str, ExportedProgram],
+                                max_prefill_chunk: int, ring_size: int | None = None, dump=None):
+    """The CPU pass set on each method (GeluTanhAsTanh on all, FixedSlotFusion first on
+    prefill, the text CPU set on prefill / decode). Ring size default:
+    ``max(2 W, W + max_prefill_chunk - 1)`` so that a chunk holding a whole image fits the ring.
+    Returns (programs, {method: PipelineResult})."""
+    from fxport.lowering.xnnpack import apply_method_passes, cpu_passes
+
+    text = model.config.text
+    if ring_size is None and "sliding_attention" in text.layer_types:
+        ring_size = max(2 * text.sliding_window, text.sliding_window + max_prefill_chunk - 1)
+    passes = cpu_passes(model, ring_size=ring_size)
+    passes["prefill"] = multimodal_passes(model) + passes["prefill"]
+    if "audio_encoder" in programs:
+        from .audio import audio_encoder_passes
+
+        passes["audio_encoder"] = audio_encoder_passes()
+    # XNNPACK's GELU is the erf form whatever ``approximate`` says: spell the tanh form out.
+    from fxport.passes.xnnpack.gelu_tanh_as_tanh import GeluTanhAsTanh
+
+    passes = {m: [GeluTanhAsTanh()] + list(passes.get(m, [])) for m in programs}
+    return apply_method_passes(programs, passes, dump=dump)
+
+
 def export_multimodal_pte(model: torch.nn.Module, out, *, max_prefill_chunk: int = 64,
                           max_soft_tokens: int = 280, max_audio_frames: int | None = None,
                           ring_size: int | None = None, dump=None, on_stage=None):
     """Multimodal Gemma 4 -> one XNNPACK ``.pte`` with methods image_encoder [, audio_encoder],
     prefill, decode sharing one KV cache. Returns the lowered program (``XnnpackProgram``)."""
-    from fxport.lowering.xnnpack import apply_method_passes, cpu_passes, lower_to_xnnpack
+    from fxport.lowering.xnnpack import lower_to_xnnpack
 
     stage = on_stage or (lambda name: None)
     stage("export")
@@ -241,14 +265,7 @@ def export_multimodal_pte(model: torch.nn.Module, out, *, max_prefill_chunk: int
         programs = export_multimodal_methods(model, max_prefill_chunk, max_soft_tokens=max_soft_tokens,
                                              max_audio_frames=max_audio_frames)
     stage("passes")
-    if ring_size is None:  # an image's run of placeholders must fit one prefill chunk: size R = W + C - 1
-        windows = [model.config.text.sliding_window] if "sliding_attention" in model.config.text.layer_types else []
-        ring_size = max((2 * w for w in windows), default=None)
-        if ring_size is not None:
-            ring_size = max(ring_size, windows[0] + max_prefill_chunk - 1)
-    passes = cpu_passes(model, ring_size=ring_size)
-    passes["prefill"] = multimodal_passes(model) + passes["prefill"]
-    programs, _ = apply_method_passes(programs, passes, dump=dump)
+    programs, _ = rewrite_multimodal_programs(model, programs, max_prefill_chunk, ring_size, dump)
     stage("lower")
     meta = multimodal_metadata(model, max_prefill_chunk, max_soft_tokens, max_audio_frames)
     lowered = lower_to_xnnpack(programs, constant_methods=meta, on_stage=on_stage)
