@@ -99,6 +99,7 @@ def check(spelling: str, n_heads: int, n_kv_heads: int, head_dim: int, window: i
     for method, res in results.items():
         ring = res["ring_buffer_kv_cache"].stats
         assert (ring.matched, ring.rewritten, dict(ring.skipped)) == (2, 2, {}), (method, res.summary())
+        assert [(site["write"], site["readers"]) for site in ring.sites] == [("index_copy", [spelling])] * 2
         assert drive.cache_lengths(res.ep, sliding + full) == {**dict.fromkeys(sliding, r), **dict.fromkeys(full, MAX_CONTEXT)}
         assert drive.aten_sdpa_left(res.ep) == 0, method
     decode = results["decode"].ep

@@ -4,13 +4,16 @@ gpt-fast (pytorch-labs/gpt-fast) writes its cache with ``k_cache[:, :, input_pos
 ``index_put_`` with a position tensor, as torchtune does), builds the mask as
 ``causal_mask[None, None, input_pos]`` and expands GQA heads with
 ``k.repeat_interleave(n_head // n_local_heads, dim=1)`` in front of
-``F.scaled_dot_product_attention``. Layer 0 is a sliding layer (a banded mask buffer), layer 1
-global. Hypothesis draws heads, KV heads, head dim, window and prefill chunk.
+``F.scaled_dot_product_attention``. The same model also writes its cache the other common way,
+``cache.narrow(2, start, L).copy_(k)`` with ``start = input_pos[0].item()`` (``slice_scatter`` at
+a symbolic start in the exported graph). Layer 0 is a sliding layer (a banded mask buffer),
+layer 1 global. Hypothesis draws heads, KV heads, head dim, window and prefill chunk.
 Reference: the same exported programs without the passes.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, Phase, given, settings
@@ -25,25 +28,33 @@ VOCAB, DIM, S = 64, 32, 32
 
 
 class KVCache(nn.Module):
-    def __init__(self, n_heads: int, head_dim: int):
+    def __init__(self, n_heads: int, head_dim: int, write: str):
         super().__init__()
+        self.write = write
         self.register_buffer("k_cache", torch.zeros(1, n_heads, S, head_dim))
         self.register_buffer("v_cache", torch.zeros(1, n_heads, S, head_dim))
 
     def update(self, input_pos, k, v):  # input_pos (L,), k/v (1, H_kv, L, D)
         k_out, v_out = self.k_cache, self.v_cache
-        k_out[:, :, input_pos] = k
-        v_out[:, :, input_pos] = v
+        if self.write == "index_put":  # gpt-fast
+            k_out[:, :, input_pos] = k
+            v_out[:, :, input_pos] = v
+        else:  # a contiguous slice at a data-dependent start: slice_scatter in the exported graph
+            start = input_pos[0].item()
+            torch._check(start >= 0)
+            torch._check(start + k.shape[2] <= S)
+            k_out.narrow(2, start, k.shape[2]).copy_(k)
+            v_out.narrow(2, start, v.shape[2]).copy_(v)
         return k_out, v_out
 
 
 class Attention(nn.Module):
-    def __init__(self, n_head: int, n_local_heads: int, head_dim: int):
+    def __init__(self, n_head: int, n_local_heads: int, head_dim: int, write: str):
         super().__init__()
         self.n_head, self.n_local_heads, self.head_dim = n_head, n_local_heads, head_dim
         self.wqkv = nn.Linear(DIM, (n_head + 2 * n_local_heads) * head_dim, bias=False)
         self.wo = nn.Linear(n_head * head_dim, DIM, bias=False)
-        self.kv_cache = KVCache(n_local_heads, head_dim)
+        self.kv_cache = KVCache(n_local_heads, head_dim, write)
 
     def forward(self, x, freqs_cis, mask, input_pos):
         bsz, seqlen, _ = x.shape
@@ -69,9 +80,9 @@ def apply_rotary_emb(x, freqs_cis):  # x (bsz, seqlen, heads, head_dim), freqs_c
 
 
 class Block(nn.Module):
-    def __init__(self, n_head, n_local_heads, head_dim):
+    def __init__(self, n_head, n_local_heads, head_dim, write):
         super().__init__()
-        self.attention = Attention(n_head, n_local_heads, head_dim)
+        self.attention = Attention(n_head, n_local_heads, head_dim, write)
         self.attention_norm, self.ffn_norm = nn.RMSNorm(DIM, eps=1e-5), nn.RMSNorm(DIM, eps=1e-5)
         self.w1, self.w3, self.w2 = nn.Linear(DIM, 64, bias=False), nn.Linear(DIM, 64, bias=False), nn.Linear(64, DIM, bias=False)
 
@@ -84,10 +95,10 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Two layers: 0 sliding (window ``window``), 1 global."""
 
-    def __init__(self, n_head: int, n_local_heads: int, head_dim: int, window: int):
+    def __init__(self, n_head: int, n_local_heads: int, head_dim: int, window: int, write: str = "index_put"):
         super().__init__()
         self.tok_embeddings = nn.Embedding(VOCAB, DIM)
-        self.layers = nn.ModuleList(Block(n_head, n_local_heads, head_dim) for _ in range(2))
+        self.layers = nn.ModuleList(Block(n_head, n_local_heads, head_dim, write) for _ in range(2))
         self.norm, self.output = nn.RMSNorm(DIM, eps=1e-5), nn.Linear(DIM, VOCAB, bias=False)
         causal = torch.tril(torch.ones(S, S, dtype=torch.bool))
         self.register_buffer("causal_mask", causal, persistent=False)
@@ -118,7 +129,8 @@ def feed(method, tokens, start):
     return (tokens, torch.arange(start, start + tokens.shape[1])), {}
 
 
-@settings(max_examples=4, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
+@pytest.mark.parametrize("write", ["index_put", "narrow_copy"])
+@settings(max_examples=2, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
           suppress_health_check=[HealthCheck.too_slow])  # no shrinking: each example exports twice
 @given(
     heads=st.sampled_from([(2, 1), (2, 2), (4, 2), (6, 3), (8, 2)]),  # (n_head, n_local_heads)
@@ -127,11 +139,11 @@ def feed(method, tokens, start):
     chunk=st.integers(2, 9),
     data=st.data(),
 )
-def test_index_put_cache_ring_and_splitk(heads, head_dim, window, chunk, data):
+def test_cache_write_forms_ring_and_splitk(write, heads, head_dim, window, chunk, data):
     n_head, n_kv = heads
     chunks = data.draw(st.lists(st.integers(1, chunk), min_size=1, max_size=3), label="chunks")
     torch.manual_seed(0)
-    model = Transformer(n_head, n_kv, head_dim, window).eval()
+    model = Transformer(n_head, n_kv, head_dim, window, write).eval()
     reference = {m: drive.normalized(ep) for m, ep in export(model, chunk).items()}
     sliding = [f"layers.0.attention.kv_cache.{kv}_cache" for kv in ("k", "v")]
     full = [f"layers.1.attention.kv_cache.{kv}_cache" for kv in ("k", "v")]
@@ -142,6 +154,8 @@ def test_index_put_cache_ring_and_splitk(heads, head_dim, window, chunk, data):
     for method, res in results.items():
         ring = res["ring_buffer_kv_cache"].stats
         assert (ring.matched, ring.rewritten, dict(ring.skipped)) == (2, 2, {}), (method, res.summary())
+        assert [(site["write"], site["readers"]) for site in ring.sites] == \
+            [({"index_put": "index_put", "narrow_copy": "slice_scatter"}[write], ["repeat_interleave"])] * 2
         assert drive.cache_lengths(res.ep, sliding + full) == {**dict.fromkeys(sliding, r), **dict.fromkeys(full, S)}
         assert drive.aten_sdpa_left(res.ep) == 0, method
     decode = results["decode"].ep

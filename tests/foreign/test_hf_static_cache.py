@@ -99,6 +99,7 @@ def test_static_cache_export_ring_and_splitk(make):
     for method, res in results.items():
         ring = res["ring_buffer_kv_cache"].stats
         assert (ring.rewritten, dict(ring.skipped)) == (len(sliding), {}), (method, res.summary())
+        assert [(site["write"], site["readers"]) for site in ring.sites] == [("index_copy", ["repeat_kv"])] * len(sliding)
         assert drive.cache_lengths(res.ep, caches) == {n: r if n in sliding else S for n in caches}
         assert drive.aten_sdpa_left(res.ep) == 0, method
     decode = results["decode"].ep
