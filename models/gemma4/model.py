@@ -377,7 +377,8 @@ class Gemma4TextModel(nn.Module):
 
 def _same_vision_run(vision_tokens: Tensor, input_pos: Tensor, max_seq_len: int) -> Tensor:
     """(B, 1, L, S) bool: query i and key position s hold tokens of the same vision run of this chunk."""
-    prev = F.pad(vision_tokens[:, :-1], (1, 0), value=False)  # (B, L): previous token is vision
+    L = vision_tokens.shape[1]
+    prev = F.pad(vision_tokens, (1, 0), value=False)[:, :L]  # (B, L): previous token is vision
     run = torch.cumsum((vision_tokens & ~prev).long(), dim=1)  # (B, L): 1-based run index
     run = torch.where(vision_tokens, run, 0)  # 0: text
     key_run = run.new_zeros(run.shape[0], max_seq_len).index_copy(1, input_pos, run)  # (B, S)

@@ -173,3 +173,30 @@ def test_clear_errors(built, tmp_path, capsys):
         generate(text_only, None, [2, 5, 7], 2, images=[png])
     with pytest.raises(MultimodalError, match="prompt holds 2 image token"):
         generate(eager, None, [2, IMG, IMG], 2, images=[png])
+
+
+def test_bidirectional_vision_program_matches_eager():
+    """use_bidirectional_attention="vision": the exported prefill with FixedSlotFusion and
+    RingBufferKVCache (ring smaller than the cache; the gathered mask keeps the image runs'
+    both-way term) equals eager, a chunk holding whole images then decode steps."""
+    from fxport.passes.ring_buffer_kv_cache import RingBufferKVCache
+    from fxport.models.gemma4.model import sliding_window_buffers
+
+    text = hf_text_config(layer_types=(S, F), ple=0, window=6, bidir="vision")
+    _, model = pair(hf_multimodal_config(text, hf_vision_config(pooling=2)), seed=9, max_seq_len=SEQ)
+    with torch.no_grad():
+        raw = export_methods(model, max_prefill_chunk=CHUNK, multimodal=True, max_soft_tokens=SOFT)
+    ring = [RingBufferKVCache(windows=sliding_window_buffers(model), ring_size=6 + CHUNK - 1)]
+    progs, _ = apply_method_passes(raw, {"prefill": multimodal_passes(model) + ring, "decode": list(ring)})
+    pv, pos, tokens = _inputs(model, seed=3)
+    split = 3  # the first chunk is BOS + text; the second holds both images
+    _, rows, n_first, n_all, ref = _eager_steps(model, pv, pos, tokens, split)
+    run = ExportedBackend(progs, max_seq_len=SEQ)
+    L = tokens.shape[1]
+    with torch.no_grad():
+        got = [run._prefill(tokens[:, :split], torch.arange(split), rows[:1])[0, -1],
+               run._prefill(tokens[:, split:], torch.arange(split, L), rows[:n_all])[0, -1]]
+        for i, t in enumerate((7, 9)):
+            got.append(run.decode(torch.tensor([[t]]), torch.tensor([L + i]))[0, -1])
+    errs = [rel_max_err(a, b) for a, b in zip(got, ref)]
+    assert max(errs) <= RTOL, errs
