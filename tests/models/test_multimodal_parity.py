@@ -228,3 +228,35 @@ def test_load_hf_directory(tmp_path):
     ref, got = ours.state_dict(), loaded.state_dict()
     assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
     assert loaded.config == ours.config
+
+
+def test_generate_with_images_and_audio_matches_one_step_forward(tmp_path):
+    """generate(images=[...], audio=(features, mask)) lays out boi/img/eoi then boa/aud/eoa after
+    BOS, prefills in chunks with each chunk's own feature rows, and its first token equals the
+    argmax of one full-prompt eager forward (generate_step) on the same inputs."""
+    import numpy as np
+    from PIL import Image
+
+    from fxport.runtime.generate import generate
+    from fxport.runtime.image import preprocess_image
+    from fxport.runtime.multimodal import MultimodalEagerBackend
+
+    from .multimodal_helpers import AUD, BOA, BOI, EOA, EOI
+
+    hf, ours = pair(hf_multimodal_config(hf_text_config(), hf_vision_config(), audio=audio_hf_config()), 12)
+    png = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8), "RGB").save(png)
+    g = torch.Generator().manual_seed(1)
+    feats, fmask, n_aud = audio_inputs(hf.config.audio_config, g, frames=17, valid=13)
+    be = MultimodalEagerBackend(ours, max_soft_tokens=4)
+    res = generate(be, None, [2, 5, 7], 2, images=[png], audio=(feats, fmask), max_prefill_chunk=5)
+    img = preprocess_image(png, 2, 2, 4)
+    n_img = img.num_soft_tokens
+    want = [2, BOI] + [IMG] * n_img + [EOI, BOA] + [AUD] * n_aud + [EOA, 5, 7]
+    assert res.prompt_tokens == want and res.prefill_chunks >= 3
+    ids = torch.tensor([want])
+    with torch.no_grad():
+        ours.reset_caches()
+        logits = ours.generate_step(ids, torch.arange(ids.shape[1]), img.pixel_values[None],
+                                    img.position_ids[None], feats, fmask)
+    assert res.tokens[0] == int(logits[0, -1].argmax())
