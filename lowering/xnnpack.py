@@ -114,6 +114,104 @@ class XnnpackProgram:
         return []
 
 
+# ----------------------------------------------------------------------------- compile time
+#
+# Where ``to_edge_transform_and_lower`` spends its time (cProfile of the build; see bench/export_time.py):
+# re-tracing. Every ExportPass re-executes the whole graph under FakeTensors, and most of
+# XNNPACK's per-partition passes (17 per delegate: batch-norm fusion, conv1d, PReLU, upsample ...)
+# match nothing in an LLM, edit nothing, and still end with a full re-trace; the edge
+# conversion re-functionalizes and re-decomposes programs that are already functional and hold
+# no op of the decomposition table. ``_fewer_retraces`` skips exactly those re-traces:
+#
+# * a pure re-trace (an ExportPass that overrides none of the retrace hooks, called as the
+#   ``super().call`` at the end of an in-place pass) of a graph that is structurally identical
+#   to the output of the previous re-trace: re-tracing that graph reproduces it;
+# * ``run_decompositions(table)`` of a program with no mutating op and no op in ``table``:
+#   upstream itself skips that call on its other path (``contains_any_call_fn_target_op``).
+# Passes that transform while re-tracing (op replacement, scalar-to-tensor, const-prop ...)
+# always run. The program written is the same (tests/lowering/test_xnnpack.py compares bytes).
+
+_RETRACE_HOOKS = ("call_operator", "call_sym", "call_cond", "call_while", "call_map", "call_scan",
+                  "call_getitem", "output", "placeholder", "call_submodule", "call_delegate", "on_attr",
+                  "call_size_operator", "call_size_operator_all", "inputs")
+
+
+def _graph_fingerprint(gm: Any) -> tuple:
+    """The structure a re-trace reads: ops, targets and argument wiring, in order."""
+    index: dict = {}
+    rows = []
+
+    def arg(a: Any) -> Any:
+        if isinstance(a, torch.fx.Node):
+            return ("%", index[a])
+        if isinstance(a, (list, tuple)):
+            return (type(a).__name__, tuple(arg(x) for x in a))
+        if isinstance(a, dict):
+            return ("dict", tuple((k, arg(v)) for k, v in a.items()))
+        return repr(a)
+
+    for i, node in enumerate(gm.graph.nodes):
+        index[node] = i
+        rows.append((node.op, str(node.target), arg(node.args), arg(node.kwargs)))
+    return tuple(rows)
+
+
+def _is_pure_retrace(pass_: Any) -> bool:
+    from executorch.exir.pass_base import ExportPass
+
+    cls = type(pass_)
+    return all(getattr(cls, hook, None) is getattr(ExportPass, hook, None) for hook in _RETRACE_HOOKS)
+
+
+def _has_mutation(gm: Any) -> bool:
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op == "call_function" and schema is not None and schema.is_mutable:
+            return True
+    return False
+
+
+class _fewer_retraces:
+    """Context manager: skip the re-traces that cannot change the program (see above)."""
+
+    def __enter__(self):
+        from executorch.exir.graph_module import contains_any_call_fn_target_op
+        from executorch.exir.pass_base import _ExportPassBase
+        from torch.fx.passes.infra.pass_base import PassResult
+
+        self._base, self._ep = _ExportPassBase, ExportedProgram
+        self._call, self._decomp = _ExportPassBase.call, ExportedProgram.run_decompositions
+        call, decomp = self._call, self._decomp
+        self.skipped = {"retrace": 0, "run_decompositions": 0}
+        skipped = self.skipped
+
+        def fewer_call(pass_, graph_module):
+            if _is_pure_retrace(pass_):
+                fp = _graph_fingerprint(graph_module)
+                if getattr(graph_module, "_fxport_retraced", None) == fp:
+                    skipped["retrace"] += 1
+                    return PassResult(graph_module, False)
+                result = call(pass_, graph_module)
+                result.graph_module._fxport_retraced = _graph_fingerprint(result.graph_module)
+                return result
+            return call(pass_, graph_module)
+
+        def fewer_decompositions(ep, decomp_table=None, *args, **kwargs):
+            if (decomp_table is not None and not args and not kwargs and not _has_mutation(ep.graph_module)
+                    and not contains_any_call_fn_target_op(ep.graph_module, decomp_table)):
+                skipped["run_decompositions"] += 1
+                return ep
+            return decomp(ep, decomp_table, *args, **kwargs)
+
+        _ExportPassBase.call = fewer_call
+        ExportedProgram.run_decompositions = fewer_decompositions
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._base.call = self._call
+        self._ep.run_decompositions = self._decomp
+
+
 def _mutable_buffers(ep: ExportedProgram) -> list[str]:
     return sorted(ep.graph_signature.buffers_to_mutate.values())
 
@@ -123,13 +221,15 @@ def lower_to_xnnpack(
     *,
     constant_methods: Mapping[str, Any] | None = None,
     on_stage=None,
+    legacy: bool = False,
 ) -> XnnpackProgram:
     """Lower ``{method: ExportedProgram}`` to one XNNPACK ``.pte`` (see the module docstring).
 
     All methods must mutate the same buffers (same FQNs, shapes, dtypes): that is what lets
     them share one KV-cache allocation. Raises ValueError naming the method and buffers that
     differ. ``on_stage("serialize")`` is called between ``to_edge_transform_and_lower`` and
-    ``to_executorch`` when given.
+    ``to_executorch`` when given. ``legacy=True`` lowers without :class:`_fewer_retraces` (the
+    path before the compile-time work; bench/export_time.py --legacy).
     """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -138,23 +238,26 @@ def lower_to_xnnpack(
     if not programs:
         raise ValueError("lower_to_xnnpack: no methods given; pass {'prefill': ep, 'decode': ep}")
     _check_shared_buffers(programs)
-    edge = to_edge_transform_and_lower(
-        dict(programs),
-        partitioner=[XnnpackPartitioner()],
-        constant_methods=dict(constant_methods or {}),
-        # fxport's passes emit plain ATen ops; torchao's quant ops are not core ATen.
-        compile_config=EdgeCompileConfig(_check_ir_validity=False),
-    )
-    report = delegation_report({m: edge.exported_program(m) for m in programs})
-    if on_stage is not None:
-        on_stage("serialize")
-    et = edge.to_executorch(
-        ExecutorchBackendConfig(
-            memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
-            emit_mutable_buffer_names=True,
-            run_reinplace_pass=True,
+    import contextlib
+
+    with contextlib.nullcontext() if legacy else _fewer_retraces():
+        edge = to_edge_transform_and_lower(
+            dict(programs),
+            partitioner=[XnnpackPartitioner()],
+            constant_methods=dict(constant_methods or {}),
+            # fxport's passes emit plain ATen ops; torchao's quant ops are not core ATen.
+            compile_config=EdgeCompileConfig(_check_ir_validity=False),
         )
-    )
+        report = delegation_report({m: edge.exported_program(m) for m in programs})
+        if on_stage is not None:
+            on_stage("serialize")
+        et = edge.to_executorch(
+            ExecutorchBackendConfig(
+                memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
+                emit_mutable_buffer_names=True,
+                run_reinplace_pass=True,
+            )
+        )
     first = next((ep for ep in programs.values() if ep.graph_signature.buffers_to_mutate), next(iter(programs.values())))
     return XnnpackProgram(et.buffer, report, _mutable_buffers(first), list(programs), et.executorch_program)
 

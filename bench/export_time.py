@@ -1,0 +1,98 @@
+"""Compile time of ``fxport export``: the Gemma 3 270M GGUF -> XNNPACK 8da4w .pte, stage by stage.
+
+Prints the stage table of :func:`fxport.builder.build` (wall and CPU seconds per stage, with the
+load average: on a shared machine wall time is inflated by waiting for a core, CPU seconds are
+not), then the program's greedy tokens on the demo prompt, so a faster build can be checked to
+produce the same program (same tokens, same file digest).
+
+    python bench/export_time.py                      # the 270M XNNPACK export (8da4w)
+    python bench/export_time.py --legacy             # the same through the old lowering path
+    python bench/export_time.py --cuda-31b           # the 31B-shaped meta-device CUDA dry run
+
+``--legacy`` lowers the way fxport did before the compile-time work (see
+``fxport.lowering.xnnpack.lower_to_xnnpack(..., legacy=True)``), for the before/after table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _load() -> str:
+    a, b, c = os.getloadavg()
+    return f"load average {a:.2f} {b:.2f} {c:.2f} on {os.cpu_count()} cores"
+
+
+def export_270m(args: argparse.Namespace) -> None:
+    from fxport.builder import BuildOptions, Source, build
+    from fxport.models.gemma4.load import gemma3_270m_gguf
+
+    gguf = gemma3_270m_gguf()
+    options = BuildOptions(backend="xnnpack", quant=args.quant, max_seq_len=args.max_seq_len,
+                           max_prefill_chunk=args.max_prefill_chunk)
+    if args.legacy:
+        import fxport.lowering.xnnpack as xnnpack
+
+        real = xnnpack.lower_to_xnnpack
+        xnnpack.lower_to_xnnpack = lambda programs, **kw: real(programs, legacy=True, **kw)
+    t0 = time.perf_counter()
+    result = build(Source(gguf=gguf), args.out, options, progress=True)
+    wall = time.perf_counter() - t0
+    label = "legacy lowering" if args.legacy else "current"
+    print(f"## fxport export --gguf {gguf.name} --backend xnnpack --quant {args.quant} ({label})")
+    print(result.times.table())
+    print(f"build() wall {wall:.1f} s; program {args.out} {Path(args.out).stat().st_size / 2**20:.1f} MiB, "
+          f"sha256 {hashlib.sha256(Path(args.out).read_bytes()).hexdigest()[:16]}")
+    if args.tokens:
+        from fxport.models.gemma4.tokenizer import load_tokenizer
+        from fxport.runtime.generate import generate
+        from fxport.runtime.pte_backend import PteBackend
+
+        tok = load_tokenizer(result.tokenizer_dir)
+        gen = generate(PteBackend(args.out, num_threads=args.threads), tok, args.prompt, args.max_new_tokens)
+        print(f"greedy tokens on {args.prompt!r}: {gen.tokens}")
+        print(f"text: {gen.text!r}")
+
+
+def cuda_31b(args: argparse.Namespace) -> None:
+    from fxport.builder import BuildOptions, Source, build
+
+    options = BuildOptions(backend="cuda", quant=None, max_seq_len=args.max_seq_len,
+                           max_prefill_chunk=args.max_prefill_chunk, dry_run=True)
+    t0 = time.perf_counter()
+    result = build(Source(preset="31b"), None, options, progress=True)
+    wall = time.perf_counter() - t0
+    print("## fxport export --preset 31b --backend cuda --dry-run (meta device)")
+    print(result.times.table())
+    print(f"build() wall {wall:.1f} s; fully delegated: {result.report.fully_delegated}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quant", default="8da4w", help="XNNPACK recipe (default 8da4w)")
+    p.add_argument("--out", default="build/export-time.pte", help="program path (default build/export-time.pte)")
+    p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--max-prefill-chunk", type=int, default=128)
+    p.add_argument("--legacy", action="store_true", help="lower through the old path (before/after)")
+    p.add_argument("--no-tokens", dest="tokens", action="store_false", help="skip the greedy-token check")
+    p.add_argument("--prompt", default="The capital of France is")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cuda-31b", action="store_true", help="time the 31B-shaped CUDA dry run instead")
+    args = p.parse_args(argv)
+    print(f"# {_load()} at start", flush=True)
+    if args.cuda_31b:
+        cuda_31b(args)
+    else:
+        export_270m(args)
+    print(f"# {_load()} at end")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
