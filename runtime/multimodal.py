@@ -24,6 +24,7 @@ chunk is an error then); each chunk gets the feature rows of its own placeholder
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -85,7 +86,9 @@ class MultimodalEagerBackend:
         self.model.reset_caches()
 
 
+@functools.lru_cache(maxsize=None)
 def _pte_class():
+    """The .pte backend class, defined on first use (importing it imports executorch)."""
     from fxport.runtime.pte_backend import PteBackend
 
     class MultimodalPteBackend(PteBackend):
@@ -150,11 +153,12 @@ class MultimodalPrompt:
     audio_rows: Tensor | None = None
     runs: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each image run
     soft_tokens: list[int] = field(default_factory=list)
+    mm: dict[str, Any] = field(default_factory=dict)  # the backend's ``multimodal`` description
 
     def features(self, start: int, end: int) -> dict[str, Tensor | None]:
         """Feature rows of the placeholders in ``ids[start:end]`` (None when there are none)."""
         out: dict[str, Tensor | None] = {}
-        mm = self._mm
+        mm = self.mm
         for key, rows, pid in (("image_features", self.image_rows, mm.get("image_token_id")),
                                ("audio_features", self.audio_rows, mm.get("audio_token_id"))):
             if rows is None:
@@ -168,7 +172,7 @@ class MultimodalPrompt:
         """Prefill chunk bounds: at most ``chunk`` tokens, never splitting an image run when the
         program attends bidirectionally inside images (a longer run is an error then)."""
         bounds, start, n = [], 0, len(self.ids)
-        bidir = bool(self._mm.get("bidirectional"))
+        bidir = bool(self.mm.get("bidirectional"))
         while start < n:
             end = min(start + chunk, n)
             for s, e in self.runs:
@@ -203,8 +207,7 @@ def build_prompt(backend: Any, ids: Sequence[int], images: Sequence[Any] = (), a
     if clips and not getattr(backend, "has_audio", False):
         raise MultimodalError("generate: this program has no audio_encoder method; drop the audio or export "
                               "a model with an audio tower.")
-    prompt = MultimodalPrompt(ids=ids)
-    prompt._mm = mm or {}
+    prompt = MultimodalPrompt(ids=ids, mm=dict(mm or {}))
     if not images and not clips:
         return prompt
     limit = mm.get("max_soft_tokens") or DEFAULT_MAX_SOFT_TOKENS
