@@ -43,7 +43,7 @@ Cache writes (the one write of a cache buffer)::
   decomposes to), ``slice_scatter(cache, copy(slice(cache, d, p, p + L), new), d, p, p + L)``
   (``cache.narrow(d, p, L).copy_(new)`` / ``cache[:, :, p:p + L] = new`` with a symbolic start,
   ExecuTorch's dynamic-shape Llama), and the in-place forms ``index_copy_``, ``index_put_`` and
-  ``copy_`` into a slice of the cache (training IR). Anything else raises
+  ``copy_`` into a ``slice``/``narrow`` of the cache (training IR). Anything else raises
   :class:`NotRecognized` whose message is the skip reason passes report.
 
 Symbol bounds: :func:`upper_bound` (the largest value a size can take in the program: its
