@@ -118,11 +118,10 @@ def _refused(capsys, argv, monkeypatch) -> str:
     return err[0]
 
 
-@pytest.mark.parametrize("backend,quant,choices", [
-    ("cuda", "8da4w", "default, int4, sensitive"),
-    ("xnnpack", "int4", "8da4w, 8da4w-head8, default, sensitive"),
-])
-def test_each_backend_validates_its_own_recipes(backend, quant, choices, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("backend,quant", [("cuda", "8da4w"), ("xnnpack", "int4")])
+def test_each_backend_validates_its_own_recipes(backend, quant, tmp_path, capsys, monkeypatch):
+    choices = ", ".join(builder.backend_module(backend).recipe_names())
+    assert quant not in choices.split(", ")
     line = _refused(capsys, ["export", "--preset", "tiny", "--backend", backend, "--quant", quant, "--dry-run",
                              "--out", str(tmp_path / "m.pte")] if backend == "cuda" else
                     ["export", "--preset", "tiny", "--backend", backend, "--quant", quant,
