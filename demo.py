@@ -87,7 +87,7 @@ def check_tokens(reference: Any, tokenizer: Any, prompt: str, prompt_tokens: Seq
     return {"ok": ok, "prefix_match": agree["prefix_match"], "agree": agree["agree"], "max_gap": agree["max_gap"]}
 
 
-def run_demo(*, prompt: str = DEMO_PROMPT, max_new_tokens: int = 32, quant: str | None = "8da4w",
+def run_demo(*, prompt: str = DEMO_PROMPT, max_new_tokens: int = 32, quant: str | None = "balanced",
              out: str | Path = "build/gemma3-270m.pte", max_seq_len: int = 1024, max_prefill_chunk: int = 128,
              threads: int | None = 2, max_gap: float = DEMO_MAX_GAP, rebuild: bool = False, recheck: bool = False,
              say: Callable[[str], None] = print) -> bool:

@@ -172,7 +172,7 @@ def test_quant_report_for_fxport_recipe(tiny):
 
 
 def test_unknown_recipe_is_a_clear_error(tiny):
-    with pytest.raises(ValueError, match=r"unknown quantization recipe 'int3'; choose one of: 8da4w, 8da4w-head8, default, sensitive"):
+    with pytest.raises(ValueError, match=r"unknown quantization recipe 'int3'; choose one of: 8da4w, 8da4w-head8, 8da8w, balanced, default, fast, sensitive"):
         quantize_for_xnnpack(tiny.model(), "int3")
     with pytest.raises(ValueError, match="4-bit weights need a group_size"):
         XnnpackWeightQuant(4, None)
@@ -213,3 +213,19 @@ def test_cpu_passes_keep_eager_numerics(tiny):
         # fp32; the mean of RMSNorm is a dot product with 1/D, attention a matmul/softmax chain.
         err = (g - w).abs().max().item()
         assert err <= 1e-5 * w.abs().max().item(), f"step {step}: max abs error {err}"
+
+
+def test_fewer_retraces_write_the_same_program(tiny):
+    """The compile-time cut (lower_to_xnnpack skipping re-traces that cannot change the graph)
+    writes byte for byte the program the full path writes (8da4w: the dq-linear passes run)."""
+    def lower(legacy):
+        model = tiny.model()
+        quantize_for_xnnpack(model, "8da4w")
+        with torch.no_grad():
+            programs = export_methods(model, max_prefill_chunk=tiny.max_chunk)
+        programs, _ = apply_method_passes(programs, cpu_passes(model))
+        return lower_to_xnnpack(programs, constant_methods={"get_max_seq_len": tiny.max_seq_len}, legacy=legacy)
+
+    fast, full = lower(False), lower(True)
+    assert fast.report.summary() == full.report.summary()
+    assert fast.buffer == full.buffer
