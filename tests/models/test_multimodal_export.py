@@ -1,8 +1,9 @@
 """Multimodal export: ExportedPrograms vs eager, the XNNPACK .pte vs eager, `fxport run --image`.
 
 One tiny model (text: 1 sliding + 1 full layer, hidden 32, PLE; vision: 1 layer, patch 2,
-pooling 2, 4 soft tokens per image) is exported and lowered once for the module (the lowering
-dominates the time). Tolerance: relative max error <= 1e-4 on fp32 logits and image features.
+pooling 2, 4 soft tokens per image; audio: 1 conformer layer, 24 mel frames per clip) is
+exported and lowered once for the module into one .pte with image_encoder, audio_encoder,
+prefill and decode (the lowering dominates the time). Tolerance: relative max error <= 1e-4 on fp32 logits and image features.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from fxport.runtime.multimodal import MultimodalEagerBackend, MultimodalError, o
 
 from .multimodal_helpers import (
     IMG,
+    audio_hf_config,
+    audio_inputs,
     S,
     F,
     hf_multimodal_config,
@@ -40,20 +43,23 @@ from .multimodal_helpers import (
 )
 
 RTOL = 1e-4
-CHUNK, SOFT, SEQ = 16, 4, 32
+CHUNK, SOFT, SEQ, FRAMES = 16, 4, 32, 24
 FORBIDDEN = ("nonzero", "item", "_assert_scalar", "masked_scatter", "_local_scalar_dense")
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     text = hf_text_config(layer_types=(S, F), ple=4, window=3)
-    _, ours = pair(hf_multimodal_config(text, hf_vision_config(pooling=2)), seed=4, max_seq_len=SEQ)
+    hf_cfg = hf_multimodal_config(text, hf_vision_config(pooling=2), audio=audio_hf_config())
+    hf, ours = pair(hf_cfg, seed=4, max_seq_len=SEQ)
     with torch.no_grad():
-        raw = export_methods(ours, max_prefill_chunk=CHUNK, multimodal=True, max_soft_tokens=SOFT)
+        raw = export_methods(ours, max_prefill_chunk=CHUNK, multimodal=True, max_soft_tokens=SOFT,
+                             max_audio_frames=FRAMES)
         programs, results = rewrite_multimodal_programs(ours, raw, CHUNK)
-        lowered = lower_to_xnnpack(programs, constant_methods=multimodal_metadata(ours, CHUNK, SOFT))
+        lowered = lower_to_xnnpack(programs, constant_methods=multimodal_metadata(ours, CHUNK, SOFT, FRAMES))
     path = lowered.save(tmp_path_factory.mktemp("mm") / "tiny-mm.pte")
-    return dict(model=ours, raw=raw, programs=programs, results=results, lowered=lowered, path=path)
+    return dict(model=ours, raw=raw, programs=programs, results=results, lowered=lowered, path=path,
+                audio_config=hf.config.audio_config)
 
 
 def _inputs(model, seed: int = 0):
@@ -69,15 +75,16 @@ def _ops(ep) -> set[str]:
 
 
 def test_programs_are_static_and_fused(built):
-    assert sorted(built["programs"]) == ["decode", "image_encoder", "prefill"]
+    assert sorted(built["programs"]) == ["audio_encoder", "decode", "image_encoder", "prefill"]
     for method, ep in built["programs"].items():
         bad = sorted(o for o in _ops(ep) if any(f in o for f in FORBIDDEN))
         assert bad == [], f"{method}: {bad}"
     assert not [o for o in _ops(built["raw"]["image_encoder"]) if any(f in o for f in FORBIDDEN)]
     fusion = built["results"]["prefill"].results[1]  # after GeluTanhAsTanh
-    assert (fusion.stats.matched, fusion.stats.rewritten) == (1, 1)
-    # one KV-cache allocation shared by prefill and decode; the encoder mutates nothing
-    assert not built["programs"]["image_encoder"].graph_signature.buffers_to_mutate
+    assert (fusion.stats.matched, fusion.stats.rewritten) == (2, 2)  # the image and the audio merge
+    # one KV-cache allocation shared by prefill and decode; the encoders mutate nothing
+    for enc in ("image_encoder", "audio_encoder"):
+        assert not built["programs"][enc].graph_signature.buffers_to_mutate
     assert built["lowered"].mutable_buffers == sorted(built["programs"]["decode"].graph_signature.buffers_to_mutate.values())
 
 
@@ -111,8 +118,9 @@ def test_exported_programs_match_eager(built):
             assert rel_max_err(enc(pv[i:i + 1], pos[i:i + 1]), feats[i]) <= RTOL
         run = ExportedBackend(fused, max_seq_len=SEQ)
         L = tokens.shape[1]
-        got = [run._prefill(tokens[:, :split], torch.arange(split), rows[:n_first])[0, -1],
-               run._prefill(tokens[:, split:], torch.arange(split, L), rows[n_first:n_all])[0, -1]]
+        no_audio = torch.zeros(1, 32)  # the prompt has no audio placeholder: the row is never read
+        got = [run._prefill(tokens[:, :split], torch.arange(split), rows[:n_first], no_audio)[0, -1],
+               run._prefill(tokens[:, split:], torch.arange(split, L), rows[n_first:n_all], no_audio)[0, -1]]
         for i, t in enumerate((7, 9)):
             got.append(run.decode(torch.tensor([[t]]), torch.tensor([L + i]))[0, -1])
     assert "aten.masked_scatter.default" not in _ops(fused["prefill"])
@@ -136,6 +144,33 @@ def test_pte_matches_eager(built):
         got.append(pte.decode(torch.tensor([[t]]), torch.tensor([L + i]))[0, -1])
     errs = [rel_max_err(a, b) for a, b in zip(got, ref)]
     assert max(errs) <= RTOL, errs
+
+
+def test_pte_image_and_audio_generate_like_eager(built, tmp_path):
+    """One .pte, both encoders: generate(images=, audio=) gives the eager model's prompt, prefill
+    logits per chunk (<= 1e-4 relative) and greedy tokens."""
+    from fxport.runtime.multimodal import build_prompt
+
+    model = built["model"]
+    png = _png(tmp_path / "x.png", 12, 20, 3)
+    feats, fmask, _ = audio_inputs(built["audio_config"], torch.Generator().manual_seed(1), frames=17, valid=13)
+    pte = open_pte(built["path"])
+    eager = MultimodalEagerBackend(model, max_soft_tokens=SOFT, max_audio_frames=FRAMES)
+    assert pte.has_audio and pte.multimodal["max_audio_frames"] == FRAMES
+    pa = build_prompt(pte, [2, 5, 7], [png], (feats, fmask), bos_id=2)
+    pb = build_prompt(eager, [2, 5, 7], [png], (feats, fmask), bos_id=2)
+    assert pa.ids == pb.ids and len(pa.ids) > 8  # more than one prefill chunk of 8
+    assert rel_max_err(pa.audio_rows, pb.audio_rows) <= RTOL and rel_max_err(pa.image_rows, pb.image_rows) <= RTOL
+    model.reset_caches()
+    errs = []
+    for s, e in pb.chunks(8):
+        la = pte.prefill(torch.tensor([pa.ids[s:e]]), torch.arange(s, e), **pa.features(s, e))[0, -1]
+        lb = eager.prefill(torch.tensor([pb.ids[s:e]]), torch.arange(s, e), **pb.features(s, e))[0, -1]
+        errs.append(rel_max_err(la, lb))
+    assert max(errs) <= RTOL, errs
+    a = generate(pte, None, [2, 5, 7], 5, images=[png], audio=(feats, fmask), max_prefill_chunk=8)
+    b = generate(eager, None, [2, 5, 7], 5, images=[png], audio=(feats, fmask), max_prefill_chunk=8)
+    assert a.prompt_tokens == b.prompt_tokens and a.tokens == b.tokens
 
 
 def _png(path, h: int, w: int, seed: int):
