@@ -187,7 +187,8 @@ class RingBufferKVCache(Pass):
 
     # ------------------------------------------------------------------------ matching
 
-    def _match(self, ep: ExportedProgram, name: str, readers_of: dict[Node, list]) -> dict:
+    def _match(self, ep: ExportedProgram, name: str, readers_of: dict[Node, list],
+               unrecognized: dict[Node, str]) -> dict:
         """Check one cache; returns its site (write, chains, SDPA readers) or raises _Skip."""
         try:
             write = find_cache_write(ep, name)
@@ -207,7 +208,7 @@ class RingBufferKVCache(Pass):
         # Every reader of the written cache: an SDPA's key/value through a recognized chain.
         reads = readers_of.get(write.node, [])
         allowed = {n for _, _, kv in reads for n in kv.chain}
-        sdpas = {site.node for site, _, _ in reads}
+        sdpas = {site.node: site.args for site, _, _ in reads}
         stack = [write.node]
         while stack:
             node = stack.pop()
@@ -216,8 +217,12 @@ class RingBufferKVCache(Pass):
                     if node is not write.node:
                         raise _Skip("cache view is a program output")
                 elif user in sdpas:
+                    if node is sdpas[user].query or node is sdpas[user].attn_mask:
+                        raise _Skip("cache used by SDPA as query or mask")
                     if node is not write.node and node not in allowed:
                         raise _Skip("cache read by SDPA through an unrecognized chain")
+                elif user in unrecognized:
+                    raise _Skip(f"cache read by an SDPA that is not recognized: {unrecognized[user]}")
                 elif user in allowed:
                     stack.append(user)
                 else:
@@ -260,8 +265,11 @@ class RingBufferKVCache(Pass):
         buffers = buffer_placeholders(ep)
         # source node -> [(site, "key"/"value", KVSource)] for every recognized SDPA
         readers_of: dict[Node, list] = {}
-        for _, site in attention_sites(ep.graph):
-            if isinstance(site, AttentionSite):
+        unrecognized: dict[Node, str] = {}  # SDPA node -> why attention.py does not read it
+        for node, site in attention_sites(ep.graph):
+            if not isinstance(site, AttentionSite):
+                unrecognized[node] = str(site)
+            else:
                 readers_of.setdefault(site.key.source, []).append((site, "key", site.key))
                 readers_of.setdefault(site.value.source, []).append((site, "value", site.value))
         sites: dict[str, dict] = {}
@@ -271,7 +279,7 @@ class RingBufferKVCache(Pass):
                 continue
             stats.matched += 1
             try:
-                sites[name] = self._match(ep, name, readers_of)
+                sites[name] = self._match(ep, name, readers_of, unrecognized)
             except _Skip as e:
                 stats.skip(str(e))
                 stats.sites.append({"buffer": name, "window": self.windows[name], "skipped": str(e)})
