@@ -380,16 +380,18 @@ def generate(
         from .multimodal import build_prompt
 
         bos = getattr(tokenizer, "bos_id", None) if tokenizer is not None else getattr(backend, "bos_id", None)
-        mm_prompt = build_prompt(backend, ids, images or [], audio, max_soft_tokens, bos_id=bos)
-        added = len(mm_prompt.ids) - len(ids)
+
+        def fits(total: int, added: int) -> None:  # before any encoder runs
+            try:
+                check_context(total, max_new_tokens, backend.max_seq_len)
+            except ContextOverflowError as e:
+                raise ContextOverflowError(
+                    f"{e} The {len(images or [])} image(s) / audio take {added} of the {total} prompt tokens: "
+                    "pass fewer images or a lower max_soft_tokens."
+                ) from None
+
+        mm_prompt = build_prompt(backend, ids, images or [], audio, max_soft_tokens, bos_id=bos, check_length=fits)
         ids = mm_prompt.ids
-        try:
-            check_context(len(ids), max_new_tokens, backend.max_seq_len)
-        except ContextOverflowError as e:
-            raise ContextOverflowError(
-                f"{e} The {len(images or [])} image(s) / audio take {added} of the {len(ids)} prompt tokens: "
-                "pass fewer images or a lower max_soft_tokens."
-            ) from None
     check_context(len(ids), max_new_tokens, backend.max_seq_len)
     sampler = sampler if sampler is not None else Sampler()
     stop = list(stop or [])

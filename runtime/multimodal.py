@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -191,8 +191,12 @@ class MultimodalPrompt:
 
 
 def build_prompt(backend: Any, ids: Sequence[int], images: Sequence[Any] = (), audio: Any = None,
-                 max_soft_tokens: int | None = None, bos_id: int | None = None) -> MultimodalPrompt:
-    """Encode the images (and audio) and lay out the prompt ids (see the module docstring)."""
+                 max_soft_tokens: int | None = None, bos_id: int | None = None,
+                 check_length: Callable[[int, int], None] | None = None) -> MultimodalPrompt:
+    """Encode the images (and audio) and lay out the prompt ids (see the module docstring).
+
+    ``check_length(prompt_tokens, multimodal_tokens)`` runs after preprocessing and before any
+    encoder call (so a prompt that cannot fit the context costs no encoder time)."""
     ids = [int(i) for i in ids]
     images = list(images or [])
     clips = [] if audio is None else (audio if isinstance(audio, list) else [audio])  # one clip or a list
@@ -218,9 +222,17 @@ def build_prompt(backend: Any, ids: Sequence[int], images: Sequence[Any] = (), a
             f"image_encoder was exported for; pass at most {limit}."
         )
     img_id, boi, eoi = mm["image_token_id"], mm["boi_token_id"], mm["eoi_token_id"]
+    inputs = [preprocess_image(im, mm["patch_size"], mm["pooling_kernel_size"], soft) for im in images]
+    clip_inputs = []
+    if clips:
+        from .audio import prepare_audio
+
+        clip_inputs = [prepare_audio(c, max_frames=mm.get("max_audio_frames") or None) for c in clips]
+    if check_length is not None:
+        added = sum(i.num_soft_tokens + 2 for i in inputs) + sum(a.num_soft_tokens + 2 for a in clip_inputs)
+        check_length(len(ids) + added, added)
     pieces, rows = [], []
-    for im in images:
-        inp = preprocess_image(im, mm["patch_size"], mm["pooling_kernel_size"], soft)
+    for inp in inputs:
         P = limit * mm["pooling_kernel_size"] ** 2  # the encoder's fixed patch count
         pv = torch.zeros(P, inp.pixel_values.shape[1])
         pos = torch.full((P, 2), -1, dtype=torch.long)
@@ -230,10 +242,7 @@ def build_prompt(backend: Any, ids: Sequence[int], images: Sequence[Any] = (), a
         pieces.append([boi] + [img_id] * inp.num_soft_tokens + [eoi])
         prompt.soft_tokens.append(inp.num_soft_tokens)
     audio_pieces, audio_rows = [], []
-    for clip in clips:
-        from .audio import prepare_audio
-
-        a = prepare_audio(clip, max_frames=mm.get("max_audio_frames") or None)
+    for a in clip_inputs:
         feats, valid = backend.encode_audio(a.input_features, a.input_features_mask)
         audio_rows.append(feats[0][valid[0].to(torch.bool)][: a.num_soft_tokens])
         audio_pieces.append([mm["boa_token_id"]] + [mm["audio_token_id"]] * a.num_soft_tokens + [mm["eoa_token_id"]])

@@ -76,3 +76,16 @@ def test_chunks_cover_the_prompt_and_keep_image_runs_whole_when_bidirectional(ch
 def test_too_many_soft_tokens_for_the_encoder():
     with pytest.raises(MultimodalError, match="max_soft_tokens=9 exceeds the 6 soft tokens"):
         build_prompt(FakeBackend(False), [2], [_img(8, 8)], max_soft_tokens=9)
+
+
+def test_length_is_checked_before_any_encoder_runs():
+    be = FakeBackend(False)
+    seen = []
+
+    def too_long(total, added):
+        seen.append((total, added))
+        raise ValueError("too long")
+
+    with pytest.raises(ValueError, match="too long"):
+        build_prompt(be, [2, 7], [_img(8, 8), _img(4, 8)], bos_id=2, check_length=too_long)
+    assert seen == [(2 + 6 + 5, 11)] and be.calls == 0  # 4 + 2 and 3 + 2 tokens; nothing encoded
