@@ -172,7 +172,7 @@ def test_quant_report_for_fxport_recipe(tiny):
 
 
 def test_unknown_recipe_is_a_clear_error(tiny):
-    with pytest.raises(ValueError, match=r"unknown quantization recipe 'int3'; choose one of: 8da4w, 8da4w-head8, 8da8w, balanced, default, fast, sensitive"):
+    with pytest.raises(ValueError, match=r"unknown quantization recipe 'int3'; choose one of: 8da4w, 8da4w-head8, 8da8w, balanced, compact, default, fast, sensitive"):
         quantize_for_xnnpack(tiny.model(), "int3")
     with pytest.raises(ValueError, match="4-bit weights need a group_size"):
         XnnpackWeightQuant(4, None)
@@ -218,8 +218,14 @@ def test_cpu_passes_keep_eager_numerics(tiny):
 def test_fewer_retraces_write_the_same_program(tiny):
     """The compile-time cut (lower_to_xnnpack skipping re-traces that cannot change the graph)
     writes byte for byte the program the full path writes (8da4w: the dq-linear passes run)."""
+    from fxport.models.gemma4.config import SLIDING
+    from fxport.models.gemma4.model import Gemma4ForCausalLM
+
+    config = tiny.config().replace(num_hidden_layers=1, layer_types=[SLIDING])  # 1 layer: the test's cost
+
     def lower(legacy):
-        model = tiny.model()
+        torch.manual_seed(0)
+        model = Gemma4ForCausalLM(config, max_seq_len=tiny.max_seq_len).eval()
         quantize_for_xnnpack(model, "8da4w")
         with torch.no_grad():
             programs = export_methods(model, max_prefill_chunk=tiny.max_chunk)
