@@ -91,7 +91,7 @@ def test_argument_errors(capsys, tmp_path):
     out = str(tmp_path / "m.pte")
     line = _one_line_error(capsys, ["export", "--preset", "tiny", "--out", out, "--quant", "int3"])
     assert line == ("fxport export: error: unknown --quant recipe 'int3' for --backend xnnpack; choose one of: "
-                    "8da4w, 8da4w-head8, 8da8w, balanced, default, fast, sensitive")
+                    "8da4w, 8da4w-head8, 8da8w, balanced, compact, default, fast, sensitive")
     line = _one_line_error(capsys, ["export", "--preset", "tiny", "--gguf", __file__, "--out", out])
     assert "not allowed with argument" in line
     line = _one_line_error(capsys, ["export", "--preset", "tiny", "--out", out, "--max-seq-len", "0"])

@@ -29,7 +29,7 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 
 
 def test_recipe_names():
-    assert recipe_names() == ["8da4w", "8da4w-head8", "8da8w", "balanced", "default", "fast", "sensitive"]
+    assert recipe_names() == ["8da4w", "8da4w-head8", "8da8w", "balanced", "compact", "default", "fast", "sensitive"]
     assert DEFAULT_RECIPE.name == "balanced" and FAST_RECIPE.name == "fast"
 
 
@@ -44,7 +44,9 @@ def test_fast_rules_on_the_270m_names():
             assert got == want, (i, lin, got)
     assert r.embedding == (4, 64)
     assert XNNPACK_RECIPES["balanced"].pick("model.layers.7.mlp.down_proj.weight") == INT8_PC
-    assert XNNPACK_RECIPES["balanced"].embedding == (4, 64)
+    assert XNNPACK_RECIPES["balanced"].embedding == (8, None)
+    assert XNNPACK_RECIPES["compact"].embedding == (4, 64)
+    assert XNNPACK_RECIPES["compact"].pick("lm_head.weight") == INT8_PC
     assert XNNPACK_RECIPES["8da4w-head8"].pick("lm_head.weight") == INT8_PC
     assert XNNPACK_RECIPES["8da4w-head8"].pick("model.layers.0.mlp.up_proj.weight") == INT4_G32
     assert XNNPACK_RECIPES["8da8w"].embedding is None
@@ -81,7 +83,9 @@ def test_quantize_for_xnnpack_reports_every_linear(tiny):
     m2 = _tiny3(tiny)
     rep2 = quantize_for_xnnpack(m2, "balanced")
     assert set(rep2.quantized.values()) == {"8da8w per-channel"} and len(rep2.quantized) == 3 * 7 + 1
-    assert rep2.embedding.startswith("model.embed_tokens int4 g64")
+    assert rep2.embedding.startswith("model.embed_tokens int8 per-row")
+    emb2 = m2.model.embed_tokens
+    assert isinstance(emb2, QuantizedEmbedding) and (emb2.bits, emb2.group_size) == (8, emb2.embedding_dim)
 
 
 def test_fast_pte_matches_eager(tiny, tmp_path):
