@@ -66,6 +66,7 @@ class PteBackend:
             header = f.read(8)
         if len(header) < 8 or header[4:6] != b"ET":  # flatbuffer file identifier "ET12" at byte 4
             raise PteError(f"{path} is not a loadable ExecuTorch program (no 'ET' file identifier at byte 4)")
+        import executorch.kernels.quantized  # noqa: F401  (quantized embedding kernels, e.g. the "balanced" recipe)
         from executorch.runtime import Runtime
 
         from fxport.runtime.native_log import capture_native_stderr, verbose_default
