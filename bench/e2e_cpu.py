@@ -173,14 +173,19 @@ for t in ids[128:]:
 
 
 def peak_rss(cmd: list[str]) -> float | None:
-    """Peak resident set (MB) of ``cmd`` run to completion in its own process; None if it failed."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        print(f"peak RSS run failed ({' '.join(cmd[:4])} ...): {proc.stderr.read().decode()[-300:]}", file=sys.stderr)
+    """Peak resident set (MB) of ``cmd`` run to completion; None if it failed.
+
+    Launched through a small Python wrapper: a child forked from this (large) process would
+    count this process's pages in its ``ru_maxrss`` before its exec.
+    """
+    wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if r.returncode == 0 else -1)")
+    out = subprocess.run([sys.executable, "-S", "-c", wrapper, *cmd], capture_output=True, text=True)
+    kib = int(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else -1
+    if kib < 0:
+        print(f"peak RSS run failed ({' '.join(cmd[:4])} ...): {out.stderr[-300:]}", file=sys.stderr)
         return None
-    return usage.ru_maxrss / 1024  # KiB -> MiB
+    return kib / 1024  # KiB -> MiB
 
 
 def quality_of(name: str, key_file: Path | None, corpus, ref, logits_fn) -> Q.Score:
