@@ -22,7 +22,9 @@ from torch.export import Dim
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
 
-from fxport.passes import RingBufferKVCache, SDPADispatch, apply
+from fxport.passes import RingBufferKVCache, SDPADispatch
+
+from _report import apply_and_report  # examples/_report.py: prints what changed
 
 
 def main(argv=None) -> None:
@@ -56,16 +58,7 @@ def main(argv=None) -> None:
     passes = [RingBufferKVCache(windows), SDPADispatch(threshold=0)]  # threshold 0: split-K at any cache length
     print(f"transformers Qwen2: {args.layers} layers ({len(sliding)} sliding, window {args.window}), "
           f"4 query heads on 2 KV heads, static cache {args.cache}, prefill chunks up to {args.chunk}")
-    for method, ep in methods.items():
-        result = apply(ep, passes, method=method, dump=False)
-        print(f"== {method}\n{result.summary()}")
-        ring = result["ring_buffer_kv_cache"].stats.sites
-        before = sum(s["bytes_before"] for s in ring if "bytes_before" in s)
-        after = sum(s["bytes_after"] for s in ring if "bytes_after" in s)
-        print(f"ringed caches: {before} -> {after} bytes (saved {before - after}); "
-              f"ring sizes {sorted({s['ring_size'] for s in ring if 'ring_size' in s})}")
-        for site in result["sdpa_dispatch"].stats.sites:
-            print(f"  {site['module']}: {site['choice']} reads K/V {site.get('kv')} ({site['reason']})")
+    apply_and_report(methods, passes)
 
 
 if __name__ == "__main__":

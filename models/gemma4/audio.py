@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .clippable_linear import ClippableLinear
 from .model import _ACT, RMSNorm, _f32
 
 
@@ -110,28 +111,6 @@ def subsample_mask(mask: Tensor) -> Tensor:
 def num_audio_tokens(input_features_mask: Tensor) -> Tensor:
     """(B,) int64 audio soft tokens per clip: ``audio_token`` placeholders the prompt needs."""
     return subsample_mask(input_features_mask).sum(-1)
-
-
-class ClippableLinear(nn.Module):
-    """Bias-free linear between input and output clamps (buffers from the checkpoint; +-inf at init)."""
-
-    def __init__(self, in_features: int, out_features: int, clipped: bool):
-        super().__init__()
-        self.clipped = clipped
-        self.linear = nn.Linear(in_features, out_features, bias=False)
-        if clipped:
-            for name, v in (("input_min", -math.inf), ("input_max", math.inf),
-                            ("output_min", -math.inf), ("output_max", math.inf)):
-                self.register_buffer(name, torch.tensor(v))
-
-    def forward(self, x: Tensor) -> Tensor:
-        # clamp(x, lo, hi) == minimum(maximum(x, lo), hi), as binary ops XNNPACK delegates
-        if self.clipped:
-            x = torch.minimum(torch.maximum(x, self.input_min), self.input_max)
-        x = self.linear(x)
-        if self.clipped:
-            x = torch.minimum(torch.maximum(x, self.output_min), self.output_max)
-        return x
 
 
 class SubSampleLayer(nn.Module):

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .clippable_linear import ClippableLinear
 from .model import _ACT, RMSNorm, _f32
 
 
@@ -90,28 +91,6 @@ def vision_from_hf_config(hf_config: Any) -> Gemma4VisionConfig:
         )
     return Gemma4VisionConfig(rope_theta=float(rope.get("rope_theta", 100.0)),
                               **{f: getattr(vis, f) for f in _FIELDS})
-
-
-class ClippableLinear(nn.Module):
-    """``linear`` (no bias) with optional input / output clamps held as buffers (HF names)."""
-
-    def __init__(self, in_features: int, out_features: int, clipped: bool):
-        super().__init__()
-        self.clipped = clipped
-        self.linear = nn.Linear(in_features, out_features, bias=False)
-        if clipped:
-            for name in ("input_min", "output_min"):
-                self.register_buffer(name, torch.tensor(-float("inf")))
-            for name in ("input_max", "output_max"):
-                self.register_buffer(name, torch.tensor(float("inf")))
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.clipped:
-            x = torch.clamp(x, self.input_min, self.input_max)
-        y = self.linear(x)
-        if self.clipped:
-            y = torch.clamp(y, self.output_min, self.output_max)
-        return y
 
 
 class PatchEmbedder(nn.Module):
