@@ -3,6 +3,9 @@ safetensors directories from transformers' ``save_pretrained``. Parity reference
 original eager model (fp32 round trip), ``gguf.quants`` (quantized tensors), ``gguf.GGUFReader``
 (the header parser), transformers (safetensors model, GGUF tokenizer). Error messages exact."""
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -23,15 +26,12 @@ from fxport.models.gemma4.load import (  # noqa: E402
 from fxport.models.gemma4.model import Gemma4ForCausalLM  # noqa: E402
 from fxport.models.gemma4.tokenizer import load_tokenizer  # noqa: E402
 
+_here = Path(__file__).with_name("tiny_gguf.py")
+_spec = importlib.util.spec_from_file_location("tiny_gguf", _here)
+tiny_gguf = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tiny_gguf)
+
 Q = gguf.GGMLQuantizationType
-HF_TO_GGUF = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm", "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
-    "post_feedforward_layernorm": "post_ffw_norm", "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-}
 WORDS = ["\u2581", "a", "b", "c", "h", "e", "l", "o", "\u2581h", "he", "ll", "lo", "hel", "hell",
          "hello", "\u2581hello", "\u2581a", "ab", "abc", "\u2581abc", "ello", "\u2581he"]
 TOKENS = (["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "\n", "  "]
@@ -64,69 +64,9 @@ def tiny():
     return m
 
 
-def gguf_name(hf: str) -> str:
-    if hf == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if hf == "model.norm.weight":
-        return "output_norm.weight"
-    _, _, i, rest = hf.split(".", 3)
-    mod = rest.rsplit(".", 1)[0]
-    return f"blk.{i}.{HF_TO_GGUF[mod]}.weight"
-
-
-def write_gguf(path, model, types=None, drop=(), reshape=None, arch="gemma3", extra=()):
-    """A llama.cpp-style Gemma 3 GGUF of ``model``: norms stored as 1 + w, shapes reversed by
-    the writer, types per GGUF name (default F32)."""
-    cfg = model.config
-    w = gguf.GGUFWriter(str(path), arch)
-    p = f"{arch}."
-    w.add_uint32(p + "block_count", cfg.num_hidden_layers)
-    w.add_uint32(p + "context_length", cfg.max_position_embeddings)
-    w.add_uint32(p + "embedding_length", cfg.hidden_size)
-    w.add_uint32(p + "feed_forward_length", cfg.intermediate_size)
-    w.add_uint32(p + "attention.head_count", cfg.num_attention_heads)
-    w.add_uint32(p + "attention.head_count_kv", cfg.num_key_value_heads)
-    w.add_uint32(p + "attention.key_length", cfg.head_dim)
-    w.add_uint32(p + "attention.value_length", cfg.head_dim)
-    w.add_float32(p + "attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
-    w.add_float32(p + "rope.freq_base", cfg.rope_global_theta)
-    w.add_uint32(p + "attention.sliding_window", cfg.sliding_window)
-    w.add_string("tokenizer.ggml.model", "llama")
-    w.add_token_list(TOKENS)
-    w.add_token_scores([0.0] * len(TOKENS))
-    w.add_token_types(TYPES)
-    w.add_uint32("tokenizer.ggml.bos_token_id", 2)
-    w.add_uint32("tokenizer.ggml.eos_token_id", 1)
-    w.add_uint32("tokenizer.ggml.unknown_token_id", 3)
-    w.add_uint32("tokenizer.ggml.padding_token_id", 0)
-    w.add_bool("tokenizer.ggml.add_bos_token", True)
-    w.add_bool("tokenizer.ggml.add_space_prefix", False)
-    types = types or {}
-    for hf, t in model.state_dict().items():
-        if hf == "lm_head.weight":
-            continue
-        name = gguf_name(hf)
-        if name in drop:
-            continue
-        a = t.detach().float().numpy()
-        if hf.endswith("norm.weight"):
-            a = a + 1.0
-        if reshape and name in reshape:
-            a = np.zeros(reshape[name], dtype=np.float32)
-        qt = types.get(name, Q.F32)
-        if qt == Q.F32:
-            w.add_tensor(name, np.ascontiguousarray(a))
-        elif qt == Q.F16:
-            w.add_tensor(name, a.astype(np.float16))
-        else:
-            w.add_tensor(name, gguf.quants.quantize(a, qt), raw_dtype=qt)
-    for name, a in extra:
-        w.add_tensor(name, a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+def write_gguf(path, model, **kw):
+    """``tiny_gguf.write_gguf`` with this file's vocabulary (see tests/models/tiny_gguf.py)."""
+    return tiny_gguf.write_gguf(path, model, tokens=TOKENS, token_types=TYPES, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +100,7 @@ def test_quantized_types_dequantize_with_gguf(tiny, tmp_path):
     ckpt = load_gguf(path, progress=False)
     sd = tiny.state_dict()
     raw = {t.name: t for t in iter_gguf_tensors(path)}
-    hf_of = {gguf_name(k): k for k in sd if k != "lm_head.weight"}
+    hf_of = {tiny_gguf.gguf_name(k): k for k in sd if k != "lm_head.weight"}
     for name, qt in types.items():
         w = sd[hf_of[name]].float().numpy()
         assert raw[name].ggml_type == qt and raw[name].shape == w.shape

@@ -1,8 +1,9 @@
-"""A tiny Gemma 3 GGUF / safetensors writer for error tests (loaded by path, not collected).
+"""The tests' GGUF writer (loaded by path, not collected).
 
-``write_tiny_gguf`` writes a llama.cpp-layout file (norms stored as ``1 + w``) of a 2-layer
-model with a 40-token byte-level vocabulary; ``poison`` puts NaN/Inf into one tensor and
-``floats`` overrides float metadata (e.g. a NaN ``rms_norm_eps``).
+``write_gguf`` writes any tiny Gemma 3 model in llama.cpp's layout (norms stored as ``1 + w``);
+test_load.py uses it with its own vocabulary. ``write_tiny_gguf`` writes a 2-layer model with a
+40-token byte-level vocabulary; ``poison`` puts NaN/Inf into one tensor and ``floats`` overrides
+float metadata (e.g. a NaN ``rms_norm_eps``).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def tiny_model(vocab_size: int = len(TOKENS)):
     return Gemma4ForCausalLM(config, max_seq_len=16).eval()
 
 
-def _gguf_name(hf: str) -> str:
+def gguf_name(hf: str) -> str:
     if hf == "model.embed_tokens.weight":
         return "token_embd.weight"
     if hf == "model.norm.weight":
@@ -60,14 +61,19 @@ def _gguf_name(hf: str) -> str:
     return f"blk.{i}.{HF_TO_GGUF[rest.rsplit('.', 1)[0]]}.weight"
 
 
-def write_tiny_gguf(path: Path, model=None, poison: tuple[str, float] | None = None,
-                    floats: dict[str, float] | None = None) -> Path:
+def write_gguf(path, model, *, tokens=TOKENS, token_types=TYPES, types=None, drop=(), reshape=None,
+               arch="gemma3", extra=(), poison: tuple[str, float] | None = None,
+               floats: dict[str, float] | None = None) -> Path:
+    """A llama.cpp-style Gemma 3 GGUF of ``model``: norms stored as 1 + w, shapes reversed by the
+    writer, tensor types per GGUF name (default F32). ``drop`` leaves tensors out, ``reshape``
+    replaces one by zeros of another shape, ``extra`` adds ``(name, array)`` tensors, ``poison``
+    puts one NaN/Inf value into a tensor, ``floats`` overrides float metadata."""
     import gguf
 
-    model = model if model is not None else tiny_model()
+    Q = gguf.GGMLQuantizationType
     cfg = model.config
-    w = gguf.GGUFWriter(str(path), "gemma3")
-    p = "gemma3."
+    w = gguf.GGUFWriter(str(path), arch)
+    p = f"{arch}."
     for key, value in (("block_count", cfg.num_hidden_layers), ("context_length", cfg.max_position_embeddings),
                        ("embedding_length", cfg.hidden_size), ("feed_forward_length", cfg.intermediate_size),
                        ("attention.head_count", cfg.num_attention_heads),
@@ -79,27 +85,46 @@ def write_tiny_gguf(path: Path, model=None, poison: tuple[str, float] | None = N
     for key, value in float_md.items():
         w.add_float32(key, value)
     w.add_string("tokenizer.ggml.model", "llama")
-    w.add_token_list(TOKENS)
-    w.add_token_scores([0.0] * len(TOKENS))
-    w.add_token_types(TYPES)
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_types(token_types)
     w.add_uint32("tokenizer.ggml.bos_token_id", 2)
     w.add_uint32("tokenizer.ggml.eos_token_id", 1)
     w.add_uint32("tokenizer.ggml.unknown_token_id", 3)
     w.add_uint32("tokenizer.ggml.padding_token_id", 0)
     w.add_bool("tokenizer.ggml.add_bos_token", True)
     w.add_bool("tokenizer.ggml.add_space_prefix", False)
+    types = types or {}
     for hf, t in model.state_dict().items():
         if hf == "lm_head.weight":
             continue
-        name = _gguf_name(hf)
+        name = gguf_name(hf)
+        if name in drop:
+            continue
         a = t.detach().float().numpy().copy()
         if hf.endswith("norm.weight"):
             a = a + 1.0
+        if reshape and name in reshape:
+            a = np.zeros(reshape[name], dtype=np.float32)
         if poison is not None and poison[0] == name:
             a.reshape(-1)[a.size // 2] = poison[1]
-        w.add_tensor(name, np.ascontiguousarray(a))
+        qt = types.get(name, Q.F32)
+        if qt == Q.F32:
+            w.add_tensor(name, np.ascontiguousarray(a))
+        elif qt == Q.F16:
+            w.add_tensor(name, a.astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(a, qt), raw_dtype=qt)
+    for name, a in extra:
+        w.add_tensor(name, a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return Path(path)
+
+
+def write_tiny_gguf(path: Path, model=None, poison: tuple[str, float] | None = None,
+                    floats: dict[str, float] | None = None) -> Path:
+    """:func:`write_gguf` of :func:`tiny_model` (or ``model``)."""
+    return write_gguf(path, model if model is not None else tiny_model(), poison=poison, floats=floats)
