@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prefill-chunk", type=_positive, default=128, metavar="N",
                    help="longest token chunk one prefill call accepts (default 128)")
     p.add_argument("--ring-size", type=_positive, metavar="R",
-                   help="ring-buffer slots of sliding-window caches (default 2 x window)")
+                   help="ring-buffer slots of sliding-window caches (default max(2 x window, window + max prefill chunk - 1))")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights of --preset (default 0)")
     p.add_argument("--layers", type=_positive, metavar="N",
                    help="--preset only: keep the first N layers (quick trials and tests)")
