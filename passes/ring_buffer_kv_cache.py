@@ -225,6 +225,9 @@ class RingBufferKVCache(Pass):
                     raise _Skip(f"cache read by an SDPA that is not recognized: {unrecognized[user]}")
                 elif user in allowed:
                     stack.append(user)
+                elif not reads:
+                    raise _Skip(f"cache not read by any SDPA (read by {user.target}; attention spelled as "
+                                "matmul/softmax is left alone)")
                 else:
                     raise _Skip(f"cache read by {user.target}")
         if not reads:
