@@ -319,6 +319,17 @@ def load_source(source: Source, max_seq_len: int, progress: bool = False, meta: 
     return model, tokenizer
 
 
+def export_programs(model: Any, options: BuildOptions) -> dict[str, Any]:
+    """prefill + decode in functional ATen IR (:func:`fxport.models.gemma4.export.export_methods`);
+    the same for every backend (the backends differ from the passes on)."""
+    import torch
+
+    from fxport.models.gemma4.export import export_methods
+
+    with torch.no_grad():
+        return export_methods(model, max_prefill_chunk=options.max_prefill_chunk)
+
+
 def model_metadata(model: Any, max_prefill_chunk: int) -> dict[str, int]:
     """Constant methods stored in the program (read back by ``runtime.pte_backend.PteBackend``)."""
     cfg = model.config
@@ -484,7 +495,7 @@ def build(source: Source, out: str | Path | None, options: BuildOptions = BuildO
             result.quant_report = backend.quantize(model, options.quant)
         result.metadata = model_metadata(model, options.max_prefill_chunk)
         times.start("export")
-        programs = backend.export(model, options)
+        programs = export_programs(model, options)
         times.start("passes")
         programs, result.pass_results = backend.run_passes(model, programs, options)
         times.start("lower")

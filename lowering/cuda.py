@@ -234,8 +234,8 @@ def cuda_dry_run(model: nn.Module, *, max_prefill_chunk: int = 128, quant: str |
 
 
 # ----------------------------------------------------------------------------- backend entry points
-# What :func:`fxport.builder.build` calls: validate (before any work), quantize, export,
-# run_passes, then dry_run (no GPU) or lower.
+# What :func:`fxport.builder.build` calls: validate (before any work), quantize, then (after the
+# builder's backend-independent export) run_passes, then dry_run (no GPU) or lower.
 
 NAME = "cuda"
 PROGRAM_SUFFIX = ".pte"
@@ -263,13 +263,6 @@ def validate(options: Any) -> None:
 
 def quantize(model: nn.Module, recipe: str) -> dict[str, str]:
     return quantize_for_cuda(model, recipe)
-
-
-def export(model: nn.Module, options: Any) -> dict[str, ExportedProgram]:
-    from fxport.models.gemma4.export import export_methods
-
-    with torch.no_grad():
-        return export_methods(model, max_prefill_chunk=options.max_prefill_chunk)
 
 
 def run_passes(model: nn.Module, programs: Mapping[str, ExportedProgram], options: Any):

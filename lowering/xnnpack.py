@@ -314,7 +314,7 @@ def apply_method_passes(programs: Mapping[str, ExportedProgram], passes: Mapping
 
 # ----------------------------------------------------------------------------- backend entry points
 # What :func:`fxport.builder.build` calls, in order: validate (before any work), quantize,
-# export, run_passes, lower.
+# then (after the builder's backend-independent export) run_passes, lower.
 
 NAME = "xnnpack"
 PROGRAM_SUFFIX = ".pte"
@@ -336,14 +336,6 @@ def validate(options: Any) -> None:
 
 def quantize(model: nn.Module, recipe: str) -> QuantReport:
     return quantize_for_xnnpack(model, recipe)
-
-
-def export(model: nn.Module, options: Any) -> dict[str, ExportedProgram]:
-    """prefill + decode in functional ATen IR (:func:`fxport.models.gemma4.export.export_methods`)."""
-    from fxport.models.gemma4.export import export_methods
-
-    with torch.no_grad():
-        return export_methods(model, max_prefill_chunk=options.max_prefill_chunk)
 
 
 def run_passes(model: nn.Module, programs: Mapping[str, ExportedProgram], options: Any):

@@ -39,7 +39,7 @@ class FakeBackend:
         self.calls.append("quantize")
         return None
 
-    def export(self, model, options):
+    def export(self, model, options):  # stands in for builder.export_programs (see the fixture)
         self.calls.append("export")
         return {"prefill": "ep-prefill", "decode": "ep-decode"}
 
@@ -71,6 +71,7 @@ def fake(monkeypatch):
     backend = FakeBackend()
     real = builder.backend_module
     monkeypatch.setattr(builder, "backend_module", lambda name: backend if name == "fake" else real(name))
+    monkeypatch.setattr(builder, "export_programs", backend.export)
     return backend
 
 
