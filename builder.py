@@ -492,7 +492,7 @@ def build(source: Source, out: str | Path | None, options: BuildOptions = BuildO
         result = BuildResult(None, options, times, model=model)
         if options.quant:
             times.start("quantize")
-            result.quant_report = backend.quantize(model, options.quant)
+            result.quant_report = backend.quantize(model, options.quant, tokenizer=tokenizer)
         result.metadata = model_metadata(model, options.max_prefill_chunk)
         times.start("export")
         programs = export_programs(model, options)

@@ -51,14 +51,15 @@ def teacher_forced_agreement(model: Any, prompt_tokens: Sequence[int], tokens: S
             "steps": len(tokens), "max_gap": float(gaps.max()) if len(tokens) else 0.0}
 
 
-def _eager_reference(gguf: Path, quant: str | None, max_seq_len: int):
-    """The eager model at the .pte's numerics (float, or quantized the same way)."""
+def _eager_reference(gguf: Path, quant: str | None, max_seq_len: int, tokenizer: Any):
+    """The eager model at the .pte's numerics (float, or quantized the same way: the same
+    recipe, smoothing calibrated by the same tokenizer)."""
     from fxport.lowering.xnnpack import quantize_for_xnnpack
     from fxport.models.gemma4.load import load_model
 
     model, _ = load_model(gguf, max_seq_len=max_seq_len, progress=False)
     if quant:
-        quantize_for_xnnpack(model, quant)
+        quantize_for_xnnpack(model, quant, tokenizer=tokenizer)
     return model
 
 
@@ -142,7 +143,7 @@ def run_demo(*, prompt: str = DEMO_PROMPT, max_new_tokens: int = 32, quant: str 
         what = "float32 model generates greedily" if quant is None else \
             f"model quantized the same way ({quant}, torchao emulation) scores the .pte's tokens"
         say(f"[4/4] the eager {what}")
-        reference = result.model if result.model is not None else _eager_reference(gguf, quant, max_seq_len)
+        reference = result.model if result.model is not None else _eager_reference(gguf, quant, max_seq_len, tokenizer)
         check = check_tokens(reference, tokenizer, prompt, gen.prompt_tokens, gen.tokens, quant, max_new_tokens,
                              max_gap, say)
         ok = bool(check["ok"])

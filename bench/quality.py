@@ -252,15 +252,16 @@ def gguf_bytes(gguf: Path) -> int:
 # ----------------------------------------------------------------------------- variants
 
 
-def eager_variant(reference, recipe: str):
-    """A deep copy of ``reference`` quantized with XNNPACK recipe ``recipe`` ('fp32': unchanged)."""
+def eager_variant(reference, recipe: str, tokenizer):
+    """A deep copy of ``reference`` quantized with XNNPACK recipe ``recipe`` ('fp32': unchanged);
+    ``tokenizer`` encodes the calibration text of recipes that smooth activations."""
     import copy
 
     from fxport.lowering.xnnpack_quant import quantize_for_xnnpack
 
     model = copy.deepcopy(reference)
     if recipe != "fp32":
-        quantize_for_xnnpack(model, recipe)
+        quantize_for_xnnpack(model, recipe, tokenizer=tokenizer)
     return model.eval()
 
 
@@ -315,7 +316,7 @@ def main(argv=None) -> int:
     for recipe in args.eager:
         if recipe == "fp32":
             continue
-        model = eager_variant(reference, recipe)
+        model = eager_variant(reference, recipe, tokenizer)
         sc, dt = score(corpus, ref, lambda w: eager_logits(model, w))
         rows.append(row(f"fxport eager {recipe}", sc, linear_bytes(model)))
         print(rows[-1], f"({dt:.0f} s)", file=sys.stderr, flush=True)

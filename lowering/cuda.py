@@ -261,7 +261,8 @@ def validate(options: Any) -> None:
                          "add --dry-run for the partition report on this machine")
 
 
-def quantize(model: nn.Module, recipe: str) -> dict[str, str]:
+def quantize(model: nn.Module, recipe: str, tokenizer: Any = None) -> dict[str, str]:
+    """``tokenizer`` is unused: the CUDA recipes need no calibration text."""
     return quantize_for_cuda(model, recipe)
 
 

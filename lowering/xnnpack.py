@@ -334,8 +334,8 @@ def validate(options: Any) -> None:
                          "--backend xnnpack builds on this CPU: drop --dry-run")
 
 
-def quantize(model: nn.Module, recipe: str) -> QuantReport:
-    return quantize_for_xnnpack(model, recipe)
+def quantize(model: nn.Module, recipe: str, tokenizer: Any = None) -> QuantReport:
+    return quantize_for_xnnpack(model, recipe, tokenizer=tokenizer)
 
 
 def run_passes(model: nn.Module, programs: Mapping[str, ExportedProgram], options: Any):
@@ -370,17 +370,19 @@ def export_model(
     ring_size: int | None = None,
     dump: str | Path | None = None,
     on_stage=None,
+    tokenizer: Any = None,
 ):
     """Eager Gemma model -> XNNPACK ``.pte`` at ``out``: a thin wrapper over
     :func:`fxport.builder.build` (kept for existing callers; new code calls ``build``).
 
     Returns the :class:`fxport.builder.BuildResult` (``.out``, ``.quant_report``,
     ``.pass_results``, ``.report``, ``.metadata``, ``.summary()``). ``model`` is quantized in
-    place when ``quant`` is given.
+    place when ``quant`` is given; ``tokenizer`` encodes the calibration text of recipes that
+    smooth activations (and is written beside the program).
     """
     from fxport.builder import BuildOptions, Source, build
 
     options = BuildOptions(backend="xnnpack", quant=quant, max_seq_len=int(model.max_seq_len),
                            max_prefill_chunk=max_prefill_chunk, ring_size=ring_size,
                            dump=None if dump is None else str(dump))
-    return build(Source(model=model), out, options, on_stage=on_stage)
+    return build(Source(model=model, tokenizer=tokenizer), out, options, on_stage=on_stage)

@@ -46,6 +46,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxport.quant.smoothing import DEFAULT_ALPHA
+
 # ----------------------------------------------------------------------------- quantization
 
 
@@ -99,6 +101,7 @@ class XnnpackRecipe:
     rules: tuple[tuple[str, XnnpackWeightQuant | None], ...]
     embedding: tuple[int, int | None] | None = None
     doc: str = ""
+    smooth: float | None = None  # SmoothQuant alpha (fxport.quant.smoothing); None: no smoothing
 
     def pick(self, fqn: str) -> XnnpackWeightQuant | None | bool:
         """The quant of the first rule matching ``fqn``; None: a rule keeps it float; False: no rule."""
@@ -117,13 +120,15 @@ DEFAULT_RECIPE = XnnpackRecipe(
     "balanced",
     ((r".*", INT8_PC),),
     embedding=(8, None),
-    doc="every linear (head untied) int8 per channel; embedding int8 per-row lookup",
+    doc="every linear (head untied) int8 per channel, activations smoothed; embedding int8 per-row lookup",
+    smooth=DEFAULT_ALPHA,
 )
 COMPACT_RECIPE = XnnpackRecipe(
     "compact",
     ((r".*", INT8_PC),),
     embedding=(4, 64),
-    doc="every linear (head untied) int8 per channel; embedding int4 g64 lookup (.pte <= 1.5x the GGUF)",
+    doc="every linear (head untied) int8 per channel, activations smoothed; embedding int4 g64 lookup",
+    smooth=DEFAULT_ALPHA,
 )
 
 # Layers kept 8-bit in "fast": the first two and last two (Gemma 3 270M has 18), the layers
@@ -204,6 +209,7 @@ class QuantReport:
     quantized: dict[str, str] = field(default_factory=dict)
     kept_float: dict[str, str] = field(default_factory=dict)  # fqn -> reason
     embedding: str | None = None  # the quantized lookup, when the recipe has one
+    smoothing: str | None = None  # what activation smoothing did (or why it did not run)
 
     def summary(self) -> str:
         from collections import Counter
@@ -211,14 +217,37 @@ class QuantReport:
         kinds = Counter(self.quantized.values())
         parts = [f"{n} x {k}" for k, n in sorted(kinds.items())]
         emb = f"; embedding {self.embedding}" if self.embedding else ""
+        smooth = f"; {self.smoothing}" if self.smoothing else ""
         return (
             f"quant {self.recipe}: {len(self.quantized)} linear(s) quantized ({', '.join(parts) or 'none'}), "
-            f"{len(self.kept_float)} kept float{emb}"
+            f"{len(self.kept_float)} kept float{emb}{smooth}"
         )
 
 
-def quantize_for_xnnpack(model: nn.Module, recipe: str, *, num_layers: int | None = None) -> QuantReport:
+def _smooth(model: nn.Module, alpha: float, tokenizer: Any, text: str | None) -> str:
+    """Activation smoothing on the float model; a line for the report."""
+    from fxport.quant import smoothing
+
+    if tokenizer is None:
+        return "activation smoothing skipped: no tokenizer to encode the calibration text"
+    source = "the given calibration text"
+    if text is None:
+        text, source = smoothing.calibration_text()
+    inner = getattr(model, "model", model)
+    window = min(512, getattr(inner, "max_seq_len", 512))  # the eager model's KV cache bounds a window
+    windows = smoothing.calibration_windows(tokenizer, text, window=window)
+    amax = smoothing.input_absmax(model, windows)
+    return smoothing.smooth_activations(model, amax, alpha, source=source).summary()
+
+
+def quantize_for_xnnpack(model: nn.Module, recipe: str, *, num_layers: int | None = None,
+                         tokenizer: Any = None, calibration_text: str | None = None) -> QuantReport:
     """Quantize ``model``'s linears in place for XNNPACK with recipe ``recipe``.
+
+    A recipe with ``smooth`` first folds activation-smoothing scales into the float model
+    (:mod:`fxport.quant.smoothing`), calibrated on ``calibration_text`` (default: Python's
+    documentation) encoded by ``tokenizer``; without a tokenizer the smoothing is skipped and
+    the report says so.
 
     A linear whose weight is tied to an embedding takes the rule of that embedding's weight
     FQN when no rule names the linear itself. A recipe with an embedding rule swaps the
@@ -234,6 +263,9 @@ def quantize_for_xnnpack(model: nn.Module, recipe: str, *, num_layers: int | Non
         num_layers = getattr(cfg, "num_hidden_layers", None)
     pick = _resolver(recipe, num_layers)
     report = QuantReport(recipe)
+    alpha = XNNPACK_RECIPES[recipe].smooth if recipe in XNNPACK_RECIPES else None
+    if alpha is not None:
+        report.smoothing = _smooth(model, alpha, tokenizer, calibration_text)
     tied: dict[int, list[str]] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         tied.setdefault(id(p), []).append(n)

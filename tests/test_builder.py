@@ -35,7 +35,7 @@ class FakeBackend:
         if options.quant not in (None, "q"):
             raise ValueError(f"unknown --quant recipe {options.quant!r} for --backend fake; choose one of: q")
 
-    def quantize(self, model, recipe):
+    def quantize(self, model, recipe, tokenizer=None):
         self.calls.append("quantize")
         return None
 
