@@ -321,10 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="xnnpack: CPU .pte run with executorch.runtime (default); cuda: CudaPartitioner + "
                         "AOTInductor, weights in a .ptd (needs a GPU; without one only the partition dry run runs)")
     p.add_argument("--quant", metavar="RECIPE",
-                   help="quantization recipe of the backend; xnnpack: balanced (int8 linears incl. the head, int4 "
-                        "embedding lookup), fast, 8da8w, 8da4w (every linear int4 g32, int8 dynamic "
-                        "activations), 8da4w-head8, default, sensitive; cuda: int4 (weight-only g32), default, "
-                        "sensitive; an unknown name lists the choices; omit for float32")
+                   help="quantization recipe of the backend; xnnpack: balanced (int8 linears incl. the head, "
+                        "activations smoothed on a calibration text, int8 embedding lookup), compact (balanced "
+                        "with an int4 embedding lookup: smaller file), fast (int4 HQQ for most layers), 8da8w, "
+                        "8da4w (every linear int4 g32, int8 dynamic activations), 8da4w-head8, default, "
+                        "sensitive; cuda: int4 (weight-only g32), default, sensitive; an unknown name lists the "
+                        "choices; omit for float32")
     p.add_argument("--out", metavar="FILE.pte",
                    help="output program path (a .pte), written atomically; required unless --dry-run")
     p.add_argument("--max-seq-len", type=_positive, default=1024, metavar="N",
@@ -403,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=DEMO_PROMPT, help=f"prompt (default {DEMO_PROMPT!r})")
     p.add_argument("--max-new-tokens", type=_positive, default=32, metavar="N", help="tokens to generate (default 32)")
     p.add_argument("--quant", default="balanced", metavar="RECIPE",
-                   help="quantization recipe (default balanced: int8 linears + int4 embedding lookup; "
+                   help="quantization recipe (default balanced: int8 linears, smoothed activations, int8 embedding lookup; "
                         "'fast', '8da4w', ...; 'none' for float32)")
     p.add_argument("--out", default="build/gemma3-270m.pte", metavar="FILE.pte",
                    help="where to write the .pte (reused when its recorded inputs are unchanged)")

@@ -102,6 +102,7 @@ class XnnpackRecipe:
     embedding: tuple[int, int | None] | None = None
     doc: str = ""
     smooth: float | None = None  # SmoothQuant alpha (fxport.quant.smoothing); None: no smoothing
+    gptq: bool = False  # GPTQ rounding (fxport.quant.gptq) for the 4-bit linears
 
     def pick(self, fqn: str) -> XnnpackWeightQuant | None | bool:
         """The quant of the first rule matching ``fqn``; None: a rule keeps it float; False: no rule."""
@@ -209,7 +210,9 @@ class QuantReport:
     quantized: dict[str, str] = field(default_factory=dict)
     kept_float: dict[str, str] = field(default_factory=dict)  # fqn -> reason
     embedding: str | None = None  # the quantized lookup, when the recipe has one
-    smoothing: str | None = None  # what activation smoothing did (or why it did not run)
+    smoothing: str | None = None  # what activation smoothing did
+    gptq: str | None = None  # what GPTQ rounding did
+    calibration: str | None = None  # the calibration text used (or why calibration was skipped)
 
     def summary(self) -> str:
         from collections import Counter
@@ -217,25 +220,31 @@ class QuantReport:
         kinds = Counter(self.quantized.values())
         parts = [f"{n} x {k}" for k, n in sorted(kinds.items())]
         emb = f"; embedding {self.embedding}" if self.embedding else ""
-        smooth = f"; {self.smoothing}" if self.smoothing else ""
+        smooth = "".join(f"; {x}" for x in (self.smoothing, self.gptq) if x)
+        if self.calibration and self.calibration.startswith("skipped"):
+            smooth += f"; calibration {self.calibration}"
         return (
             f"quant {self.recipe}: {len(self.quantized)} linear(s) quantized ({', '.join(parts) or 'none'}), "
             f"{len(self.kept_float)} kept float{emb}{smooth}"
         )
 
 
-def _smooth(model: nn.Module, alpha: float, tokenizer: Any, text: str | None) -> str:
-    """Activation smoothing on the float model; a line for the report."""
+def _calibration(model: nn.Module, tokenizer: Any, text: str | None) -> tuple[list[list[int]], str]:
+    """Calibration windows (token ids) and where their text came from."""
     from fxport.quant import smoothing
 
-    if tokenizer is None:
-        return "activation smoothing skipped: no tokenizer to encode the calibration text"
     source = "the given calibration text"
     if text is None:
         text, source = smoothing.calibration_text()
     inner = getattr(model, "model", model)
     window = min(512, getattr(inner, "max_seq_len", 512))  # the eager model's KV cache bounds a window
-    windows = smoothing.calibration_windows(tokenizer, text, window=window)
+    return smoothing.calibration_windows(tokenizer, text, window=window), source
+
+
+def _smooth(model: nn.Module, alpha: float, windows: list[list[int]], source: str) -> str:
+    """Activation smoothing on the float model; a line for the report."""
+    from fxport.quant import smoothing
+
     amax = smoothing.input_absmax(model, windows)
     return smoothing.smooth_activations(model, amax, alpha, source=source).summary()
 
@@ -263,9 +272,16 @@ def quantize_for_xnnpack(model: nn.Module, recipe: str, *, num_layers: int | Non
         num_layers = getattr(cfg, "num_hidden_layers", None)
     pick = _resolver(recipe, num_layers)
     report = QuantReport(recipe)
-    alpha = XNNPACK_RECIPES[recipe].smooth if recipe in XNNPACK_RECIPES else None
-    if alpha is not None:
-        report.smoothing = _smooth(model, alpha, tokenizer, calibration_text)
+    spec = XNNPACK_RECIPES.get(recipe)
+    windows, source = None, ""
+    if spec is not None and (spec.smooth is not None or spec.gptq):
+        if tokenizer is None:
+            report.calibration = "skipped: no tokenizer to encode the calibration text (no smoothing, no GPTQ)"
+        else:
+            windows, source = _calibration(model, tokenizer, calibration_text)
+            report.calibration = f"{sum(len(w) - 1 for w in windows)} tokens of {source}"
+    if windows is not None and spec.smooth is not None:
+        report.smoothing = _smooth(model, spec.smooth, windows, source)
     tied: dict[int, list[str]] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         tied.setdefault(id(p), []).append(n)
@@ -288,8 +304,20 @@ def quantize_for_xnnpack(model: nn.Module, recipe: str, *, num_layers: int | Non
             continue
         groups.setdefault(q, set()).add(name)
         report.quantized[name] = str(q)
+    gptq_names = {n for q, names in groups.items() if q.bits == 4 for n in names} if windows and spec.gptq else set()
+    if gptq_names:
+        from fxport.quant.gptq import input_hessians
+
+        hessians = input_hessians(model, windows, gptq_names)
+        mods = dict(model.named_modules())
+        float_weights = {n: mods[n].weight.detach().clone() for n in sorted(gptq_names)}
     for q, names in groups.items():
         quantize_(model, q.torchao_config(), filter_fn=lambda m, fqn, names=names: fqn in names)
+    if gptq_names:
+        from fxport.quant.gptq import apply_gptq
+
+        done = apply_gptq(model, hessians, float_weights)
+        report.gptq = f"GPTQ rounding for {len(done)} int4 linear(s)"
     emb_rule = XNNPACK_RECIPES[recipe].embedding if recipe in XNNPACK_RECIPES else None
     if emb_rule is not None:
         from fxport.quant.embedding import quantize_embedding

@@ -158,10 +158,12 @@ def test_balanced_recipe_smooths_with_a_tokenizer_and_says_when_it_cannot():
     m = _gemma3()
     rep = quantize_for_xnnpack(m, "balanced", tokenizer=ByteTokenizer(m.config.vocab_size))
     assert rep.smoothing.startswith("activation smoothing alpha 0.5: 15 linear(s) at 9 site(s), calibrated on pydoc_data")
+    assert rep.calibration.startswith("1022 tokens of pydoc_data.topics")  # after BOS in each window
     m2 = _gemma3()
     rep2 = quantize_for_xnnpack(m2, "balanced")
-    assert rep2.smoothing == "activation smoothing skipped: no tokenizer to encode the calibration text"
-    assert "activation smoothing skipped" in rep2.summary()
+    assert rep2.smoothing is None
+    assert rep2.calibration == "skipped: no tokenizer to encode the calibration text (no smoothing, no GPTQ)"
+    assert rep2.summary().endswith("; calibration skipped: no tokenizer to encode the calibration text (no smoothing, no GPTQ)")
     assert quantize_for_xnnpack(_gemma3(), "8da8w").smoothing is None
 
 

@@ -1,0 +1,99 @@
+"""Where a ``.pte``'s decode step spends its time: ExecuTorch's own profiler (ETDump), per
+delegate call and per XNNPACK operator kind, with the bytes each weight-reading kind moves.
+
+    .venv/bin/python bench/decode_profile.py build/gemma3-270m-balanced.pte [--steps 64] [--threads 2]
+
+Runs ``--steps`` decode steps (positions 0, 1, ...; token ids fixed) and prints, as medians over
+the steps (the first, cold ones fall outside the median):
+
+* the step: median wall time of the profiled steps (``Method::execute``), the sum of delegate
+  calls, of portable (non-delegated) operators, and the rest;
+* one row per delegate call in program order (median µs) with its slowest operators;
+* per XNNPACK operator kind (name without its ``#n``), the summed median µs per step.
+
+XNNPACK reports operator times in whole microseconds: operators under 1 µs show as 0 and the
+"inside, unattributed" column collects them. Profiling adds a little time per event; compare
+the step time with ``bench/e2e_cpu.py``'s decode figure (which runs without the profiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+
+def profile(pte: Path, steps: int, threads: int) -> Path:
+    """Run the decode method with ETDump on; the path of the written ETDump."""
+    import executorch.kernels.quantized  # noqa: F401  (quantized embedding kernels)
+    from executorch.extension.pybindings import portable_lib
+
+    mod = portable_lib._load_for_executorch(str(pte), enable_etdump=True)
+    portable_lib._unsafe_reset_threadpool(threads)
+    for pos in range(steps):
+        mod.run_method("decode", (torch.tensor([[100 + pos % 1000]]), torch.tensor([pos])))
+    out = Path(tempfile.mkdtemp(prefix="fxport-etdump-")) / "decode.etdp"
+    mod.write_etdump_result_to_file(str(out))
+    return out
+
+
+def tables(etdump: Path, top: int = 3) -> str:
+    from executorch.devtools import Inspector
+
+    ins = Inspector(etdump_path=str(etdump))
+    block = next(b for b in ins.event_blocks if b.name == "Execute")
+    rows, kinds = [], defaultdict(float)
+    inner: list[tuple[str, float]] = []
+    step = delegates = portable = 0.0
+    for e in block.events:
+        if e.perf_data is None:
+            continue
+        us = e.perf_data.p50 * 1e3  # ms -> µs
+        if e.name == "Method::execute":
+            step = us
+        elif e.name == "DELEGATE_CALL":
+            delegates += us
+            named = sum(t for _, t in inner)
+            slow = ", ".join(f"{n} {t:.0f}" for n, t in sorted(inner, key=lambda x: -x[1])[:top] if t >= 1)
+            rows.append(f"| {len(rows)} | {us:,.0f} | {named:,.0f} | {max(us - named, 0):,.0f} | {slow} |")
+            inner = []
+        elif e.name.startswith("native_call_"):
+            portable += us
+        elif e.name != "OPERATOR_CALL":
+            inner.append((e.name, us))
+            kinds[re.sub(r"\s*#\d+$", "", e.name)] += us
+    head = (f"decode step {step / 1e3:.2f} ms (median over the profiled steps): delegate calls "
+            f"{delegates / 1e3:.2f} ms in {len(rows)} call(s), portable operators {portable / 1e3:.2f} ms, "
+            f"rest {max(step - delegates - portable, 0) / 1e3:.2f} ms")
+    out = [head, "", "| delegate call | µs | inside, by operator | inside, unattributed | slowest operators (µs) |",
+           "|---:|---:|---:|---:|---|", *rows, "", "| XNNPACK operator kind | µs per step | share of step |", "|---|---:|---:|"]
+    for k, us in sorted(kinds.items(), key=lambda x: -x[1]):
+        if us >= 1:
+            out.append(f"| {k} | {us:,.0f} | {100 * us / step:.0f}% |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("pte", type=Path, help="a .pte with a decode(tokens (1, 1), input_pos (1,)) method")
+    p.add_argument("--steps", type=int, default=64, help="profiled decode steps")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    if not args.pte.is_file():
+        p.error(f"{args.pte}: no such file; build one with `fxport export` or bench/e2e_cpu.py")
+    la = os.getloadavg()
+    path = profile(args.pte, args.steps, args.threads)
+    print(f"{args.pte} · {args.steps} profiled decode steps · {args.threads} threads · "
+          f"load average {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}")
+    print(tables(path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
