@@ -53,7 +53,8 @@ def cpu_passes(model: nn.Module | None = None, *, windows: Mapping[str, int] | N
 
     * ``RingBufferKVCache`` when the model has sliding-window caches (windows from
       ``fxport.models.gemma4.model.sliding_window_buffers(model)`` or ``windows=``);
-    * ``AdditiveAttentionMask``, ``SDPAAsMatmul``, ``RMSNormAsLinear`` and ``SymbolicViewAsInferred``
+    * ``GeluTanhAsTanh`` (XNNPACK serializes every GELU as the erf form), ``AdditiveAttentionMask``,
+      ``SDPAAsMatmul``, ``RMSNormAsLinear`` and ``SymbolicViewAsInferred``
       (:mod:`fxport.passes.xnnpack`) when ``xnnpack_rewrites``: patterns XNNPACK would
       otherwise leave to portable kernels (each one left out splits a delegate); on prefill also
       ``RotateHalfAsLinear`` (decode's static slices are delegated as they are);
@@ -64,6 +65,7 @@ def cpu_passes(model: nn.Module | None = None, *, windows: Mapping[str, int] | N
     from fxport.passes.last_token_logits import LastTokenLogits
     from fxport.passes.xnnpack import (
         AdditiveAttentionMask,
+        GeluTanhAsTanh,
         RMSNormAsLinear,
         RotateHalfAsLinear,
         SDPAAsMatmul,
@@ -80,7 +82,7 @@ def cpu_passes(model: nn.Module | None = None, *, windows: Mapping[str, int] | N
 
         common.append(RingBufferKVCache(windows=windows, ring_size=ring_size, max_prefill_chunk=max_prefill_chunk))
     if xnnpack_rewrites:
-        common += [AdditiveAttentionMask(), SDPAAsMatmul(), RMSNormAsLinear(), SymbolicViewAsInferred()]
+        common += [GeluTanhAsTanh(), AdditiveAttentionMask(), SDPAAsMatmul(), RMSNormAsLinear(), SymbolicViewAsInferred()]
     prefill_only = [RotateHalfAsLinear()] if xnnpack_rewrites else []
     prefill = list(common) + prefill_only + ([LastTokenLogits()] if last_token_logits else [])
     return {"prefill": prefill, "decode": list(common)}

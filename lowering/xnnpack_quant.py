@@ -10,17 +10,19 @@ a ``.pte`` holding one needs ``import executorch.kernels.quantized`` before it i
 Recipes accepted by ``quant=`` (``python -c "from fxport.lowering.xnnpack_quant import
 describe; print(describe())"`` prints them):
 
-* ``"balanced"`` (fxport's CPU default, :data:`DEFAULT_RECIPE`): every linear int8 per channel,
-  the output head too (it is untied from the embedding), the embedding table int8 per row in a
-  quantized lookup. The Gemma 3 270M Q4_K_M GGUF keeps its layers at Q5_0 / Q8_0 / Q6_K / Q4_K
-  and its tied head at Q8_0: int8 per channel holds those (requantizing a 5-6 bit grid to 8
-  bits per channel adds far less error than the grid's own); XNNPACK's int4 is symmetric (no
-  zero point) so Q4_K's mins cannot be kept at 4 bits, and int8 is the nearest XNNPACK form.
-  Measured (bench/quality.py, eager): mean KL 0.024 to the fp32 reference, the same as with a
-  float embedding (0.023); the program is ~1.7x the GGUF (two int8 copies of the 262144 x 640
-  table: XNNPACK's packed head and the lookup's).
+* ``"balanced"`` (fxport's CPU default, :data:`DEFAULT_RECIPE`): activation smoothing
+  (:mod:`fxport.quant.smoothing`, alpha 0.5, calibrated on 1,022 tokens of Python's
+  documentation), then every linear int8 per channel, the output head too (it is untied from
+  the embedding), the embedding table int8 per row in a quantized lookup. The Gemma 3 270M
+  Q4_K_M GGUF keeps its layers at Q5_0 / Q8_0 / Q6_K / Q4_K and its tied head at Q8_0: int8
+  per channel holds those (measured: int8 weights alone cost mean KL 0.005, llama.cpp's own
+  figure); the int8 per-token activations cost the rest (0.018 alone), which smoothing halves.
+  Measured (bench/quality.py): the ``.pte`` at mean KL 0.013 to the fp32 reference, perplexity
+  within 0.6% of llama.cpp's on both texts (0.026 and +2.6% without smoothing); the program is
+  ~1.7x the GGUF (two int8 copies of the 262144 x 640 table: XNNPACK's packed head and the
+  lookup's).
 * ``"compact"``: ``balanced`` with the embedding int4 g64 asymmetric: the ``.pte`` is 1.48x the
-  GGUF (375.5 MB) at mean KL 0.054 (the int4 table costs +0.03 nats).
+  GGUF (375.5 MB) at mean KL 0.040 (eager; the int4 table costs +0.03 nats).
 * ``"fast"`` (:data:`FAST_RECIPE`): int4 g32 HQQ (torchao's scale-only HQQ, symmetric) for
   the MLP and q/k/o projections, int8 per channel for v_proj and layers 0, 1, 16, 17, the head
   int8, the embedding int4 g64. Measured: mean KL 0.27, perplexity +29% / +26%, for 236 MB read

@@ -230,8 +230,8 @@ def multimodal_metadata(model: torch.nn.Module, max_prefill_chunk: int, max_soft
 
 def rewrite_multimodal_programs(model: torch.nn.Module, programs: dict[str, ExportedProgram],
                                 max_prefill_chunk: int, ring_size: int | None = None, dump=None):
-    """The CPU pass set on each method (GeluTanhAsTanh on all, FixedSlotFusion first on
-    prefill, the text CPU set on prefill / decode). Ring size default:
+    """The CPU pass set on each method (FixedSlotFusion first on prefill, the text CPU set on
+    prefill / decode, GeluTanhAsTanh on the encoders: the text set has it already). Ring size default:
     ``max(2 W, W + max_prefill_chunk - 1)`` so that a chunk holding a whole image fits the ring.
     Returns (programs, {method: PipelineResult})."""
     from fxport.lowering.xnnpack import apply_method_passes, cpu_passes
@@ -248,7 +248,8 @@ def rewrite_multimodal_programs(model: torch.nn.Module, programs: dict[str, Expo
     # XNNPACK's GELU is the erf form whatever ``approximate`` says: spell the tanh form out.
     from fxport.passes.xnnpack.gelu_tanh_as_tanh import GeluTanhAsTanh
 
-    passes = {m: [GeluTanhAsTanh()] + list(passes.get(m, [])) for m in programs}
+    passes = {m: list(passes[m]) if m in ("prefill", "decode") else [GeluTanhAsTanh()] + list(passes.get(m, []))
+              for m in programs}
     return apply_method_passes(programs, passes, dump=dump)
 
 

@@ -6,6 +6,7 @@ portable ops between them (slow to run, and slow to lower: each subgraph is comp
 separately). Each pass here rewrites one such pattern into ops XNNPACK lowers, with the same
 numbers (one pass per module, each with its contract docstring):
 
+* :class:`GeluTanhAsTanh` — tanh GELU spelled out (XNNPACK's GELU is the erf form);
 * :class:`AdditiveAttentionMask` — bool SDPA masks as one shared additive float mask;
 * :class:`SDPAAsMatmul` — SDPA as matmul / softmax / matmul, GQA folded (no K/V copies);
 * :class:`RMSNormAsLinear` — ``rms_norm``'s mean as a linear;
@@ -16,9 +17,10 @@ numbers (one pass per module, each with its contract docstring):
 from __future__ import annotations
 
 from fxport.passes.xnnpack.additive_attention_mask import AdditiveAttentionMask
+from fxport.passes.xnnpack.gelu_tanh_as_tanh import GeluTanhAsTanh
 from fxport.passes.xnnpack.rms_norm_as_linear import RMSNormAsLinear
 from fxport.passes.xnnpack.rotate_half_as_linear import RotateHalfAsLinear
 from fxport.passes.xnnpack.sdpa_as_matmul import SDPAAsMatmul
 from fxport.passes.xnnpack.symbolic_view_as_inferred import SymbolicViewAsInferred
 
-__all__ = ["AdditiveAttentionMask", "RMSNormAsLinear", "RotateHalfAsLinear", "SDPAAsMatmul", "SymbolicViewAsInferred"]
+__all__ = ["AdditiveAttentionMask", "GeluTanhAsTanh", "RMSNormAsLinear", "RotateHalfAsLinear", "SDPAAsMatmul", "SymbolicViewAsInferred"]
