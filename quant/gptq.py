@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from fxport.quant.smoothing import run_windows
+
 
 @torch.no_grad()
 def input_hessians(model: nn.Module, windows: Iterable[Sequence[int]], names: set[str],
@@ -50,17 +52,7 @@ def input_hessians(model: nn.Module, windows: Iterable[Sequence[int]], names: se
                 sums[name] = sums.get(name, 0) + x.T @ x
                 counts[name] = counts.get(name, 0) + x.shape[0]
             hooks.append(mod.register_forward_pre_hook(hook))
-    reset = getattr(model, "reset_caches", lambda: None)
-    run = forward or (lambda m, t, p: m(t, p))
-    try:
-        for w in windows:
-            reset()
-            by_input.clear()
-            run(model, torch.tensor([list(w)]), torch.arange(len(w)))
-    finally:
-        for h in hooks:
-            h.remove()
-        reset()
+    run_windows(model, windows, hooks, forward, before_window=by_input.clear)
     out = {n: sums[n] / counts[n] for n in sums}
     for n, first in alias.items():
         if first in out:

@@ -88,17 +88,28 @@ def input_absmax(model: nn.Module, windows: Iterable[Sequence[int]],
                 a = args[0].detach().abs().flatten(0, -2).amax(0).float()
                 amax[name] = torch.maximum(amax[name], a) if name in amax else a
             hooks.append(mod.register_forward_pre_hook(hook))
+    run_windows(model, windows, hooks, forward)
+    return amax
+
+
+@torch.no_grad()
+def run_windows(model: nn.Module, windows: Iterable[Sequence[int]], hooks: list,
+                forward: Callable[[nn.Module, Tensor, Tensor], Any] | None = None,
+                before_window: Callable[[], None] | None = None) -> None:
+    """Run each window through ``model`` (caches reset before each window and after the last),
+    then remove ``hooks`` (the calibration hooks the caller registered), even on error."""
     reset = getattr(model, "reset_caches", lambda: None)
     run = forward or (lambda m, t, p: m(t, p))
     try:
         for w in windows:
             reset()
+            if before_window:
+                before_window()
             run(model, torch.tensor([list(w)]), torch.arange(len(w)))
     finally:
         for h in hooks:
             h.remove()
         reset()
-    return amax
 
 
 # ----------------------------------------------------------------------------- folding

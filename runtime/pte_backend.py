@@ -155,8 +155,13 @@ def bench_pte(path: str | Path, prompt_len: int, new_tokens: int, threads: int |
     vocab = backend.vocab_size or 256
     need = prompt_len + new_tokens
     if backend.max_seq_len is not None and need > backend.max_seq_len:
-        raise ValueError(f"prompt {prompt_len} + {new_tokens} new tokens exceed the program's max_seq_len "
-                         f"{backend.max_seq_len}")
+        cap = backend.max_seq_len
+        fix = (f"pass --prompt-len {cap - new_tokens} or less" if new_tokens < cap else
+               f"pass --new-tokens {cap - prompt_len} or less" if prompt_len < cap else
+               f"pass --prompt-len {cap - 1} --new-tokens 1")
+        raise ValueError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} = {need} tokens exceed the "
+                         f"program's max_seq_len {backend.max_seq_len}; {fix}, or re-export with "
+                         f"--max-seq-len {need} or more")
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, vocab, (1, need), generator=g)
 

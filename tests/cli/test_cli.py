@@ -195,4 +195,7 @@ def test_bench_prints_one_row(exported, capsys):
 
 def test_bench_rejects_too_long_runs(exported, capsys):
     line = _one_line_error(capsys, ["bench", str(exported), "--prompt-len", "12", "--new-tokens", "8"])
-    assert line == "fxport bench: error: prompt 12 + 8 new tokens exceed the program's max_seq_len 16"
+    assert line == ("fxport bench: error: --prompt-len 12 + --new-tokens 8 = 20 tokens exceed the program's "
+                    "max_seq_len 16; pass --prompt-len 8 or less, or re-export with --max-seq-len 20 or more")
+    line = _one_line_error(capsys, ["bench", str(exported), "--prompt-len", "4", "--new-tokens", "16"])
+    assert line.endswith("max_seq_len 16; pass --new-tokens 12 or less, or re-export with --max-seq-len 20 or more")
