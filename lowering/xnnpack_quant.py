@@ -26,7 +26,8 @@ describe; print(describe())"`` prints them):
 * ``"fast"`` (:data:`FAST_RECIPE`): int4 g32 for the MLP and q/k/o projections on torchao's
   scale-only HQQ grid (symmetric: XNNPACK's qb4w has no zero point) with GPTQ rounding
   (:mod:`fxport.quant.gptq`, Hessians from 8,176 tokens of the calibration text), int8 per
-  channel for v_proj and layers 0, 1, 16, 17, the head int8, the embedding int4 g64. Measured
+  channel for v_proj and layers 3, 5, 11, 17 (the most sensitive by bench/layer_sensitivity.py),
+  the head int8, the embedding int4 g64. Measured
   (eager): mean KL 0.175, perplexity +20% / +13% vs llama.cpp (HQQ rounding alone: 0.259, +29%;
   GPTQ on 1,022 tokens: 0.214), for 236 MB read per token instead of 270 MB: the int8 head
   (168 MB) dominates the bytes, and an int4 head costs KL +0.07.
@@ -137,9 +138,10 @@ COMPACT_RECIPE = XnnpackRecipe(
     smooth=DEFAULT_ALPHA,
 )
 
-# Layers kept 8-bit in "fast": the first two and last two (Gemma 3 270M has 18), the layers
-# fxport.quant.recipe's "sensitive" recipe keeps at 8 bits (a per-layer sweep was not run).
-FAST_8BIT_LAYERS = (0, 1, 16, 17)
+# Layers kept 8-bit in "fast": the four most sensitive of Gemma 3 270M's 18 by
+# bench/layer_sensitivity.py (only layer i's q/k/o + MLP int4, mean KL to the fp32 reference on
+# 1,022 positions: layer 3 0.026, 17 0.020, 11 0.017, 5 0.015; the others 0.007-0.015).
+FAST_8BIT_LAYERS = (3, 5, 11, 17)
 FAST_RECIPE = XnnpackRecipe(
     "fast",
     (
@@ -149,7 +151,7 @@ FAST_RECIPE = XnnpackRecipe(
         (r".*", INT4_G32_HQQ),
     ),
     embedding=(4, 64),
-    doc="MLP and q/k/o int4 g32 HQQ grid with GPTQ rounding, v_proj and layers 0, 1, 16, 17 int8, head int8; "
+    doc="MLP and q/k/o int4 g32 HQQ grid with GPTQ rounding, v_proj and layers 3, 5, 11, 17 int8, head int8; "
         "embedding int4 g64",
     gptq=True,
     calibration_tokens=16 * 511,  # GPTQ's Hessians need more tokens than down_proj's 2048 inputs
@@ -187,10 +189,10 @@ def _from_quant_config(cfg: Any) -> XnnpackWeightQuant:
     return XnnpackWeightQuant(4, cfg.group_size or 32, hqq=cfg.method == "hqq")
 
 
-def _resolver(recipe: str, num_layers: int | None):
+def _resolver(recipe: str | XnnpackRecipe, num_layers: int | None):
     """fqn -> XnnpackWeightQuant | None for recipe ``recipe``."""
-    if recipe in XNNPACK_RECIPES:
-        r = XNNPACK_RECIPES[recipe]
+    if isinstance(recipe, XnnpackRecipe) or recipe in XNNPACK_RECIPES:
+        r = recipe if isinstance(recipe, XnnpackRecipe) else XNNPACK_RECIPES[recipe]
 
         def pick(fqn: str):
             q = r.pick(fqn)
@@ -257,9 +259,10 @@ def _smooth(model: nn.Module, alpha: float, windows: list[list[int]], source: st
     return smoothing.smooth_activations(model, amax, alpha, source=source).summary()
 
 
-def quantize_for_xnnpack(model: nn.Module, recipe: str, *, num_layers: int | None = None,
+def quantize_for_xnnpack(model: nn.Module, recipe: str | XnnpackRecipe, *, num_layers: int | None = None,
                          tokenizer: Any = None, calibration_text: str | None = None) -> QuantReport:
-    """Quantize ``model``'s linears in place for XNNPACK with recipe ``recipe``.
+    """Quantize ``model``'s linears in place for XNNPACK with recipe ``recipe`` (a name, or an
+    :class:`XnnpackRecipe` of your own).
 
     A recipe with ``smooth`` first folds activation-smoothing scales into the float model
     (:mod:`fxport.quant.smoothing`), calibrated on ``calibration_text`` (default: Python's
@@ -279,8 +282,8 @@ def quantize_for_xnnpack(model: nn.Module, recipe: str, *, num_layers: int | Non
         cfg = getattr(model, "config", None)
         num_layers = getattr(cfg, "num_hidden_layers", None)
     pick = _resolver(recipe, num_layers)
-    report = QuantReport(recipe)
-    spec = XNNPACK_RECIPES.get(recipe)
+    spec = recipe if isinstance(recipe, XnnpackRecipe) else XNNPACK_RECIPES.get(recipe)
+    report = QuantReport(spec.name if spec is not None else recipe)
     windows, source = None, ""
     if spec is not None and (spec.smooth is not None or spec.gptq):
         if tokenizer is None:
@@ -326,17 +329,17 @@ def quantize_for_xnnpack(model: nn.Module, recipe: str, *, num_layers: int | Non
 
         done = apply_gptq(model, hessians, float_weights)
         report.gptq = f"GPTQ rounding for {len(done)} int4 linear(s)"
-    emb_rule = XNNPACK_RECIPES[recipe].embedding if recipe in XNNPACK_RECIPES else None
+    emb_rule = spec.embedding if spec is not None else None
     if emb_rule is not None:
         from fxport.quant.embedding import quantize_embedding
 
         fqn = next((n for n, m in model.named_modules() if n.endswith("embed_tokens") and isinstance(m, nn.Embedding)), None)
         if fqn is None:
-            raise ValueError(f"recipe {recipe!r} quantizes the token embedding but the model has no "
+            raise ValueError(f"recipe {report.recipe!r} quantizes the token embedding but the model has no "
                              "nn.Embedding named '*embed_tokens'")
         head = getattr(model, "lm_head", None)
         if isinstance(head, nn.Linear) and head.weight is model.get_submodule(fqn).weight:
-            raise ValueError(f"recipe {recipe!r}: the tied head must be quantized before its embedding "
+            raise ValueError(f"recipe {report.recipe!r}: the tied head must be quantized before its embedding "
                              "(give lm_head a rule)")
         q = quantize_embedding(model, fqn, *emb_rule)
         g = "per-row" if emb_rule[1] is None else f"g{emb_rule[1]}"

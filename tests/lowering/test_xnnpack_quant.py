@@ -1,10 +1,10 @@
 """XNNPACK recipes: exact selection (which linear gets what), and one tiny .pte per new
 recipe family checked against the eager torchao emulation.
 
-The .pte test uses a 3-layer tiny model with the ``fast`` recipe: layers 0 and 1 fall in
-``FAST_8BIT_LAYERS`` (int8 per channel), layer 2's MLP and q/k/o take int4 g32 HQQ, v_proj
-and the head int8, the embedding an int4 lookup: every form ``balanced`` uses too (int8 linears,
-the quantized embedding) plus the int4 one, in one program.
+The .pte test uses a 3-layer tiny model with the ``fast`` recipe: no layer falls in
+``FAST_8BIT_LAYERS`` (3, 5, 11, 17), so every MLP and q/k/o takes int4 g32 HQQ, v_proj and the
+head int8, the embedding an int4 lookup: every form ``balanced`` uses too (int8 linears, the
+quantized embedding) plus the int4 one, in one program.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def test_fast_rules_on_the_270m_names():
     for i in range(18):
         for lin in LINEARS:
             got = r.pick(f"model.layers.{i}.{lin}.weight")
-            want = INT8_PC if (i in (0, 1, 16, 17) or lin == "self_attn.v_proj") else INT4_G32_HQQ
+            want = INT8_PC if (i in (3, 5, 11, 17) or lin == "self_attn.v_proj") else INT4_G32_HQQ
             assert got == want, (i, lin, got)
     assert r.embedding == (4, 64)
     assert XNNPACK_RECIPES["balanced"].pick("model.layers.7.mlp.down_proj.weight") == INT8_PC
@@ -72,7 +72,7 @@ def test_quantize_for_xnnpack_reports_every_linear(tiny):
     want = {"lm_head": "8da8w per-channel"}
     for i in range(3):
         for lin in LINEARS:
-            int8 = i < 2 or lin == "self_attn.v_proj"
+            int8 = lin == "self_attn.v_proj"  # layers 0-2: none of FAST_8BIT_LAYERS
             want[f"model.layers.{i}.{lin}"] = "8da8w per-channel" if int8 else "8da4w g32 hqq"
     assert report.quantized == want
     assert report.kept_float == {}

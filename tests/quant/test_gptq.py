@@ -78,20 +78,21 @@ def test_apply_gptq_rewrites_the_torchao_codes_in_place():
 
 
 def test_fast_recipe_runs_gptq_on_its_int4_linears():
-    """``fast`` with a tokenizer: GPTQ re-rounds exactly the int4 linears (layer 2 of a
-    3-layer model: q/k/o and the MLP; layers 0-1, v_proj and the head are int8)."""
+    """``fast`` with a tokenizer: GPTQ re-rounds exactly the int4 linears (of a 6-layer model:
+    q/k/o and the MLP of layers 0, 1, 2, 4; layers 3 and 5, every v_proj and the head are int8)."""
     from fxport.lowering.xnnpack_quant import quantize_for_xnnpack
     from fxport.models.gemma4.config import FULL, SLIDING, get_preset
     from fxport.models.gemma4.model import Gemma4ForCausalLM
     from .test_smoothing import ByteTokenizer
 
-    cfg = get_preset("tiny-gemma3").replace(num_hidden_layers=3, layer_types=[SLIDING, FULL, SLIDING])
+    cfg = get_preset("tiny-gemma3").replace(num_hidden_layers=6, layer_types=[SLIDING, FULL] * 3)
     torch.manual_seed(0)
     model = Gemma4ForCausalLM(cfg, max_seq_len=64).eval()
     rep = quantize_for_xnnpack(model, "fast", tokenizer=ByteTokenizer(cfg.vocab_size))
-    assert rep.gptq == "GPTQ rounding for 6 int4 linear(s)"
+    assert rep.gptq == "GPTQ rounding for 24 int4 linear(s)"
     assert rep.calibration.startswith("8176 tokens of pydoc_data.topics")
     assert rep.smoothing is None
     int4 = sorted(n for n, k in rep.quantized.items() if k.startswith("8da4w"))
-    assert int4 == [f"model.layers.2.{n}" for n in ("mlp.down_proj", "mlp.gate_proj", "mlp.up_proj",
-                                                     "self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj")]
+    assert int4 == [f"model.layers.{i}.{n}" for i in (0, 1, 2, 4)
+                    for n in ("mlp.down_proj", "mlp.gate_proj", "mlp.up_proj",
+                              "self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj")]
