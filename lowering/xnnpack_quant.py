@@ -27,10 +27,10 @@ describe; print(describe())"`` prints them):
   scale-only HQQ grid (symmetric: XNNPACK's qb4w has no zero point) with GPTQ rounding
   (:mod:`fxport.quant.gptq`, Hessians from 8,176 tokens of the calibration text), int8 per
   channel for v_proj and layers 3, 5, 11, 17 (the most sensitive by bench/layer_sensitivity.py),
-  the head int8, the embedding int4 g64. Measured
-  (eager): mean KL 0.175, perplexity +20% / +13% vs llama.cpp (HQQ rounding alone: 0.259, +29%;
-  GPTQ on 1,022 tokens: 0.214), for 236 MB read per token instead of 270 MB: the int8 head
-  (168 MB) dominates the bytes, and an int4 head costs KL +0.07.
+  the head int8, the embedding int4 g64. Measured: eager mean KL 0.164, the ``.pte`` +17% / +12%
+  perplexity vs llama.cpp (with layers 0, 1, 16, 17 at 8 bits: 0.175; HQQ rounding alone: 0.259,
+  +29%; GPTQ on 1,022 tokens: 0.214), for 236 MB read per token instead of 270 MB: the int8
+  head (168 MB) dominates the bytes, and an int4 head costs KL +0.07.
 * ``"8da8w"``: every linear int8 per channel, embedding float. ``"8da4w"``: every linear
   incl. the output head int4 g32. ``"8da4w-head8"``: the same with the head int8.
 * the names of :mod:`fxport.quant.recipe` (``"default"``, ``"sensitive"``), mapped to what
