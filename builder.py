@@ -392,8 +392,12 @@ def build_inputs(source: Source, options: BuildOptions) -> dict[str, Any]:
         et_version = version("executorch")
     except Exception:
         et_version = None
+    import platform
+
+    # python: the default calibration text of smoothing / GPTQ is Python's own documentation
     return {"fxport_version": __version__, "fxport_code": code_digest(), "torch": torch.__version__,
-            "executorch": et_version, "source": source.digest(), "options": options.key()}
+            "executorch": et_version, "python": platform.python_version(), "source": source.digest(),
+            "options": options.key()}
 
 
 def manifest_path(out: str | Path) -> Path:
