@@ -50,10 +50,10 @@ def main(argv=None) -> int:
     rows = []
     for i in range(reference.config.num_hidden_layers):
         recipe = XnnpackRecipe(f"layer{i}-int4", ((rf".*layers\.{i}\.{linears}", INT4_G32_HQQ),))
-        model = copy.deepcopy(reference)
+        model = copy.deepcopy(reference).eval()
         quantize_for_xnnpack(model, recipe)
         t0 = time.perf_counter()
-        sc, _ = Q.score(corpus, ref, lambda w: Q.eager_logits(model.eval(), w))
+        sc, _ = Q.score(corpus, ref, lambda w, m=model: Q.eager_logits(m, w))
         rows.append((i, sc.mean_kl, sc.agreement))
         print(f"layer {i:2d}: KL {sc.mean_kl:.4f}, top-1 {100 * sc.agreement:.1f}% ({time.perf_counter() - t0:.0f} s)",
               file=sys.stderr, flush=True)

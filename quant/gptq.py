@@ -96,8 +96,7 @@ def gptq_round(w: Tensor, hessian: Tensor, scale: Tensor, zero: Tensor, group_si
     return Q
 
 
-def apply_gptq(model: nn.Module, hessians: dict[str, Tensor], float_weights: dict[str, Tensor],
-               progress: Callable[[str], None] | None = None) -> list[str]:
+def apply_gptq(model: nn.Module, hessians: dict[str, Tensor], float_weights: dict[str, Tensor]) -> list[str]:
     """Re-round torchao int4 group-wise weights (``IntxUnpackedToInt8Tensor``) with GPTQ.
 
     ``float_weights``: ``{linear name: (N, K) float weight before quantization}``; the grid
@@ -114,8 +113,6 @@ def apply_gptq(model: nn.Module, hessians: dict[str, Tensor], float_weights: dic
         info = torch.iinfo(torch.int8) if wq.target_dtype == torch.int8 else None
         qmin, qmax = (info.min, info.max) if info else (-8, 7)  # torch.int4
         zero = wq.zero_point if wq.zero_point is not None else torch.zeros_like(wq.scale)
-        if progress:
-            progress(name)
         wq.qdata.copy_(gptq_round(w0, hessians[name], wq.scale, zero, group, qmin, qmax))
         done.append(name)
     return done

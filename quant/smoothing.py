@@ -136,11 +136,15 @@ class SmoothingReport:
         return s
 
 
+def _smooth_scale(xmax: Tensor, wmax: Tensor, alpha: float) -> Tensor:
+    """s = max|x|^alpha / max|W_col|^(1-alpha), elementwise (clamped away from 0)."""
+    return (xmax.clamp(min=1e-5).pow(alpha) / wmax.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
+
+
 def _scales(xmax: Tensor, linears: Sequence[nn.Linear], alpha: float) -> Tensor:
-    """(in_features,) s = max|x|^alpha / max|W_col|^(1-alpha), over every linear sharing x."""
+    """(in_features,) :func:`_smooth_scale` with the weight maximum over every linear sharing x."""
     wmax = torch.stack([lin.weight.detach().float().abs().amax(0) for lin in linears]).amax(0)
-    s = xmax.clamp(min=1e-5).pow(alpha) / wmax.clamp(min=1e-5).pow(1 - alpha)
-    return s.clamp(min=1e-5)
+    return _smooth_scale(xmax, wmax, alpha)
 
 
 def _scale_columns(lin: nn.Linear, s: Tensor) -> None:  # W[:, j] *= s_j
@@ -247,7 +251,7 @@ def _fold_v_into_o(attn: nn.Module, p: str, amax: dict[str, Tensor], alpha: floa
     n_rep = o.in_features // v.out_features
     xmax = amax[f"{p}.o_proj"].view(n_kv, n_rep, hd).amax(1)                        # (n_kv, hd)
     wmax = o.weight.detach().float().abs().amax(0).view(n_kv, n_rep, hd).amax(1)   # (n_kv, hd)
-    s = (xmax.clamp(min=1e-5).pow(alpha) / wmax.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
+    s = _smooth_scale(xmax, wmax, alpha)
     _scale_rows(v, 1.0 / s.reshape(-1))
     _scale_columns(o, s[:, None, :].expand(n_kv, n_rep, hd).reshape(-1))
     report.smoothed[site] = [f"{p}.o_proj"]
