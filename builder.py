@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 STAGES = ("load", "quantize", "export", "passes", "lower", "serialize", "save")
 BACKENDS = {"xnnpack": "fxport.lowering.xnnpack", "cuda": "fxport.lowering.cuda"}
@@ -424,13 +424,24 @@ def reuse_decision(out: str | Path, inputs: Mapping[str, Any]) -> tuple[bool, st
         return False, "inputs changed: " + ", ".join(changed)
     if out.stat().st_size != manifest.get("size") or file_sha256(out) != manifest.get("sha256"):
         return False, f"{out.name} differs from the program the manifest recorded"
+    files = manifest.get("files", {})
+    for name, rec in (files.items() if isinstance(files, dict) else ()):
+        f = out.parent / name
+        if not f.is_file():
+            return False, f"{name} (the program's weights) does not exist"
+        if not isinstance(rec, dict) or f.stat().st_size != rec.get("size") or file_sha256(f) != rec.get("sha256"):
+            return False, f"{name} differs from the weights the manifest recorded"
     return True, f"inputs unchanged since {manifest.get('built_at', 'the last build')}"
 
 
-def write_manifest(out: Path, inputs: Mapping[str, Any], times: StageTimes, extra: Mapping[str, Any] | None = None) -> Path:
+def write_manifest(out: Path, inputs: Mapping[str, Any], times: StageTimes, extra: Mapping[str, Any] | None = None,
+                   files: Sequence[Path] = ()) -> Path:
+    """Record what built ``out`` (``inputs``), its digest and those of ``files`` written with it
+    (e.g. its ``.ptd`` weights), so :func:`reuse_decision` can vouch for the set."""
     from fxport import fileio
 
     data = {"inputs": dict(inputs), "size": out.stat().st_size, "sha256": file_sha256(out),
+            "files": {Path(f).name: {"size": Path(f).stat().st_size, "sha256": file_sha256(Path(f))} for f in files},
             "built_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "stage_seconds": {k: round(v, 2) for k, v in times.seconds.items()}, **dict(extra or {})}
     path = manifest_path(out)
@@ -480,8 +491,9 @@ def build(source: Source, out: str | Path | None, options: BuildOptions = BuildO
         if ok:
             times = StageTimes(())
             sidecar = tokenizer_sidecar(out)
+            files = [Path(out).parent / name for name in read_manifest(out).get("files", {})]
             return BuildResult(Path(out), options, times, reused=True, reuse_reason=reason,
-                               tokenizer_dir=sidecar if sidecar.is_dir() else None)
+                               tokenizer_dir=sidecar if sidecar.is_dir() else None, extra_files=files)
 
     stages = tuple(s for s in STAGES if not (s == "quantize" and not options.quant)
                    and not (options.dry_run and s in ("serialize", "save")))
@@ -518,7 +530,7 @@ def build(source: Source, out: str | Path | None, options: BuildOptions = BuildO
         result.out = out
         result.tokenizer_dir = tokenizer_sidecar(out) if tokenizer is not None else None
         if reuse:
-            write_manifest(out, inputs or build_inputs(source, options), times)
+            write_manifest(out, inputs or build_inputs(source, options), times, files=result.extra_files)
         else:
             manifest_path(out).unlink(missing_ok=True)  # a stale manifest must not vouch for this file
         return result

@@ -254,7 +254,9 @@ def main(argv=None) -> int:
         nbytes[r] = int(side.read_text()) if side.is_file() else None
     nbytes["llamacpp"] = Q.gguf_bytes(gguf)
     nbytes["transformers"] = nbytes["reference"]
-    sizes = {r: pte.stat().st_size for r, pte in ptes.items()}
+    from fxport.runtime.pte_backend import program_bytes
+
+    sizes = {r: program_bytes(pte) for r, pte in ptes.items()}  # .pte + its .ptd weights
     sizes["llamacpp"] = gguf.stat().st_size
 
     # ---- speed, interleaved

@@ -46,7 +46,9 @@ def export_270m(args: argparse.Namespace) -> None:
     label = "legacy lowering" if args.legacy else "current"
     print(f"## fxport export --gguf {gguf.name} --backend xnnpack --quant {args.quant} ({label})")
     print(result.times.table())
-    print(f"build() wall {wall:.1f} s; program {args.out} {Path(args.out).stat().st_size / 2**20:.1f} MiB, "
+    from fxport.runtime.pte_backend import program_bytes
+
+    print(f"build() wall {wall:.1f} s; program {args.out} {program_bytes(args.out) / 2**20:.1f} MiB (with its .ptd), "
           f"sha256 {hashlib.sha256(Path(args.out).read_bytes()).hexdigest()[:16]}")
     if args.tokens:
         from fxport.models.gemma4.tokenizer import load_tokenizer

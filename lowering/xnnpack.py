@@ -17,6 +17,11 @@ Flow (each step usable alone):
    program) and the re-inplace pass (``index_put`` on a cache writes in place instead of
    copying the whole cache every step). Metadata such as ``max_seq_len`` is stored as constant
    methods (``get_max_seq_len`` ...), read back by :class:`fxport.runtime.pte_backend.PteBackend`.
+   A program whose embedding lookup reads the same table as a linear XNNPACK runs (the
+   ``balanced`` recipe's lookup from the int8 head) keeps its weights in a ``.ptd`` file beside the
+   ``.pte`` (:func:`shared_tables`): XNNPACK stores its own copy of every weight it runs and the
+   lookup (outside XNNPACK) needs the table too; inside one ``.pte`` those are two copies, in the
+   weights file ExecuTorch's named-data store keeps identical bytes once.
 
 :func:`fxport.builder.build` drives these steps through this module's backend entry points
 (:func:`validate`, :func:`quantize`, :func:`export`, :func:`run_passes`, :func:`lower`).
@@ -26,7 +31,7 @@ Recipes (the names ``quant=`` accepts) live in :mod:`fxport.lowering.xnnpack_qua
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -100,20 +105,80 @@ class XnnpackProgram:
     mutable_buffers: list[str]
     methods: list[str]
     executorch_program: Any = None  # the serialized schema (execution plans), for inspection
+    manager: Any = None  # the ExecutorchProgramManager, when the weights go to a .ptd file
+    shared: list[str] = field(default_factory=list)  # tables stored once in the .ptd (shared_tables)
 
     def save(self, path: str | Path) -> Path:
-        """Write the program atomically (temporary file, fsync, rename)."""
-        from fxport.fileio import write_bytes
-
-        return write_bytes(path, self.buffer)
+        """Write the program (and its ``.ptd`` weights, when it has them) atomically."""
+        self.write(path)
+        return Path(path)
 
     def write(self, path: str | Path, *, sidecar: Path | None = None, fill_sidecar=None) -> list[Path]:
-        """Write the program and replace its sidecar directory with it (see
-        :func:`fxport.fileio.write_program`); returns the extra files written (none)."""
-        from fxport.fileio import write_program
+        """Write the program, its weights file ``<stem>.ptd`` when it has one, and its sidecar
+        directory, as one set (see :func:`fxport.fileio.write_program`); returns the extra files
+        written. A ``<stem>.ptd`` left by a previous program at ``path`` is removed."""
+        from fxport.fileio import staging_dir, write_program
 
-        write_program(path, self.buffer, sidecar=sidecar, fill_sidecar=fill_sidecar)
-        return []
+        path = Path(path)
+        ptd = weights_file(path)
+        if self.manager is None:
+            write_program(path, self.buffer, sidecar=sidecar, fill_sidecar=fill_sidecar)
+            ptd.unlink(missing_ok=True)  # it belonged to the program that was here
+            return []
+        with staging_dir(path.parent) as stage:
+            self.manager.write_tensor_data_to_file(str(stage))
+            written = sorted(stage.glob("*.ptd"))
+            if [p.name for p in written] != [f"{WEIGHTS_TAG}.ptd"]:
+                raise RuntimeError(f"expected one weights file {WEIGHTS_TAG}.ptd, ExecuTorch wrote {[p.name for p in written]}")
+            written[0].rename(stage / ptd.name)
+            write_program(path, self.buffer, sidecar=sidecar, fill_sidecar=fill_sidecar, beside=stage)
+        return [ptd]
+
+
+WEIGHTS_TAG = "weights"  # the named-data tag of the weights file (renamed to <stem>.ptd when written)
+
+
+def weights_file(pte: str | Path) -> Path:
+    """Where a program's weights file lives: ``<stem>.ptd`` beside the ``.pte``."""
+    return Path(pte).with_suffix(".ptd")
+
+
+_LOOKUPS = ("embedding_byte", "embedding_4bit", "aten.embedding")
+
+
+def shared_tables(programs: Mapping[str, ExportedProgram]) -> list[str]:
+    """Constants read both by an embedding lookup (which XNNPACK does not run) and by another op
+    (a tied head's linear, which it does): ``["method: placeholder", ...]``.
+
+    Each would be stored twice in a ``.pte`` (XNNPACK's copy and the lookup's), once in a weights file.
+    """
+    found = []
+    for method, ep in programs.items():
+        sig = ep.graph_signature
+        consts = set(sig.inputs_to_parameters) | set(sig.inputs_to_buffers) | set(sig.inputs_to_lifted_tensor_constants)
+        for node in ep.graph.nodes:
+            if node.op != "placeholder" or node.name not in consts:
+                continue
+            lookups = [u for u in node.users if any(k in str(u.target) for k in _LOOKUPS)]
+            if lookups and len(lookups) < len(node.users):
+                found.append(f"{method}: {node.name}")
+    return found
+
+
+def _tagging_partitioner():
+    """``XnnpackPartitioner`` that marks every constant XNNPACK serializes for the weights file."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    class WeightsFilePartitioner(XnnpackPartitioner):
+        def partition(self, exported_program):
+            # node_visitor reads meta["custom"]["delegate_constant_tag"] of the node it serializes
+            # (a weight placeholder or the dequantize node reading it); other nodes ignore it.
+            for node in exported_program.graph.nodes:
+                if node.op in ("placeholder", "call_function"):
+                    node.meta.setdefault("custom", {})["delegate_constant_tag"] = WEIGHTS_TAG
+            return super().partition(exported_program)
+
+    return WeightsFilePartitioner()
 
 
 # ----------------------------------------------------------------------------- compile time
@@ -214,6 +279,12 @@ class _fewer_retraces:
         self._ep.run_decompositions = self._decomp
 
 
+def _mutable_placeholders(ep: ExportedProgram) -> set[str]:
+    """Placeholder names of the buffers ``ep`` mutates (the KV caches: never weights-file data)."""
+    mutated = set(ep.graph_signature.buffers_to_mutate.values())
+    return {p for p, fqn in ep.graph_signature.inputs_to_buffers.items() if fqn in mutated}
+
+
 def _mutable_buffers(ep: ExportedProgram) -> list[str]:
     return sorted(ep.graph_signature.buffers_to_mutate.values())
 
@@ -224,6 +295,7 @@ def lower_to_xnnpack(
     constant_methods: Mapping[str, Any] | None = None,
     on_stage=None,
     legacy: bool = False,
+    weights_file: bool | None = None,
 ) -> XnnpackProgram:
     """Lower ``{method: ExportedProgram}`` to one XNNPACK ``.pte`` (see the module docstring).
 
@@ -231,7 +303,9 @@ def lower_to_xnnpack(
     them share one KV-cache allocation. Raises ValueError naming the method and buffers that
     differ. ``on_stage("serialize")`` is called between ``to_edge_transform_and_lower`` and
     ``to_executorch`` when given. ``legacy=True`` lowers without :class:`_fewer_retraces` (the
-    path before the compile-time work; bench/export_time.py --legacy).
+    path before the compile-time work; bench/export_time.py --legacy). ``weights_file``: put
+    the weights in a ``.ptd`` (True), keep them in the ``.pte`` (False), or decide by
+    :func:`shared_tables` (None: a ``.ptd`` when a table would otherwise be stored twice).
     """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -242,15 +316,18 @@ def lower_to_xnnpack(
     _check_shared_buffers(programs)
     import contextlib
 
+    shared = shared_tables(programs)
+    external = bool(shared) if weights_file is None else weights_file
     with contextlib.nullcontext() if legacy else _fewer_retraces():
         edge = to_edge_transform_and_lower(
             dict(programs),
-            partitioner=[XnnpackPartitioner()],
+            partitioner=[_tagging_partitioner() if external else XnnpackPartitioner()],
             constant_methods=dict(constant_methods or {}),
             # fxport's passes emit plain ATen ops; torchao's quant ops are not core ATen.
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
         )
         report = delegation_report({m: edge.exported_program(m) for m in programs})
+        caches = {name for m in programs for name in _mutable_placeholders(edge.exported_program(m))}
         if on_stage is not None:
             on_stage("serialize")
         et = edge.to_executorch(
@@ -258,10 +335,13 @@ def lower_to_xnnpack(
                 memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
                 emit_mutable_buffer_names=True,
                 run_reinplace_pass=True,
+                # the constants left outside XNNPACK (the lookup's table) join the weights file
+                external_constants=(lambda node: None if node.name in caches else WEIGHTS_TAG) if external else False,
             )
         )
     first = next((ep for ep in programs.values() if ep.graph_signature.buffers_to_mutate), next(iter(programs.values())))
-    return XnnpackProgram(et.buffer, report, _mutable_buffers(first), list(programs), et.executorch_program)
+    return XnnpackProgram(et.buffer, report, _mutable_buffers(first), list(programs), et.executorch_program,
+                          manager=et if external else None, shared=shared)
 
 
 def _buffer_shapes(ep: ExportedProgram) -> dict[str, tuple]:

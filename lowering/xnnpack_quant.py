@@ -109,6 +109,9 @@ class XnnpackRecipe:
     smooth: float | None = None  # SmoothQuant alpha (fxport.quant.smoothing); None: no smoothing
     gptq: bool = False  # GPTQ rounding (fxport.quant.gptq) for the 4-bit linears
     calibration_tokens: int = CALIBRATION_TOKENS  # tokens of the calibration text (smoothing / GPTQ)
+    # The lookup reads the int8 head's own codes and scales (the head is then left unsmoothed):
+    # one table in the program's weights file instead of two copies (``embedding`` is ignored).
+    lookup_from_head: bool = False
 
     def pick(self, fqn: str) -> XnnpackWeightQuant | None | bool:
         """The quant of the first rule matching ``fqn``; None: a rule keeps it float; False: no rule."""
@@ -127,8 +130,10 @@ DEFAULT_RECIPE = XnnpackRecipe(
     "balanced",
     ((r".*", INT8_PC),),
     embedding=(8, None),
-    doc="every linear (head untied) int8 per channel, activations smoothed; embedding int8 per-row lookup",
+    doc="every linear int8 per channel, activations smoothed (not the head's); embedding lookup from the head's "
+        "int8 codes (one table, weights in a .ptd beside the .pte)",
     smooth=DEFAULT_ALPHA,
+    lookup_from_head=True,
 )
 COMPACT_RECIPE = XnnpackRecipe(
     "compact",
@@ -251,12 +256,42 @@ def _calibration(model: nn.Module, tokenizer: Any, text: str | None, n_tokens: i
     return smoothing.calibration_windows(tokenizer, text, n_tokens=n_tokens, window=window), source
 
 
-def _smooth(model: nn.Module, alpha: float, windows: list[list[int]], source: str) -> str:
+def _smooth(model: nn.Module, alpha: float, windows: list[list[int]], source: str, keep_head: str | None) -> str:
     """Activation smoothing on the float model; a line for the report."""
     from fxport.quant import smoothing
 
     amax = smoothing.input_absmax(model, windows)
-    return smoothing.smooth_activations(model, amax, alpha, source=source).summary()
+    return smoothing.smooth_activations(model, amax, alpha, source=source, keep_head=keep_head).summary()
+
+
+def _lookup_from_head(model: nn.Module, recipe: str) -> tuple[str, Any]:
+    """Swap ``*embed_tokens`` for a lookup reading the int8 ``lm_head``'s codes; ``(fqn, lookup)``."""
+    from fxport.quant.embedding import QuantizedEmbedding
+
+    fqn = _embedding_fqn(model, recipe)
+    head = getattr(model, "lm_head", None)
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"recipe {recipe!r} builds the embedding lookup from lm_head's codes but the model has no "
+                         "nn.Linear lm_head")
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    emb = getattr(parent, child)
+    scale = getattr(emb, "embed_scale", None)
+    q = QuantizedEmbedding.from_int8_linear(head.weight, None if scale is None else float(scale))
+    if (q.num_embeddings, q.embedding_dim) != tuple(emb.weight.shape):
+        raise ValueError(f"recipe {recipe!r}: lm_head is {q.num_embeddings} x {q.embedding_dim} but {fqn} is "
+                         f"{tuple(emb.weight.shape)}; the lookup can share the head's codes only when they are "
+                         "the same table")
+    setattr(parent, child, q)
+    return fqn, q
+
+
+def _embedding_fqn(model: nn.Module, recipe: str) -> str:
+    fqn = next((n for n, m in model.named_modules() if n.endswith("embed_tokens") and isinstance(m, nn.Embedding)), None)
+    if fqn is None:
+        raise ValueError(f"recipe {recipe!r} quantizes the token embedding but the model has no "
+                         "nn.Embedding named '*embed_tokens'")
+    return fqn
 
 
 def quantize_for_xnnpack(model: nn.Module, recipe: str | XnnpackRecipe, *, num_layers: int | None = None,
@@ -291,8 +326,10 @@ def quantize_for_xnnpack(model: nn.Module, recipe: str | XnnpackRecipe, *, num_l
         else:
             windows, source = _calibration(model, tokenizer, calibration_text, spec.calibration_tokens)
             report.calibration = f"{sum(len(w) - 1 for w in windows)} tokens of {source}"
+    shares = spec is not None and spec.lookup_from_head
     if windows is not None and spec.smooth is not None:
-        report.smoothing = _smooth(model, spec.smooth, windows, source)
+        keep = "lm_head: its int8 codes are the embedding lookup's table" if shares else None
+        report.smoothing = _smooth(model, spec.smooth, windows, source, keep)
     tied: dict[int, list[str]] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         tied.setdefault(id(p), []).append(n)
@@ -330,13 +367,13 @@ def quantize_for_xnnpack(model: nn.Module, recipe: str | XnnpackRecipe, *, num_l
         done = apply_gptq(model, hessians, float_weights)
         report.gptq = f"GPTQ rounding for {len(done)} int4 linear(s)"
     emb_rule = spec.embedding if spec is not None else None
-    if emb_rule is not None:
+    if shares:
+        fqn, q = _lookup_from_head(model, report.recipe)
+        report.embedding = f"{fqn} int8 per-row, lm_head's codes ({q.nbytes() / 2**20:.1f} MiB, stored once)"
+    elif emb_rule is not None:
         from fxport.quant.embedding import quantize_embedding
 
-        fqn = next((n for n, m in model.named_modules() if n.endswith("embed_tokens") and isinstance(m, nn.Embedding)), None)
-        if fqn is None:
-            raise ValueError(f"recipe {report.recipe!r} quantizes the token embedding but the model has no "
-                             "nn.Embedding named '*embed_tokens'")
+        fqn = _embedding_fqn(model, report.recipe)
         head = getattr(model, "lm_head", None)
         if isinstance(head, nn.Linear) and head.weight is model.get_submodule(fqn).weight:
             raise ValueError(f"recipe {report.recipe!r}: the tied head must be quantized before its embedding "

@@ -12,6 +12,12 @@ exported program carries the quantized op directly (no graph rewrite):
   asymmetric: ``w = scale * (q - zero)`` with a float zero point per group (min-max over the
   group: the group's min and max are exact up to fp16 rounding of scale and zero).
 
+:meth:`QuantizedEmbedding.from_int8_linear` builds the lookup from an int8 per-channel linear
+whose weight is the table (a tied head quantized by torchao): the lookup reads the linear's own
+codes and scales (the same tensors), so a program that stores its weights in a data file
+(:func:`fxport.lowering.xnnpack.lower_to_xnnpack`) holds the table once. Codes in [-128, 127]
+(torchao's symmetric int8), fp32 scales.
+
 Scales are stored in fp16 for 8 bits (2 bytes per group) and fp32 with fp32 zero points for 4
 bits: ExecuTorch's ``embedding_4bit`` kernel (executorch 1.5.1) insists that zero points have
 the output's dtype, and with fp16 scales and no zero points it returned wrong rows (measured:
@@ -48,6 +54,8 @@ class QuantizedEmbedding(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
         self.embed_scale = embed_scale
+        self.quant_min = -8 if bits == 4 else -127
+        self.quant_max = 7 if bits == 4 else 127
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, bits: int = 4, group_size: int | None = 32) -> "QuantizedEmbedding":
@@ -81,6 +89,33 @@ class QuantizedEmbedding(nn.Module):
         return cls(codes.contiguous(), scales.contiguous(), None if zeros is None else zeros.contiguous(),
                    bits, g, embed_scale, n, k)
 
+    @classmethod
+    def from_int8_linear(cls, weight: torch.Tensor, embed_scale: float | None = None) -> "QuantizedEmbedding":
+        """The lookup of a table quantized as an int8 per-channel linear (torchao's
+        ``IntxUnpackedToInt8Tensor`` of a tied head: ``w[r] = scale[r] * q[r]``, zero points 0).
+
+        The codes and scales are the linear's own tensors, not copies. Raises ValueError for any
+        other weight (not int8, not per row, or with non-zero zero points).
+        """
+        qdata, scale = getattr(weight, "qdata", None), getattr(weight, "scale", None)
+        if qdata is None or scale is None or qdata.dtype != torch.int8 or qdata.dim() != 2:
+            raise ValueError("QuantizedEmbedding.from_int8_linear: the weight is not an int8 quantized tensor "
+                             f"(got {type(weight).__name__}); quantize the head with an int8 per-channel rule first")
+        n, k = qdata.shape
+        if scale.numel() != n:
+            raise ValueError(f"QuantizedEmbedding.from_int8_linear: {scale.numel()} scales for {n} rows; "
+                             "the head must be int8 per channel (one scale per row)")
+        zero = getattr(weight, "zero_point", None)
+        if zero is not None and bool(zero.ne(0).any()):
+            raise ValueError("QuantizedEmbedding.from_int8_linear: the head's int8 codes have non-zero zero points; "
+                             "the lookup supports symmetric int8 only")
+        scales = scale.reshape(n)
+        if scales.dtype != torch.float32:
+            scales = scales.float()
+        q = cls(qdata, scales, None, 8, k, embed_scale, n, k)
+        q.quant_min = -128
+        return q
+
     def dequantized(self) -> torch.Tensor:
         """The float32 table this module looks up (without the embedding scale)."""
         return self._lookup(torch.arange(self.num_embeddings))
@@ -88,10 +123,10 @@ class QuantizedEmbedding(nn.Module):
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         if self.bits == 8:
             out = torch.ops.quantized_decomposed.embedding_byte.default(
-                self.codes, self.scales, self.zeros, -127, 127, ids)
+                self.codes, self.scales, self.zeros, self.quant_min, self.quant_max, ids)
         else:
             out = torch.ops.quantized_decomposed.embedding_4bit.default(
-                self.codes, self.scales, self.zeros, -8, 7, ids)
+                self.codes, self.scales, self.zeros, self.quant_min, self.quant_max, ids)
         return out.to(torch.float32)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -180,10 +180,12 @@ def _untie_head(model: nn.Module) -> nn.Linear | None:
 
 
 def smooth_activations(model: nn.Module, amax: dict[str, Tensor], alpha: float = DEFAULT_ALPHA,
-                       source: str = "") -> SmoothingReport:
+                       source: str = "", *, keep_head: str | None = None) -> SmoothingReport:
     """Fold smoothing scales into ``model`` (fxport's Gemma decoder layout, see the module doc).
 
-    ``amax``: :func:`input_absmax` of the float model. Returns what was folded where.
+    ``amax``: :func:`input_absmax` of the float model. ``keep_head``: leave ``lm_head`` (and
+    the final norm) as they are, for the reason given (e.g. its codes are the embedding table).
+    Returns what was folded where.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"activation smoothing: alpha must be in [0, 1], got {alpha}")
@@ -227,6 +229,9 @@ def smooth_activations(model: nn.Module, amax: dict[str, Tensor], alpha: float =
                 return True
 
             fold(f"{p}.mlp.up_proj", into_up, [f"{p}.mlp.down_proj"], [mlp.down_proj])
+    if keep_head is not None:
+        report.skipped[f"{_prefix(model, inner)}norm"] = keep_head
+        return report
     head = _untie_head(model)
     norm = getattr(inner, "norm", None)
     if head is not None and norm is not None:

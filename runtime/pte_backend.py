@@ -48,7 +48,9 @@ def set_num_threads(n: int) -> None:
 class PteBackend:
     """A loaded ``.pte`` with ``prefill`` / ``decode`` methods (see the module docstring).
 
-    path: the ``.pte`` file; data_path: its ``.ptd`` weights file when it has one (CUDA).
+    path: the ``.pte`` file; data_path: its ``.ptd`` weights file when it has one (default:
+        ``<stem>.ptd`` beside the ``.pte`` when that exists, as fxport's XNNPACK programs with a
+        shared embedding table write it; CUDA programs name theirs explicitly).
     num_threads: ExecuTorch threadpool size (None: leave as is).
     verbose: show the runtime's native log lines (cpuinfo probing, ...); by default they are
         captured (:mod:`fxport.runtime.native_log`) and only shown inside a load error.
@@ -66,6 +68,8 @@ class PteBackend:
             header = f.read(8)
         if len(header) < 8 or header[4:6] != b"ET":  # flatbuffer file identifier "ET12" at byte 4
             raise PteError(f"{path} is not a loadable ExecuTorch program (no 'ET' file identifier at byte 4)")
+        if data_path is None and path.with_suffix(".ptd").is_file():
+            data_path = path.with_suffix(".ptd")
         import executorch.kernels.quantized  # noqa: F401  (quantized embedding kernels, e.g. the "balanced" recipe)
         from executorch.runtime import Runtime
 
@@ -78,24 +82,28 @@ class PteBackend:
             if num_threads is not None:
                 set_num_threads(num_threads)
             log = io.StringIO()
+            missing = []
             try:
                 with contextlib.redirect_stderr(log):
                     self.program = Runtime.get().load_program(path, data_path=data_path)
+                    names = self.program.method_names
+                    missing = [m for m in ("prefill", "decode") if m not in names]
+                    if not missing:
+                        self.path = path
+                        self.metadata: dict[str, Any] = {m: self._constant(m) for m in METADATA_METHODS}
+                        self._prefill = self.program.load_method("prefill")
+                        self._decode = self.program.load_method("decode")
                 failure = None
             except Exception as exc:  # the runtime raises RuntimeError with a status code
                 failure = exc
-            if failure is None:
-                names = self.program.method_names
-                missing = [m for m in ("prefill", "decode") if m not in names]
-                if not missing:
-                    self.path = path
-                    self.metadata: dict[str, Any] = {m: self._constant(m) for m in METADATA_METHODS}
-                    self._prefill = self.program.load_method("prefill")
-                    self._decode = self.program.load_method("decode")
         if failure is not None:
             lines = [line for line in native.lines() if "cpuinfo" not in line]
             reason = " ".join((log.getvalue() + " ".join(lines[-2:])).split()) or f"{type(failure).__name__}: {failure}"
-            raise PteError(f"{path} is not a loadable ExecuTorch program ({reason})") from None
+            hint = ""
+            if data_path is None and "external_data_map is null" in reason:
+                hint = (f"; its weights file {path.with_suffix('.ptd').name} is missing: "
+                        "copy it beside the .pte or re-export")
+            raise PteError(f"{path} is not a loadable ExecuTorch program ({reason}){hint}") from None
         if missing:
             raise PteError(f"{path} has no method(s) {missing} (methods: {sorted(names)}); export it with fxport")
         prefill_in = self.program.metadata("prefill").input_tensor_meta(0).sizes()
@@ -141,6 +149,13 @@ class PteBackend:
 
 
 # ----------------------------------------------------------------------------- tools over a .pte
+
+
+def program_bytes(path: str | Path) -> int:
+    """Bytes on disk of the program at ``path``: the ``.pte`` plus its ``<stem>.ptd`` weights, if any."""
+    path = Path(path)
+    ptd = path.with_suffix(".ptd")
+    return path.stat().st_size + (ptd.stat().st_size if ptd.is_file() else 0)
 
 
 def bench_pte(path: str | Path, prompt_len: int, new_tokens: int, threads: int | None,

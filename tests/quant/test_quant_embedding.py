@@ -100,3 +100,29 @@ def test_quantized_embedding_runs_in_a_pte(bits, tmp_path):
     got = method.execute([ids])[0]
     want = m(ids)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_lookup_from_an_int8_head_reads_its_codes():
+    """The lookup built from a torchao int8 per-channel head uses the head's own tensors and
+    returns exactly the head's dequantized rows (times the embedding scale)."""
+    from torchao.quantization import quantize_
+
+    from fxport.lowering.xnnpack_quant import INT4_G32, INT8_PC
+
+    torch.manual_seed(0)
+    head = nn.Linear(64, 40, bias=False)
+    quantize_(head, INT8_PC.torchao_config())
+    q = QuantizedEmbedding.from_int8_linear(head.weight, embed_scale=3.0)
+    assert q.codes.data_ptr() == head.weight.qdata.data_ptr()
+    assert q.scales.data_ptr() == head.weight.scale.data_ptr()
+    assert (q.num_embeddings, q.embedding_dim, q.quant_min, q.quant_max) == (40, 64, -128, 127)
+    ids = torch.tensor([[0, 39, 7, 7]])
+    want = head.weight.dequantize()[ids] * 3.0
+    assert torch.equal(q(ids), want)
+
+    with pytest.raises(ValueError, match="not an int8 quantized tensor .*quantize the head with an int8 per-channel rule first"):
+        QuantizedEmbedding.from_int8_linear(nn.Linear(64, 40).weight)
+    g = nn.Linear(64, 40, bias=False)
+    quantize_(g, INT4_G32.torchao_config())
+    with pytest.raises(ValueError, match=r"80 scales for 40 rows; the head must be int8 per channel"):
+        QuantizedEmbedding.from_int8_linear(g.weight)
