@@ -258,6 +258,38 @@ def test_reuse_decision(fake, tmp_path, monkeypatch):
     assert reuse_decision(out, builder.build_inputs(src, OPTS)) == (False, "no build manifest m.pte.build.json")
 
 
+def test_reuse_vouches_for_the_weights_file_too(fake, tmp_path, monkeypatch):
+    """A program written with a ``.ptd`` (the manifest records its digest): reused only while
+    that file is there and unchanged."""
+    real_lower = fake.lower
+
+    def lower_with_weights(programs, **kw):
+        lowered = real_lower(programs, **kw)
+        write = lowered.write
+
+        def write_both(path, **k):
+            write(path, **k)
+            path.with_suffix(".ptd").write_bytes(b"weights v1")
+            return [path.with_suffix(".ptd")]
+
+        lowered.write = write_both
+        return lowered
+
+    monkeypatch.setattr(fake, "lower", lower_with_weights)
+    out = tmp_path / "m.pte"
+    first = build(TINY, out, OPTS, reuse=True)
+    assert first.extra_files == [tmp_path / "m.ptd"]
+    assert json.loads(builder.manifest_path(out).read_text())["files"] == \
+        {"m.ptd": {"size": 10, "sha256": builder.file_sha256(tmp_path / "m.ptd")}}
+    again = build(TINY, out, OPTS, reuse=True)
+    assert again.reused and again.extra_files == [tmp_path / "m.ptd"]
+    inputs = builder.build_inputs(TINY, OPTS)
+    (tmp_path / "m.ptd").write_bytes(b"weights v2")
+    assert reuse_decision(out, inputs) == (False, "m.ptd differs from the weights the manifest recorded")
+    (tmp_path / "m.ptd").unlink()
+    assert reuse_decision(out, inputs) == (False, "m.ptd (the program's weights) does not exist")
+
+
 def test_a_build_without_reuse_drops_the_manifest(fake, tmp_path, monkeypatch):
     out = tmp_path / "m.pte"
     build(TINY, out, OPTS, reuse=True)
