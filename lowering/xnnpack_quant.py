@@ -12,17 +12,22 @@ describe; print(describe())"`` prints them):
 
 * ``"balanced"`` (fxport's CPU default, :data:`DEFAULT_RECIPE`): activation smoothing
   (:mod:`fxport.quant.smoothing`, alpha 0.5, calibrated on 1,022 tokens of Python's
-  documentation), then every linear int8 per channel, the output head too (it is untied from
-  the embedding), the embedding table int8 per row in a quantized lookup. The Gemma 3 270M
-  Q4_K_M GGUF keeps its layers at Q5_0 / Q8_0 / Q6_K / Q4_K and its tied head at Q8_0: int8
-  per channel holds those (measured: int8 weights alone cost mean KL 0.005, llama.cpp's own
-  figure); the int8 per-token activations cost the rest (0.018 alone), which smoothing halves.
-  Measured (bench/quality.py): the ``.pte`` at mean KL 0.013 to the fp32 reference, perplexity
-  within 0.6% of llama.cpp's on both texts (0.026 and +2.6% without smoothing); the program is
-  ~1.7x the GGUF (two int8 copies of the 262144 x 640 table: XNNPACK's packed head and the
-  lookup's).
-* ``"compact"``: ``balanced`` with the embedding int4 g64 asymmetric: the ``.pte`` is 1.48x the
-  GGUF (375.5 MB) at mean KL 0.040 (eager; the int4 table costs +0.03 nats).
+  documentation), then every linear int8 per channel, the output head too, and the embedding
+  lookup reads the int8 head's own codes and scales, divided by the head's smoothing scale after
+  the lookup (:meth:`fxport.quant.embedding.QuantizedEmbedding.from_int8_linear`: Gemma ties
+  them, so they are one table). The Gemma 3 270M Q4_K_M GGUF keeps its layers at Q5_0 / Q8_0 /
+  Q6_K / Q4_K and its tied head at Q8_0: int8 per channel holds those (measured: int8 weights
+  alone cost mean KL 0.005, llama.cpp's own figure); the int8 per-token activations cost the
+  rest (0.018 alone), which smoothing halves. The program keeps its weights in a ``.ptd`` beside
+  the ``.pte``, where the shared table is stored once
+  (:func:`fxport.lowering.xnnpack.shared_tables`): 1.07x the GGUF, where a separate int8 lookup
+  made two copies of the 262144 x 640 table (1.73x). Measured (eager, bench/quality.py texts,
+  llama.cpp 10.84 / 11.55): separate lookup ppl 10.91 / 11.53, KL 0.012, top-1 94.1%; shared,
+  head unsmoothed 10.93 / 11.57, KL 0.014, 93.2%; shared, head smoothed and the lookup divided
+  by its scale (shipped) 10.96 / 11.54, KL 0.011, 94.3%.
+* ``"compact"``: smoothed int8 linears (head included, smoothed) with a separate int4 g64
+  asymmetric embedding lookup: the ``.pte`` is 1.48x the GGUF (375.5 MB) at mean KL 0.040
+  (eager; the int4 table costs +0.03 nats). Superseded for size by ``balanced``'s shared table.
 * ``"fast"`` (:data:`FAST_RECIPE`): int4 g32 for the MLP and q/k/o projections on torchao's
   scale-only HQQ grid (symmetric: XNNPACK's qb4w has no zero point) with GPTQ rounding
   (:mod:`fxport.quant.gptq`, Hessians from 8,176 tokens of the calibration text), int8 per
@@ -109,8 +114,8 @@ class XnnpackRecipe:
     smooth: float | None = None  # SmoothQuant alpha (fxport.quant.smoothing); None: no smoothing
     gptq: bool = False  # GPTQ rounding (fxport.quant.gptq) for the 4-bit linears
     calibration_tokens: int = CALIBRATION_TOKENS  # tokens of the calibration text (smoothing / GPTQ)
-    # The lookup reads the int8 head's own codes and scales (the head is then left unsmoothed):
-    # one table in the program's weights file instead of two copies (``embedding`` is ignored).
+    # The lookup reads the int8 head's own codes and scales (divided by the head's smoothing
+    # scale): one table in the program's weights file instead of two copies (``embedding`` is ignored).
     lookup_from_head: bool = False
 
     def pick(self, fqn: str) -> XnnpackWeightQuant | None | bool:
@@ -130,8 +135,8 @@ DEFAULT_RECIPE = XnnpackRecipe(
     "balanced",
     ((r".*", INT8_PC),),
     embedding=(8, None),
-    doc="every linear int8 per channel, activations smoothed (not the head's); embedding lookup from the head's "
-        "int8 codes (one table, weights in a .ptd beside the .pte)",
+    doc="every linear int8 per channel, activations smoothed; embedding lookup from the head's int8 codes "
+        "(one table, weights in a .ptd beside the .pte)",
     smooth=DEFAULT_ALPHA,
     lookup_from_head=True,
 )
@@ -256,16 +261,18 @@ def _calibration(model: nn.Module, tokenizer: Any, text: str | None, n_tokens: i
     return smoothing.calibration_windows(tokenizer, text, n_tokens=n_tokens, window=window), source
 
 
-def _smooth(model: nn.Module, alpha: float, windows: list[list[int]], source: str, keep_head: str | None) -> str:
-    """Activation smoothing on the float model; a line for the report."""
+def _smooth(model: nn.Module, alpha: float, windows: list[list[int]], source: str):
+    """Activation smoothing on the float model: its :class:`fxport.quant.smoothing.SmoothingReport`."""
     from fxport.quant import smoothing
 
     amax = smoothing.input_absmax(model, windows)
-    return smoothing.smooth_activations(model, amax, alpha, source=source, keep_head=keep_head).summary()
+    return smoothing.smooth_activations(model, amax, alpha, source=source)
 
 
-def _lookup_from_head(model: nn.Module, recipe: str) -> tuple[str, Any]:
-    """Swap ``*embed_tokens`` for a lookup reading the int8 ``lm_head``'s codes; ``(fqn, lookup)``."""
+def _lookup_from_head(model: nn.Module, recipe: str, head_scale: Any = None) -> tuple[str, Any]:
+    """Swap ``*embed_tokens`` for a lookup reading the int8 ``lm_head``'s codes; ``(fqn, lookup)``.
+
+    ``head_scale``: the smoothing scale folded into the head's columns (the lookup divides by it)."""
     from fxport.quant.embedding import QuantizedEmbedding
 
     fqn = _embedding_fqn(model, recipe)
@@ -277,7 +284,8 @@ def _lookup_from_head(model: nn.Module, recipe: str) -> tuple[str, Any]:
     parent = model.get_submodule(parent_name) if parent_name else model
     emb = getattr(parent, child)
     scale = getattr(emb, "embed_scale", None)
-    q = QuantizedEmbedding.from_int8_linear(head.weight, None if scale is None else float(scale))
+    q = QuantizedEmbedding.from_int8_linear(head.weight, None if scale is None else float(scale),
+                                            None if head_scale is None else 1.0 / head_scale)
     if (q.num_embeddings, q.embedding_dim) != tuple(emb.weight.shape):
         raise ValueError(f"recipe {recipe!r}: lm_head is {q.num_embeddings} x {q.embedding_dim} but {fqn} is "
                          f"{tuple(emb.weight.shape)}; the lookup can share the head's codes only when they are "
@@ -327,9 +335,11 @@ def quantize_for_xnnpack(model: nn.Module, recipe: str | XnnpackRecipe, *, num_l
             windows, source = _calibration(model, tokenizer, calibration_text, spec.calibration_tokens)
             report.calibration = f"{sum(len(w) - 1 for w in windows)} tokens of {source}"
     shares = spec is not None and spec.lookup_from_head
+    head_scale = None
     if windows is not None and spec.smooth is not None:
-        keep = "lm_head: its int8 codes are the embedding lookup's table" if shares else None
-        report.smoothing = _smooth(model, spec.smooth, windows, source, keep)
+        smoothed = _smooth(model, spec.smooth, windows, source)
+        report.smoothing = smoothed.summary()
+        head_scale = next((s for site, s in smoothed.scales.items() if smoothed.smoothed[site] == ["lm_head"]), None)
     tied: dict[int, list[str]] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         tied.setdefault(id(p), []).append(n)
@@ -368,8 +378,9 @@ def quantize_for_xnnpack(model: nn.Module, recipe: str | XnnpackRecipe, *, num_l
         report.gptq = f"GPTQ rounding for {len(done)} int4 linear(s)"
     emb_rule = spec.embedding if spec is not None else None
     if shares:
-        fqn, q = _lookup_from_head(model, report.recipe)
-        report.embedding = f"{fqn} int8 per-row, lm_head's codes ({q.nbytes() / 2**20:.1f} MiB, stored once)"
+        fqn, q = _lookup_from_head(model, report.recipe, head_scale)
+        unscale = ", divided by its smoothing scale" if head_scale is not None else ""
+        report.embedding = f"{fqn} int8 per-row, lm_head's codes{unscale} ({q.nbytes() / 2**20:.1f} MiB, stored once)"
     elif emb_rule is not None:
         from fxport.quant.embedding import quantize_embedding
 

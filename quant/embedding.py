@@ -16,7 +16,9 @@ exported program carries the quantized op directly (no graph rewrite):
 whose weight is the table (a tied head quantized by torchao): the lookup reads the linear's own
 codes and scales (the same tensors), so a program that stores its weights in a data file
 (:func:`fxport.lowering.xnnpack.lower_to_xnnpack`) holds the table once. Codes in [-128, 127]
-(torchao's symmetric int8), fp32 scales.
+(torchao's symmetric int8), fp32 scales. When the head's columns were scaled (activation
+smoothing folds ``s`` into them), ``column_scale = 1 / s`` undoes it after the lookup: one
+``(dim,)`` multiply per looked-up row.
 
 Scales are stored in fp16 for 8 bits (2 bytes per group) and fp32 with fp32 zero points for 4
 bits: ExecuTorch's ``embedding_4bit`` kernel (executorch 1.5.1) insists that zero points have
@@ -56,6 +58,7 @@ class QuantizedEmbedding(nn.Module):
         self.embed_scale = embed_scale
         self.quant_min = -8 if bits == 4 else -127
         self.quant_max = 7 if bits == 4 else 127
+        self.register_buffer("column_scale", None)  # (dim,) applied after the lookup (from_int8_linear)
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, bits: int = 4, group_size: int | None = 32) -> "QuantizedEmbedding":
@@ -90,9 +93,12 @@ class QuantizedEmbedding(nn.Module):
                    bits, g, embed_scale, n, k)
 
     @classmethod
-    def from_int8_linear(cls, weight: torch.Tensor, embed_scale: float | None = None) -> "QuantizedEmbedding":
+    def from_int8_linear(cls, weight: torch.Tensor, embed_scale: float | None = None,
+                         column_scale: torch.Tensor | None = None) -> "QuantizedEmbedding":
         """The lookup of a table quantized as an int8 per-channel linear (torchao's
-        ``IntxUnpackedToInt8Tensor`` of a tied head: ``w[r] = scale[r] * q[r]``, zero points 0).
+        ``IntxUnpackedToInt8Tensor`` of a tied head: ``w[r] = scale[r] * q[r]``, zero points 0),
+        each looked-up row multiplied by ``column_scale`` (``(dim,)``, e.g. ``1 / s`` of the head's
+        smoothing) when given.
 
         The codes and scales are the linear's own tensors, not copies. Raises ValueError for any
         other weight (not int8, not per row, or with non-zero zero points).
@@ -114,11 +120,17 @@ class QuantizedEmbedding(nn.Module):
             scales = scales.float()
         q = cls(qdata, scales, None, 8, k, embed_scale, n, k)
         q.quant_min = -128
+        if column_scale is not None:
+            if tuple(column_scale.shape) != (k,):
+                raise ValueError(f"QuantizedEmbedding.from_int8_linear: column_scale has shape "
+                                 f"{tuple(column_scale.shape)}, expected ({k},)")
+            q.column_scale = column_scale.detach().float().contiguous()
         return q
 
     def dequantized(self) -> torch.Tensor:
         """The float32 table this module looks up (without the embedding scale)."""
-        return self._lookup(torch.arange(self.num_embeddings))
+        out = self._lookup(torch.arange(self.num_embeddings))
+        return out if self.column_scale is None else out * self.column_scale
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         if self.bits == 8:
@@ -131,6 +143,8 @@ class QuantizedEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self._lookup(ids)
+        if self.column_scale is not None:
+            out = out * self.column_scale
         return out if self.embed_scale is None else out * self.embed_scale
 
     def nbytes(self) -> int:

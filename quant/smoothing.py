@@ -125,6 +125,8 @@ class SmoothingReport:
     source: str = ""
     smoothed: dict[str, list[str]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # site -> reason
+    # site -> s: the smoothed linears' input channel j was scaled by s_j (their columns by s_j)
+    scales: dict[str, Tensor] = field(default_factory=dict)
 
     def summary(self) -> str:
         n = sum(len(v) for v in self.smoothed.values())
@@ -180,12 +182,11 @@ def _untie_head(model: nn.Module) -> nn.Linear | None:
 
 
 def smooth_activations(model: nn.Module, amax: dict[str, Tensor], alpha: float = DEFAULT_ALPHA,
-                       source: str = "", *, keep_head: str | None = None) -> SmoothingReport:
+                       source: str = "") -> SmoothingReport:
     """Fold smoothing scales into ``model`` (fxport's Gemma decoder layout, see the module doc).
 
-    ``amax``: :func:`input_absmax` of the float model. ``keep_head``: leave ``lm_head`` (and
-    the final norm) as they are, for the reason given (e.g. its codes are the embedding table).
-    Returns what was folded where.
+    ``amax``: :func:`input_absmax` of the float model. Returns what was folded where, with the
+    scales (``report.scales[site]``: a lookup sharing the head's codes divides by the head's).
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"activation smoothing: alpha must be in [0, 1], got {alpha}")
@@ -205,6 +206,7 @@ def smooth_activations(model: nn.Module, amax: dict[str, Tensor], alpha: float =
         for lin in mods:
             _scale_columns(lin, s)
         report.smoothed[site] = list(names)
+        report.scales[site] = s
 
     inner = getattr(model, "model", model)
     shares_kv = bool(getattr(getattr(model, "config", None), "num_kv_shared_layers", 0))
@@ -229,9 +231,6 @@ def smooth_activations(model: nn.Module, amax: dict[str, Tensor], alpha: float =
                 return True
 
             fold(f"{p}.mlp.up_proj", into_up, [f"{p}.mlp.down_proj"], [mlp.down_proj])
-    if keep_head is not None:
-        report.skipped[f"{_prefix(model, inner)}norm"] = keep_head
-        return report
     head = _untie_head(model)
     norm = getattr(inner, "norm", None)
     if head is not None and norm is not None:

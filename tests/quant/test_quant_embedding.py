@@ -120,6 +120,13 @@ def test_lookup_from_an_int8_head_reads_its_codes():
     want = head.weight.dequantize()[ids] * 3.0
     assert torch.equal(q(ids), want)
 
+    c = torch.linspace(0.5, 2.0, 64)  # e.g. 1 / s of the head's smoothing
+    qc = QuantizedEmbedding.from_int8_linear(head.weight, embed_scale=3.0, column_scale=c)
+    assert torch.equal(qc(ids), head.weight.dequantize()[ids] * c * 3.0)
+    assert torch.equal(qc.dequantized(), head.weight.dequantize() * c)
+    with pytest.raises(ValueError, match=r"column_scale has shape \(3,\), expected \(64,\)"):
+        QuantizedEmbedding.from_int8_linear(head.weight, column_scale=torch.ones(3))
+
     with pytest.raises(ValueError, match="not an int8 quantized tensor .*quantize the head with an int8 per-channel rule first"):
         QuantizedEmbedding.from_int8_linear(nn.Linear(64, 40).weight)
     g = nn.Linear(64, 40, bias=False)

@@ -157,10 +157,16 @@ def test_balanced_recipe_smooths_with_a_tokenizer_and_says_when_it_cannot():
 
     m = _gemma3()
     rep = quantize_for_xnnpack(m, "balanced", tokenizer=ByteTokenizer(m.config.vocab_size))
-    # the final norm -> lm_head site is left alone: the head's codes are the lookup's table
-    assert rep.smoothing.startswith("activation smoothing alpha 0.5: 14 linear(s) at 8 site(s), calibrated on pydoc_data")
-    assert rep.smoothing.endswith("left alone: 1 (lm_head: its int8 codes are the embedding lookup's table)")
-    assert m.model.embed_tokens.codes.data_ptr() == m.lm_head.weight.qdata.data_ptr()
+    assert rep.smoothing.startswith("activation smoothing alpha 0.5: 15 linear(s) at 9 site(s), calibrated on pydoc_data")
+    # the lookup reads the smoothed head's codes and divides by the head's scale: the table it
+    # returns is the float table up to int8 rounding of the scaled rows
+    emb = m.model.embed_tokens
+    assert emb.codes.data_ptr() == m.lm_head.weight.qdata.data_ptr()
+    assert rep.embedding.startswith("model.embed_tokens int8 per-row, lm_head's codes, divided by its smoothing scale")
+    s = 1.0 / emb.column_scale
+    step = (m.lm_head.weight.scale.reshape(-1, 1) / s).float()  # half a step of each looked-up element
+    table = _gemma3().model.embed_tokens.weight.detach()
+    assert bool(((emb.dequantized() - table).abs() <= 0.5 * step + 1e-6).all())
     assert rep.calibration.startswith("1022 tokens of pydoc_data.topics")  # after BOS in each window
     m2 = _gemma3()
     rep2 = quantize_for_xnnpack(m2, "balanced")
