@@ -32,10 +32,11 @@ describe; print(describe())"`` prints them):
   scale-only HQQ grid (symmetric: XNNPACK's qb4w has no zero point) with GPTQ rounding
   (:mod:`fxport.quant.gptq`, Hessians from 8,176 tokens of the calibration text), int8 per
   channel for v_proj and layers 3, 5, 11, 17 (the most sensitive by bench/layer_sensitivity.py),
-  the head int8, the embedding int4 g64. Measured: eager mean KL 0.164, the ``.pte`` +17% / +12%
-  perplexity vs llama.cpp (with layers 0, 1, 16, 17 at 8 bits: 0.175; HQQ rounding alone: 0.259,
-  +29%; GPTQ on 1,022 tokens: 0.214), for 236 MB read per token instead of 270 MB: the int8
-  head (168 MB) dominates the bytes, and an int4 head costs KL +0.07.
+  the head int8, the embedding lookup from the head's int8 codes (as ``balanced``). Measured
+  (eager): mean KL 0.143, ppl 12.55 / 12.79 (with a separate int4 g64 lookup: 0.164, 12.78 /
+  12.81, and an 84 MB larger program; with layers 0, 1, 16, 17 at 8 bits: 0.175; HQQ rounding
+  alone: 0.259; GPTQ on 1,022 tokens: 0.214), for 236 MB read per token instead of 270 MB: the
+  int8 head (168 MB) dominates the bytes, and an int4 head costs KL +0.07.
 * ``"8da8w"``: every linear int8 per channel, embedding float. ``"8da4w"``: every linear
   incl. the output head int4 g32. ``"8da4w-head8"``: the same with the head int8.
 * the names of :mod:`fxport.quant.recipe` (``"default"``, ``"sensitive"``), mapped to what
@@ -160,11 +161,11 @@ FAST_RECIPE = XnnpackRecipe(
         (r".*layers\.(%s)\..*" % "|".join(map(str, FAST_8BIT_LAYERS)), INT8_PC),
         (r".*", INT4_G32_HQQ),
     ),
-    embedding=(4, 64),
     doc="MLP and q/k/o int4 g32 HQQ grid with GPTQ rounding, v_proj and layers 3, 5, 11, 17 int8, head int8; "
-        "embedding int4 g64",
+        "embedding lookup from the head's int8 codes",
     gptq=True,
     calibration_tokens=16 * 511,  # GPTQ's Hessians need more tokens than down_proj's 2048 inputs
+    lookup_from_head=True,
 )
 
 XNNPACK_RECIPES: dict[str, XnnpackRecipe] = {

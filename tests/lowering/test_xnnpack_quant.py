@@ -3,8 +3,8 @@ recipe family checked against the eager torchao emulation.
 
 The .pte test uses a 3-layer tiny model with the ``fast`` recipe: no layer falls in
 ``FAST_8BIT_LAYERS`` (3, 5, 11, 17), so every MLP and q/k/o takes int4 g32 HQQ, v_proj and the
-head int8, the embedding an int4 lookup: every form ``balanced`` uses too (int8 linears, the
-quantized embedding) plus the int4 one, in one program.
+head int8, the embedding lookup from the head's codes (weights in a ``.ptd``): every form
+``balanced`` uses too (int8 linears, the shared lookup) plus the int4 one, in one program.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def test_fast_rules_on_the_270m_names():
             got = r.pick(f"model.layers.{i}.{lin}.weight")
             want = INT8_PC if (i in (3, 5, 11, 17) or lin == "self_attn.v_proj") else INT4_G32_HQQ
             assert got == want, (i, lin, got)
-    assert r.embedding == (4, 64)
+    assert r.embedding is None and r.lookup_from_head
     assert XNNPACK_RECIPES["balanced"].pick("model.layers.7.mlp.down_proj.weight") == INT8_PC
     assert XNNPACK_RECIPES["balanced"].embedding == (8, None)
     assert XNNPACK_RECIPES["compact"].embedding == (4, 64)
@@ -77,7 +77,8 @@ def test_quantize_for_xnnpack_reports_every_linear(tiny):
     assert report.quantized == want
     assert report.kept_float == {}
     emb = model.model.embed_tokens
-    assert isinstance(emb, QuantizedEmbedding) and (emb.bits, emb.group_size) == (4, 64)
+    assert isinstance(emb, QuantizedEmbedding) and (emb.bits, emb.group_size) == (8, emb.embedding_dim)
+    assert emb.codes.data_ptr() == model.lm_head.weight.qdata.data_ptr()  # the head's own codes
     assert model.lm_head.weight is not None and not hasattr(model.model.embed_tokens, "weight")
 
     m2 = _tiny3(tiny)
@@ -108,7 +109,8 @@ def test_fast_pte_matches_eager(tiny, tmp_path):
     lowered = lower_to_xnnpack(programs, constant_methods={"get_max_seq_len": tiny.max_seq_len,
                                                            "get_max_prefill_chunk": tiny.max_chunk})
     ops = {str(n.target) for n in _nodes(lowered)}
-    assert any("embedding_4bit" in t for t in ops), sorted(ops)
+    assert any("embedding_byte" in t for t in ops), sorted(ops)
+    assert lowered.shared  # the lookup reads the head's table: weights in a .ptd
     path = lowered.save(tmp_path / "fast.pte")
     backend = PteBackend(path)
 
