@@ -322,13 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "AOTInductor, weights in a .ptd (needs a GPU; without one only the partition dry run runs)")
     p.add_argument("--quant", metavar="RECIPE",
                    help="quantization recipe of the backend; xnnpack: balanced (int8 linears incl. the head, "
-                        "activations smoothed on a calibration text, int8 embedding lookup), compact (balanced "
-                        "with an int4 embedding lookup: smaller file), fast (int4 HQQ for most layers), 8da8w, "
+                        "activations smoothed on a calibration text, the embedding lookup reading the head's int8 "
+                        "codes: weights in FILE.ptd beside FILE.pte, keep the two together), compact (separate "
+                        "int4 embedding lookup, one file), fast (int4 HQQ + GPTQ for most layers), 8da8w, "
                         "8da4w (every linear int4 g32, int8 dynamic activations), 8da4w-head8, default, "
                         "sensitive; cuda: int4 (weight-only g32), default, sensitive; an unknown name lists the "
                         "choices; omit for float32")
     p.add_argument("--out", metavar="FILE.pte",
-                   help="output program path (a .pte), written atomically; required unless --dry-run")
+                   help="output program path (a .pte), written atomically, with its weights FILE.ptd when "
+                        "the program has them; required unless --dry-run")
     p.add_argument("--max-seq-len", type=_positive, default=1024, metavar="N",
                    help="KV cache length: prompt + generated tokens the program can hold (default 1024)")
     p.add_argument("--max-prefill-chunk", type=_positive, default=128, metavar="N",
