@@ -176,6 +176,10 @@ def test_bad_out_refused_before_work(tmp_path, capsys, monkeypatch):
     line = _refused(capsys, ["export", "--preset", "tiny", "--out", str(ro / "m.pte")], monkeypatch)
     assert line == (f"fxport export: error: --out {ro / 'm.pte'}: folder {ro} is not writable; "
                     "pass a path in a writable folder or fix its permissions")
+    (tmp_path / "w.ptd").mkdir()  # where the program's weights file would go
+    line = _refused(capsys, ["export", "--preset", "tiny", "--out", str(tmp_path / "w.pte")], monkeypatch)
+    assert line == (f"fxport export: error: --out {tmp_path / 'w.pte'}: its weights file {tmp_path / 'w.ptd'} "
+                    "exists as a directory; remove it or choose another --out")
 
 
 # ----------------------------------------------------------------------------- save
