@@ -235,3 +235,46 @@ def test_fewer_retraces_write_the_same_program(tiny):
     fast, full = lower(False), lower(True)
     assert fast.report.summary() == full.report.summary()
     assert fast.buffer == full.buffer
+
+
+def test_a_foreign_tied_table_is_stored_once(tmp_path):
+    """Not fxport's model: a plain float ``nn.Embedding`` tied to an ``nn.Linear`` head, one
+    ``forward`` method. XNNPACK takes the linear (its own copy of the table) and leaves the
+    gather, so :func:`shared_tables` finds the table and the weights go to a ``.ptd`` holding its
+    bytes once; the program runs and matches eager (fp32, rel <= 1e-5)."""
+    from torch import nn
+
+    from executorch.runtime import Runtime
+    from fxport.lowering.xnnpack import shared_tables
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(96, 32)
+            self.mix = nn.Linear(32, 32)
+            self.head = nn.Linear(32, 96, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.mix(self.emb(ids))))
+
+    torch.manual_seed(0)
+    model = Tied().eval()
+    ids = torch.tensor([[3, 95, 0, 41]])
+
+    def program():
+        return {"forward": torch.export.export(model, (ids,)).run_decompositions({})}
+
+    assert shared_tables(program()) == ["forward: p_head_weight"]  # the tied table (export names it after the head)
+    lowered = lower_to_xnnpack(program())
+    out = tmp_path / "tied.pte"
+    assert lowered.write(out) == [tmp_path / "tied.ptd"]
+    table = model.emb.weight.detach().numpy().tobytes()
+    assert (out.read_bytes().count(table), (tmp_path / "tied.ptd").read_bytes().count(table)) == (0, 1)
+    assert lower_to_xnnpack(program(), weights_file=False).buffer.count(table) == 2
+
+    method = Runtime.get().load_program(out, data_path=tmp_path / "tied.ptd").load_method("forward")
+    got = method.execute([ids])[0]
+    with torch.no_grad():
+        want = model(ids)
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
