@@ -34,7 +34,9 @@ def profile(pte: Path, steps: int, threads: int) -> Path:
     import executorch.kernels.quantized  # noqa: F401  (quantized embedding kernels)
     from executorch.extension.pybindings import portable_lib
 
-    mod = portable_lib._load_for_executorch(str(pte), enable_etdump=True)
+    ptd = Path(pte).with_suffix(".ptd")  # the program's weights file, when it has one
+    mod = portable_lib._load_for_executorch(str(pte), enable_etdump=True,
+                                            data_path=str(ptd) if ptd.is_file() else None)
     portable_lib._unsafe_reset_threadpool(threads)
     for pos in range(steps):
         mod.run_method("decode", (torch.tensor([[100 + pos % 1000]]), torch.tensor([pos])))
