@@ -21,6 +21,11 @@ Runtimes: fxport ``.pte`` per recipe (``build/gemma3-270m-<recipe>.pte``, export
 missing: ``--force-export`` rebuilds), llama.cpp through llama-cpp-python on the same GGUF (see
 ``bench/quality.py LLAMACPP_INSTALL`` for the install command that works on AMX CPUs),
 transformers 5 eager fp32 (``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)``).
+
+The process re-executes itself with glibc's transparent huge pages for large allocations
+(``--huge-pages on``, the default, as ``fxport run`` does: :mod:`fxport.runtime.huge_pages`);
+every runtime is timed in this one process, so llama.cpp's buffers get them too. ``--huge-pages
+off`` measures without.
 """
 
 from __future__ import annotations
@@ -211,9 +216,18 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--skip", nargs="*", default=[], choices=["transformers", "llamacpp", "quality", "rss"])
     p.add_argument("--force-export", action="store_true")
+    p.add_argument("--huge-pages", choices=["on", "off"], default="on",
+                   help="run this process (so every runtime in it, llama.cpp too) with glibc's transparent huge "
+                        "pages for large allocations (fxport.runtime.huge_pages; default on, as fxport run does)")
     args = p.parse_args(argv)
     if args.reps < 3:
         p.error("--reps must be >= 3 (medians of interleaved rounds)")
+    from fxport.runtime import huge_pages
+
+    if args.huge_pages == "on" and argv is None:
+        huge_pages.reexec_with_huge_pages([sys.executable, *sys.argv])
+    elif args.huge_pages == "off" and huge_pages.enabled():
+        p.error("--huge-pages off: unset GLIBC_TUNABLES's glibc.malloc.hugetlb first (it is read at start)")
     load_start = os.getloadavg()
     torch.set_num_threads(args.threads)
 
@@ -293,7 +307,9 @@ def main(argv=None) -> int:
           f"{args.prompt_len} tokens, {args.new_tokens} decode steps; median of {args.reps} interleaved rounds "
           f"after a warm-up round")
     print(f"load average: at start {load_start[0]:.2f}, before timing {load_speed[0]:.2f}, after timing "
-          f"{load_after[0]:.2f} (1-min); read bandwidth {bw / 1e9:.1f} GB/s (1 GiB float32 sum, median of 5)")
+          f"{load_after[0]:.2f} (1-min); read bandwidth {bw / 1e9:.1f} GB/s (1 GiB float32 sum, median of 5); "
+          f"transparent huge pages for large allocations: {'on' if huge_pages.enabled() else 'off'} "
+          "(one process: every runtime alike)")
     if qual:
         print(f"quality: texts A = {Q.TEXTS['A']}, B = {Q.TEXTS['B']}, {Q.N_TOKENS} tokens each, "
               f"{Q.WINDOW}-token windows; fxport .pte scored through its decode method, teacher-forced")
