@@ -232,7 +232,7 @@ def check_output(out: str | Path, suffix: str = ".pte") -> Path:
     directory, a path through a file and a read-only folder; the tokenizer sidecar path must not
     be a file, the weights file path (``<stem>.ptd``) not a directory.
     """
-    from fxport.fileio import check_writable_output
+    from fxport.fileio import check_writable_output, weights_file
 
     out = Path(out)
     if out.suffix != suffix:
@@ -241,7 +241,7 @@ def check_output(out: str | Path, suffix: str = ".pte") -> Path:
     sidecar = tokenizer_sidecar(out)
     if sidecar.exists() and not sidecar.is_dir():
         raise BuildError(f"--out {out}: its tokenizer directory {sidecar} exists as a file; remove it or choose another --out")
-    weights = out.with_suffix(".ptd")  # where a program with a weights file writes it (XNNPACK's shared tables)
+    weights = weights_file(out)  # where a program with a weights file writes it (XNNPACK's shared tables)
     if weights.is_dir():
         raise BuildError(f"--out {out}: its weights file {weights} exists as a directory; remove it or choose another --out")
     return out

@@ -247,6 +247,13 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
 # ----------------------------------------------------------------------------- program + sidecar
 
 
+def weights_file(program: PathLike) -> Path:
+    """Where a program's weights file lives: ``<stem>.ptd`` beside the ``.pte`` (written by
+    :class:`fxport.lowering.xnnpack.XnnpackProgram` when the program has one, loaded by
+    :class:`fxport.runtime.pte_backend.PteBackend`)."""
+    return Path(program).with_suffix(".ptd")
+
+
 def write_program(
     path: PathLike,
     data: bytes | bytearray | memoryview | Callable[[Path], None],

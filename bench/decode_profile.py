@@ -34,7 +34,9 @@ def profile(pte: Path, steps: int, threads: int) -> Path:
     import executorch.kernels.quantized  # noqa: F401  (quantized embedding kernels)
     from executorch.extension.pybindings import portable_lib
 
-    ptd = Path(pte).with_suffix(".ptd")  # the program's weights file, when it has one
+    from fxport.fileio import weights_file
+
+    ptd = weights_file(pte)  # the program's weights file, when it has one
     mod = portable_lib._load_for_executorch(str(pte), enable_etdump=True,
                                             data_path=str(ptd) if ptd.is_file() else None)
     portable_lib._unsafe_reset_threadpool(threads)

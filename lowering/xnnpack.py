@@ -117,7 +117,7 @@ class XnnpackProgram:
         """Write the program, its weights file ``<stem>.ptd`` when it has one, and its sidecar
         directory, as one set (see :func:`fxport.fileio.write_program`); returns the extra files
         written. A ``<stem>.ptd`` left by a previous program at ``path`` is removed."""
-        from fxport.fileio import staging_dir, write_program
+        from fxport.fileio import staging_dir, weights_file, write_program
 
         path = Path(path)
         ptd = weights_file(path)
@@ -136,11 +136,6 @@ class XnnpackProgram:
 
 
 WEIGHTS_TAG = "weights"  # the named-data tag of the weights file (renamed to <stem>.ptd when written)
-
-
-def weights_file(pte: str | Path) -> Path:
-    """Where a program's weights file lives: ``<stem>.ptd`` beside the ``.pte``."""
-    return Path(pte).with_suffix(".ptd")
 
 
 _LOOKUPS = ("embedding_byte", "embedding_4bit", "aten.embedding")

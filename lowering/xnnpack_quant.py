@@ -116,7 +116,7 @@ class XnnpackRecipe:
     gptq: bool = False  # GPTQ rounding (fxport.quant.gptq) for the 4-bit linears
     calibration_tokens: int = CALIBRATION_TOKENS  # tokens of the calibration text (smoothing / GPTQ)
     # The lookup reads the int8 head's own codes and scales (divided by the head's smoothing
-    # scale): one table in the program's weights file instead of two copies (``embedding`` is ignored).
+    # scale): one table in the program's weights file instead of two copies (leave ``embedding`` None).
     lookup_from_head: bool = False
 
     def pick(self, fqn: str) -> XnnpackWeightQuant | None | bool:
@@ -135,7 +135,6 @@ _HEAD = r"(.*\.)?lm_head\.weight"
 DEFAULT_RECIPE = XnnpackRecipe(
     "balanced",
     ((r".*", INT8_PC),),
-    embedding=(8, None),
     doc="every linear int8 per channel, activations smoothed; embedding lookup from the head's int8 codes "
         "(one table, weights in a .ptd beside the .pte)",
     smooth=DEFAULT_ALPHA,

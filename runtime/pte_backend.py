@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from fxport.fileio import weights_file
+
 METADATA_METHODS = ("get_max_seq_len", "get_max_prefill_chunk", "get_vocab_size", "get_bos_id", "get_eos_id")
 
 
@@ -68,8 +70,8 @@ class PteBackend:
             header = f.read(8)
         if len(header) < 8 or header[4:6] != b"ET":  # flatbuffer file identifier "ET12" at byte 4
             raise PteError(f"{path} is not a loadable ExecuTorch program (no 'ET' file identifier at byte 4)")
-        if data_path is None and path.with_suffix(".ptd").is_file():
-            data_path = path.with_suffix(".ptd")
+        if data_path is None and weights_file(path).is_file():
+            data_path = weights_file(path)
         import executorch.kernels.quantized  # noqa: F401  (quantized embedding kernels, e.g. the "balanced" recipe)
         from executorch.runtime import Runtime
 
@@ -154,7 +156,7 @@ class PteBackend:
 def program_bytes(path: str | Path) -> int:
     """Bytes on disk of the program at ``path``: the ``.pte`` plus its ``<stem>.ptd`` weights, if any."""
     path = Path(path)
-    ptd = path.with_suffix(".ptd")
+    ptd = weights_file(path)
     return path.stat().st_size + (ptd.stat().st_size if ptd.is_file() else 0)
 
 
