@@ -103,7 +103,7 @@ class PteBackend:
             reason = " ".join((log.getvalue() + " ".join(lines[-2:])).split()) or f"{type(failure).__name__}: {failure}"
             hint = ""
             if data_path is None and "external_data_map is null" in reason:
-                hint = (f"; its weights file {path.with_suffix('.ptd').name} is missing: "
+                hint = (f"; its weights file {weights_file(path).name} is missing: "
                         "copy it beside the .pte or re-export")
             raise PteError(f"{path} is not a loadable ExecuTorch program ({reason}){hint}") from None
         if missing:
