@@ -266,8 +266,11 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from fxport.lowering.xnnpack_quant import XNNPACK_RECIPES
     from fxport.quant.recipe import get_recipe
 
+    if args.recipe in XNNPACK_RECIPES:
+        return _show_xnnpack_recipe(args, XNNPACK_RECIPES[args.recipe])
     recipe = get_recipe(args.recipe)
     print(recipe)
     if not (args.preset or args.gguf or args.hf):
@@ -280,6 +283,35 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     for fqn, cfg in rows:
         print(f"  {fqn:<60} {cfg or 'float'}")
     print(f"{sum(c is not None for _, c in rows)} of {len(rows)} weights quantized")
+    return 0
+
+
+def _show_xnnpack_recipe(args: argparse.Namespace, recipe) -> int:
+    """An XNNPACK recipe (``fxport export --quant NAME``): its summary, and with a model source
+    what it gives each linear and the token embedding."""
+    from torch import nn
+
+    print(f"{recipe.name} (--backend xnnpack): {recipe.doc}")
+    if not (args.preset or args.gguf or args.hf):
+        return 0
+    model, _ = _load_source(args, max_seq_len=8)
+    rows = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            q = recipe.pick(f"{name}.weight")
+            rows.append((f"{name}.weight", str(q) if q else "float"))
+        elif isinstance(mod, nn.Embedding) and name.endswith("embed_tokens"):
+            if recipe.lookup_from_head:
+                what = "lookup from lm_head's int8 codes (one table)"
+            elif recipe.embedding:
+                bits, group = recipe.embedding
+                what = f"int{bits} {'per-row' if group is None else f'g{group}'} lookup"
+            else:
+                what = "float"
+            rows.append((f"{name}.weight", what))
+    for fqn, what in rows:
+        print(f"  {fqn:<60} {what}")
+    print(f"{sum(w != 'float' for _, w in rows)} of {len(rows)} weights quantized")
     return 0
 
 
@@ -398,7 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="show a quantization recipe and what it selects in a model",
                        description="Print recipe RECIPE as a rule table; with a model source, list every "
                                    "linear/embedding weight and the config the recipe gives it.")
-    p.add_argument("--recipe", default="default", help="recipe name: default or sensitive (default: default)")
+    p.add_argument("--recipe", default="default",
+                   help="recipe name: default or sensitive, or an XNNPACK recipe of `fxport export --quant` "
+                        "(balanced, compact, fast, 8da8w, 8da4w, 8da4w-head8) (default: default)")
     _add_source(p, required=False)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_quantize)

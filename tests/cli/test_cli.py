@@ -199,3 +199,20 @@ def test_bench_rejects_too_long_runs(exported, capsys):
                     "max_seq_len 16; pass --prompt-len 8 or less, or re-export with --max-seq-len 20 or more")
     line = _one_line_error(capsys, ["bench", str(exported), "--prompt-len", "4", "--new-tokens", "16"])
     assert line.endswith("max_seq_len 16; pass --new-tokens 12 or less, or re-export with --max-seq-len 20 or more")
+
+
+def test_quantize_shows_an_xnnpack_recipe(capsys):
+    """``fxport quantize --recipe NAME`` knows the recipes ``fxport export --quant`` takes."""
+    assert main(["quantize", "--recipe", "fast"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "fast (--backend xnnpack): MLP and q/k/o int4 g32 HQQ grid with GPTQ rounding, v_proj and layers 3, 5, 11, "
+        "17 int8, head int8; embedding lookup from the head's int8 codes"]
+    assert main(["quantize", "--recipe", "fast", "--preset", "tiny-gemma3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = dict(line.split(None, 1) for line in lines[1:-1])
+    assert rows["model.embed_tokens.weight"] == "lookup from lm_head's int8 codes (one table)"
+    assert rows["lm_head.weight"] == "8da8w per-channel"
+    assert rows["model.layers.0.mlp.up_proj.weight"] == "8da4w g32 hqq"
+    assert rows["model.layers.3.mlp.up_proj.weight"] == "8da8w per-channel"  # one of FAST_8BIT_LAYERS
+    assert rows["model.layers.0.self_attn.v_proj.weight"] == "8da8w per-channel"
+    assert len(rows) == 44 and lines[-1] == "44 of 44 weights quantized"
