@@ -322,15 +322,17 @@ def load_source(source: Source, max_seq_len: int, progress: bool = False, meta: 
     return model, tokenizer
 
 
-def export_programs(model: Any, options: BuildOptions) -> dict[str, Any]:
-    """prefill + decode in functional ATen IR (:func:`fxport.models.gemma4.export.export_methods`);
-    the same for every backend (the backends differ from the passes on)."""
+def export_programs(model: Any, options: BuildOptions,
+                    methods: tuple[str, ...] = ("prefill", "decode")) -> dict[str, Any]:
+    """The methods a backend runs (its ``METHODS``: prefill + decode for CUDA, prefill alone for
+    XNNPACK) in functional ATen IR (:func:`fxport.models.gemma4.export.export_methods`); the same
+    export for every backend (the backends differ from the passes on)."""
     import torch
 
     from fxport.models.gemma4.export import export_methods
 
     with torch.no_grad():
-        return export_methods(model, max_prefill_chunk=options.max_prefill_chunk)
+        return export_methods(model, max_prefill_chunk=options.max_prefill_chunk, methods=methods)
 
 
 def model_metadata(model: Any, max_prefill_chunk: int) -> dict[str, int]:
@@ -514,7 +516,7 @@ def build(source: Source, out: str | Path | None, options: BuildOptions = BuildO
             result.quant_report = backend.quantize(model, options.quant, tokenizer=tokenizer)
         result.metadata = model_metadata(model, options.max_prefill_chunk)
         times.start("export")
-        programs = export_programs(model, options)
+        programs = export_programs(model, options, backend.METHODS)
         times.start("passes")
         programs, result.pass_results = backend.run_passes(model, programs, options)
         times.start("lower")

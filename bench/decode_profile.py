@@ -30,7 +30,8 @@ import torch
 
 
 def profile(pte: Path, steps: int, threads: int) -> Path:
-    """Run the decode method with ETDump on; the path of the written ETDump."""
+    """Run decode steps with ETDump on (the decode method, or prefill at L = 1 in a program
+    without one); the path of the written ETDump."""
     import executorch.kernels.quantized  # noqa: F401  (quantized embedding kernels)
     from executorch.extension.pybindings import portable_lib
 
@@ -40,8 +41,9 @@ def profile(pte: Path, steps: int, threads: int) -> Path:
     mod = portable_lib._load_for_executorch(str(pte), enable_etdump=True,
                                             data_path=str(ptd) if ptd.is_file() else None)
     portable_lib._unsafe_reset_threadpool(threads)
+    method = "decode" if "decode" in mod.method_names() else "prefill"
     for pos in range(steps):
-        mod.run_method("decode", (torch.tensor([[100 + pos % 1000]]), torch.tensor([pos])))
+        mod.run_method(method, (torch.tensor([[100 + pos % 1000]]), torch.tensor([pos])))
     out = Path(tempfile.mkdtemp(prefix="fxport-etdump-")) / "decode.etdp"
     mod.write_etdump_result_to_file(str(out))
     return out

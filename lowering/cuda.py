@@ -239,6 +239,9 @@ def cuda_dry_run(model: nn.Module, *, max_prefill_chunk: int = 128, quant: str |
 
 NAME = "cuda"
 PROGRAM_SUFFIX = ".pte"
+# The methods the program has: Int4Dispatch and SDPADispatch give decode (L_q = 1) other kernels
+# than prefill, so each is its own method.
+METHODS = ("prefill", "decode")
 INT4_RECIPE = "int4"
 
 

@@ -1,4 +1,8 @@
-"""XNNPACK lowering: ``{"prefill": ep, "decode": ep}`` -> one CPU ``.pte`` sharing its KV cache.
+"""XNNPACK lowering: ``{method: ep}`` -> one CPU ``.pte`` (methods sharing one KV cache).
+
+fxport's own programs have one method, ``prefill`` (L dynamic in [1, max_prefill_chunk]), which
+also runs the decode steps (see ``METHODS``); programs with more methods (a multimodal program's
+encoders, a separate ``decode``) share the KV-cache allocation.
 
 Flow (each step usable alone):
 
@@ -187,7 +191,8 @@ def _tagging_partitioner():
 #
 # * a pure re-trace (an ExportPass that overrides none of the retrace hooks, called as the
 #   ``super().call`` at the end of an in-place pass) of a graph that is structurally identical
-#   to the output of the previous re-trace: re-tracing that graph reproduces it;
+#   to the output of the previous re-trace, pure or transforming (XNNPACK's DimOrderOpsRevert and
+#   ConstProp re-trace every delegate just before a pure one): re-tracing that graph reproduces it;
 # * ``run_decompositions(table)`` of a program with no mutating op and no op in ``table``:
 #   upstream itself skips that call on its other path (``contains_any_call_fn_target_op``).
 # Passes that transform while re-tracing (op replacement, scalar-to-tensor, const-prop ...)
@@ -248,15 +253,13 @@ class _fewer_retraces:
         skipped = self.skipped
 
         def fewer_call(pass_, graph_module):
-            if _is_pure_retrace(pass_):
-                fp = _graph_fingerprint(graph_module)
-                if getattr(graph_module, "_fxport_retraced", None) == fp:
-                    skipped["retrace"] += 1
-                    return PassResult(graph_module, False)
-                result = call(pass_, graph_module)
-                result.graph_module._fxport_retraced = _graph_fingerprint(result.graph_module)
-                return result
-            return call(pass_, graph_module)
+            if _is_pure_retrace(pass_) and getattr(graph_module, "_fxport_retraced", None) == _graph_fingerprint(graph_module):
+                skipped["retrace"] += 1
+                return PassResult(graph_module, False)
+            result = call(pass_, graph_module)
+            # any re-trace's output (a transforming pass's too) is reproduced by a pure re-trace
+            result.graph_module._fxport_retraced = _graph_fingerprint(result.graph_module)
+            return result
 
         def fewer_decompositions(ep, decomp_table=None, *args, **kwargs):
             if (decomp_table is not None and not args and not kwargs and not _has_mutation(ep.graph_module)
@@ -395,6 +398,13 @@ def apply_method_passes(programs: Mapping[str, ExportedProgram], passes: Mapping
 
 NAME = "xnnpack"
 PROGRAM_SUFFIX = ".pte"
+# One method: prefill (L dynamic in [1, max_prefill_chunk]) also runs every decode step. XNNPACK
+# resizes its runtime only when L changes, so a step through prefill at L = 1 costs what a
+# decode method's step costs (16.0-16.7 ms both, on the 270M balanced program, logits equal to
+# the last bit), and the program is exported, lowered and loaded once instead of twice (one
+# packed copy of the weights at run time). ``PteBackend`` runs decode through prefill when the
+# program has no decode method.
+METHODS = ("prefill",)
 
 
 def validate(options: Any) -> None:

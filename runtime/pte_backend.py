@@ -1,4 +1,4 @@
-"""PteBackend: run a fxport ``.pte`` (methods ``prefill`` and ``decode``) with ExecuTorch.
+"""PteBackend: run a fxport ``.pte`` (method ``prefill``, and ``decode`` when it has one) with ExecuTorch.
 
 The backend protocol of :mod:`fxport.runtime.generate`:
 
@@ -11,7 +11,9 @@ The backend protocol of :mod:`fxport.runtime.generate`:
 Logits are float32 ``(1, L', vocab)``; ``L'`` is 1 when the program was exported with
 last-token logits (fxport's default for prefill), else L. The caller reads ``[:, -1]``.
 
-Both methods read and write one KV-cache allocation (the ``.pte`` was planned with
+A program without a ``decode`` method (fxport's XNNPACK programs: prefill's L is dynamic in
+[1, max_prefill_chunk]) runs each decode step as a prefill of one token. A program with both
+methods has them read and write one KV-cache allocation (the ``.pte`` was planned with
 ``share_mutable_buffers=True`` and the Python runtime gives host-only methods one set of
 arenas), so a ``decode`` after a ``prefill`` sees the prompt. The cache's initial content is
 whatever the allocation held: every position a query can see is written before it is read
@@ -57,8 +59,8 @@ class PteBackend:
     verbose: show the runtime's native log lines (cpuinfo probing, ...); by default they are
         captured (:mod:`fxport.runtime.native_log`) and only shown inside a load error.
         ``FXPORT_VERBOSE=1`` sets the default.
-    Raises PteError for a missing file, a file ExecuTorch cannot load, or a program without
-    ``prefill`` and ``decode`` methods.
+    Raises PteError for a missing file, a file ExecuTorch cannot load, or a program without a
+    ``prefill`` method.
     """
 
     def __init__(self, path: str | Path, *, data_path: str | Path | None = None, num_threads: int | None = None,
@@ -89,12 +91,13 @@ class PteBackend:
                 with contextlib.redirect_stderr(log):
                     self.program = Runtime.get().load_program(path, data_path=data_path)
                     names = self.program.method_names
-                    missing = [m for m in ("prefill", "decode") if m not in names]
+                    missing = [m for m in ("prefill",) if m not in names]
                     if not missing:
                         self.path = path
                         self.metadata: dict[str, Any] = {m: self._constant(m) for m in METADATA_METHODS}
                         self._prefill = self.program.load_method("prefill")
-                        self._decode = self.program.load_method("decode")
+                        # no decode method: a decode step is a prefill of one token
+                        self._decode = self.program.load_method("decode") if "decode" in names else self._prefill
                 failure = None
             except Exception as exc:  # the runtime raises RuntimeError with a status code
                 failure = exc
@@ -208,9 +211,11 @@ def describe_pte(path: str | Path) -> str:
     for key, value in backend.metadata.items():
         if value is not None:
             lines.append(f"{key}: {value}")
-    for name in ("prefill", "decode"):
+    for name in [m for m in ("prefill", "decode") if m in prog.method_names]:
         meta = prog.metadata(name)
         ins = [f"{tuple(meta.input_tensor_meta(i).sizes())}" for i in range(meta.num_inputs())]
         outs = [f"{tuple(meta.output_tensor_meta(i).sizes())}" for i in range(meta.num_outputs())]
         lines.append(f"{name}: inputs {', '.join(ins)} -> outputs {', '.join(outs)} (max sizes)")
+    if "decode" not in prog.method_names:
+        lines.append("decode: runs through prefill, one token per call")
     return "\n".join(lines)

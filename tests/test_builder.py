@@ -39,9 +39,12 @@ class FakeBackend:
         self.calls.append("quantize")
         return None
 
-    def export(self, model, options):  # stands in for builder.export_programs (see the fixture)
+    METHODS = ("prefill", "decode")
+
+    def export(self, model, options, methods):  # stands in for builder.export_programs (see the fixture)
         self.calls.append("export")
-        return {"prefill": "ep-prefill", "decode": "ep-decode"}
+        assert methods == self.METHODS
+        return {m: f"ep-{m}" for m in methods}
 
     def run_passes(self, model, programs, options):
         self.calls.append("passes")

@@ -29,6 +29,7 @@ def export_methods(
     max_seq_len: int | None = None,
     max_soft_tokens: int = 280,
     max_audio_frames: int | None = None,
+    methods: tuple[str, ...] = ("prefill", "decode"),
 ) -> dict[str, ExportedProgram]:
     """{"prefill": ExportedProgram, "decode": ExportedProgram} in functional ATen IR.
 
@@ -36,6 +37,9 @@ def export_methods(
     [1, max_prefill_chunk] (max_prefill_chunk <= model.max_seq_len; default: max_seq_len) and,
     when ``multimodal``, N dynamic in [1, B * max_prefill_chunk].
     decode(tokens (B, 1), input_pos (1,)).
+    ``methods=("prefill",)`` exports prefill alone: a backend whose prefill at L = 1 is as fast
+    as a decode method (XNNPACK: it resizes only when L changes) runs every step through it, and
+    exports, lowers and loads half as much.
     ``max_seq_len``, if given, must equal ``model.max_seq_len`` (the cache length is fixed
     when the model is built).
 
@@ -55,6 +59,9 @@ def export_methods(
             )
         return export_multimodal_methods(model, max_prefill_chunk, strict=strict, max_seq_len=max_seq_len,
                                          max_soft_tokens=max_soft_tokens, max_audio_frames=max_audio_frames)
+    unknown = sorted(set(methods) - {"prefill", "decode"})
+    if unknown or not methods:
+        raise ValueError(f"export_methods: methods={tuple(methods)!r}; choose from 'prefill' and 'decode'")
     S, B = model.max_seq_len, model.max_batch_size
     if max_seq_len is not None and max_seq_len != S:
         raise ValueError(
@@ -91,9 +98,12 @@ def export_methods(
         dtype = next(model.parameters()).dtype
         args += (torch.zeros(n, hidden, dtype=dtype, device=dev),)
         shapes += ({0: Dim("N", min=1, max=B * C)} if B * C > 1 else None,)
-    prefill = run(args, shapes)
-    decode = run((tokens(1), positions(1)), None)
-    return {"prefill": prefill, "decode": decode}
+    out = {}
+    if "prefill" in methods:
+        out["prefill"] = run(args, shapes)
+    if "decode" in methods:
+        out["decode"] = run((tokens(1), positions(1)), None)
+    return out
 
 
 class ImageEncoder(torch.nn.Module):
