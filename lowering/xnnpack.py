@@ -67,10 +67,14 @@ def cpu_passes(model: nn.Module | None = None, *, windows: Mapping[str, int] | N
       (:mod:`fxport.passes.xnnpack`) when ``xnnpack_rewrites``: patterns XNNPACK would
       otherwise leave to portable kernels (each one left out splits a delegate); on prefill also
       ``RotateHalfAsLinear`` (decode's static slices are delegated as they are);
-    * ``LastTokenLogits`` on prefill (decode is already length 1) when ``last_token_logits``.
+    * ``LastTokenLogits`` on prefill (decode is already length 1) when ``last_token_logits``;
+    * last, ``EdgeDecompositions`` (:mod:`fxport.passes.edge_decompositions`): the ops
+      ExecuTorch's edge conversion would decompose, already in their decomposed form, so
+      :func:`lower_to_xnnpack` skips its two whole-program ``run_decompositions``.
     No Triton dispatch: XNNPACK cannot run fxport's Triton ops; the multimodal fusion is only
     needed for programs exported with ``multimodal=True`` and is added by the caller then.
     """
+    from fxport.passes.edge_decompositions import EdgeDecompositions
     from fxport.passes.last_token_logits import LastTokenLogits
     from fxport.passes.xnnpack import (
         AdditiveAttentionMask,
@@ -94,7 +98,7 @@ def cpu_passes(model: nn.Module | None = None, *, windows: Mapping[str, int] | N
         common += [GeluTanhAsTanh(), AdditiveAttentionMask(), SDPAAsMatmul(), RMSNormAsLinear(), SymbolicViewAsInferred()]
     prefill_only = [RotateHalfAsLinear()] if xnnpack_rewrites else []
     prefill = list(common) + prefill_only + ([LastTokenLogits()] if last_token_logits else [])
-    return {"prefill": prefill, "decode": list(common)}
+    return {"prefill": prefill + [EdgeDecompositions()], "decode": common + [EdgeDecompositions()]}
 
 
 # ----------------------------------------------------------------------------- lowering
@@ -111,6 +115,9 @@ class XnnpackProgram:
     executorch_program: Any = None  # the serialized schema (execution plans), for inspection
     manager: Any = None  # the ExecutorchProgramManager, when the weights go to a .ptd file
     shared: list[str] = field(default_factory=list)  # tables stored once in the .ptd (shared_tables)
+    # re-traces lowering skipped ({"retrace": n, "run_decompositions": n}), and the node counts of
+    # the graphs whose decompositions it ran ({"run_decompositions ran": [...]})
+    skipped: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
         """Write the program (and its ``.ptd`` weights, when it has them) atomically."""
@@ -193,8 +200,11 @@ def _tagging_partitioner():
 #   ``super().call`` at the end of an in-place pass) of a graph that is structurally identical
 #   to the output of the previous re-trace, pure or transforming (XNNPACK's DimOrderOpsRevert and
 #   ConstProp re-trace every delegate just before a pure one): re-tracing that graph reproduces it;
-# * ``run_decompositions(table)`` of a program with no mutating op and no op in ``table``:
-#   upstream itself skips that call on its other path (``contains_any_call_fn_target_op``).
+# * ``run_decompositions(table)`` of a program with no mutating op, no composite op and no op in
+#   ``table`` (size reads such as ``sym_size.int`` aside: they decompose into themselves): upstream itself
+#   skips that call on its other path (``contains_any_call_fn_target_op``). fxport's
+#   ``EdgeDecompositions`` pass writes the few table ops a Gemma program has in their decomposed
+#   form beforehand, so both of these re-exports are skipped.
 # Passes that transform while re-tracing (op replacement, scalar-to-tensor, const-prop ...)
 # always run. The program written is the same (tests/lowering/test_xnnpack.py compares bytes).
 
@@ -230,6 +240,22 @@ def _is_pure_retrace(pass_: Any) -> bool:
     return all(getattr(cls, hook, None) is getattr(ExportPass, hook, None) for hook in _RETRACE_HOOKS)
 
 
+# In the decomposition table, but decomposed into themselves (a dynamic program's size reads).
+_SIZE_QUERIES = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_stride.int, torch.ops.aten.sym_numel.default,
+                 torch.ops.aten.sym_storage_offset.default}
+
+
+def _has_composite(gm: Any) -> bool:
+    """Whether ``gm`` calls a CompositeImplicitAutograd op that ``run_decompositions`` decomposes
+    whatever its table says: one it cannot preserve (a view such as ``reshape``; a functional one
+    such as ``linear`` or torchao's quant ops is kept unless the table lists it)."""
+    from torch._export.utils import _is_cia_op, _is_preservable_cia_op
+
+    return any(node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+               and node.target not in _SIZE_QUERIES and _is_cia_op(node.target)
+               and not _is_preservable_cia_op(node.target) for node in gm.graph.nodes)
+
+
 def _has_mutation(gm: Any) -> bool:
     for node in gm.graph.nodes:
         schema = getattr(node.target, "_schema", None)
@@ -249,7 +275,7 @@ class _fewer_retraces:
         self._base, self._ep = _ExportPassBase, ExportedProgram
         self._call, self._decomp = _ExportPassBase.call, ExportedProgram.run_decompositions
         call, decomp = self._call, self._decomp
-        self.skipped = {"retrace": 0, "run_decompositions": 0}
+        self.skipped: dict[str, Any] = {"retrace": 0, "run_decompositions": 0, "run_decompositions ran": []}
         skipped = self.skipped
 
         def fewer_call(pass_, graph_module):
@@ -263,9 +289,11 @@ class _fewer_retraces:
 
         def fewer_decompositions(ep, decomp_table=None, *args, **kwargs):
             if (decomp_table is not None and not args and not kwargs and not _has_mutation(ep.graph_module)
-                    and not contains_any_call_fn_target_op(ep.graph_module, decomp_table)):
+                    and not _has_composite(ep.graph_module)
+                    and not contains_any_call_fn_target_op(ep.graph_module, set(decomp_table) - _SIZE_QUERIES)):
                 skipped["run_decompositions"] += 1
                 return ep
+            skipped["run_decompositions ran"].append(len(ep.graph.nodes))  # graph sizes, for tests and profiling
             return decomp(ep, decomp_table, *args, **kwargs)
 
         _ExportPassBase.call = fewer_call
@@ -316,7 +344,8 @@ def lower_to_xnnpack(
 
     shared = shared_tables(programs)
     external = bool(shared) if weights_file is None else weights_file
-    with contextlib.nullcontext() if legacy else _fewer_retraces():
+    fewer = None if legacy else _fewer_retraces()
+    with fewer or contextlib.nullcontext():
         edge = to_edge_transform_and_lower(
             dict(programs),
             partitioner=[_tagging_partitioner() if external else XnnpackPartitioner()],
@@ -339,7 +368,8 @@ def lower_to_xnnpack(
         )
     first = next((ep for ep in programs.values() if ep.graph_signature.buffers_to_mutate), next(iter(programs.values())))
     return XnnpackProgram(et.buffer, report, _mutable_buffers(first), list(programs), et.executorch_program,
-                          manager=et if external else None, shared=shared)
+                          manager=et if external else None, shared=shared,
+                          skipped=dict(fewer.skipped) if fewer else {})
 
 
 def _buffer_shapes(ep: ExportedProgram) -> dict[str, tuple]:

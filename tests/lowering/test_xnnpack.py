@@ -68,8 +68,9 @@ def test_passes_applied_per_method(fp32):
     _, results, _ = fp32
     common = ["ring_buffer_kv_cache", "gelu_tanh_as_tanh", "additive_attention_mask", "sdpa_as_matmul", "rms_norm_as_linear",
               "symbolic_view_as_inferred"]
-    assert [r.name for r in results["prefill"].records] == [*common, "rotate_half_as_linear", "last_token_logits"]
-    assert [r.name for r in results["decode"].records] == common
+    assert [r.name for r in results["prefill"].records] == [*common, "rotate_half_as_linear", "last_token_logits",
+                                                            "edge_decompositions"]
+    assert [r.name for r in results["decode"].records] == [*common, "edge_decompositions"]
     # prefill (dynamic L): GQA folded too, and rotate_half of q and k in both layers as a linear.
     assert [s["gqa_folded"] for s in results["prefill"]["sdpa_as_matmul"].stats.sites] == [True, True]
     assert results["prefill"]["rotate_half_as_linear"].stats.rewritten == 2 * 2
@@ -83,6 +84,15 @@ def test_passes_applied_per_method(fp32):
     # The sliding layer's two caches become rings of 2 * window = 8 slots; the full layer keeps 16.
     assert results["prefill"]["ring_buffer_kv_cache"].stats.rewritten == 2
     assert results["prefill"]["last_token_logits"].stats.rewritten == 1
+
+
+def test_lowering_skips_the_whole_program_decompositions(fp32):
+    """EdgeDecompositions (the last CPU pass) leaves no op for ExecuTorch's decomposition table:
+    per method the functionalization and both decomposition re-exports are skipped."""
+    lowered, _, _ = fp32
+    # what ran: XNNPACK's own SDPA pattern graphs (6 nodes each), never the program (hundreds)
+    assert max(lowered.skipped["run_decompositions ran"], default=0) < 10
+    assert lowered.skipped["run_decompositions"] >= 3 * 2  # prefill and decode: functionalize, decompose twice
 
 
 def test_mutable_buffer_names_and_shared_planning(fp32):
@@ -215,26 +225,44 @@ def test_cpu_passes_keep_eager_numerics(tiny):
         assert err <= 1e-5 * w.abs().max().item(), f"step {step}: max abs error {err}"
 
 
-def test_fewer_retraces_write_the_same_program(tiny):
-    """The compile-time cut (lower_to_xnnpack skipping re-traces that cannot change the graph)
-    writes byte for byte the program the full path writes (8da4w: the dq-linear passes run)."""
+def test_fewer_retraces_write_the_same_program(tiny, tmp_path):
+    """The compile-time cuts write the program the full path writes (8da4w: the dq-linear passes
+    run). Skipping re-traces that cannot change the graph: byte for byte. EdgeDecompositions
+    (the decompositions written node by node instead of two whole-program re-exports): the same
+    logits, bit for bit, over prefill chunks and decode steps."""
     from fxport.models.gemma4.config import SLIDING
     from fxport.models.gemma4.model import Gemma4ForCausalLM
+    from fxport.passes.edge_decompositions import EdgeDecompositions
 
     config = tiny.config().replace(num_hidden_layers=1, layer_types=[SLIDING])  # 1 layer: the test's cost
 
-    def lower(legacy):
+    def lower(legacy, edge_decompositions=True):
         torch.manual_seed(0)
         model = Gemma4ForCausalLM(config, max_seq_len=tiny.max_seq_len).eval()
         quantize_for_xnnpack(model, "8da4w")
         with torch.no_grad():
             programs = export_methods(model, max_prefill_chunk=tiny.max_chunk)
-        programs, _ = apply_method_passes(programs, cpu_passes(model))
-        return lower_to_xnnpack(programs, constant_methods={"get_max_seq_len": tiny.max_seq_len}, legacy=legacy)
+        passes = {m: [p for p in ps if edge_decompositions or not isinstance(p, EdgeDecompositions)]
+                  for m, ps in cpu_passes(model).items()}
+        programs, _ = apply_method_passes(programs, passes)
+        return lower_to_xnnpack(programs, constant_methods={"get_max_seq_len": tiny.max_seq_len,
+                                                            "get_max_prefill_chunk": tiny.max_chunk}, legacy=legacy)
 
-    fast, full = lower(False), lower(True)
+    full = lower(True, edge_decompositions=False)  # ExecuTorch's path, as it is
+    fewer = lower(False, edge_decompositions=False)
+    assert fewer.report.summary() == full.report.summary()
+    assert fewer.buffer == full.buffer
+    assert fewer.skipped["run_decompositions ran"]  # without the pass the program is decomposed
+
+    fast = lower(False)
+    assert max(fast.skipped["run_decompositions ran"], default=0) < 10  # at most XNNPACK's 6-node pattern graphs
     assert fast.report.summary() == full.report.summary()
-    assert fast.buffer == full.buffer
+    tokens = torch.randint(0, config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for name, program in (("full", full), ("fast", fast)):
+        backend = PteBackend(program.save(tmp_path / f"{name}.pte"))
+        logits.append(torch.stack(_pte_steps(backend, tokens, [5, 3])))
+    assert torch.equal(logits[0], logits[1])
 
 
 def test_a_foreign_tied_table_is_stored_once(tmp_path):
