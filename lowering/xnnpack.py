@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import torch
 from torch import nn
 from torch.export import ExportedProgram
 
@@ -187,124 +186,6 @@ def _tagging_partitioner():
     return WeightsFilePartitioner()
 
 
-# ----------------------------------------------------------------------------- compile time
-#
-# Where ``to_edge_transform_and_lower`` spends its time (cProfile of the build; see bench/export_time.py):
-# re-tracing. Every ExportPass re-executes the whole graph under FakeTensors, and most of
-# XNNPACK's per-partition passes (17 per delegate: batch-norm fusion, conv1d, PReLU, upsample ...)
-# match nothing in an LLM, edit nothing, and still end with a full re-trace; the edge
-# conversion re-functionalizes and re-decomposes programs that are already functional and hold
-# no op of the decomposition table. ``_fewer_retraces`` skips exactly those re-traces:
-#
-# * a pure re-trace (an ExportPass that overrides none of the retrace hooks, called as the
-#   ``super().call`` at the end of an in-place pass) of a graph that is structurally identical
-#   to the output of the previous re-trace, pure or transforming (XNNPACK's DimOrderOpsRevert and
-#   ConstProp re-trace every delegate just before a pure one): re-tracing that graph reproduces it;
-# * ``run_decompositions(table)`` of a program with no mutating op, no composite op and no op in
-#   ``table`` (size reads such as ``sym_size.int`` aside: they decompose into themselves): upstream itself
-#   skips that call on its other path (``contains_any_call_fn_target_op``). fxport's
-#   ``EdgeDecompositions`` pass writes the few table ops a Gemma program has in their decomposed
-#   form beforehand, so both of these re-exports are skipped.
-# Passes that transform while re-tracing (op replacement, scalar-to-tensor, const-prop ...)
-# always run. The program written is the same (tests/lowering/test_xnnpack.py compares bytes).
-
-_RETRACE_HOOKS = ("call_operator", "call_sym", "call_cond", "call_while", "call_map", "call_scan",
-                  "call_getitem", "output", "placeholder", "call_submodule", "call_delegate", "on_attr",
-                  "call_size_operator", "call_size_operator_all", "inputs")
-
-
-def _graph_fingerprint(gm: Any) -> tuple:
-    """The structure a re-trace reads: ops, targets and argument wiring, in order."""
-    index: dict = {}
-    rows = []
-
-    def arg(a: Any) -> Any:
-        if isinstance(a, torch.fx.Node):
-            return ("%", index[a])
-        if isinstance(a, (list, tuple)):
-            return (type(a).__name__, tuple(arg(x) for x in a))
-        if isinstance(a, dict):
-            return ("dict", tuple((k, arg(v)) for k, v in a.items()))
-        return repr(a)
-
-    for i, node in enumerate(gm.graph.nodes):
-        index[node] = i
-        rows.append((node.op, str(node.target), arg(node.args), arg(node.kwargs)))
-    return tuple(rows)
-
-
-def _is_pure_retrace(pass_: Any) -> bool:
-    from executorch.exir.pass_base import ExportPass
-
-    cls = type(pass_)
-    return all(getattr(cls, hook, None) is getattr(ExportPass, hook, None) for hook in _RETRACE_HOOKS)
-
-
-# In the decomposition table, but decomposed into themselves (a dynamic program's size reads).
-_SIZE_QUERIES = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_stride.int, torch.ops.aten.sym_numel.default,
-                 torch.ops.aten.sym_storage_offset.default}
-
-
-def _has_composite(gm: Any) -> bool:
-    """Whether ``gm`` calls a CompositeImplicitAutograd op that ``run_decompositions`` decomposes
-    whatever its table says: one it cannot preserve (a view such as ``reshape``; a functional one
-    such as ``linear`` or torchao's quant ops is kept unless the table lists it)."""
-    from torch._export.utils import _is_cia_op, _is_preservable_cia_op
-
-    return any(node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
-               and node.target not in _SIZE_QUERIES and _is_cia_op(node.target)
-               and not _is_preservable_cia_op(node.target) for node in gm.graph.nodes)
-
-
-def _has_mutation(gm: Any) -> bool:
-    for node in gm.graph.nodes:
-        schema = getattr(node.target, "_schema", None)
-        if node.op == "call_function" and schema is not None and schema.is_mutable:
-            return True
-    return False
-
-
-class _fewer_retraces:
-    """Context manager: skip the re-traces that cannot change the program (see above)."""
-
-    def __enter__(self):
-        from executorch.exir.graph_module import contains_any_call_fn_target_op
-        from executorch.exir.pass_base import _ExportPassBase
-        from torch.fx.passes.infra.pass_base import PassResult
-
-        self._base, self._ep = _ExportPassBase, ExportedProgram
-        self._call, self._decomp = _ExportPassBase.call, ExportedProgram.run_decompositions
-        call, decomp = self._call, self._decomp
-        self.skipped: dict[str, Any] = {"retrace": 0, "run_decompositions": 0, "run_decompositions ran": []}
-        skipped = self.skipped
-
-        def fewer_call(pass_, graph_module):
-            if _is_pure_retrace(pass_) and getattr(graph_module, "_fxport_retraced", None) == _graph_fingerprint(graph_module):
-                skipped["retrace"] += 1
-                return PassResult(graph_module, False)
-            result = call(pass_, graph_module)
-            # any re-trace's output (a transforming pass's too) is reproduced by a pure re-trace
-            result.graph_module._fxport_retraced = _graph_fingerprint(result.graph_module)
-            return result
-
-        def fewer_decompositions(ep, decomp_table=None, *args, **kwargs):
-            if (decomp_table is not None and not args and not kwargs and not _has_mutation(ep.graph_module)
-                    and not _has_composite(ep.graph_module)
-                    and not contains_any_call_fn_target_op(ep.graph_module, set(decomp_table) - _SIZE_QUERIES)):
-                skipped["run_decompositions"] += 1
-                return ep
-            skipped["run_decompositions ran"].append(len(ep.graph.nodes))  # graph sizes, for tests and profiling
-            return decomp(ep, decomp_table, *args, **kwargs)
-
-        _ExportPassBase.call = fewer_call
-        ExportedProgram.run_decompositions = fewer_decompositions
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._base.call = self._call
-        self._ep.run_decompositions = self._decomp
-
-
 def _mutable_placeholders(ep: ExportedProgram) -> set[str]:
     """Placeholder names of the buffers ``ep`` mutates (the KV caches: never weights-file data)."""
     mutated = set(ep.graph_signature.buffers_to_mutate.values())
@@ -328,7 +209,7 @@ def lower_to_xnnpack(
     All methods must mutate the same buffers (same FQNs, shapes, dtypes): that is what lets
     them share one KV-cache allocation. Raises ValueError naming the method and buffers that
     differ. ``on_stage("serialize")`` is called between ``to_edge_transform_and_lower`` and
-    ``to_executorch`` when given. ``legacy=True`` lowers without :class:`_fewer_retraces` (the
+    ``to_executorch`` when given. ``legacy=True`` lowers without :class:`fxport.lowering.fewer_retraces.fewer_retraces` (the
     path before the compile-time work; bench/export_time.py --legacy). ``weights_file``: put
     the weights in a ``.ptd`` (True), keep them in the ``.pte`` (False), or decide by
     :func:`shared_tables` (None: a ``.ptd`` when a table would otherwise be stored twice).
@@ -342,9 +223,11 @@ def lower_to_xnnpack(
     _check_shared_buffers(programs)
     import contextlib
 
+    from fxport.lowering.fewer_retraces import fewer_retraces
+
     shared = shared_tables(programs)
     external = bool(shared) if weights_file is None else weights_file
-    fewer = None if legacy else _fewer_retraces()
+    fewer = None if legacy else fewer_retraces()
     with fewer or contextlib.nullcontext():
         edge = to_edge_transform_and_lower(
             dict(programs),

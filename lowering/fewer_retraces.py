@@ -1,0 +1,296 @@
+"""Fewer re-traces: lower to ExecuTorch without the whole-program re-traces that cannot change it.
+
+Where ``to_edge_transform_and_lower`` spends its time (cProfile of the 270M build; see
+bench/export_time.py): re-tracing. Every ExportPass re-executes the whole graph under fake
+tensors (~1.3 ms per node), and a Gemma program has ~2,200 nodes per method:
+
+* the edge conversion runs eight re-tracing passes one after the other (normalize transpose,
+  broken ops, scalar-to-tensor, sym-to-tensor, mixed types, op replacement, memory format ...),
+  each touching a few nodes and re-tracing all of them;
+* it re-functionalizes and re-decomposes (``run_decompositions``: a full re-export) programs that
+  are already functional and, after fxport's ``EdgeDecompositions`` pass, hold no op to decompose;
+* most of XNNPACK's 17 per-delegate passes match nothing in an LLM and still end in a re-trace.
+
+:class:`fewer_retraces` (a context manager around the lowering) removes exactly the work that
+cannot change the program:
+
+1. **Fused passes.** Consecutive edge passes that change the graph only through
+   ``call_operator`` run as one re-trace (:class:`FusedPasses`): each node goes through the
+   passes' ``call_operator`` in order, each pass's ``super().call_operator`` handing it to the
+   next instead of emitting it. A pass sees what it would have seen in its own re-trace: the
+   ops, arguments and metadata the previous pass emitted.
+2. **Pure re-traces of a re-traced graph.** An ExportPass that overrides none of the re-trace
+   hooks (called as the ``super().call`` at the end of an in-place pass) on a graph structurally
+   identical to the output of the previous re-trace (pure or transforming: XNNPACK's
+   DimOrderOpsRevert and ConstProp re-trace every delegate just before a pure one) would
+   reproduce it: skipped.
+3. **Decompositions with nothing to do.** ``run_decompositions(table)`` of a program with no
+   mutating op, no composite op it must decompose and no op in ``table`` (size reads such as
+   ``sym_size.int`` aside: they decompose into themselves): skipped, as upstream itself skips it
+   on its other path (``contains_any_call_fn_target_op``).
+
+Passes that transform in place, or while re-tracing with hooks other than ``call_operator``,
+always run. The program written is the same: ``tests/lowering/test_xnnpack.py`` compares the
+bytes with ExecuTorch's own path (``lower_to_xnnpack(..., legacy=True)``). On the 270M balanced
+program: lowering 89.6 -> 48.4 s with ``EdgeDecompositions``, byte-identical ``.pte``.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+
+# ----------------------------------------------------------------------------- what a re-trace reads
+
+_RETRACE_HOOKS = ("call_operator", "call_sym", "call_cond", "call_while", "call_map", "call_scan",
+                  "call_getitem", "output", "placeholder", "call_submodule", "call_delegate", "on_attr",
+                  "call_size_operator", "call_size_operator_all", "inputs")
+
+
+def _graph_fingerprint(gm: Any) -> tuple:
+    """The structure a re-trace reads: ops, targets and argument wiring, in order."""
+    index: dict = {}
+    rows = []
+
+    def arg(a: Any) -> Any:
+        if isinstance(a, torch.fx.Node):
+            return ("%", index[a])
+        if isinstance(a, (list, tuple)):
+            return (type(a).__name__, tuple(arg(x) for x in a))
+        if isinstance(a, dict):
+            return ("dict", tuple((k, arg(v)) for k, v in a.items()))
+        return repr(a)
+
+    for i, node in enumerate(gm.graph.nodes):
+        index[node] = i
+        rows.append((node.op, str(node.target), arg(node.args), arg(node.kwargs)))
+    return tuple(rows)
+
+
+def _is_pure_retrace(pass_: Any) -> bool:
+    from executorch.exir.pass_base import ExportPass
+
+    cls = type(pass_)
+    return all(getattr(cls, hook, None) is getattr(ExportPass, hook, None) for hook in _RETRACE_HOOKS)
+
+
+# In the decomposition table, but decomposed into themselves (a dynamic program's size reads).
+_SIZE_QUERIES = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_stride.int, torch.ops.aten.sym_numel.default,
+                 torch.ops.aten.sym_storage_offset.default}
+
+
+def _has_composite(gm: Any) -> bool:
+    """Whether ``gm`` calls a CompositeImplicitAutograd op that ``run_decompositions`` decomposes
+    whatever its table says: one it cannot preserve (a view such as ``reshape``; a functional one
+    such as ``linear`` or torchao's quant ops is kept unless the table lists it)."""
+    from torch._export.utils import _is_cia_op, _is_preservable_cia_op
+
+    return any(node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+               and node.target not in _SIZE_QUERIES and _is_cia_op(node.target)
+               and not _is_preservable_cia_op(node.target) for node in gm.graph.nodes)
+
+
+def _has_mutation(gm: Any) -> bool:
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op == "call_function" and schema is not None and schema.is_mutable:
+            return True
+    return False
+
+
+# ----------------------------------------------------------------------------- 1. fused passes
+
+# Hooks a fusable pass must leave as ExportPass has them: it may change nodes only in call_operator.
+_OTHER_HOOKS = tuple(h for h in _RETRACE_HOOKS if h != "call_operator") + ("_fx",)
+
+
+def _call_wrappers() -> tuple[type, ...]:
+    """Fusable passes that override ``call`` only to reset and report a flag around ``super().call``."""
+    from executorch.exir.passes.scalar_to_tensor_pass import ScalarToTensorPass
+
+    return (ScalarToTensorPass,)
+
+
+def fusable(pass_: Any) -> bool:
+    """Whether ``pass_`` (an edge pass, or the wrapper ExecuTorch's pass managers put around it)
+    changes the graph only through ``call_operator`` during its re-trace."""
+    from executorch.exir.pass_base import ExportPass
+
+    cls = type(pass_)
+    if not isinstance(pass_, ExportPass) or cls.call_operator is ExportPass.call_operator:
+        return False  # not a re-tracing pass, or a pure re-trace (handled by 2.)
+    if any(getattr(cls, hook, None) is not getattr(ExportPass, hook, None) for hook in _OTHER_HOOKS):
+        return False
+    return "call" not in vars(cls) or cls in _call_wrappers()
+
+
+def _fused_pass_class():
+    from executorch.exir.dialects.edge._ops import EdgeOpOverload
+    from executorch.exir.pass_base import ExportPass, _ExportPassBase
+
+    class FusedPasses(ExportPass):
+        """Several :func:`fusable` passes in one re-trace, in order (see the module docstring)."""
+
+        def __init__(self, passes: list) -> None:
+            super().__init__()
+            self.passes = list(passes)
+
+        def call(self, graph_module):
+            # Pass i's super().call_operator(...) ends in its _fx("call_function", ...): routed to
+            # pass i + 1's hook for that node kind; the last pass's to this pass's own _fx (emit).
+            for i, pass_ in enumerate(self.passes):
+                pass_._fx = self._route(self.passes[i + 1] if i + 1 < len(self.passes) else None)
+                if hasattr(pass_, "_modified"):  # ScalarToTensorPass's flag, reset by its own call
+                    pass_._modified = False
+            try:
+                return super().call(graph_module)
+            finally:
+                for pass_ in self.passes:
+                    del pass_._fx
+
+        def _route(self, nxt):
+            def fx(kind, target, args, kwargs, meta):
+                if kind != "call_function" or nxt is None:
+                    return _ExportPassBase._fx(self, kind, target, args, kwargs, meta)
+                if target is operator.getitem:
+                    return nxt.call_getitem(args[0], args[1], meta)
+                if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket, EdgeOpOverload)):
+                    return nxt.call_operator(target, args, kwargs, meta)
+                return nxt.call_sym(target, args, meta)
+
+            return fx
+
+        def call_operator(self, op, args, kwargs, meta):
+            return self.passes[0].call_operator(op, args, kwargs, meta)
+
+        def __repr__(self) -> str:
+            return f"FusedPasses({', '.join(type(p).__name__ for p in self.passes)})"
+
+    return FusedPasses
+
+
+def fuse_passes(passes: list) -> list:
+    """``passes`` with every run of consecutive :func:`fusable` passes as one ``FusedPasses``."""
+    FusedPasses = _fused_pass_class()
+    out, run = [], []
+
+    def flush() -> None:
+        if run:
+            out.append(run[0] if len(run) == 1 else FusedPasses(run))
+            run.clear()
+
+    for p in passes:
+        inner = getattr(p, "__wrapped__", p)  # ExecuTorch's pass managers wrap passes in functions
+        if fusable(inner):
+            run.append(inner)
+            continue
+        flush()
+        out.append(p)
+    flush()
+    return out
+
+
+class _JoinedPass:
+    """Stands where a pass was that joined the FusedPasses before it: changes nothing."""
+
+    def __call__(self, graph_module):
+        from torch.fx.passes.infra.pass_base import PassResult
+
+        return PassResult(graph_module, False)
+
+
+class _fused_edge_passes:
+    """Patch ExecuTorch's edge conversion (``_generate_edge_program``) to run its passes fused:
+    the pre-op-replacement list through :func:`fuse_passes`, and its last fusable pass
+    (RemoveMixedTypeOperators) with OpReplacePass and MemoryFormatOpsPass, which the conversion
+    appends after that list, as one more FusedPasses."""
+
+    def __enter__(self):
+        import executorch.exir.program._program as program
+
+        self._program = program
+        self._saved = (program._get_aten_to_edge_passes, program.OpReplacePass, program.MemoryFormatOpsPass)
+        get_passes, op_replace, memory_format = self._saved
+        FusedPasses = _fused_pass_class()
+        state: dict[str, Any] = {}
+
+        def fused_get_passes(config):
+            pre, post = get_passes(config)
+            pre = fuse_passes(pre)
+            last = getattr(pre[-1], "__wrapped__", pre[-1]) if pre else None
+            if last is not None and fusable(last):
+                state["tail"] = last  # joins the op replacement below
+                pre = pre[:-1]
+            return pre, post
+
+        def fused_op_replace():
+            fused = FusedPasses(([state.pop("tail")] if "tail" in state else []) + [op_replace()])
+            state["fused"] = fused
+            return fused
+
+        def fused_memory_format():
+            fused = state.pop("fused", None)
+            if fused is None:
+                return memory_format()
+            fused.passes.append(memory_format())
+            return _JoinedPass()
+
+        program._get_aten_to_edge_passes = fused_get_passes
+        program.OpReplacePass, program.MemoryFormatOpsPass = fused_op_replace, fused_memory_format
+        return self
+
+    def __exit__(self, *exc) -> None:
+        p = self._program
+        p._get_aten_to_edge_passes, p.OpReplacePass, p.MemoryFormatOpsPass = self._saved
+
+
+# ----------------------------------------------------------------------------- 2. and 3., and the context manager
+
+
+class fewer_retraces:
+    """Context manager: fuse the edge passes, skip the re-traces and decompositions that cannot
+    change the program (see the module docstring). ``skipped`` counts what was skipped."""
+
+    def __enter__(self):
+        from executorch.exir.graph_module import contains_any_call_fn_target_op
+        from executorch.exir.pass_base import _ExportPassBase
+        from torch.fx.passes.infra.pass_base import PassResult
+
+        self._base, self._ep = _ExportPassBase, ExportedProgram
+        self._call, self._decomp = _ExportPassBase.call, ExportedProgram.run_decompositions
+        call, decomp = self._call, self._decomp
+        self.skipped: dict[str, Any] = {"retrace": 0, "run_decompositions": 0, "run_decompositions ran": []}
+        skipped = self.skipped
+
+        def fewer_call(pass_, graph_module):
+            if _is_pure_retrace(pass_) and getattr(graph_module, "_fxport_retraced", None) == _graph_fingerprint(graph_module):
+                skipped["retrace"] += 1
+                return PassResult(graph_module, False)
+            result = call(pass_, graph_module)
+            # any re-trace's output (a transforming pass's too) is reproduced by a pure re-trace
+            result.graph_module._fxport_retraced = _graph_fingerprint(result.graph_module)
+            return result
+
+        def fewer_decompositions(ep, decomp_table=None, *args, **kwargs):
+            if (decomp_table is not None and not args and not kwargs and not _has_mutation(ep.graph_module)
+                    and not _has_composite(ep.graph_module)
+                    and not contains_any_call_fn_target_op(ep.graph_module, set(decomp_table) - _SIZE_QUERIES)):
+                skipped["run_decompositions"] += 1
+                return ep
+            skipped["run_decompositions ran"].append(len(ep.graph.nodes))  # graph sizes, for tests and profiling
+            return decomp(ep, decomp_table, *args, **kwargs)
+
+        _ExportPassBase.call = fewer_call
+        ExportedProgram.run_decompositions = fewer_decompositions
+        self._fused = _fused_edge_passes().__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._fused.__exit__(*exc)
+        self._base.call = self._call
+        self._ep.run_decompositions = self._decomp
+
+
