@@ -23,7 +23,8 @@ cannot change the program:
    hooks (called as the ``super().call`` at the end of an in-place pass) on a graph structurally
    identical to the output of the previous re-trace (pure or transforming: XNNPACK's
    DimOrderOpsRevert and ConstProp re-trace every delegate just before a pure one) would
-   reproduce it: skipped.
+   reproduce it: skipped. So is a transforming pass shown to have nothing to do on the graph
+   (ConstProp without a node of constant inputs, DimOrderOpsRevert without a dim-order op).
 3. **Decompositions with nothing to do.** ``run_decompositions(table)`` of a program with no
    mutating op, no composite op it must decompose and no op in ``table`` (size reads such as
    ``sym_size.int`` aside: they decompose into themselves): skipped, as upstream itself skips it
@@ -75,6 +76,38 @@ def _is_pure_retrace(pass_: Any) -> bool:
 
     cls = type(pass_)
     return all(getattr(cls, hook, None) is getattr(ExportPass, hook, None) for hook in _RETRACE_HOOKS)
+
+
+def _folds_nothing(gm: Any) -> bool:
+    """ConstPropPass folds a node whose tensor inputs are all constants (``get_attr``; in its
+    re-trace those are real tensors, everything else fake): none here means it changes nothing."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            inputs = node.all_input_nodes
+            if all(i.op == "get_attr" for i in inputs):  # also a node with no tensor input at all
+                return False
+    return True
+
+
+def _reverts_nothing(gm: Any) -> bool:
+    """DimOrderOpsRevertPass rewrites only dim-order ops (``_to_dim_order_copy`` ...)."""
+    from executorch.exir.passes.dim_order_ops_registry import MemoryFormatOpsMap
+
+    return not any(node.op == "call_function" and node.target in MemoryFormatOpsMap for node in gm.graph.nodes)
+
+
+def _changes_nothing(pass_: Any, gm: Any) -> bool:
+    """Whether a transforming pass provably leaves ``gm`` as a pure re-trace would (XNNPACK's
+    per-delegate ConstProp and DimOrderOpsRevert, which rarely have anything to do)."""
+    from executorch.exir.passes.const_prop_pass import ConstPropPass
+    from executorch.exir.passes.memory_format_ops_pass import DimOrderOpsRevertPass
+
+    cls = type(pass_)
+    if cls is ConstPropPass:
+        return _folds_nothing(gm)
+    if cls is DimOrderOpsRevertPass:
+        return _reverts_nothing(gm)
+    return False
 
 
 # In the decomposition table, but decomposed into themselves (a dynamic program's size reads).
@@ -266,7 +299,8 @@ class fewer_retraces:
         skipped = self.skipped
 
         def fewer_call(pass_, graph_module):
-            if _is_pure_retrace(pass_) and getattr(graph_module, "_fxport_retraced", None) == _graph_fingerprint(graph_module):
+            if ((_is_pure_retrace(pass_) or _changes_nothing(pass_, graph_module))
+                    and getattr(graph_module, "_fxport_retraced", None) == _graph_fingerprint(graph_module)):
                 skipped["retrace"] += 1
                 return PassResult(graph_module, False)
             result = call(pass_, graph_module)
