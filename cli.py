@@ -349,9 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    p = sub.add_parser("export", help="export a model to a .pte (prefill + decode sharing one KV cache)",
-                       description="Export a model: quantize (optional), torch.export prefill and decode, "
-                                   "apply fxport's passes, lower with XNNPACK (CPU) or CUDA, write a .pte.")
+    p = sub.add_parser("export", help="export a model to a .pte (xnnpack: one prefill method that also decodes; "
+                                      "cuda: prefill + decode sharing one KV cache)",
+                       description="Export a model: quantize (optional), torch.export the backend's methods "
+                                   "(xnnpack: prefill with a dynamic length, which also runs the decode steps; "
+                                   "cuda: prefill and decode), apply fxport's passes, lower with XNNPACK (CPU) "
+                                   "or CUDA, write a .pte.")
     _add_source(p)
     p.add_argument("--backend", choices=["xnnpack", "cuda"], default="xnnpack",
                    help="xnnpack: CPU .pte run with executorch.runtime (default); cuda: CudaPartitioner + "
