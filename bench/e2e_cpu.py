@@ -312,7 +312,7 @@ def main(argv=None) -> int:
           "(one process: every runtime alike)")
     if qual:
         print(f"quality: texts A = {Q.TEXTS['A']}, B = {Q.TEXTS['B']}, {Q.N_TOKENS} tokens each, "
-              f"{Q.WINDOW}-token windows; fxport .pte scored through its decode method, teacher-forced")
+              f"{Q.WINDOW}-token windows; fxport .pte scored one token per call, teacher-forced")
     print("| runtime | ppl A | ppl B | KL to ref | top-1 agree | bytes/token | file | peak RSS | prefill tok/s | "
           "decode tok/s | decode % of BW ceiling |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -62,3 +62,26 @@ def test_fused_passes_write_the_graph_the_passes_write_one_by_one():
     assert "aten._to_copy.default" in ops  # RemoveMixedTypeOperators cast the int operand
     for want, got in zip(one_by_one(*example), fused(*example)):
         assert torch.equal(want, got)
+
+
+class Views(torch.nn.Module):
+    def forward(self, x):  # x (2, 3, 4)
+        a = x.view(6, 4)
+        b = x.transpose(0, 1).reshape(3, 8)  # export: permute, clone, _unsafe_view
+        return a.unsqueeze(0), b.select(0, 1), x.expand(2, 2, 3, 4)
+
+
+def test_view_copy_in_place_swaps_what_torchs_pass_swaps():
+    from torch._export.passes import ReplaceViewOpsWithViewCopyOpsPass
+
+    from fxport.lowering.fewer_retraces import _ViewCopyInPlace
+
+    def targets(swap):
+        ep = torch.export.export(Views(), (torch.randn(2, 3, 4),)).run_decompositions({})
+        gm = swap(torch.fx.GraphModule(ep.graph_module, ep.graph_module.graph)).graph_module
+        return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+
+    ours, torchs = targets(_ViewCopyInPlace()), targets(ReplaceViewOpsWithViewCopyOpsPass())
+    assert ours == torchs
+    assert {"aten.view_copy.default", "aten.unsqueeze_copy.default", "aten.select_copy.int",
+            "aten.expand_copy.default"} <= set(ours)
