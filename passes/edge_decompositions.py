@@ -12,7 +12,8 @@ without any other op of the table skips those re-exports (fxport's lowering skip
 Matches and produces (each the exact form ``run_decompositions`` gives, torch 2.13):
 
 ========================================  ==================================================
-``transpose.int(x, a, b)``                ``permute.default(x, perm)`` (``a``, ``b`` swapped)
+``transpose.int(x, a, b)``                ``permute.default(x, perm)`` (``a``, ``b`` swapped;
+                                          ``alias.default(x)`` when ``a == b`` as written)
 ``index_copy.default(x, d, idx, src)``    ``index_put.default(x, [None] * d + [idx], src)``
 ``masked_fill.Scalar(x, mask, v)``        ``where.self(mask, scalar_tensor(v, dtype=x.dtype), x)``
 ``zeros_like.default(x, dtype=...)``      ``full_like.default(x, 0, dtype=..., memory_format=preserve)``
@@ -85,6 +86,8 @@ class EdgeDecompositions(Pass):
                 return none
             rank = val.dim()
             perm = list(range(rank))
+            if d0 == d1:  # torch's decomposition: the same dim, as written, is an alias
+                return aten.alias.default, (x,), {}
             d0, d1 = d0 % rank, d1 % rank
             perm[d0], perm[d1] = perm[d1], perm[d0]
             return aten.permute.default, (x, perm), {}

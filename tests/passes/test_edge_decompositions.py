@@ -104,3 +104,69 @@ def test_idempotent(programs):
     _, result, _, _ = programs
     again = EdgeDecompositions()(result.ep)
     assert not again.changed and again.stats.matched == 0
+
+
+# --------------------------------------------------------------------------------- any shape, any dim
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+class Ops(torch.nn.Module):
+    """transpose / index_copy / masked_fill / reshape on a tensor of any rank, along given dims."""
+
+    def __init__(self, d0: int, d1: int, dim: int, shape: list[int]):
+        super().__init__()
+        self.d0, self.d1, self.dim, self.shape = d0, d1, dim, shape
+
+    def forward(self, x, index, src, mask):
+        t = x.transpose(self.d0, self.d1)
+        c = x.index_copy(self.dim, index, src)
+        f = x.masked_fill(mask, -2.5)
+        r = t.reshape(self.shape)
+        return t + 0, c, f, r * 1
+
+
+@st.composite
+def cases(draw):
+    rank = draw(st.integers(2, 4))
+    sizes = draw(st.lists(st.integers(1, 4), min_size=rank, max_size=rank))
+    d0, d1 = draw(st.integers(-rank, rank - 1)), draw(st.integers(-rank, rank - 1))
+    dim = draw(st.integers(-rank, rank - 1))
+    n = sizes[dim]
+    index = draw(st.permutations(list(range(n))))[: draw(st.integers(1, n))]
+    numel = 1
+    for s in sizes:
+        numel *= s
+    split = draw(st.sampled_from([d for d in range(1, numel + 1) if numel % d == 0]))
+    return sizes, d0, d1, dim, index, [split, numel // split], draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=12, deadline=None)
+@given(cases())
+def test_any_rank_and_dims_match_run_decompositions(case):
+    from executorch.exir.tracer import _default_decomposition_table
+
+    sizes, d0, d1, dim, index, shape, seed = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(sizes, generator=g)
+    idx = torch.tensor(index)
+    src_shape = list(sizes)
+    src_shape[dim] = len(index)
+    args = (x, idx, torch.randn(src_shape, generator=g), torch.rand(sizes, generator=g) > 0.5)
+    ep = torch.export.export(Ops(d0, d1, dim, shape), args).run_decompositions({})
+    # put the reshape back where export decomposed it (as SDPAAsMatmul writes it)
+    for node in list(ep.graph.nodes):
+        if node.target in (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default) and \
+                node.args[0].target is torch.ops.aten.clone.default:
+            clone = node.args[0]
+            node.args = (clone.args[0], node.args[1])
+            if not clone.users:
+                ep.graph.erase_node(clone)
+            node.target = torch.ops.aten.reshape.default
+    ep.graph_module.recompile()
+    result = EdgeDecompositions()(ep)
+    reference = ep.run_decompositions(_default_decomposition_table())
+    assert _ops(result.ep) == _ops(reference)
+    for want, got in zip(ep.module()(*args), result.ep.module()(*args)):
+        assert torch.equal(want, got)
