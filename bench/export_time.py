@@ -1,11 +1,12 @@
-"""Compile time of ``fxport export``: the Gemma 3 270M GGUF -> XNNPACK 8da4w .pte, stage by stage.
+"""Compile time of ``fxport export``: the Gemma 3 270M GGUF -> XNNPACK .pte (recipe ``balanced``,
+the one ``fxport demo`` builds), stage by stage.
 
 Prints the stage table of :func:`fxport.builder.build` (wall and CPU seconds per stage, with the
 load average: on a shared machine wall time is inflated by waiting for a core, CPU seconds are
 not), then the program's greedy tokens on the demo prompt, so a faster build can be checked to
 produce the same program (same tokens, same file digest).
 
-    python bench/export_time.py                      # the 270M XNNPACK export (8da4w)
+    python bench/export_time.py                      # the 270M XNNPACK export, --quant balanced
     python bench/export_time.py --legacy             # the same through the old lowering path
     python bench/export_time.py --cuda-31b           # the 31B-shaped meta-device CUDA dry run
 
@@ -76,7 +77,7 @@ def cuda_31b(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quant", default="8da4w", help="XNNPACK recipe (default 8da4w)")
+    p.add_argument("--quant", default="balanced", help="XNNPACK recipe (default balanced, the demo's recipe)")
     p.add_argument("--out", default="build/export-time.pte", help="program path (default build/export-time.pte)")
     p.add_argument("--max-seq-len", type=int, default=1024)
     p.add_argument("--max-prefill-chunk", type=int, default=128)
