@@ -41,6 +41,7 @@ fusions alone, byte-identical ``.pte``.
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Any
 
@@ -163,7 +164,9 @@ def fusable(pass_: Any) -> bool:
     return "call" not in vars(cls) or cls in _call_wrappers()
 
 
+@functools.lru_cache(maxsize=None)
 def _fused_pass_class():
+    """The ``FusedPasses`` class (defined on first use: executorch is imported lazily)."""
     from executorch.exir.dialects.edge._ops import EdgeOpOverload
     from executorch.exir.pass_base import ExportPass, _ExportPassBase
 
@@ -279,6 +282,7 @@ class _fused_edge_passes:
         state: dict[str, Any] = {}
 
         def fused_get_passes(config):
+            state.clear()  # one conversion at a time: nothing carries over from the previous one
             pre, post = get_passes(config)
             pre = fuse_passes(pre)
             last = getattr(pre[-1], "__wrapped__", pre[-1]) if pre else None
