@@ -47,14 +47,20 @@ def _export():
     SDPAAsMatmul writes ``reshape`` into such graphs)."""
     L = Dim("L", min=1, max=S)
     example = (torch.randn(1, 2, 4), torch.arange(2))
-    ep = torch.export.export(AllMatched(), example, dynamic_shapes=({1: L}, {0: L})).run_decompositions({})
+    return _as_reshapes(torch.export.export(AllMatched(), example, dynamic_shapes=({1: L}, {0: L})).run_decompositions({}))
+
+
+def _as_reshapes(ep):
+    """``ep`` with every view written as the ``reshape`` export decomposed into it (the copy export
+    made before a view dropped): the form fxport's SDPAAsMatmul writes into a graph."""
     g = ep.graph
     for node in list(g.nodes):
         if node.target in (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default):
             src = node.args[0]
             if src.target is torch.ops.aten.clone.default:  # the copy export made for a reshape
                 node.args = (src.args[0], node.args[1])
-                g.erase_node(src) if not src.users else None
+                if not src.users:
+                    g.erase_node(src)
             node.target = torch.ops.aten.reshape.default
     ep.graph_module.recompile()
     return ep
@@ -154,17 +160,7 @@ def test_any_rank_and_dims_match_run_decompositions(case):
     src_shape = list(sizes)
     src_shape[dim] = len(index)
     args = (x, idx, torch.randn(src_shape, generator=g), torch.rand(sizes, generator=g) > 0.5)
-    ep = torch.export.export(Ops(d0, d1, dim, shape), args).run_decompositions({})
-    # put the reshape back where export decomposed it (as SDPAAsMatmul writes it)
-    for node in list(ep.graph.nodes):
-        if node.target in (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default) and \
-                node.args[0].target is torch.ops.aten.clone.default:
-            clone = node.args[0]
-            node.args = (clone.args[0], node.args[1])
-            if not clone.users:
-                ep.graph.erase_node(clone)
-            node.target = torch.ops.aten.reshape.default
-    ep.graph_module.recompile()
+    ep = _as_reshapes(torch.export.export(Ops(d0, d1, dim, shape), args).run_decompositions({}))
     result = EdgeDecompositions()(ep)
     reference = ep.run_decompositions(_default_decomposition_table())
     assert _ops(result.ep) == _ops(reference)
