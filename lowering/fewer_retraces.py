@@ -333,8 +333,9 @@ class fewer_retraces:
         skipped = self.skipped
 
         def fewer_call(pass_, graph_module):
-            if ((_is_pure_retrace(pass_) or _changes_nothing(pass_, graph_module))
-                    and getattr(graph_module, "_fxport_retraced", None) == _graph_fingerprint(graph_module)):
+            retraced = getattr(graph_module, "_fxport_retraced", None)  # None: not a re-trace's output
+            if (retraced is not None and (_is_pure_retrace(pass_) or _changes_nothing(pass_, graph_module))
+                    and retraced == _graph_fingerprint(graph_module)):
                 skipped["retrace"] += 1
                 return PassResult(graph_module, False)
             result = call(pass_, graph_module)
