@@ -475,6 +475,20 @@ def update_manifest(out: str | Path, **entries: Any) -> None:
 
 # ----------------------------------------------------------------------------- build
 
+LAZY_RECOMPILE = True  # bench/export_time.py --legacy turns it off (the before/after table)
+
+
+def graph_work():
+    """The context the graph stages after export (passes, lowering) run in: GraphModules generate
+    their code only when run or read (:class:`fxport.lowering.lazy_recompile.lazy_recompile`)."""
+    import contextlib
+
+    if not LAZY_RECOMPILE:
+        return contextlib.nullcontext()
+    from fxport.lowering.lazy_recompile import lazy_recompile
+
+    return lazy_recompile()
+
 
 def build(source: Source, out: str | Path | None, options: BuildOptions = BuildOptions(), *,
           progress: bool = False, on_stage: Callable[[str], None] | None = None,
@@ -517,14 +531,15 @@ def build(source: Source, out: str | Path | None, options: BuildOptions = BuildO
         result.metadata = model_metadata(model, options.max_prefill_chunk)
         times.start("export")
         programs = export_programs(model, options, backend.METHODS)
-        times.start("passes")
-        programs, result.pass_results = backend.run_passes(model, programs, options)
-        times.start("lower")
-        if options.dry_run:
-            result.report = backend.dry_run(programs)
-            return result
-        lowered = backend.lower(programs, constant_methods=result.metadata,
-                                on_serialize=lambda: times.start("serialize"))
+        with graph_work():
+            times.start("passes")
+            programs, result.pass_results = backend.run_passes(model, programs, options)
+            times.start("lower")
+            if options.dry_run:
+                result.report = backend.dry_run(programs)
+                return result
+            lowered = backend.lower(programs, constant_methods=result.metadata,
+                                    on_serialize=lambda: times.start("serialize"))
         result.report = lowered.report
         times.start("save")
         out = Path(out)
