@@ -475,15 +475,29 @@ def update_manifest(out: str | Path, **entries: Any) -> None:
 
 # ----------------------------------------------------------------------------- build
 
-LAZY_RECOMPILE = True  # bench/export_time.py --legacy turns it off (the before/after table)
+# Compile-time tools the graph stages run under (bench/export_time.py --legacy turns them off, for
+# the before/after table); neither changes the program written.
+FAST_TRACING = True
 
 
-def graph_work():
-    """The context the graph stages after export (passes, lowering) run in: GraphModules generate
-    their code only when run or read (:class:`fxport.lowering.lazy_recompile.lazy_recompile`)."""
+def fast_fake_propagation():
+    """From export to lowering: torchao's quant ops answer fake-tensor propagation from shapes
+    (:class:`fxport.lowering.quant_shape_rules.quant_shape_rules`)."""
     import contextlib
 
-    if not LAZY_RECOMPILE:
+    if not FAST_TRACING:
+        return contextlib.nullcontext()
+    from fxport.lowering.quant_shape_rules import quant_shape_rules
+
+    return quant_shape_rules()
+
+
+def lazy_codegen():
+    """From the passes to lowering: GraphModules generate their code only when run or read
+    (:class:`fxport.lowering.lazy_recompile.lazy_recompile`; torch.export's own modules are left alone)."""
+    import contextlib
+
+    if not FAST_TRACING:
         return contextlib.nullcontext()
     from fxport.lowering.lazy_recompile import lazy_recompile
 
@@ -529,17 +543,18 @@ def build(source: Source, out: str | Path | None, options: BuildOptions = BuildO
             times.start("quantize")
             result.quant_report = backend.quantize(model, options.quant, tokenizer=tokenizer)
         result.metadata = model_metadata(model, options.max_prefill_chunk)
-        times.start("export")
-        programs = export_programs(model, options, backend.METHODS)
-        with graph_work():
-            times.start("passes")
-            programs, result.pass_results = backend.run_passes(model, programs, options)
-            times.start("lower")
-            if options.dry_run:
-                result.report = backend.dry_run(programs)
-                return result
-            lowered = backend.lower(programs, constant_methods=result.metadata,
-                                    on_serialize=lambda: times.start("serialize"))
+        with fast_fake_propagation():
+            times.start("export")
+            programs = export_programs(model, options, backend.METHODS)
+            with lazy_codegen():
+                times.start("passes")
+                programs, result.pass_results = backend.run_passes(model, programs, options)
+                times.start("lower")
+                if options.dry_run:
+                    result.report = backend.dry_run(programs)
+                    return result
+                lowered = backend.lower(programs, constant_methods=result.metadata,
+                                        on_serialize=lambda: times.start("serialize"))
         result.report = lowered.report
         times.start("save")
         out = Path(out)

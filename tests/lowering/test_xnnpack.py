@@ -229,37 +229,42 @@ def test_cpu_passes_keep_eager_numerics(tiny):
 
 def test_fewer_retraces_write_the_same_program(tiny, tmp_path):
     """The compile-time cuts write the program the full path writes (8da4w: the dq-linear passes
-    run). Skipping re-traces that cannot change the graph, and generating code lazily: byte for byte. EdgeDecompositions
+    run). Skipping re-traces that cannot change the graph, generating code lazily and shape rules for
+    torchao's quant ops: byte for byte. EdgeDecompositions
     (the decompositions written node by node instead of two whole-program re-exports): the same
     logits, bit for bit, over prefill chunks and decode steps."""
     from fxport.models.gemma4.config import SLIDING
     from fxport.models.gemma4.model import Gemma4ForCausalLM
     from fxport.lowering.lazy_recompile import lazy_recompile
+    from fxport.lowering.quant_shape_rules import quant_shape_rules
     from fxport.passes.edge_decompositions import EdgeDecompositions
 
     config = tiny.config().replace(num_hidden_layers=1, layer_types=[SLIDING])  # 1 layer: the test's cost
 
-    def lower(legacy, edge_decompositions=True, lazy=False):
+    def lower(legacy, edge_decompositions=True, fast_tracing=False):
         torch.manual_seed(0)
         model = Gemma4ForCausalLM(config, max_seq_len=tiny.max_seq_len).eval()
         quantize_for_xnnpack(model, "8da4w")
-        with torch.no_grad():
-            programs = export_methods(model, max_prefill_chunk=tiny.max_chunk)
-        passes = {m: [p for p in ps if edge_decompositions or not isinstance(p, EdgeDecompositions)]
-                  for m, ps in cpu_passes(model).items()}
-        with lazy_recompile() if lazy else contextlib.nullcontext():
-            programs, _ = apply_method_passes(programs, passes)
-            return lower_to_xnnpack(programs, constant_methods={"get_max_seq_len": tiny.max_seq_len,
-                                                                "get_max_prefill_chunk": tiny.max_chunk}, legacy=legacy)
+        with quant_shape_rules() if fast_tracing else contextlib.nullcontext():  # as builder.build runs them
+            with torch.no_grad():
+                programs = export_methods(model, max_prefill_chunk=tiny.max_chunk)
+            passes = {m: [p for p in ps if edge_decompositions or not isinstance(p, EdgeDecompositions)]
+                      for m, ps in cpu_passes(model).items()}
+            with lazy_recompile() if fast_tracing else contextlib.nullcontext():
+                programs, _ = apply_method_passes(programs, passes)
+                return lower_to_xnnpack(programs, constant_methods={"get_max_seq_len": tiny.max_seq_len,
+                                                                    "get_max_prefill_chunk": tiny.max_chunk},
+                                        legacy=legacy)
 
     full = lower(True, edge_decompositions=False)  # ExecuTorch's path, as it is
     fewer = lower(False, edge_decompositions=False)
     assert fewer.report.summary() == full.report.summary()
     assert fewer.buffer == full.buffer
-    assert lower(False, edge_decompositions=False, lazy=True).buffer == full.buffer  # code generated lazily
+    # torchao's quant ops answering fake propagation from shapes, code generated lazily: the same bytes
+    assert lower(False, edge_decompositions=False, fast_tracing=True).buffer == full.buffer
     assert fewer.skipped["run_decompositions ran"]  # without the pass the program is decomposed
 
-    fast = lower(False)
+    fast = lower(False, fast_tracing=True)  # what builder.build runs
     assert max(fast.skipped["run_decompositions ran"], default=0) < 10  # at most XNNPACK's 6-node pattern graphs
     assert fast.report.summary() == full.report.summary()
     tokens = torch.randint(0, config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
