@@ -223,12 +223,13 @@ def lower_to_xnnpack(
     _check_shared_buffers(programs)
     import contextlib
 
+    from fxport.lowering.faster_partitioner import faster_partitioner
     from fxport.lowering.fewer_retraces import fewer_retraces
 
     shared = shared_tables(programs)
     external = bool(shared) if weights_file is None else weights_file
     fewer = None if legacy else fewer_retraces()
-    with fewer or contextlib.nullcontext():
+    with fewer or contextlib.nullcontext(), contextlib.nullcontext() if legacy else faster_partitioner():
         edge = to_edge_transform_and_lower(
             dict(programs),
             partitioner=[_tagging_partitioner() if external else XnnpackPartitioner()],
