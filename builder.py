@@ -476,8 +476,47 @@ def update_manifest(out: str | Path, **entries: Any) -> None:
 # ----------------------------------------------------------------------------- build
 
 # Compile-time tools the graph stages run under (bench/export_time.py --legacy turns them off, for
-# the before/after table); neither changes the program written.
+# the before/after table); none changes the program written.
 FAST_TRACING = True
+
+
+class StageGC:
+    """Python's cyclic garbage collector paused during the graph stages, one full collection at
+    each stage boundary (:meth:`boundary`) and at the end.
+
+    Tracing creates millions of objects that stay alive until their stage ends (nodes, fake
+    tensors, symbolic expressions); the collector's automatic full collections walk all of them
+    again and again and find little to free: in the 270M build, 16 full collections took 4.3 s.
+    One collection per stage frees what the stage left behind (the same peak memory, 3.7 GB).
+    A collector the caller had disabled stays disabled (and nothing is collected)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._enabled = False
+
+    def __enter__(self) -> "StageGC":
+        import gc
+
+        self._enabled = FAST_TRACING and gc.isenabled()
+        if self._enabled:
+            gc.disable()
+        return self
+
+    def boundary(self) -> None:
+        """A full collection, if this context paused the collector."""
+        import gc
+
+        if self._enabled:
+            t0 = time.perf_counter()
+            gc.collect()
+            self.seconds += time.perf_counter() - t0
+
+    def __exit__(self, *exc) -> None:
+        import gc
+
+        if self._enabled:
+            self.boundary()
+            gc.enable()
 
 
 def fast_fake_propagation():
@@ -543,18 +582,20 @@ def build(source: Source, out: str | Path | None, options: BuildOptions = BuildO
             times.start("quantize")
             result.quant_report = backend.quantize(model, options.quant, tokenizer=tokenizer)
         result.metadata = model_metadata(model, options.max_prefill_chunk)
-        with fast_fake_propagation():
+        with StageGC() as gc_pause, fast_fake_propagation():
             times.start("export")
             programs = export_programs(model, options, backend.METHODS)
+            gc_pause.boundary()
             with lazy_codegen():
                 times.start("passes")
                 programs, result.pass_results = backend.run_passes(model, programs, options)
+                gc_pause.boundary()
                 times.start("lower")
                 if options.dry_run:
                     result.report = backend.dry_run(programs)
                     return result
                 lowered = backend.lower(programs, constant_methods=result.metadata,
-                                        on_serialize=lambda: times.start("serialize"))
+                                        on_serialize=lambda: (gc_pause.boundary(), times.start("serialize")))
         result.report = lowered.report
         times.start("save")
         out = Path(out)

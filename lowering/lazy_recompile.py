@@ -13,8 +13,9 @@ does for the modules it builds: the code is generated on the first call of ``for
 read of ``.code`` / ``str()``, or a pickle (which needs the code object). The code generated then
 is the code of the graph as it is at that moment, which is what an eager recompile after the
 last edit gives; a module still stale when the context exits is compiled then, so nothing
-outside it ever sees stale code. The program written is byte-identical
-(``tests/lowering/test_lazy_recompile.py``).
+outside it ever sees stale code. The patch is process-wide while the context is open (graph work
+in other threads sees it too, with the same results). The program written is byte-identical
+(``tests/lowering/test_xnnpack.py``; the mechanism: ``tests/lowering/test_lazy_recompile.py``).
 """
 
 from __future__ import annotations

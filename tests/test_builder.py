@@ -303,3 +303,47 @@ def test_a_build_without_reuse_drops_the_manifest(fake, tmp_path, monkeypatch):
     assert builder.manifest_path(out).exists()
     build(TINY, out, OPTS)  # the file changed without a record: the old manifest must not vouch for it
     assert not builder.manifest_path(out).exists()
+
+
+# ----------------------------------------------------------------------------- compile-time tools
+
+
+def test_the_collector_is_paused_in_the_graph_stages_and_collects_between_them(fake, tmp_path, monkeypatch):
+    import gc
+
+    states, collections = {}, []
+    for name in ("export", "run_passes", "lower"):
+        step = getattr(fake, name)
+
+        def spy(*args, _step=step, _name=name, **kwargs):
+            states[_name] = gc.isenabled()
+            return _step(*args, **kwargs)
+
+        monkeypatch.setattr(fake, name, spy)
+    monkeypatch.setattr(builder, "export_programs", fake.export)
+    real_collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: collections.append(a) or real_collect(*a))
+    assert gc.isenabled()
+    build(TINY, tmp_path / "m.pte", OPTS)
+    assert states == {"export": False, "run_passes": False, "lower": False}
+    assert gc.isenabled()  # back on after the build
+    assert len(collections) == 4  # after export, passes, lowering (before serialize), and at the end
+
+    gc.disable()  # a caller's disabled collector: left as it is, nothing collected
+    try:
+        collections.clear()
+        build(TINY, tmp_path / "m.pte", OPTS)
+        assert not gc.isenabled() and collections == []
+    finally:
+        gc.enable()
+
+
+def test_the_fxport_command_exits_after_its_exit_handlers_with_its_status(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import atexit; from fxport.cli import _exit_now; "
+            "atexit.register(lambda: print('exit handler ran')); print('output', end=' '); _exit_now(3)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3
+    assert proc.stdout == "output exit handler ran\n"  # buffered output flushed, handlers run
