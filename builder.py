@@ -481,8 +481,8 @@ FAST_TRACING = True
 
 
 class StageGC:
-    """Python's cyclic garbage collector paused during the graph stages, one full collection at
-    each stage boundary (:meth:`boundary`) and at the end.
+    """Python's cyclic garbage collector paused during a build's stages (load to serialization),
+    one full collection at each stage boundary (:meth:`boundary`) and at the end.
 
     Tracing creates millions of objects that stay alive until their stage ends (nodes, fake
     tensors, symbolic expressions); the collector's automatic full collections walk all of them
@@ -571,31 +571,34 @@ def build(source: Source, out: str | Path | None, options: BuildOptions = BuildO
                    and not (options.dry_run and s in ("serialize", "save")))
     times = StageTimes(stages, progress=progress, on_stage=on_stage)
     try:
-        times.start("load")
-        # A dry run needs shapes only: a preset is built on the meta device (a 31B-shaped
-        # model without 120 GB of random weights).
-        model, tokenizer = load_source(source, options.max_seq_len, progress=False,
-                                       meta=options.dry_run and source.preset is not None)
-        _check_ring(model, options)
-        result = BuildResult(None, options, times, model=model)
-        if options.quant:
-            times.start("quantize")
-            result.quant_report = backend.quantize(model, options.quant, tokenizer=tokenizer)
-        result.metadata = model_metadata(model, options.max_prefill_chunk)
-        with StageGC() as gc_pause, fast_fake_propagation():
-            times.start("export")
-            programs = export_programs(model, options, backend.METHODS)
-            gc_pause.boundary()
-            with lazy_codegen():
-                times.start("passes")
-                programs, result.pass_results = backend.run_passes(model, programs, options)
+        with StageGC() as gc_pause:
+            times.start("load")
+            # A dry run needs shapes only: a preset is built on the meta device (a 31B-shaped
+            # model without 120 GB of random weights).
+            model, tokenizer = load_source(source, options.max_seq_len, progress=False,
+                                           meta=options.dry_run and source.preset is not None)
+            _check_ring(model, options)
+            result = BuildResult(None, options, times, model=model)
+            if options.quant:
                 gc_pause.boundary()
-                times.start("lower")
-                if options.dry_run:
-                    result.report = backend.dry_run(programs)
-                    return result
-                lowered = backend.lower(programs, constant_methods=result.metadata,
-                                        on_serialize=lambda: (gc_pause.boundary(), times.start("serialize")))
+                times.start("quantize")
+                result.quant_report = backend.quantize(model, options.quant, tokenizer=tokenizer)
+            result.metadata = model_metadata(model, options.max_prefill_chunk)
+            gc_pause.boundary()
+            with fast_fake_propagation():
+                times.start("export")
+                programs = export_programs(model, options, backend.METHODS)
+                gc_pause.boundary()
+                with lazy_codegen():
+                    times.start("passes")
+                    programs, result.pass_results = backend.run_passes(model, programs, options)
+                    gc_pause.boundary()
+                    times.start("lower")
+                    if options.dry_run:
+                        result.report = backend.dry_run(programs)
+                        return result
+                    lowered = backend.lower(programs, constant_methods=result.metadata,
+                                            on_serialize=lambda: (gc_pause.boundary(), times.start("serialize")))
         result.report = lowered.report
         times.start("save")
         out = Path(out)

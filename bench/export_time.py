@@ -107,9 +107,10 @@ def rounds(args: argparse.Namespace) -> None:
                     for run in runs[v]]
             cells.append(f" {statistics.median(vals):>12.1f}")
         print(f"  {stage:<10}" + "".join(cells))
-    for v in variants:
-        totals = ", ".join(f"{sum(run['seconds'].values()):.1f}" for run in runs[v])
-        print(f"  {v} totals: {totals}")
+    for v in variants:  # every build, stage by stage (the machine's noise shows here, not in the medians)
+        print(f"  {v}, each build: " + "; ".join(
+            f"{sum(run['seconds'].values()):.1f} = " + " + ".join(f"{run['seconds'][s]:.1f}" for s in stages)
+            for run in runs[v]))
     print(f"program sha256: {', '.join(sorted(digests))}" + (" (every build the same bytes)" if len(digests) == 1
                                                               else " (BUILDS DIFFER)"))
 

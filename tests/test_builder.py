@@ -308,11 +308,11 @@ def test_a_build_without_reuse_drops_the_manifest(fake, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- compile-time tools
 
 
-def test_the_collector_is_paused_in_the_graph_stages_and_collects_between_them(fake, tmp_path, monkeypatch):
+def test_the_collector_is_paused_in_the_stages_and_collects_between_them(fake, tmp_path, monkeypatch):
     import gc
 
     states, collections = {}, []
-    for name in ("export", "run_passes", "lower"):
+    for name in ("quantize", "export", "run_passes", "lower"):
         step = getattr(fake, name)
 
         def spy(*args, _step=step, _name=name, **kwargs):
@@ -325,9 +325,9 @@ def test_the_collector_is_paused_in_the_graph_stages_and_collects_between_them(f
     monkeypatch.setattr(gc, "collect", lambda *a: collections.append(a) or real_collect(*a))
     assert gc.isenabled()
     build(TINY, tmp_path / "m.pte", OPTS)
-    assert states == {"export": False, "run_passes": False, "lower": False}
+    assert states == {"quantize": False, "export": False, "run_passes": False, "lower": False}
     assert gc.isenabled()  # back on after the build
-    assert len(collections) == 4  # after export, passes, lowering (before serialize), and at the end
+    assert len(collections) == 6  # after load, quantize, export, passes, lowering (before serialize), at the end
 
     gc.disable()  # a caller's disabled collector: left as it is, nothing collected
     try:
