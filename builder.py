@@ -17,6 +17,13 @@ directory, fsync, rename), so a failed or killed build leaves the previous file 
 ``reuse=True`` a build whose inputs (source digest, backend, recipe, options, fxport version and
 source digest) equal those recorded in the manifest beside the program (``model.pte.build.json``)
 is skipped and the existing program returned.
+
+Compile time (the 270M ``balanced`` export: 223 s -> 53-60 s on 2 cores): the stages run with the
+collector paused between stage boundaries (:class:`StageGC`), torchao's quant ops answering fake
+propagation from shapes (from export on) and GraphModules generating code lazily (from the passes
+on); the lowering adds its own (:mod:`fxport.lowering.fewer_retraces`,
+:mod:`fxport.lowering.faster_partitioner`). None changes the program: the bytes written are the
+same with and without them.
 """
 
 from __future__ import annotations
@@ -491,7 +498,6 @@ class StageGC:
     A collector the caller had disabled stays disabled (and nothing is collected)."""
 
     def __init__(self) -> None:
-        self.seconds = 0.0
         self._enabled = False
 
     def __enter__(self) -> "StageGC":
@@ -507,9 +513,7 @@ class StageGC:
         import gc
 
         if self._enabled:
-            t0 = time.perf_counter()
             gc.collect()
-            self.seconds += time.perf_counter() - t0
 
     def __exit__(self, *exc) -> None:
         import gc
