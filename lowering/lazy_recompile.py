@@ -43,31 +43,36 @@ def is_stale(gm: GraphModule) -> bool:
     return type(gm).__dict__.get("forward") is _lazy_forward
 
 
+_REAL_RECOMPILE = GraphModule.recompile
+_materialized = 0  # stale modules compiled because their code was needed, in this process
+
+
 def materialize(gm: GraphModule) -> None:
     """Generate ``gm``'s code now if it is stale (torch's eager ``recompile``)."""
+    global _materialized
     if is_stale(gm):
+        _materialized += 1
         _REAL_RECOMPILE(gm)
-
-
-_REAL_RECOMPILE = GraphModule.recompile
 
 
 class lazy_recompile:
     """Context manager: plain GraphModules recompile lazily inside it (see the module docstring).
-    ``deferred`` counts the recompiles deferred, ``compiled`` those that had to run after all."""
+    ``deferred`` counts the recompiles deferred; ``compiled`` (complete after exit) the code
+    generations that ran after all: modules called or read, pickles, torch's own lazy modules,
+    and the stale modules compiled at exit."""
 
     def __enter__(self) -> "lazy_recompile":
         self._saved = {name: GraphModule.__dict__[name] for name in _PATCHED}
         self._stale: weakref.WeakSet = weakref.WeakSet()
         self.deferred = 0
         self.compiled = 0
+        self._materialized_before = _materialized
         saved, stale = self._saved, self._stale
-        real = saved["recompile"]
 
         def recompile(gm: GraphModule):
             if isinstance(gm, _LazyGraphModule) or getattr(_eager, "depth", 0):
                 self.compiled += 1
-                return real(gm)  # torch's lazy module compiling for real; a pickle needs the code
+                return _REAL_RECOMPILE(gm)  # torch's lazy module compiling for real; a pickle needs the code
             graph = gm._graph
             if isinstance(graph._codegen, _PyTreeCodeGen):  # read by the call wrapper, kept current
                 gm._in_spec = graph._codegen.pytree_info.in_spec
@@ -107,10 +112,9 @@ class lazy_recompile:
         for name, value in self._saved.items():
             setattr(GraphModule, name, value)
         for gm in list(self._stale):  # nothing stale outlives the context
-            if is_stale(gm):
-                self.compiled += 1
-                _REAL_RECOMPILE(gm)
+            materialize(gm)
         self._stale.clear()
+        self.compiled += _materialized - self._materialized_before
 
 
 __all__ = ["lazy_recompile", "materialize", "is_stale"]
