@@ -33,7 +33,8 @@ import torch
 from torch import nn
 from torch.export import ExportedProgram
 
-from fxport.lowering.dryrun import DelegationReport, MethodReport, op_name
+from fxport.lowering.dryrun import (DelegationReport, MethodReport, StateBytes, format_signature, input_signature,
+                                    op_name, state_bytes)
 
 
 def gpu_available() -> bool:
@@ -155,11 +156,14 @@ def _is_triton_op(op: torch._ops.OpOverload) -> bool:
 
 @dataclass
 class CudaDryRunReport:
-    """Partition report per method plus the ops that would need an unsupported fallback."""
+    """Partition report per method plus the ops that would need an unsupported fallback,
+    the methods' input signatures and the bytes of weights and KV cache (from shapes)."""
 
     delegation: DelegationReport
     fallback: dict[str, dict[str, str]] = field(default_factory=dict)  # method -> {op: coverage}
     pass_results: dict = field(default_factory=dict)
+    signatures: dict[str, list] = field(default_factory=dict)  # method -> [(input, shape, dtype)]
+    state: StateBytes | None = None
 
     @property
     def unsupported(self) -> dict[str, list[str]]:
@@ -173,6 +177,9 @@ class CudaDryRunReport:
         lines = ["CUDA dry run (partition only; AOTInductor compilation needs a GPU)"]
         for method, res in self.pass_results.items():
             lines.extend(f"[{method}] {line}" for line in res.summary().splitlines())
+        if self.signatures:
+            lines.append(f"methods: {', '.join(self.signatures)}")
+            lines.extend(f"    {m}({format_signature(rows)})" for m, rows in self.signatures.items())
         for method, rep in self.delegation.methods.items():
             tagged = sum(rep.delegated_ops.values())
             lines.append(f"{method}: {tagged} node(s) delegated to CudaBackend in {rep.delegates} partition(s), "
@@ -181,6 +188,8 @@ class CudaDryRunReport:
             bad = self.unsupported.get(method, [])
             if bad:
                 lines.append(f"    ops AOTInductor would need an unsupported fallback kernel for: {', '.join(bad)}")
+        if self.state is not None:
+            lines.append(self.state.summary())
         lines.append("result: " + ("every node delegated" if self.fully_delegated else "NOT fully delegated (see above)"))
         return "\n".join(lines)
 
@@ -217,7 +226,8 @@ def partition_report(programs: Mapping[str, ExportedProgram]) -> CudaDryRunRepor
                 rep.undelegated.append((node.name, name))
         delegation.methods[method] = rep
         fallback[method] = coverage
-    return CudaDryRunReport(delegation, fallback)
+    return CudaDryRunReport(delegation, fallback, signatures={m: input_signature(ep) for m, ep in programs.items()},
+                            state=state_bytes(programs))
 
 
 def cuda_dry_run(model: nn.Module, *, max_prefill_chunk: int = 128, quant: str | None = None,

@@ -14,6 +14,13 @@ say exactly what was not delegated:
 
 Not counted as compute: placeholders, outputs, ``getitem`` on a delegate's tuple, the
 delegate calls themselves, and symbolic-size bookkeeping (``sym_size``, ``sym_numel``).
+
+What a program holds, read from shapes and dtypes only (so a meta-device program without
+weights, as the 31B dry run builds, is measured exactly): :func:`state_bytes` splits the
+tensors the methods read into weights (parameters, constants, buffers no method writes; one
+copy per name, as methods share them by name) and mutable state (buffers a method writes back:
+the KV caches); :func:`input_signature` gives each method's user inputs with symbolic sizes and
+their ranges.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx import Node
 
 # Targets that are graph bookkeeping, not compute a backend could take.
@@ -138,3 +146,87 @@ def delegation_report(programs: Any) -> DelegationReport:
     else:  # EdgeProgramManager
         items = {name: programs.exported_program(name) for name in programs.methods}
     return DelegationReport({name: method_report(ep, name) for name, ep in items.items()})
+
+
+# ----------------------------------------------------------------------------- what a program holds
+
+
+@dataclass
+class StateBytes:
+    """Bytes of the tensors the methods read, by name: ``weights`` (read only) and ``mutable``
+    (buffers written back, i.e. the KV caches), each ``{FQN: bytes}``, one entry per name."""
+
+    weights: dict[str, int] = field(default_factory=dict)
+    mutable: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.weights.values())
+
+    @property
+    def mutable_bytes(self) -> int:
+        return sum(self.mutable.values())
+
+    def summary(self) -> str:
+        return (f"weights: {len(self.weights)} tensors, {self.weight_bytes} bytes ({_gib(self.weight_bytes)}); "
+                f"KV cache (mutable buffers): {len(self.mutable)} tensors, {self.mutable_bytes} bytes "
+                f"({_gib(self.mutable_bytes)})")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+def _nbytes(t: Any) -> int:
+    return int(t.numel()) * t.element_size()  # shape x dtype: no values read (meta tensors work)
+
+
+def state_bytes(programs: Mapping[str, ExportedProgram]) -> StateBytes:
+    """Weights and mutable-buffer bytes of ``{method: program}``; a name two methods share
+    counts once, and a buffer any method writes is mutable state."""
+    out = StateBytes()
+    written = {s.target for ep in programs.values() for s in ep.graph_signature.output_specs
+               if s.kind == OutputKind.BUFFER_MUTATION}
+    for ep in programs.values():
+        for spec in ep.graph_signature.input_specs:
+            if spec.kind not in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+                continue
+            t = ep.state_dict.get(spec.target, ep.constants.get(spec.target))
+            if t is None or not hasattr(t, "element_size"):
+                continue
+            (out.mutable if spec.target in written else out.weights)[spec.target] = _nbytes(t)
+    return out
+
+
+def input_signature(ep: ExportedProgram) -> list[tuple[str, tuple, Any]]:
+    """``[(name, shape, dtype)]`` of the user inputs; a symbolic size is ``"s0<=128"`` style text
+    (``"s0"`` alone when unbounded), from the program's range constraints."""
+    ranges = {str(sym): r for sym, r in ep.range_constraints.items()}
+    user = set(ep.graph_signature.user_inputs)
+    rows = []
+    for node in ep.graph.nodes:
+        if node.op != "placeholder" or node.name not in user:
+            continue
+        val = node.meta.get("val")
+        if not hasattr(val, "shape"):
+            rows.append((node.name, (), type(val).__name__))
+            continue
+        dims = []
+        for d in val.shape:
+            if isinstance(d, int):
+                dims.append(d)
+                continue
+            r = ranges.get(str(d))
+            upper = getattr(r, "upper", None)
+            bounded = upper is not None and getattr(upper, "is_finite", True) and str(upper) not in ("oo", "int_oo")
+            dims.append(f"{d}<={int(upper)}" if bounded else str(d))
+        rows.append((node.name, tuple(dims), val.dtype))
+    return rows
+
+
+def format_signature(rows: list[tuple[str, tuple, Any]]) -> str:
+    """``tokens (1, s27<=8) int64, input_pos (s27<=8,) int64``."""
+    def shape(dims: tuple) -> str:
+        return "(" + ", ".join(map(str, dims)) + ("," if len(dims) == 1 else "") + ")"
+
+    return ", ".join(f"{name} {shape(dims)} {str(dtype).replace('torch.', '')}" for name, dims, dtype in rows)

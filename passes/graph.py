@@ -428,16 +428,24 @@ def _insert_input(
     return node
 
 
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``torch.equal``, or for meta tensors (no values) equal dtype and both on meta."""
+    if a.is_meta or b.is_meta:
+        return a.is_meta and b.is_meta and a.dtype == b.dtype
+    return torch.equal(a, b)
+
+
 def add_constant(ep: ExportedProgram, target: str, tensor: torch.Tensor) -> Node:
     """Add a lifted constant tensor (e.g. a packed weight) and return its placeholder.
 
     If a constant with the same ``target`` already exists and holds an equal tensor, its
-    placeholder is returned, so methods that add the same constant stay consistent.
+    placeholder is returned, so methods that add the same constant stay consistent. Meta
+    tensors (a program without weights) have no values: equal shape and dtype count as equal.
     """
     for spec in ep.graph_signature.input_specs:
         if spec.target == target:
             existing = ep.constants.get(target, ep.state_dict.get(target))
-            if existing is None or existing.shape != tensor.shape or not torch.equal(existing, tensor):
+            if existing is None or existing.shape != tensor.shape or not _same_values(existing, tensor):
                 raise ValueError(f"add_constant: {target!r} already exists with different contents")
             return placeholders(ep)[spec.arg.name]
     ep.constants[target] = tensor

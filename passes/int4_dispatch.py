@@ -21,6 +21,13 @@ Produces, per call site, from M = prod(x.shape[:-1]) and the method:
   with identical tensors, so the weights are stored once.
 Leaves alone: other dequant flavours (int8, per-axis embeddings, other quant ranges), dequants
   that feed anything but ``linear`` weights (skipped with the reason), non-constant qparams.
+Meta-device programs (the CUDA dry run builds a 31B-shaped model without weights): matching
+  needs shapes, dtypes and the op's arguments only. The one check that reads values, qdata in
+  [-8, 7], cannot run on a meta tensor; it is then taken from the op's own quantization
+  arguments (int8 storage, ``quant_min = -8``, ``quant_max = 7``, already required to match) and
+  each such site is counted in ``stats.skipped[META_RANGE_UNCHECKED]`` (it is rewritten all the
+  same). The packed constants are then meta tensors of the packed layout's shape and dtype, so a
+  meta program and a real-valued one get the same graph.
 Invariant: prefill rewrite is bit-identical to torchao's dequant (integer zeros); the GEMV
   equals it up to fp32 accumulation order. Idempotent: (b) in prefill form is left as is.
 """
@@ -42,6 +49,8 @@ from fxport.quant.packed import pack_int4
 aten = torch.ops.aten
 GEMV = torch.ops.fxport.int4_gemv.default
 DEQUANT = torch.ops.fxport.int4_dequant.default
+# stats.skipped key of a matched site whose qdata range check did not run (meta tensors: no values).
+META_RANGE_UNCHECKED = "qdata range check not run on meta weights ([-8, 7] from quant_min/quant_max; site rewritten)"
 
 
 def _torchao_dequant():
@@ -74,6 +83,14 @@ def module_fqn(weight_target: str) -> str:
         if weight_target.endswith(suffix):
             return weight_target[: -len(suffix)]
     return weight_target
+
+
+def _packed(q: torch.Tensor) -> torch.Tensor:
+    """int8 codes in [-8, 7] (N, K) -> nibble-packed (N, K // 2) uint8 (:func:`pack_int4` of q + 8).
+    A meta tensor (no values) gives a meta tensor of the same shape and dtype."""
+    if q.is_meta:
+        return torch.empty((q.shape[0], q.shape[1] // 2), dtype=torch.uint8, device="meta")
+    return pack_int4(q.to(torch.int16) + 8)
 
 
 def _static_m(x: Node) -> int | None:
@@ -118,7 +135,8 @@ class Int4Dispatch(Pass):
         g = block[1] if len(block) == 2 else None
         if block[0] != 1 or g is None or g % 2 or k % g or s.numel() != n * (k // g):
             return None, f"block_size {block} is not per-group [1, g] with g even dividing K = {k}"
-        if q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
+        meta = q.is_meta
+        if not meta and q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
             return None, "qdata values outside [-8, 7]"
         scales = s.reshape(n, k // g).contiguous()
         if zero is None:
@@ -128,10 +146,11 @@ class Int4Dispatch(Pass):
         base = module_fqn(input_spec(ep, qdata).target)
         return {
             "targets": (f"{base}.weight_packed", f"{base}.weight_scales", f"{base}.weight_zeros"),
-            "tensors": (pack_int4(q.to(torch.int16) + 8), scales, zeros),
+            "tensors": (_packed(q), scales, zeros),
             "group_size": g,
             "dtype": a["output_dtype"],
             "weight": base,
+            "range_checked": not meta,
         }, ""
 
     # ------------------------------------------------------------------ rewriting
@@ -171,12 +190,16 @@ class Int4Dispatch(Pass):
                     stats.skip("dequantized weight has users other than linear weights")
                     continue
                 stats.matched += 1
+                if not info["range_checked"]:
+                    stats.skip(META_RANGE_UNCHECKED)
                 form, weight, g, dtype = "torchao", info["weight"], info["group_size"], info["dtype"]
             else:
                 continue
             m = _static_m(x)
             choice, reason = self._choose(m, method)
             stats.sites.append({"node": lin.name, "weight": weight, "M": m, "choice": choice, "reason": reason, "from": form})
+            if form == "torchao" and not info["range_checked"]:
+                stats.sites[-1]["range_checked"] = False
             if form == "fxport" and choice == "dequant":
                 continue  # already in prefill form
             if form == "torchao":

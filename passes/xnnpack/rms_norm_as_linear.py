@@ -73,7 +73,8 @@ class RMSNormAsLinear(Pass):
             D = int(shape[0])
             # One (1, D) constant per site: XNNPACK moves a constant into the one delegate that
             # reads it, and one shared by several delegates fails ExecuTorch's emitter.
-            mean = add_constant(ep, f"fxport_rms_mean.{node.name}", torch.full((1, D), 1.0 / D))
+            # On the program's device: a meta-device program (no weights) gets a meta constant.
+            mean = add_constant(ep, f"fxport_rms_mean.{node.name}", torch.full((1, D), 1.0 / D, device=xval.device))
             folded = _fold_offset_weight(ep, weight) if weight is not None else None
             with g.inserting_before(node):
                 sq = call(g, aten.mul.Tensor, x, x)

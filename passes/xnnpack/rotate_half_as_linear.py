@@ -74,7 +74,8 @@ class RotateHalfAsLinear(Pass):
             if dim not in (-1, last) or not _slice_is(high, last, h, D, D) or not _slice_is(low, last, 0, h, D):
                 stats.skip("not rotate_half's slices")
                 continue
-            weight = add_constant(ep, f"fxport_rotate_half.{node.name}", rotation(D))
+            # On the program's device: a meta-device program (no weights) gets a meta constant.
+            weight = add_constant(ep, f"fxport_rotate_half.{node.name}", rotation(D).to(xval.device))
             with g.inserting_before(node):
                 new = call(g, aten.linear.default, x, weight)  # (..., D)
             node.replace_all_uses_with(new)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -48,3 +50,73 @@ def test_coverage_classifies_fallbacks():
     assert inductor_coverage(aten.sort.stable) in ("lowered", "fallback-supported")
     assert inductor_coverage(aten.nonzero.default) == "fallback-unsupported"
     assert inductor_coverage(torch.ops.fxport.int4_gemv.default) == "triton_op"
+
+
+@pytest.fixture(scope="module")
+def meta_report(tiny):
+    """The same dry run on the meta device (what `fxport export --dry-run` does with a preset)."""
+    from fxport.models.gemma4.model import Gemma4ForCausalLM
+
+    with torch.device("meta"):
+        model = Gemma4ForCausalLM(tiny.config(), max_seq_len=tiny.max_seq_len).eval()
+    return cuda_dry_run(model, max_prefill_chunk=tiny.max_chunk, quant="int4")
+
+
+def _device_free(graph) -> str:
+    """The graph's text with the device of created tensors (``arange(..., device=cpu)``) blanked."""
+    return re.sub(r"(device\W+)(cpu|meta)", r"\1D", str(graph))
+
+
+def test_meta_device_dry_run_equals_the_real_one(report, meta_report):
+    """Without values the int4 path rewrites the same sites, partitions the same ops and counts
+    the same bytes; the skipped range check is counted (15 sites per method).
+
+    One difference comes from torch.export, before any pass: SDPA's output on the meta device
+    has the math kernel's contiguous (B, H, L, D) strides, on CPU the flash kernel's (B, L, H, D),
+    so on meta the prefill's ``transpose(1, 2).reshape`` copies (one clone per layer)."""
+    from fxport.passes.int4_dispatch import META_RANGE_UNCHECKED
+
+    for method in ("prefill", "decode"):
+        real, meta = report.pass_results[method], meta_report.pass_results[method]
+        for r, m in zip(real.records, meta.records, strict=True):
+            assert (m.name, m.changed, m.stats.matched, m.stats.rewritten) == \
+                   (r.name, r.changed, r.stats.matched, r.stats.rewritten)
+            assert [s.get("choice") for s in m.stats.sites] == [s.get("choice") for s in r.stats.sites]
+        assert dict(meta["int4_dispatch"].stats.skipped) == {META_RANGE_UNCHECKED: 15}
+        assert dict(real["int4_dispatch"].stats.skipped) == {}
+        got, want = meta_report.delegation[method].delegated_ops, report.delegation[method].delegated_ops
+        diff = {op: (want[op], got[op]) for op in set(got) | set(want) if got[op] != want[op]}
+        assert diff == ({"dim_order_ops._clone_dim_order": (0, 2)} if method == "prefill" else {})
+        assert meta_report.delegation[method].undelegated == report.delegation[method].undelegated == []
+    assert _device_free(meta_report.pass_results["decode"].ep.graph) == _device_free(report.pass_results["decode"].ep.graph)
+    assert meta_report.signatures == report.signatures
+    assert meta_report.state == report.state
+    assert meta_report.fully_delegated
+
+
+def test_report_names_methods_inputs_and_bytes(report, tiny):
+    sig = report.signatures
+    assert list(sig) == ["prefill", "decode"]
+    assert sig["decode"] == [("tokens", (1, 1), torch.int64), ("input_pos", (1,), torch.int64)]
+    (tok, (one, length), _), (pos, (length2,), _) = sig["prefill"]
+    assert (tok, one, pos) == ("tokens", 1, "input_pos") and length == length2
+    assert length.endswith(f"<={tiny.max_chunk}")  # L in [1, max prefill chunk]
+    # KV caches, fp32, 1 KV head of dim 16: the sliding layer ringed to 2 * window = 8 slots,
+    # the full layer keeps max_seq_len = 16.
+    assert report.state.mutable == {
+        "model.layers.0.self_attn.k_cache": 8 * 16 * 4, "model.layers.0.self_attn.v_cache": 8 * 16 * 4,
+        "model.layers.1.self_attn.k_cache": 16 * 16 * 4, "model.layers.1.self_attn.v_cache": 16 * 16 * 4,
+    }
+    # int4 weights: (N, K) -> N * K / 2 packed bytes + fp32 scales and zeros per group of 32.
+    model = tiny.model()
+    linears = {name: m.weight.shape for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert len(linears) == 15
+    for name, (n, k) in linears.items():
+        w = report.state.weights
+        assert (w[f"{name}.weight_packed"], w[f"{name}.weight_scales"], w[f"{name}.weight_zeros"]) == \
+               (n * k // 2, n * k // 32 * 4, n * k // 32 * 4)
+    assert not any(name.endswith("qdata") or "parametrizations" in name for name in report.state.weights)
+    text = report.summary()
+    assert "methods: prefill, decode" in text
+    assert "    decode(tokens (1, 1) int64, input_pos (1,) int64)" in text
+    assert f"KV cache (mutable buffers): 4 tensors, {report.state.mutable_bytes} bytes (0.00 MiB)" in text

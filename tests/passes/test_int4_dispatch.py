@@ -218,3 +218,53 @@ def test_pipeline_dump_and_saved_program(torchao_programs, tmp_path):
     x = torch.randn(1, 1, 64)
     assert torch.equal(loaded.module()(x), out["decode"].ep.module()(x))
     assert torch.equal(loaded.constants["up.weight_packed"], out["decode"].ep.constants["up.weight_packed"])
+
+
+def _structure(ep):
+    """What must not depend on weight values: the graph text, the input specs and every
+    constant's / parameter's shape and dtype."""
+    tensors = {**ep.state_dict, **ep.constants}
+    return (
+        str(ep.graph),
+        [(s.kind, s.target) for s in ep.graph_signature.input_specs],
+        {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()},
+    )
+
+
+class Twice(torch.nn.Module):
+    """One linear called twice: two dequant sites add the same packed constants."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(64, 64, bias=False)
+
+    def forward(self, x):
+        return self.up(F.gelu(self.up(x)))
+
+
+@pytest.mark.parametrize("method,model_cls", [("decode", Toy), ("prefill", Toy), ("decode", Twice)])
+def test_meta_weights_give_the_real_graph(method, model_cls):
+    """The CUDA dry run's model lives on the meta device (no values): same rewrite, same graph,
+    the skipped range check counted per site."""
+    from fxport.passes.int4_dispatch import META_RANGE_UNCHECKED
+
+    programs = {}
+    for device in ("cpu", "meta"):
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = model_cls()
+        torchao_q.quantize_(model, torchao_q.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
+        x = torch.randn(1, 1 if method == "decode" else 8, 64, device=device)
+        dyn = None if method == "decode" else ({1: Dim("L", max=64)},)
+        programs[device] = to_functional(torch.export.export(model, (x,), dynamic_shapes=dyn))
+    real = Int4Dispatch()(programs["cpu"], PassContext(method))
+    meta = Int4Dispatch()(programs["meta"], PassContext(method))
+    assert all(t.is_meta for t in meta.ep.constants.values()) and meta.ep.constants
+    assert _structure(meta.ep) == _structure(real.ep)
+    assert (meta.stats.matched, meta.stats.rewritten) == (real.stats.matched, real.stats.rewritten) == (2, 2)
+    assert dict(real.stats.skipped) == {}
+    assert dict(meta.stats.skipped) == {META_RANGE_UNCHECKED: 2}
+    assert [s.get("range_checked", True) for s in meta.stats.sites] == [False, False]
+    assert [s["choice"] for s in meta.stats.sites] == [s["choice"] for s in real.stats.sites]
+    again = Int4Dispatch()(meta.ep, PassContext(method))  # idempotent on meta too
+    assert not again.changed
