@@ -342,24 +342,31 @@ def export_programs(model: Any, options: BuildOptions,
         return export_methods(model, max_prefill_chunk=options.max_prefill_chunk, methods=methods)
 
 
-def model_metadata(model: Any, max_prefill_chunk: int) -> dict[str, int]:
-    """Constant methods stored in the program (read back by ``runtime.pte_backend.PteBackend``)."""
+def model_metadata(model: Any, max_prefill_chunk: int, tokenizer: Any = None) -> dict[str, Any]:
+    """Constant methods stored in the program: ExecuTorch's LLM-runner contract
+    (:func:`fxport.contract.runner_metadata`), read by the stock runner and by
+    ``runtime.pte_backend.PteBackend`` alike.
+
+    ``get_max_seq_len`` is the prefill chunk and ``get_max_context_len`` the KV positions
+    (``model.max_seq_len``); the end-of-sequence ids are the config's and, when given, the
+    tokenizer's (``<end_of_turn>``), so both runtimes stop at the same token.
+    """
+    from fxport.contract import runner_metadata
+
     cfg = model.config
-    eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, (list, tuple)) else cfg.eos_token_id
-    return {
-        "get_max_seq_len": int(model.max_seq_len),
-        "get_max_prefill_chunk": int(max_prefill_chunk),
-        "get_vocab_size": int(cfg.vocab_size),
-        "get_bos_id": int(cfg.bos_token_id),
-        "get_eos_id": int(eos),
-    }
+    eos = list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, (list, tuple)) else [cfg.eos_token_id]
+    if tokenizer is not None:
+        eos += list(getattr(tokenizer, "eos_ids", ()) or ())
+    return runner_metadata(max_prefill_chunk=max_prefill_chunk, max_context_len=int(model.max_seq_len),
+                           eos_ids=eos, vocab_size=int(cfg.vocab_size), bos_id=int(cfg.bos_token_id),
+                           logits="last")
 
 
 def fill_tokenizer_dir(tokenizer: Any, directory: Path) -> None:
     """Write ``tokenizer`` into ``directory`` as a Hugging Face-style folder ``load_tokenizer`` reads."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.backend.save(str(directory / "tokenizer.json"))
+    tokenizer.save(directory / "tokenizer.json")  # ExecuTorch's runner reads this file too
     (directory / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": tokenizer.bos_id, "eos_token_id": list(tokenizer.eos_ids), "pad_token_id": tokenizer.pad_id}))
     (directory / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": bool(tokenizer.add_bos)}))
@@ -587,7 +594,7 @@ def build(source: Source, out: str | Path | None, options: BuildOptions = BuildO
                 gc_pause.boundary()
                 times.start("quantize")
                 result.quant_report = backend.quantize(model, options.quant, tokenizer=tokenizer)
-            result.metadata = model_metadata(model, options.max_prefill_chunk)
+            result.metadata = model_metadata(model, options.max_prefill_chunk, tokenizer)
             gc_pause.boundary()
             with fast_fake_propagation():
                 times.start("export")

@@ -396,7 +396,8 @@ def generate(
     sampler = sampler if sampler is not None else Sampler()
     stop = list(stop or [])
     stop_ids = {int(s) for s in stop if not isinstance(s, str)}
-    eos_ids = set(getattr(tokenizer, "eos_ids", ()) or ())
+    # The tokenizer's end ids and the program's (get_eos_ids: where ExecuTorch's runner stops too)
+    eos_ids = set(getattr(tokenizer, "eos_ids", ()) or ()) | set(getattr(backend, "eos_ids", ()) or ())
     streamer = _Streamer(tokenizer, [s for s in stop if isinstance(s, str)], stream)
     result = GenerationResult(prompt_tokens=ids)
     if reset is not None:

@@ -19,9 +19,11 @@ arenas), so a ``decode`` after a ``prefill`` sees the prompt. The cache's initia
 whatever the allocation held: every position a query can see is written before it is read
 (causal masks, ring buffers mask unwritten slots), so ``reset`` only rewinds bookkeeping.
 
-Metadata comes from the constant methods the lowering stored (``get_max_seq_len``,
-``get_max_prefill_chunk``, ``get_vocab_size``, ``get_bos_id``, ``get_eos_id``); a missing one
-is None (or, for the two sizes, taken from the method's input shapes).
+Metadata comes from the constant methods of ExecuTorch's LLM-runner contract
+(:mod:`fxport.contract`), read with the runner's meaning: ``get_max_seq_len`` is the longest
+prefill chunk, ``get_max_context_len`` the KV positions, ``get_eos_ids`` the ids that end
+generation. A program from before that contract (``get_max_prefill_chunk``, no
+``get_max_context_len``) is refused with a one-line hint to re-export it.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from typing import Any
 
 import torch
 
+from fxport import contract
 from fxport.fileio import weights_file
 
-METADATA_METHODS = ("get_max_seq_len", "get_max_prefill_chunk", "get_vocab_size", "get_bos_id", "get_eos_id")
+METADATA_METHODS = contract.CONSTANT_METHODS
 
 
 class PteError(ValueError):
@@ -92,7 +95,8 @@ class PteBackend:
                     self.program = Runtime.get().load_program(path, data_path=data_path)
                     names = self.program.method_names
                     missing = [m for m in ("prefill",) if m not in names]
-                    if not missing:
+                    legacy = contract.LEGACY_MARKER in names and contract.MAX_CONTEXT_LEN not in names
+                    if not missing and not legacy:
                         self.path = path
                         self.metadata: dict[str, Any] = {m: self._constant(m) for m in METADATA_METHODS}
                         self._prefill = self.program.load_method("prefill")
@@ -111,18 +115,37 @@ class PteBackend:
             raise PteError(f"{path} is not a loadable ExecuTorch program ({reason}){hint}") from None
         if missing:
             raise PteError(f"{path} has no method(s) {missing} (methods: {sorted(names)}); export it with fxport")
+        if legacy:
+            raise PteError(f"{path} {contract.REEXPORT_HINT}")
         prefill_in = self.program.metadata("prefill").input_tensor_meta(0).sizes()
-        self.max_prefill_chunk = int(self.metadata["get_max_prefill_chunk"] or prefill_in[-1])
-        self.max_seq_len = int(self.metadata["get_max_seq_len"] or 0) or None
-        self.vocab_size = self.metadata["get_vocab_size"]
-        self.bos_id = self.metadata["get_bos_id"]
-        self.eos_id = self.metadata["get_eos_id"]
+        meta = self.metadata
+        # The runner's meaning: get_max_seq_len = tokens per call, get_max_context_len = positions.
+        self.max_prefill_chunk = int(meta[contract.MAX_SEQ_LEN] or prefill_in[-1])
+        self.max_seq_len = int(meta[contract.MAX_CONTEXT_LEN] or 0) or None
+        self.vocab_size = meta[contract.VOCAB_SIZE]
+        self.bos_id = meta[contract.BOS_ID]
+        self.eos_ids = tuple(meta[contract.EOS_IDS] or ())
 
     def _constant(self, name: str) -> Any:
         if name not in self.program.method_names:
             return None
-        out = self.program.load_method(name).execute([])[0]
-        return out.item() if isinstance(out, torch.Tensor) else out
+        outs = self.program.load_method(name).execute([])
+        values = [o.item() if isinstance(o, torch.Tensor) and o.numel() == 1 else o for o in outs]
+        return values if name == contract.EOS_IDS else values[0]  # get_eos_ids returns a list
+
+    def contract_problems(self) -> list[str]:
+        """What keeps ExecuTorch's stock ``TextLLMRunner`` from running this program
+        (:func:`fxport.contract.contract_problems`); ``[]`` when nothing does."""
+        prog = self.program
+        inputs, outputs = {}, {}
+        for name in [m for m in (contract.FORWARD, contract.PREFILL, contract.DECODE) if m in prog.method_names]:
+            meta = prog.metadata(name)
+            inputs[name] = [(meta.input_tensor_meta(i).dtype(), tuple(meta.input_tensor_meta(i).sizes()))
+                            for i in range(meta.num_inputs())]
+            outputs[name] = [(meta.output_tensor_meta(i).dtype(), tuple(meta.output_tensor_meta(i).sizes()))
+                             for i in range(meta.num_outputs())]
+        constants = {k: v for k, v in self.metadata.items() if v is not None}
+        return contract.contract_problems(prog.method_names, constants, inputs, outputs)
 
     def prefill(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """Logits for a chunk: tokens (1, L) int64 with 1 <= L <= max_prefill_chunk."""
@@ -218,4 +241,6 @@ def describe_pte(path: str | Path) -> str:
         lines.append(f"{name}: inputs {', '.join(ins)} -> outputs {', '.join(outs)} (max sizes)")
     if "decode" not in prog.method_names:
         lines.append("decode: runs through prefill, one token per call")
+    problems = backend.contract_problems()
+    lines.append("ExecuTorch runner contract: " + ("ok (TextLLMRunner runs it)" if not problems else "; ".join(problems)))
     return "\n".join(lines)

@@ -9,6 +9,8 @@ inputs are created on the model's device, so no real weights are needed to trace
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.export import Dim, ExportedProgram
 
@@ -211,23 +213,23 @@ def multimodal_passes(model: torch.nn.Module) -> list:
 
 
 def multimodal_metadata(model: torch.nn.Module, max_prefill_chunk: int, max_soft_tokens: int,
-                        max_audio_frames: int | None = None) -> dict[str, int]:
-    """Constant methods a multimodal ``.pte`` carries (read by the runtime's image path)."""
+                        max_audio_frames: int | None = None) -> dict[str, Any]:
+    """Constant methods a multimodal ``.pte`` carries: the runner contract's
+    (:func:`fxport.contract.runner_metadata`) and those the runtime's image / audio path reads."""
+    from fxport.contract import runner_metadata
+
     cfg = model.config
     t = cfg.text
-    eos = t.eos_token_id[0] if isinstance(t.eos_token_id, (list, tuple)) else t.eos_token_id
-    meta = {
-        "get_max_seq_len": int(model.max_seq_len),
-        "get_max_prefill_chunk": int(max_prefill_chunk),
-        "get_vocab_size": int(t.vocab_size),
-        "get_bos_id": int(t.bos_token_id),
-        "get_eos_id": int(eos),
+    eos = list(t.eos_token_id) if isinstance(t.eos_token_id, (list, tuple)) else [t.eos_token_id]
+    meta = runner_metadata(max_prefill_chunk=max_prefill_chunk, max_context_len=int(model.max_seq_len),
+                           eos_ids=eos, vocab_size=int(t.vocab_size), bos_id=int(t.bos_token_id), logits="last")
+    meta.update({
         "get_hidden_size": int(t.hidden_size),
         "get_image_token_id": int(t.image_token_id),
         "get_boi_token_id": int(cfg.boi_token_id),
         "get_eoi_token_id": int(cfg.eoi_token_id),
         "get_use_bidirectional_vision": int(t.use_bidirectional_attention == "vision"),
-    }
+    })
     if cfg.vision is not None:
         meta.update(get_patch_size=int(cfg.vision.patch_size),
                     get_pooling_kernel_size=int(cfg.vision.pooling_kernel_size),

@@ -31,7 +31,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from tokenizers import AddedToken, decoders, normalizers
+from tokenizers import AddedToken, decoders, normalizers, processors
 from tokenizers import Tokenizer as Backend
 from tokenizers.models import BPE
 
@@ -78,6 +78,19 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``tokenizer.json`` (what ExecuTorch's runner and :func:`tokenizer_from_hf_dir` read).
+
+        When ``add_bos``, its post-processor prepends BOS: ExecuTorch's C++ ``HFTokenizer`` runs the
+        post-processor when the runner is asked for BOS (``GenerationConfig(num_bos=1)``), and
+        then gives the ids :meth:`encode` gives. :meth:`encode` itself never runs it.
+        """
+        if self.add_bos and self.bos_id is not None:
+            bos = self.backend.id_to_token(self.bos_id)
+            self.backend.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, self.bos_id)])
+        self.backend.save(str(path))
 
 
 # ---- GGUF --------------------------------------------------------------------------------------

@@ -155,10 +155,16 @@ def test_export_writes_a_program(exported, capsys):
     assert main(["dump", str(exported)]) == 0
     out = capsys.readouterr().out.splitlines()
     # one method: prefill (L dynamic in [1, 5]) also runs the decode steps
-    assert out[1] == "methods: get_bos_id, get_eos_id, get_max_prefill_chunk, get_max_seq_len, get_vocab_size, prefill"
-    assert "get_max_seq_len: 16" in out and "get_max_prefill_chunk: 5" in out and "get_vocab_size: 256" in out
+    # ExecuTorch's LLM-runner contract: get_max_seq_len = the prefill chunk, get_max_context_len = positions
+    assert out[1] == ("methods: enable_dynamic_shape, get_activation_dtype, get_bos_id, get_eos_ids, "
+                      "get_logits_to_keep_mode, get_max_context_len, get_max_seq_len, get_vocab_size, prefill, "
+                      "use_kv_cache, use_sdpa_with_kv_cache")
+    assert out[2:12] == ["get_max_seq_len: 5", "get_max_context_len: 16", "use_kv_cache: 1", "use_sdpa_with_kv_cache: 0",
+                         "enable_dynamic_shape: 1", "get_eos_ids: [1]", "get_vocab_size: 256", "get_bos_id: 2",
+                         "get_activation_dtype: 6", "get_logits_to_keep_mode: 1"]
     assert "prefill: inputs (1, 5), (5,) -> outputs (1, 1, 256) (max sizes)" in out
-    assert out[-1] == "decode: runs through prefill, one token per call"
+    assert out[-2:] == ["decode: runs through prefill, one token per call",
+                        "ExecuTorch runner contract: ok (TextLLMRunner runs it)"]
 
 
 def test_run_matches_the_quantized_eager_model(exported, capsys):

@@ -26,6 +26,14 @@ def tiny_model(seed: int = 0) -> Gemma4ForCausalLM:
     return model
 
 
+def tiny_metadata() -> dict:
+    """The runner-contract constant methods of a tiny program (chunk 5, 16 positions)."""
+    from fxport.contract import runner_metadata
+
+    return runner_metadata(max_prefill_chunk=MAX_CHUNK, max_context_len=MAX_SEQ_LEN, eos_ids=[1], vocab_size=256,
+                           bos_id=2)
+
+
 class Tiny:
     """What the tests get from the ``tiny`` fixture."""
 
@@ -33,6 +41,7 @@ class Tiny:
     max_chunk = MAX_CHUNK
     config = staticmethod(tiny_config)
     model = staticmethod(tiny_model)
+    metadata = staticmethod(tiny_metadata)
 
 
 @pytest.fixture(scope="session")

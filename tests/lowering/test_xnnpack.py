@@ -32,7 +32,7 @@ def _lower(tiny, model, tmp_path_factory, name):
         programs = export_methods(model, max_prefill_chunk=tiny.max_chunk)
     programs, results = apply_method_passes(programs, cpu_passes(model))
     lowered = lower_to_xnnpack(
-        programs, constant_methods={"get_max_seq_len": tiny.max_seq_len, "get_max_prefill_chunk": tiny.max_chunk}
+        programs, constant_methods=tiny.metadata()
     )
     path = lowered.save(tmp_path_factory.mktemp(name) / f"{name}.pte")
     return lowered, results, path
@@ -252,8 +252,7 @@ def test_fewer_retraces_write_the_same_program(tiny, tmp_path):
                       for m, ps in cpu_passes(model).items()}
             with lazy_recompile() if fast_tracing else contextlib.nullcontext():
                 programs, _ = apply_method_passes(programs, passes)
-                return lower_to_xnnpack(programs, constant_methods={"get_max_seq_len": tiny.max_seq_len,
-                                                                    "get_max_prefill_chunk": tiny.max_chunk},
+                return lower_to_xnnpack(programs, constant_methods=tiny.metadata(),
                                         legacy=legacy)
 
     full = lower(True, edge_decompositions=False)  # ExecuTorch's path, as it is

@@ -106,8 +106,7 @@ def test_fast_pte_matches_eager(tiny, tmp_path):
     with torch.no_grad():
         programs = export_methods(model, max_prefill_chunk=tiny.max_chunk)
     programs, _ = apply_method_passes(programs, cpu_passes(model))
-    lowered = lower_to_xnnpack(programs, constant_methods={"get_max_seq_len": tiny.max_seq_len,
-                                                           "get_max_prefill_chunk": tiny.max_chunk})
+    lowered = lower_to_xnnpack(programs, constant_methods=tiny.metadata())
     ops = {str(n.target) for n in _nodes(lowered)}
     assert any("embedding_byte" in t for t in ops), sorted(ops)
     assert lowered.shared  # the lookup reads the head's table: weights in a .ptd
@@ -162,15 +161,14 @@ def test_balanced_pte_stores_the_shared_table_once(tiny, tmp_path):
             eps = export_methods(model, max_prefill_chunk=tiny.max_chunk)
         return apply_method_passes(eps, cpu_passes(model))[0]
 
-    meta = {"get_max_seq_len": tiny.max_seq_len, "get_max_prefill_chunk": tiny.max_chunk}
-    lowered = lower_to_xnnpack(programs(), constant_methods=meta)
+    lowered = lower_to_xnnpack(programs(), constant_methods=tiny.metadata())
     assert lowered.shared == ["prefill: b_model_embed_tokens_codes", "decode: b_model_embed_tokens_codes"]
     out = tmp_path / "b.pte"
     assert lowered.write(out) == [tmp_path / "b.ptd"]
     pte, ptd = out.read_bytes(), (tmp_path / "b.ptd").read_bytes()
     assert (pte.count(table), ptd.count(table)) == (0, 1)
     assert program_bytes(out) == len(pte) + len(ptd)
-    inline = lower_to_xnnpack(programs(), constant_methods=meta, weights_file=False)
+    inline = lower_to_xnnpack(programs(), constant_methods=tiny.metadata(), weights_file=False)
     assert inline.buffer.count(table) == 2
 
     backend = PteBackend(out)
@@ -188,10 +186,13 @@ def test_balanced_pte_stores_the_shared_table_once(tiny, tmp_path):
     assert worst <= 1e-3, worst
     del backend
 
-    (tmp_path / "b.ptd").rename(tmp_path / "elsewhere.ptd")
+    from fxport.fileio import weights_file
+
+    real = weights_file(out)  # out is published as a link: its weights are beside the link's target
+    real.rename(tmp_path / "elsewhere.ptd")
     with pytest.raises(PteError, match=r"external_data_map is null\); its weights file b.ptd is missing: "
                                        r"copy it beside the .pte or re-export"):
         PteBackend(out)
-    (tmp_path / "elsewhere.ptd").rename(tmp_path / "b.ptd")
+    (tmp_path / "elsewhere.ptd").rename(real)
     assert inline.write(out) == [] and not (tmp_path / "b.ptd").exists()
     assert out.read_bytes() == inline.buffer

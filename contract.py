@@ -1,0 +1,165 @@
+"""The program contract: what ExecuTorch's LLM runner reads from a ``.pte``, written once.
+
+Every program fxport writes (XNNPACK and CUDA, fxport's own models and foreign graphs) follows
+ExecuTorch 1.5.1's ``extension/llm/runner`` (``TextLLMRunner``: ``llm_runner_helper.cpp``,
+``text_prefiller.cpp``, ``text_decoder_runner.cpp``, ``io_manager.h``), and fxport's own runtime
+(:class:`fxport.runtime.pte_backend.PteBackend`) reads the same names with the same meaning:
+
+methods
+    ``prefill`` (the runner's ``forward`` when there is none), and ``decode`` when the program has
+    a separate one-token method (CUDA: its kernels differ per method). Exactly two inputs: tokens
+    int64 ``(1, T)`` and ``cache_position`` int64 ``(T,)`` (the runner passes ``start_pos (1,)``
+    instead when input 1 has one element); one output, logits float ``(1, V)`` or ``(1, T', V)``
+    (the runner reads the last row). ``prefill`` accepts any ``T`` in ``1..get_max_seq_len``.
+constant methods (scalars unless said)
+    ``get_max_seq_len``        the largest ``T`` one call accepts (the prefill chunk). Required.
+    ``get_max_context_len``    KV positions: a prompt plus its generation fits below it.
+    ``use_kv_cache``           1: the program keeps its own KV cache between calls.
+    ``use_sdpa_with_kv_cache`` 0: no ExecuTorch custom-SDPA op is needed.
+    ``enable_dynamic_shape``   1: a prompt goes in chunks of up to ``get_max_seq_len`` tokens
+                               (0 would make the runner feed it one token per call).
+    ``get_eos_ids``            list of ids that end generation (``<eos>``, ``<end_of_turn>``).
+    ``get_vocab_size``, ``get_bos_id``   read by fxport's runtime; the runner takes both from the
+                               tokenizer file.
+    ``get_activation_dtype``   ExecuTorch ``ScalarType`` of the logits / activations.
+    ``get_logits_to_keep_mode`` 0 full (``(1, T, V)``), 1 last (``(1, 1, V)``).
+tokenizer
+    ``tokenizer.json`` in the program's tokenizer folder. Its post-processor prepends BOS;
+    ExecuTorch's ``HFTokenizer`` runs it only when the runner asks for BOS
+    (``GenerationConfig(num_bos=1)``), and then the prompt ids equal ``fxport run``'s.
+
+Programs written before this contract (constant method ``get_max_prefill_chunk``, no
+``get_max_context_len``) are refused with :data:`REEXPORT_HINT`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+PREFILL, DECODE, FORWARD = "prefill", "decode", "forward"
+
+MAX_SEQ_LEN = "get_max_seq_len"
+MAX_CONTEXT_LEN = "get_max_context_len"
+USE_KV_CACHE = "use_kv_cache"
+USE_SDPA_WITH_KV_CACHE = "use_sdpa_with_kv_cache"
+ENABLE_DYNAMIC_SHAPE = "enable_dynamic_shape"
+EOS_IDS = "get_eos_ids"
+VOCAB_SIZE = "get_vocab_size"
+BOS_ID = "get_bos_id"
+ACTIVATION_DTYPE = "get_activation_dtype"
+LOGITS_TO_KEEP_MODE = "get_logits_to_keep_mode"
+
+# What a reader of a program asks for (fxport's runtime and ``fxport dump``), in this order.
+CONSTANT_METHODS = (MAX_SEQ_LEN, MAX_CONTEXT_LEN, USE_KV_CACHE, USE_SDPA_WITH_KV_CACHE, ENABLE_DYNAMIC_SHAPE,
+                    EOS_IDS, VOCAB_SIZE, BOS_ID, ACTIVATION_DTYPE, LOGITS_TO_KEEP_MODE)
+REQUIRED = (MAX_SEQ_LEN, MAX_CONTEXT_LEN, USE_KV_CACHE, ENABLE_DYNAMIC_SHAPE, EOS_IDS)
+
+LOGITS_TO_KEEP_MODES = {"full": 0, "last": 1}
+# ExecuTorch's ScalarType numbering (c10's): the value ``get_activation_dtype`` holds.
+SCALAR_TYPES = {torch.float16: 5, torch.float32: 6, torch.bfloat16: 15}
+
+# ExecuTorch's ScalarType numbers -> torch dtypes (a runtime's method metadata reports the numbers).
+_FROM_SCALAR_TYPE = {3: torch.int32, 4: torch.long, **{v: k for k, v in SCALAR_TYPES.items()}}
+
+# The constant method only programs from before the contract have.
+LEGACY_MARKER = "get_max_prefill_chunk"
+REEXPORT_HINT = ("was written by an older fxport (before ExecuTorch's LLM-runner contract: no "
+                 "get_max_context_len); re-export it with `fxport export` (or `make demo`)")
+
+
+class ContractError(ValueError):
+    """Metadata that cannot describe a runnable program; the message names the value."""
+
+
+def runner_metadata(*, max_prefill_chunk: int, max_context_len: int, eos_ids: Iterable[int],
+                    vocab_size: int | None = None, bos_id: int | None = None,
+                    logits: str = "last", activation_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The constant methods of a text program (``to_edge(..., constant_methods=...)``).
+
+    max_prefill_chunk: the largest ``T`` a ``prefill`` call accepts (``get_max_seq_len``).
+    max_context_len: KV positions (``get_max_context_len``); at least ``max_prefill_chunk``.
+    logits: ``"last"`` (prefill returns ``(1, 1, V)``) or ``"full"`` (``(1, T, V)``).
+    """
+    chunk, context = int(max_prefill_chunk), int(max_context_len)
+    if chunk < 1:
+        raise ContractError(f"max_prefill_chunk {chunk}: a prefill call must accept at least 1 token")
+    if context < chunk:
+        raise ContractError(f"max_context_len {context} < max_prefill_chunk {chunk}: a chunk cannot hold "
+                            "more tokens than the KV cache has positions; lower the chunk")
+    eos = [int(i) for i in dict.fromkeys(eos_ids)]
+    if not eos:
+        raise ContractError("no end-of-sequence id: the runner needs get_eos_ids to stop generating")
+    if logits not in LOGITS_TO_KEEP_MODES:
+        raise ContractError(f"logits {logits!r}: choose one of {sorted(LOGITS_TO_KEEP_MODES)}")
+    if activation_dtype not in SCALAR_TYPES:
+        raise ContractError(f"activation dtype {activation_dtype}: choose one of {sorted(map(str, SCALAR_TYPES))}")
+    meta: dict[str, Any] = {
+        MAX_SEQ_LEN: chunk,
+        MAX_CONTEXT_LEN: context,
+        USE_KV_CACHE: 1,
+        USE_SDPA_WITH_KV_CACHE: 0,
+        ENABLE_DYNAMIC_SHAPE: 1,
+        EOS_IDS: eos,
+        ACTIVATION_DTYPE: SCALAR_TYPES[activation_dtype],
+        LOGITS_TO_KEEP_MODE: LOGITS_TO_KEEP_MODES[logits],
+    }
+    if vocab_size is not None:
+        meta[VOCAB_SIZE] = int(vocab_size)
+    if bos_id is not None:
+        meta[BOS_ID] = int(bos_id)
+    return meta
+
+
+def text_method(method_names: Iterable[str]) -> str | None:
+    """The method the runner prefills with: ``forward`` when present, else ``prefill``."""
+    names = set(method_names)
+    return FORWARD if FORWARD in names else PREFILL if PREFILL in names else None
+
+
+def contract_problems(method_names: Iterable[str], constants: Mapping[str, Any],
+                      inputs: Mapping[str, Sequence[tuple[torch.dtype, Sequence[int]]]],
+                      outputs: Mapping[str, Sequence[tuple[torch.dtype, Sequence[int]]]] | None = None) -> list[str]:
+    """What keeps ExecuTorch's ``TextLLMRunner`` from running a program; ``[]`` when nothing does.
+
+    method_names: every method of the program (constant methods included).
+    constants: ``{constant method: value}`` as stored (``to_edge``'s ``constant_methods``).
+    inputs / outputs: ``{method: [(dtype, max sizes), ...]}`` of the text methods (a torch dtype
+        or ExecuTorch's ScalarType number, as ``MethodMeta`` reports it).
+    """
+    names = set(method_names)
+    problems = []
+    main = text_method(names)
+    if main is None:
+        return [f"no 'forward' or 'prefill' method (methods: {sorted(names)})"]
+    if LEGACY_MARKER in names and MAX_CONTEXT_LEN not in names:
+        return [f"program {REEXPORT_HINT}"]
+    for key in REQUIRED:
+        if key not in names:
+            problems.append(f"constant method {key} is missing")
+    for method in [m for m in (main, DECODE) if m in names]:
+        ins = list(inputs.get(method, ()))
+        if len(ins) != 2:
+            problems.append(f"{method} takes {len(ins)} inputs; the runner passes exactly 2 (tokens, cache_position)")
+            continue
+        (tok_dtype, tok_sizes), (pos_dtype, pos_sizes) = ins
+        tok_dtype, pos_dtype = (_FROM_SCALAR_TYPE.get(d, d) for d in (tok_dtype, pos_dtype))
+        if tok_dtype != torch.long or len(tok_sizes) != 2 or tok_sizes[0] != 1:
+            problems.append(f"{method} input 0 is {tok_dtype} {tuple(tok_sizes)}; the runner passes int64 (1, T) tokens")
+        if pos_dtype != torch.long or len(pos_sizes) != 1:
+            problems.append(f"{method} input 1 is {pos_dtype} {tuple(pos_sizes)}; the runner passes int64 (T,) positions")
+        if outputs is not None and len(outputs.get(method, ())) != 1:
+            problems.append(f"{method} returns {len(outputs.get(method, ()))} outputs; the runner reads exactly 1 (logits)")
+    chunk = constants.get(MAX_SEQ_LEN)
+    if main in inputs and len(inputs[main]) == 2 and chunk is not None:
+        accepted = int(inputs[main][0][1][-1])
+        if int(chunk) > accepted:
+            problems.append(f"{MAX_SEQ_LEN} = {chunk} but {main} accepts at most {accepted} tokens per call; "
+                            f"{MAX_SEQ_LEN} must be the largest prefill chunk")
+        if int(chunk) > 1 and not constants.get(ENABLE_DYNAMIC_SHAPE):
+            problems.append(f"{ENABLE_DYNAMIC_SHAPE} is not set: the runner would feed the prompt one token per call")
+    context = constants.get(MAX_CONTEXT_LEN)
+    if context is not None and chunk is not None and int(context) < int(chunk):
+        problems.append(f"{MAX_CONTEXT_LEN} = {context} is below {MAX_SEQ_LEN} = {chunk}")
+    return problems

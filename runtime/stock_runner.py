@@ -1,0 +1,183 @@
+"""ExecuTorch's own LLM runner driving a fxport program: ``fxport run --runner executorch``.
+
+``executorch.extension.llm.runner.TextLLMRunner`` (Python bindings of the C++
+``extension/llm/runner``, the runner behind ``llama_main`` and the Android / iOS LLM APIs) loads
+the ``.pte``, its ``.ptd`` weights and the ``tokenizer.json`` beside it and generates, reading
+only the program contract of :mod:`fxport.contract`. This module wraps it for the CLI, the
+benchmarks and the tests, with the call a user's own script makes::
+
+    import executorch.kernels.quantized            # the quantized ops (embedding_byte) the program uses
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+    runner = TextLLMRunner("model.pte", "model.tokenizer/tokenizer.json", "model.ptd")
+    runner.generate(prompt, GenerationConfig(echo=False, max_new_tokens=32, temperature=0.0, num_bos=1))
+
+``num_bos=1`` asks the runner for BOS: its tokenizer then runs ``tokenizer.json``'s post-processor,
+which prepends ``<bos>`` (with ``num_bos=0``, ExecuTorch 1.5.1's ``HFTokenizer`` adds nothing).
+
+The runner prints each piece to the process's stdout and logs to stderr from C++; :class:`StockRunner`
+keeps both off the terminal (fds 1 and 2 redirected around each call) and hands pieces to a callback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from fxport.fileio import weights_file
+
+
+class StockRunnerError(RuntimeError):
+    """The stock runner refused the program or the prompt; the message has the runner's reason."""
+
+
+@dataclass
+class RunnerGeneration:
+    """One ``generate`` of the stock runner: the new text and the runner's own ``Stats``."""
+
+    text: str
+    pieces: list[str] = field(default_factory=list)
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0  # inference start -> prompt evaluated (the runner's ms clock)
+    decode_s: float = 0.0  # prompt evaluated -> end
+    load_s: float = 0.0  # the runner loads the program at its first generate
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else float("nan")
+
+    @property
+    def decode_tok_s(self) -> float:
+        # The first new token comes out of prefill; the decode steps make the rest.
+        steps = self.generated_tokens - 1
+        return steps / self.decode_s if self.decode_s > 0 and steps > 0 else float("nan")
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux ``/proc/self/statm``; peak RSS elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@contextlib.contextmanager
+def _native_output(keep: bool) -> Iterator[list[str]]:
+    """Redirect fds 1 and 2 to temporary files for the block (the runner's printf and ET_LOG);
+    the captured text lands in the yielded list (stdout, stderr) and is written back when ``keep``."""
+    import sys
+
+    captured: list[str] = []
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            for f in (out, err):
+                f.seek(0)
+                captured.append(f.read().decode("utf-8", errors="replace"))
+            if keep:
+                sys.stderr.write(captured[1])
+                sys.stderr.flush()
+
+
+def default_tokenizer(pte: str | Path) -> Path:
+    """``<stem>.tokenizer/tokenizer.json`` beside the program: where ``fxport export`` writes it."""
+    return Path(pte).with_suffix(".tokenizer") / "tokenizer.json"
+
+
+class StockRunner:
+    """ExecuTorch's ``TextLLMRunner`` over a program (see the module docstring).
+
+    pte: the program; tokenizer: its ``tokenizer.json`` (default: :func:`default_tokenizer`);
+    data: its ``.ptd`` weights (default: ``<stem>.ptd`` when it exists).
+    verbose: show the runner's log lines. Raises :class:`StockRunnerError` when a file is
+    missing or the runner cannot load the program.
+    """
+
+    def __init__(self, pte: str | Path, tokenizer: str | Path | None = None, data: str | Path | None = None,
+                 *, verbose: bool = False):
+        import executorch.kernels.quantized  # noqa: F401  (embedding_byte & co. for the runner's kernel registry)
+        from executorch.extension.llm.runner import TextLLMRunner
+
+        pte = Path(pte)
+        tokenizer = Path(tokenizer) if tokenizer is not None else default_tokenizer(pte)
+        if data is None and weights_file(pte).is_file():
+            data = weights_file(pte)
+        for what, path in (("program", pte), ("tokenizer", tokenizer), ("weights file", data)):
+            if path is not None and not Path(path).is_file():
+                raise StockRunnerError(f"no such {what}: {path}" + (
+                    "; ExecuTorch's runner needs the tokenizer.json fxport export writes beside the .pte "
+                    "(pass --tokenizer)" if what == "tokenizer" else ""))
+        self.pte, self.tokenizer, self.data, self.verbose = pte, tokenizer, data, verbose
+        self.rss_before = rss_bytes()
+        with _native_output(verbose):
+            try:
+                self._runner = TextLLMRunner(str(pte), str(tokenizer), None if data is None else str(data))
+            except Exception as exc:  # the bindings raise RuntimeError with the runner's status
+                raise StockRunnerError(f"ExecuTorch's TextLLMRunner cannot load {pte}: {exc}") from None
+
+    def generate(self, prompt: str, max_new_tokens: int, *, temperature: float = 0.0, num_bos: int = 1,
+                 on_piece: Callable[[str], None] | None = None, warmup: bool = False) -> RunnerGeneration:
+        """Greedy (``temperature=0``) generation of up to ``max_new_tokens`` after ``prompt``.
+
+        The runner's KV position is reset first, so every call starts a new sequence.
+        ``on_piece(text)`` gets each new piece as the runner decodes it.
+        """
+        from executorch.extension.llm.runner import GenerationConfig
+
+        self._runner.reset()
+        pieces: list[str] = []
+        stats: list = []
+
+        def piece(text: str) -> None:
+            pieces.append(text)
+            if on_piece is not None:
+                on_piece(text)
+
+        config = GenerationConfig(echo=False, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                                  num_bos=int(num_bos), warming=warmup)
+        with _native_output(self.verbose) as captured:
+            try:
+                self._runner.generate(prompt, config, piece, lambda s: stats.append(_copy_stats(s)))
+            except Exception as exc:
+                failure = exc
+            else:
+                failure = None
+        if failure is not None or not stats:
+            reason = " ".join(line for line in captured[1].splitlines()[-3:]) if captured else ""
+            raise StockRunnerError(f"ExecuTorch's TextLLMRunner failed on {self.pte}: {failure or 'no stats'} {reason}".strip())
+        s = stats[0]
+        return RunnerGeneration("".join(pieces), pieces, s["prompt_tokens"], s["generated_tokens"],
+                                s["prefill_s"], s["decode_s"], s["load_s"])
+
+    def rss_delta(self) -> int:
+        """Bytes of RSS this runner added: RSS now minus RSS before it was created."""
+        return rss_bytes() - self.rss_before
+
+
+def _copy_stats(stats) -> dict:
+    """The fields of the runner's ``Stats`` (a view into C++ state, valid only in the callback)."""
+    ms = 1000.0
+    return {"prompt_tokens": int(stats.num_prompt_tokens), "generated_tokens": int(stats.num_generated_tokens),
+            "prefill_s": (stats.prompt_eval_end_ms - stats.inference_start_ms) / ms,
+            "decode_s": (stats.inference_end_ms - stats.prompt_eval_end_ms) / ms,
+            "load_s": (stats.model_load_end_ms - stats.model_load_start_ms) / ms}
