@@ -15,21 +15,30 @@ previous file untouched.
 :func:`check_writable_output` refuses a bad output path (a directory, a read-only directory, a
 path through a file) before any work, with one message naming the path and the fix.
 
-A directory (the ``<program>.tokenizer/`` sidecar) is built whole in a temporary directory and
-swapped in with two renames (old aside, new in place); if the second rename fails the old one is
-put back. :func:`write_program` prepares the sidecar and the program first and publishes them
-last, so a failure while writing either leaves the previous pair as it was.
+A directory is built whole in a temporary directory and swapped in with two renames (old aside,
+new in place); if the second rename fails the old one is put back (:func:`atomic_dir`).
+
+A program is several names -- ``x.pte``, its weights ``x.ptd``, its tokenizer ``x.tokenizer/``
+-- that must change together: :func:`write_program` publishes them as links through one pointer
+that a single rename switches (see "program sets" below), so a reader sees the complete previous
+set or the complete new one, whatever step a writer is killed at, and two writers to one path
+leave one of their sets whole. Temporaries carry their writer's pid; the next save removes a
+dead writer's (:func:`remove_dead_temporaries`), never a live one's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import json
 import os
+import re
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, TextIO, Union
+from typing import BinaryIO, Callable, Iterator, Sequence, TextIO, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -39,9 +48,15 @@ __all__ = [
     "atomic_dir",
     "atomic_file",
     "atomic_path",
+    "no_space_error",
     "check_writable_output",
+    "program_store",
+    "read_record",
+    "remove_dead_temporaries",
     "remove_tree",
+    "sha256_file",
     "staging_dir",
+    "weights_file",
     "write_bytes",
     "write_program",
     "write_text",
@@ -56,7 +71,7 @@ class OutputWriteError(OSError):
     """Writing an output ran out of space (``ENOSPC`` / ``EDQUOT``); the previous file is intact."""
 
 
-def _no_space(exc: BaseException, path: Path) -> BaseException:
+def no_space_error(exc: BaseException, path: Path) -> BaseException:
     """``exc`` as an :class:`OutputWriteError` with the path and the fix when the disk is full."""
     if not is_no_space(exc) or isinstance(exc, OutputWriteError):
         return exc
@@ -125,7 +140,9 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _temp_in(folder: Path, name: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    """An empty temporary file beside ``folder / name``, named with this writer's pid
+    (:func:`remove_dead_temporaries` removes it if the writer is killed)."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.fxport-{os.getpid()}-", suffix=".tmp")
     os.close(fd)
     return Path(tmp)
 
@@ -148,7 +165,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        err = _no_space(exc, path)
+        err = no_space_error(exc, path)
         if err is exc:
             raise
         raise err from exc
@@ -200,8 +217,7 @@ def _swap_dir_in(new: Path, path: Path) -> None:
     """Rename the finished directory ``new`` onto ``path``; restores the old one if that fails."""
     old = None
     if path.exists() or path.is_symlink():
-        old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
-        old.rmdir()
+        old = _aside(path)
         os.replace(path, old)
     try:
         os.replace(new, path)
@@ -231,27 +247,278 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.fxport-{os.getpid()}-", suffix=".tmp"))
     try:
         yield tmp
         _fsync_tree(tmp)
         _swap_dir_in(tmp, path)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        err = _no_space(exc, path)
+        err = no_space_error(exc, path)
         if err is exc:
             raise
         raise err from exc
 
 
-# ----------------------------------------------------------------------------- program + sidecar
+# ----------------------------------------------------------------------------- program sets
+#
+# A program is a set of names in its folder: ``x.pte``, its weights ``x.ptd`` (when it has
+# them) and its tokenizer folder ``x.tokenizer/``. Two names cannot be replaced by one rename, so
+# each is a symbolic link through one pointer, and the pointer is what a save replaces:
+#
+#     x.pte       -> x.fxport/current/x.pte
+#     x.ptd       -> x.fxport/current/x.ptd
+#     x.tokenizer -> x.fxport/current/x.tokenizer
+#     x.fxport/current -> g-<pid>-<hex>            (one rename publishes the whole set)
+#     x.fxport/g-<pid>-<hex>/x.pte, x.ptd, x.tokenizer/, program.json (sizes and sha256)
+#
+# ExecuTorch's runner given "x.pte" and "x.ptd" opens them through the links; fxport resolves
+# the program once (:func:`weights_file`) and reads its weights beside the target, so it reads
+# one generation even while another writer switches the pointer. A save builds its generation
+# whole, fsyncs it, makes sure every link exists (a link whose generation lacks the file is
+# dangling, which reads as "no such file", as before), then replaces ``current``, then removes
+# the previous generation and the links the new program does not have. A writer killed at any
+# step leaves the complete previous set or the complete new one; two writers to one path each
+# publish a complete set, the last rename wins. Files from an earlier fxport (plain ``x.pte``,
+# ``x.ptd``, ``x.tokenizer/``) are first adopted unchanged into a generation of their own (hard
+# links), so the switch from them is atomic too. Copy a program with ``cp -L`` / ``rsync -L``.
+#
+# Temporaries carry their writer's pid (``.<name>.fxport-<pid>-<hex>.tmp``, ``g-<pid>-<hex>``);
+# :func:`remove_dead_temporaries` removes those whose writer is gone, at the start of every save.
+
+STORE_SUFFIX = ".fxport"
+CURRENT = "current"
+RECORD = "program.json"  # in each generation: {"program": name, "files": {name: {size, sha256}}}
+_TEMP = re.compile(r"^\..*\.fxport-(\d+)-[0-9a-z_]+\.tmp$")
+_GEN = re.compile(r"^g-(\d+)-[0-9a-f]+$")
+_WRITING: set[str] = set()  # generations this process is writing now (never removed as garbage)
+
+
+def program_store(program: PathLike) -> Path:
+    """The folder holding a program's generations: ``x.fxport/`` beside ``x.pte``."""
+    return Path(program).with_suffix(STORE_SUFFIX)
 
 
 def weights_file(program: PathLike) -> Path:
-    """Where a program's weights file lives: ``<stem>.ptd`` beside the ``.pte`` (written by
+    """Where a program's weights file lives: ``<stem>.ptd`` beside the ``.pte`` it names -- beside
+    the link's target when ``program`` is a symbolic link (a published program, or a user's
+    ``latest.pte``), so the pair read is one generation (written by
     :class:`fxport.lowering.xnnpack.XnnpackProgram` when the program has one, loaded by
     :class:`fxport.runtime.pte_backend.PteBackend`)."""
-    return Path(program).with_suffix(".ptd")
+    path = Path(program)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    return path.with_suffix(".ptd")
+
+
+def _tag() -> str:
+    """``<pid>-<hex>``: this writer, in every temporary and generation name."""
+    return f"{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _temp_name(name: str) -> str:
+    return f".{name}.fxport-{_tag()}.tmp"
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (a pid reused by another process counts as alive: the
+    temporary is kept, never a live writer's removed)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
+def remove_dead_temporaries(folder: PathLike) -> list[Path]:
+    """Remove what killed writers left in ``folder`` and in its program stores: fxport's
+    temporaries (``.<name>.fxport-<pid>-<hex>.tmp``) and generations that are not ``current``,
+    when process ``<pid>`` no longer exists. A live writer's (this one's included) are kept.
+    Returns what was removed."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if m and not _alive(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                remove_tree(entry.path)
+                removed.append(Path(entry.path))
+        elif entry.name.endswith(STORE_SUFFIX) and entry.is_dir(follow_symlinks=False):
+            store = Path(entry.path)
+            current = _readlink(store / CURRENT)
+            for sub in list(os.scandir(store)):
+                m = _TEMP.match(sub.name) or _GEN.match(sub.name)
+                if not m or sub.name == current:
+                    continue
+                pid = int(m.group(1))
+                # this process's own generations are garbage unless one of its saves is writing it
+                mine = pid == os.getpid() and _GEN.match(sub.name) and sub.path not in _WRITING
+                if mine or not _alive(pid):
+                    with contextlib.suppress(OSError):
+                        remove_tree(sub.path)
+                        removed.append(Path(sub.path))
+    return removed
+
+
+def _readlink(path: Path) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
+def _link_target(store: Path, name: str) -> str:
+    return f"{store.name}/{CURRENT}/{name}"
+
+
+def _is_ours(link: Path, store: Path) -> bool:
+    """``link`` is the published link of ``store`` (``x.pte -> x.fxport/current/x.pte``)."""
+    return _readlink(link) == _link_target(store, link.name)
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system
+    cannot (the caller then renames in two steps)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _put_link(link: Path, target: str) -> None:
+    """Make ``link`` a symbolic link to ``target`` in one rename; a directory there (a tokenizer
+    folder of an earlier fxport, already adopted) is exchanged with the link, then removed."""
+    if _readlink(link) == target:
+        return
+    tmp = link.parent / _temp_name(link.name)
+    os.symlink(target, tmp)
+    try:
+        if link.is_dir() and not link.is_symlink():
+            if _exchange(tmp, link):
+                remove_tree(tmp)  # the old folder, now under the temporary name
+                return
+            aside = _aside(link)  # no atomic swap on this system: the folder is away for one rename
+            os.replace(link, aside)
+            os.replace(tmp, link)
+            remove_tree(aside)
+            return
+        os.replace(tmp, link)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if tmp.is_symlink():
+                tmp.unlink()
+        raise
+
+
+def _aside(path: Path) -> Path:
+    return path.parent / _temp_name(path.name)
+
+
+def _switch(store: Path, gen: str) -> str | None:
+    """Point ``store/current`` at generation ``gen`` (one rename); returns the previous target."""
+    current = store / CURRENT
+    old = _readlink(current)
+    tmp = store / _temp_name(CURRENT)
+    os.symlink(gen, tmp)
+    try:
+        os.replace(tmp, current)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(store)
+    return old
+
+
+def _record(gen: Path, program: str, names: Sequence[str]) -> None:
+    files = {}
+    for name in names:
+        f = gen / name
+        if f.is_file():
+            files[name] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
+    with open(gen / RECORD, "w", encoding="utf-8") as fh:
+        json.dump({"program": program, "files": files}, fh, indent=1, sort_keys=True)
+
+
+def read_record(program: PathLike) -> dict | None:
+    """The record of sizes and digests saved with the generation ``program`` resolves to (None
+    for a program that was not published by :func:`write_program`, e.g. a copy)."""
+    real = Path(os.path.realpath(program))
+    try:
+        data = json.loads((real.parent / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("program") != real.name or not isinstance(data.get("files"), dict):
+        return None
+    return data
+
+
+def sha256_file(path: PathLike, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _adopt_legacy(folder: Path, store: Path, names: Sequence[str]) -> None:
+    """Files of an earlier layout (plain ``x.pte`` / ``x.ptd`` / ``x.tokenizer/``, or a link of
+    someone else's) become a generation of their own, unchanged (hard links; copies where the
+    filesystem has none), and their names links to it: every step shows the same content."""
+    legacy = [n for n in names if (folder / n).exists() and not _is_ours(folder / n, store)]
+    if not legacy:
+        return
+    gen = store / f"g-{_tag()}"
+    gen.mkdir()
+    for name in names:
+        src = folder / name
+        if not src.exists():
+            continue
+        real = Path(os.path.realpath(src))
+        if real.is_dir():
+            shutil.copytree(real, gen / name, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(real, gen / name)
+    _fsync_tree(gen)
+    old = _switch(store, gen.name)
+    for name in names:
+        if (folder / name).exists() or (folder / name).is_symlink():
+            _put_link(folder / name, _link_target(store, name))
+    _fsync_dir(folder)
+    if old and old != gen.name:
+        with contextlib.suppress(OSError):
+            _remove_generation(store / old)
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def write_program(
@@ -261,59 +528,86 @@ def write_program(
     sidecar: PathLike | None = None,
     fill_sidecar: Callable[[Path], None] | None = None,
     beside: PathLike | None = None,
+    owned: Sequence[str] = (),
 ) -> Path:
-    """Write a program and replace its sidecar directory with it, as a pair.
+    """Publish a program, its sidecar directory and the files beside it as one set (see the
+    comment above: a new generation, then one rename of its ``current`` pointer).
 
     ``data`` is the program's bytes, or a function that writes the program to the path it is given.
-    ``sidecar`` (e.g. ``model.tokenizer/``) is rebuilt whole by ``fill_sidecar(tmp_dir)``; with
-    ``fill_sidecar=None`` an existing sidecar is removed, because it belongs to the previous
-    program. ``beside`` is a staging directory (:func:`staging_dir`) whose files (e.g. the CUDA
-    ``.ptd`` weights) are moved next to the program just before it. Everything is written to
-    temporaries first; the renames come last, so a failure while writing leaves the previous
-    files as they were.
+    ``sidecar`` (e.g. ``model.tokenizer/``) is filled by ``fill_sidecar(dir)``; with
+    ``fill_sidecar=None`` the new program has none, and a previous one is unlinked with the
+    switch. ``beside`` is a staging directory (:func:`staging_dir`) whose files (the ``.ptd``
+    weights) join the set. ``owned``: other names in the folder that belong to whatever program
+    is at ``path`` (e.g. ``x.ptd`` when the new program has no weights file): they are unlinked
+    with the switch too. A failure or a kill at any point leaves the previous set whole.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(folder)
+    store = program_store(path)
+    made_store = not store.exists()
+    store.mkdir(exist_ok=True)
+    gen = store / f"g-{_tag()}"
+    _WRITING.add(str(gen))
+    gen.mkdir()
     side = Path(sidecar) if sidecar is not None else None
-    side_tmp: Path | None = None
-    tmp = _temp_in(path.parent, path.name)
+    published = False
     try:
-        if side is not None and fill_sidecar is not None:
-            side_tmp = Path(tempfile.mkdtemp(dir=side.parent, prefix=f".{side.name}.", suffix=".tmp"))
-            fill_sidecar(side_tmp)
-            _fsync_tree(side_tmp)
-        if callable(data):
-            data(tmp)
-        else:
-            with open(tmp, "wb") as f:
-                f.write(data)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        names: list[str] = []
         extra = sorted(p for p in Path(beside).iterdir() if p.is_file()) if beside is not None else []
-        for f in extra:
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        # Everything is on disk: publish the files beside the program, the sidecar, then the program.
-        for f in extra:
-            os.replace(f, path.parent / f.name)
-        if side is not None:
-            if side_tmp is not None:
-                _swap_dir_in(side_tmp, side)
-                side_tmp = None
-            elif side.exists() or side.is_symlink():
-                remove_tree(side)
-        os.replace(tmp, path)
+        for f in extra:  # the staging folder is in ``folder``: a rename, nothing published yet
+            os.replace(f, gen / f.name)
+            names.append(f.name)
+        if side is not None and fill_sidecar is not None:
+            (gen / side.name).mkdir()
+            fill_sidecar(gen / side.name)
+            names.append(side.name)
+        if callable(data):
+            data(gen / path.name)
+        else:
+            with open(gen / path.name, "wb") as f:
+                f.write(data)
+        names.append(path.name)  # last: its link is made last, the program appears once its files exist
+        _record(gen, path.name, [n for n in names if n != (side.name if side else None)])
+        _fsync_tree(gen)
+        _fsync_dir(store)
+        everything = list(dict.fromkeys(names + list(owned) + ([side.name] if side is not None else [])))
+        _adopt_legacy(folder, store, everything)
+        for name in names:
+            _put_link(folder / name, _link_target(store, name))
+        _fsync_dir(folder)
+        old = _switch(store, gen.name)
+        published = True
     except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if side_tmp is not None:
-            shutil.rmtree(side_tmp, ignore_errors=True)
-        err = _no_space(exc, path)
+        if not published:
+            shutil.rmtree(gen, ignore_errors=True)
+            if made_store:
+                with contextlib.suppress(OSError):
+                    store.rmdir()
+        err = no_space_error(exc, path)
         if err is exc:
             raise
         raise err from exc
-    _fsync_dir(path.parent)
+    finally:
+        _WRITING.discard(str(gen))
+    # Published. What is left is tidying: links of names the new program lacks, the old generation.
+    with contextlib.suppress(OSError):
+        for name in everything:
+            if name not in names and _is_ours(folder / name, store):
+                (folder / name).unlink()
+        _fsync_dir(folder)
+        if old and old != gen.name and _readlink(store / CURRENT) != old:
+            _remove_generation(store / old)
     return path
+
+
+def _remove_generation(gen: Path) -> None:
+    """Rename a generation out of its name first, then delete it: a reader that resolved a path
+    into it finds its files whole or not at all, never half removed."""
+    aside = gen.parent / _temp_name(gen.name)
+    os.replace(gen, aside)
+    remove_tree(aside)
 
 
 @contextlib.contextmanager
@@ -322,7 +616,8 @@ def staging_dir(folder: PathLike) -> Iterator[Path]:
     ``folder``), removed with whatever is left in it on exit."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".fxport-stage-", suffix=".tmp"))
+    tmp = folder / _temp_name("fxport-stage")
+    tmp.mkdir()
     try:
         yield tmp
     finally:

@@ -124,24 +124,31 @@ class XnnpackProgram:
         return Path(path)
 
     def write(self, path: str | Path, *, sidecar: Path | None = None, fill_sidecar=None) -> list[Path]:
-        """Write the program, its weights file ``<stem>.ptd`` when it has one, and its sidecar
-        directory, as one set (see :func:`fxport.fileio.write_program`); returns the extra files
-        written. A ``<stem>.ptd`` left by a previous program at ``path`` is removed."""
-        from fxport.fileio import staging_dir, weights_file, write_program
+        """Publish the program, its weights file ``<stem>.ptd`` when it has one, and its sidecar
+        directory as one set (:func:`fxport.fileio.write_program`: a reader sees the whole
+        previous set or the whole new one); returns the extra files written. A ``<stem>.ptd`` of
+        the previous program at ``path`` goes with it. A full disk while ExecuTorch writes the
+        weights raises :class:`fxport.fileio.OutputWriteError` naming the ``.ptd``."""
+        from fxport.fileio import no_space_error, staging_dir, write_program
 
         path = Path(path)
-        ptd = weights_file(path)
+        ptd = path.with_name(path.stem + ".ptd")  # the name published beside the program
         if self.manager is None:
-            write_program(path, self.buffer, sidecar=sidecar, fill_sidecar=fill_sidecar)
-            ptd.unlink(missing_ok=True)  # it belonged to the program that was here
+            write_program(path, self.buffer, sidecar=sidecar, fill_sidecar=fill_sidecar, owned=[ptd.name])
             return []
         with staging_dir(path.parent) as stage:
-            self.manager.write_tensor_data_to_file(str(stage))
+            try:
+                self.manager.write_tensor_data_to_file(str(stage))
+            except OSError as exc:
+                err = no_space_error(exc, ptd)
+                if err is exc:
+                    raise
+                raise err from exc
             written = sorted(stage.glob("*.ptd"))
             if [p.name for p in written] != [f"{WEIGHTS_TAG}.ptd"]:
                 raise RuntimeError(f"expected one weights file {WEIGHTS_TAG}.ptd, ExecuTorch wrote {[p.name for p in written]}")
             written[0].rename(stage / ptd.name)
-            write_program(path, self.buffer, sidecar=sidecar, fill_sidecar=fill_sidecar, beside=stage)
+            write_program(path, self.buffer, sidecar=sidecar, fill_sidecar=fill_sidecar, beside=stage, owned=[ptd.name])
         return [ptd]
 
 

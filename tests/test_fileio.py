@@ -151,7 +151,7 @@ def test_write_program_pairs_program_and_sidecar(tmp_path):
     assert _listing(side) == ["a.json"] and (side / "a.json").read_text() == "2"
     # A re-export without a tokenizer removes the previous program's sidecar (it would be stale).
     write_program(out, OLD, sidecar=side)
-    assert _listing(tmp_path) == ["model.pte"]
+    assert _listing(tmp_path) == ["model.fxport", "model.pte"]
 
 
 @pytest.mark.parametrize("where", ["program", "sidecar"])
@@ -173,7 +173,8 @@ def test_write_program_failure_keeps_previous_pair(tmp_path, where):
         write_program(out, program, sidecar=side, fill_sidecar=sidecar)
     assert out.read_bytes() == OLD
     assert (side / "a.json").read_text() == "old"
-    assert _listing(tmp_path) == ["model.pte", "model.tokenizer"]
+    assert _listing(tmp_path) == ["model.fxport", "model.pte", "model.tokenizer"]
+    assert len(_listing(tmp_path / "model.fxport")) == 2  # current and its generation: the failed one is gone
 
 
 # ----------------------------------------------------------------------------- output path checks
@@ -253,7 +254,7 @@ def test_write_program_publishes_files_beside_it(tmp_path):
         (stage / "weights.ptd").write_bytes(b"new weights")
         write_program(out, NEW, beside=stage)
     assert out.read_bytes() == NEW and (tmp_path / "weights.ptd").read_bytes() == b"new weights"
-    assert _listing(tmp_path) == ["model.pte", "weights.ptd"]
+    assert _listing(tmp_path) == ["model.fxport", "model.pte", "weights.ptd"]
 
 
 def test_write_program_failure_keeps_files_beside_it(tmp_path):
