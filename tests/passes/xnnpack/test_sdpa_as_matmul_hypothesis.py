@@ -1,0 +1,164 @@
+"""SDPAAsMatmul on drawn attention sites: batch, GQA ratio and spelling, static or dynamic query
+length, key length, head dims (V's may differ from Q/K's), additive mask shapes, scale, dtype,
+and a ``transpose(1, 2).reshape`` reader of the output.
+
+The expected path per site follows the contract: the GQA fold (L == 1 with a mask of S
+elements, or a (1, 1, L|1, S) mask, or none, on a peeled K/V spelling with a static batch), the
+unfolded matmul otherwise, a skip for bool masks, causal / dropout SDPA and enable_gqa sites that
+do not fold. The rewritten program equals the unrewritten one within fp32 summation order, an
+fp64 attention written without SDPA within the dtype's tolerance, and a second run changes
+nothing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import event, given
+from hypothesis import strategies as st
+from torch.export import Dim
+
+from fxport.passes import SDPAAsMatmul
+
+from ..hypothesis_helpers import (GQA_SPELLINGS, additive, assert_idempotent, attention_fp64, examples, expand_kv,
+                                  keep_mask, ops, run_pass)
+
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+#: |got - fp64| <= TOL * (1 + |fp64|)
+TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+
+class Site(nn.Module):
+    def __init__(self, spelling, n_rep, is_causal, scale, flat_out):
+        super().__init__()
+        self.spelling, self.n_rep, self.is_causal, self.scale, self.flat_out = spelling, n_rep, is_causal, scale, flat_out
+
+    def forward(self, q, k, v, mask=None):  # q (B, H_q, L, D), k (B, H_kv, S, D), v (B, H_kv, S, D_v)
+        k, v = expand_kv(k, self.n_rep, self.spelling), expand_kv(v, self.n_rep, self.spelling)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.is_causal, scale=self.scale,
+                                           enable_gqa=self.spelling == "enable_gqa")  # (B, H_q, L, D_v)
+        if self.flat_out:  # the attention module's reader: (B, L, H_q * D_v)
+            B, H, L, Dv = y.shape
+            return y.transpose(1, 2).reshape(B, L, H * Dv)
+        return y
+
+
+# (a 1-d (S,) mask is not drawn: aten SDPA's meta function rejects it, so it does not export)
+MASKS = ["none", "bool", "causal", "(1,1,L,S)", "(B,1,L,S)", "(1,H,L,S)", "(B,H,L,S)", "(L,S)", "(1,1,1,S)"]
+
+
+def _mask_shape(kind, B, H, L, S):
+    return {"(1,1,L,S)": (1, 1, L, S), "(B,1,L,S)": (B, 1, L, S), "(1,H,L,S)": (1, H, L, S),
+            "(B,H,L,S)": (B, H, L, S), "(L,S)": (L, S), "(1,1,1,S)": (1, 1, 1, S),
+            "bool": (1, 1, L, S)}.get(kind)
+
+
+@st.composite
+def sites(draw, mask=st.sampled_from(MASKS)):
+    n_rep = draw(st.sampled_from([1, 2, 3]))
+    c = dict(B=draw(st.sampled_from([1, 2])), H_kv=draw(st.sampled_from([1, 2])), n_rep=n_rep,
+             spelling=draw(st.sampled_from(GQA_SPELLINGS + (("direct",) if n_rep == 1 else ()))),
+             L=draw(st.integers(1, 5)), dynamic=draw(st.booleans()), S=draw(st.integers(1, 12)),
+             D=draw(st.sampled_from([4, 8])), mask=draw(mask),
+             scale=draw(st.sampled_from([None, 0.25])), dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
+             flat_out=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+    c["Dv"] = c["D"]  # V with its own head dim: see test_value_head_dim_other_than_query_head_dim
+    if c["dynamic"]:
+        c["L"] = max(c["L"], 2)  # export specializes a dynamic dim seen as 1
+    if c["mask"] == "causal":
+        c["S"] = max(c["S"], c["L"])  # every row sees a key under aten's top-left rule
+    return c
+
+
+def _expected(c):
+    """(skip reason or None, folded) from the contract."""
+    if c["mask"] == "causal":
+        return "dropout or causal", False
+    if c["mask"] == "bool":
+        return "bool mask (run AdditiveAttentionMask first)", False
+    shape = _mask_shape(c["mask"], c["B"], c["H_kv"] * c["n_rep"], c["L"], c["S"])
+    peeled = c["spelling"] in ("repeat_kv", "repeat_interleave") or (c["spelling"] == "enable_gqa" and c["n_rep"] > 1)
+    numel = 1
+    for d in shape or ():
+        numel *= d
+    fold = peeled and c["L"] == 1 and not c["dynamic"] and (shape is None or numel == c["S"])
+    fold_many = peeled and not fold and (shape is None or (len(shape) == 4 and shape[:2] == (1, 1)))
+    if c["spelling"] == "enable_gqa" and not (fold or fold_many):
+        return "enable_gqa with a mask that does not fold over the K/V heads", False
+    return None, fold or fold_many
+
+
+def _check_site(c):
+    g = torch.Generator().manual_seed(c["seed"])
+    B, H_kv, n_rep, L, S, D, Dv, dt = (c[k] for k in ("B", "H_kv", "n_rep", "L", "S", "D", "Dv", "dtype"))
+    H = H_kv * n_rep
+
+    def inputs(L):
+        q = torch.randn(B, H, L, D, generator=g).to(dt)
+        k, v = torch.randn(B, H_kv, S, D, generator=g).to(dt), torch.randn(B, H_kv, S, Dv, generator=g).to(dt)
+        shape = _mask_shape(c["mask"], B, H, L, S)
+        if shape is None:
+            return (q, k, v), None
+        keep = keep_mask(shape, c["seed"] + L)
+        mask = keep if c["mask"] == "bool" else additive(keep, dt)
+        return (q, k, v, mask), mask
+
+    args, _ = inputs(L)
+    shapes = None
+    if c["dynamic"]:
+        Ld = Dim("L", min=2, max=8)
+        mask_dims = {len(args[3].shape) - 2: Ld} if len(args) > 3 and len(args[3].shape) > 1 and args[3].shape[-2] == L else None
+        shapes = ({2: Ld}, None, None) + ((mask_dims,) if len(args) > 3 else ())
+    model = Site(c["spelling"], n_rep, c["mask"] == "causal", c["scale"], c["flat_out"])
+    ep = torch.export.export(model, args, dynamic_shapes=shapes)
+    new, rec = run_pass(ep, SDPAAsMatmul())
+
+    reason, folded = _expected(c)
+    event(f"skipped: {reason}" if reason else "rewritten: GQA folded" if folded else "rewritten: matmul")
+    st_ = rec.stats
+    if reason is not None:
+        assert (rec.changed, st_.matched, st_.rewritten, dict(st_.skipped)) == (False, 1, 0, {reason: 1})
+        assert ops(new)[SDPA] == 1
+        return
+    assert (rec.changed, st_.matched, st_.rewritten, dict(st_.skipped)) == (True, 1, 1, {})
+    assert [(s["gqa_folded"], s["n_rep"]) for s in st_.sites] == [(folded, n_rep)]
+    counts = ops(new)
+    assert counts[SDPA] == 0
+    if folded:  # (B*H_kv, ., D) bmm with the un-expanded K/V: no head copies left
+        assert counts[aten.bmm.default] == 2 and counts[aten.matmul.default] == 0
+        assert counts[aten.expand.default] == counts[aten.repeat_interleave.self_int] == 0
+    else:
+        assert counts[aten.matmul.default] == 2
+    assert_idempotent(new, SDPAAsMatmul())
+
+    for length in ([L, L + 3] if c["dynamic"] else [L]):
+        args, mask = inputs(length)
+        got, ref = new.module()(*args), ep.module()(*args)
+        tol = TOL[dt]
+        torch.testing.assert_close(got, ref, rtol=tol, atol=tol)  # summation order (and bf16 rounding)
+        want = attention_fp64(*args[:3], mask=mask, scale=c["scale"])
+        if c["flat_out"]:
+            want = want.transpose(1, 2).reshape(got.shape)
+        assert ((got.double() - want).abs() <= tol * (1 + want.abs())).all()
+
+
+@pytest.mark.parametrize("mask", MASKS)  # each mask kind drawn (few examples drift to a few kinds)
+@examples(2)
+@given(data=st.data())
+def test_any_site_rewrites_by_contract_and_equals_attention(mask, data):
+    _check_site(data.draw(sites(st.just(mask)), label="site"))
+
+
+# BUG (SDPAAsMatmul, reported, not fixed here): the GQA fold views V as (B*H_kv, S, D) with the
+# query's head dim D, so a site whose V head dim differs (SDPA allows D_v != D) and that folds
+# crashes the pass: q (1, 2, 1, 8), k (1, 1, 3, 8), v (1, 1, 3, 4) through repeat_interleave(2,
+# dim=1) -> PipelineError "RuntimeError: shape '[1, 3, 8]' is invalid for input of size 12"
+# (expected: the (1, 2, 1, 4) attention). Folded sites are kept out of this strategy until then.
+@examples(3)
+@given(sites().filter(lambda c: not _expected(c)[1]), st.sampled_from([2, 12]))
+def test_value_head_dim_other_than_query_head_dim(c, Dv):
+    c["Dv"] = Dv
+    _check_site(c)
