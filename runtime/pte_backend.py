@@ -77,6 +77,9 @@ class PteBackend:
             raise PteError(f"{path} is not a loadable ExecuTorch program (no 'ET' file identifier at byte 4)")
         if data_path is None and weights_file(path).is_file():
             data_path = weights_file(path)
+        from fxport.runtime.integrity import check_weights
+
+        check_weights(path, data_path)  # a damaged or foreign .ptd: one line, before anything runs
         import executorch.kernels.quantized  # noqa: F401  (quantized embedding kernels, e.g. the "balanced" recipe)
         from executorch.runtime import Runtime
 
