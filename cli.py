@@ -166,12 +166,15 @@ def cmd_export(args: argparse.Namespace) -> int:
                            max_prefill_chunk=args.max_prefill_chunk, ring_size=args.ring_size,
                            dump=args.dump, dry_run=args.dry_run)
     result = build(_source(args), args.out, options, progress=not args.quiet)
+    contract_ok = True
+    if args.dry_run and hasattr(result.report, "check_contract"):  # the report prints the outcome
+        contract_ok = not result.report.check_contract(result.metadata)  # ExecuTorch's LLM-runner contract
     print(result.summary())
     if result.tokenizer_dir is not None:
         print(f"tokenizer: {result.tokenizer_dir}")
     print(result.times.table())
     if args.dry_run:
-        return 0 if result.report.fully_delegated else EXIT_FAILURE
+        return 0 if result.report.fully_delegated and contract_ok else EXIT_FAILURE
     return 0
 
 

@@ -34,7 +34,7 @@ from torch import nn
 from torch.export import ExportedProgram
 
 from fxport.lowering.dryrun import (DelegationReport, MethodReport, StateBytes, format_signature, input_signature,
-                                    op_name, state_bytes)
+                                    io_max_sizes, op_name, state_bytes)
 
 
 def gpu_available() -> bool:
@@ -164,6 +164,22 @@ class CudaDryRunReport:
     pass_results: dict = field(default_factory=dict)
     signatures: dict[str, list] = field(default_factory=dict)  # method -> [(input, shape, dtype)]
     state: StateBytes | None = None
+    io: dict[str, dict] = field(default_factory=dict)  # method -> {"inputs"/"outputs": [(dtype, max sizes)]}
+    contract: list[str] | None = None  # runner-contract problems ([] = ok); None until checked
+    constant_methods: dict[str, Any] = field(default_factory=dict)  # what the contract was checked with
+
+    def check_contract(self, constant_methods: Mapping[str, Any]) -> list[str]:
+        """Check the program these methods and ``constant_methods`` (what the lowering stores,
+        :func:`fxport.builder.model_metadata`) make against ExecuTorch's LLM-runner contract
+        (:func:`fxport.contract.contract_problems`); the summary prints the result."""
+        from fxport.contract import contract_problems
+
+        self.constant_methods = dict(constant_methods)
+        names = [*self.delegation.methods, *constant_methods]
+        self.contract = contract_problems(names, constant_methods,
+                                          {m: io["inputs"] for m, io in self.io.items()},
+                                          {m: io["outputs"] for m, io in self.io.items()})
+        return self.contract
 
     @property
     def unsupported(self) -> dict[str, list[str]]:
@@ -190,6 +206,11 @@ class CudaDryRunReport:
                 lines.append(f"    ops AOTInductor would need an unsupported fallback kernel for: {', '.join(bad)}")
         if self.state is not None:
             lines.append(self.state.summary())
+        if self.contract is not None:
+            lines.append("constant methods: " + ", ".join(f"{k}={v}" for k, v in self.constant_methods.items()))
+            lines.append("runner contract: ok" if not self.contract else
+                         f"runner contract: {len(self.contract)} problem(s)")
+            lines.extend(f"    {problem}" for problem in self.contract)
         lines.append("result: " + ("every node delegated" if self.fully_delegated else "NOT fully delegated (see above)"))
         return "\n".join(lines)
 
@@ -227,7 +248,7 @@ def partition_report(programs: Mapping[str, ExportedProgram]) -> CudaDryRunRepor
         delegation.methods[method] = rep
         fallback[method] = coverage
     return CudaDryRunReport(delegation, fallback, signatures={m: input_signature(ep) for m, ep in programs.items()},
-                            state=state_bytes(programs))
+                            state=state_bytes(programs), io={m: io_max_sizes(ep) for m, ep in programs.items()})
 
 
 def cuda_dry_run(model: nn.Module, *, max_prefill_chunk: int = 128, quant: str | None = None,
@@ -240,6 +261,7 @@ def cuda_dry_run(model: nn.Module, *, max_prefill_chunk: int = 128, quant: str |
         ring_size=ring_size, dry_run=True))
     report = result.report
     report.pass_results = result.pass_results
+    report.check_contract(result.metadata)
     return report
 
 

@@ -224,6 +224,37 @@ def input_signature(ep: ExportedProgram) -> list[tuple[str, tuple, Any]]:
     return rows
 
 
+def _upper(ep: ExportedProgram, dim: Any) -> int:
+    """A size's largest value: itself, or its symbol's upper bound (``sys.maxsize`` when unbounded)."""
+    if isinstance(dim, int):
+        return dim
+    import sys
+
+    r = {str(sym): r for sym, r in ep.range_constraints.items()}.get(str(dim))
+    upper = getattr(r, "upper", None)
+    try:
+        return int(upper)
+    except (TypeError, ValueError, OverflowError):  # int_oo / no range: unbounded
+        return sys.maxsize
+
+
+def io_max_sizes(ep: ExportedProgram) -> dict[str, list[tuple[Any, tuple[int, ...]]]]:
+    """``{"inputs": [(dtype, max sizes)], "outputs": [...]}`` of the user inputs and outputs, the
+    form :func:`fxport.contract.contract_problems` reads (symbolic sizes at their upper bound)."""
+    user_in = set(ep.graph_signature.user_inputs)
+    user_out = list(ep.graph_signature.user_outputs)
+    nodes = {n.name: n for n in ep.graph.nodes}
+
+    def row(node: Node | None) -> tuple[Any, tuple[int, ...]]:
+        val = node.meta.get("val") if node is not None else None
+        if not hasattr(val, "shape"):
+            return (type(val).__name__, ())
+        return (val.dtype, tuple(_upper(ep, d) for d in val.shape))
+
+    inputs = [row(n) for n in ep.graph.nodes if n.op == "placeholder" and n.name in user_in]
+    return {"inputs": inputs, "outputs": [row(nodes.get(name)) for name in user_out if name is not None]}
+
+
 def format_signature(rows: list[tuple[str, tuple, Any]]) -> str:
     """``tokens (1, s27<=8) int64, input_pos (s27<=8,) int64``."""
     def shape(dims: tuple) -> str:

@@ -9,7 +9,8 @@ its documented one-line message:
 * xnnpack: writes the ``.pte`` (+ ``.ptd``), which loads in ExecuTorch's runtime and returns
   finite logits for a prompt chunk (float: equal to the eager model's within 1e-4);
 * cuda ``--dry-run``: prints the partition report (methods and their inputs, delegated / not
-  delegated nodes, weight and KV bytes), every node delegated, every int4 linear dispatched;
+  delegated nodes, weight and KV bytes), every node delegated, every int4 linear dispatched, and
+  "runner contract: ok" (ExecuTorch's LLM-runner contract, :mod:`fxport.contract`);
 * cuda without ``--dry-run`` on a machine without a GPU, xnnpack with ``--dry-run`` and each
   backend given the other's recipe names: refused before any work, one line, exit status 2.
 
@@ -117,6 +118,10 @@ def test_cuda_dry_run_prints_the_partition_report(recipe, capsys):
     assert any(re.fullmatch(r"weights: \d+ tensors, \d+ bytes \(\d+\.\d\d MiB\); KV cache \(mutable buffers\): "
                             r"2 tensors, 1024 bytes \(0\.00 MiB\)", line) for line in lines)
     assert "result: every node delegated" in lines
+    assert "runner contract: ok" in lines  # ExecuTorch's LLM-runner contract (fxport.contract)
+    assert ("constant methods: get_max_seq_len=4, get_max_context_len=16, use_kv_cache=1, use_sdpa_with_kv_cache=0, "
+            "enable_dynamic_shape=1, get_eos_ids=[1], get_activation_dtype=6, get_logits_to_keep_mode=1, "
+            "get_vocab_size=256, get_bos_id=2") in lines
     n = _int4_linears(recipe)
     for method in ("prefill", "decode"):
         row = next(line for line in lines if line.startswith(f"[{method}] 03 int4_dispatch: "))

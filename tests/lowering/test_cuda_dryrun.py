@@ -120,3 +120,36 @@ def test_report_names_methods_inputs_and_bytes(report, tiny):
     assert "methods: prefill, decode" in text
     assert "    decode(tokens (1, 1) int64, input_pos (1,) int64)" in text
     assert f"KV cache (mutable buffers): 4 tensors, {report.state.mutable_bytes} bytes (0.00 MiB)" in text
+
+
+def test_the_cuda_program_follows_the_runner_contract(report, tiny):
+    """The methods, their inputs and the constant methods the lowering stores are what
+    ExecuTorch's TextLLMRunner reads (fxport.contract); the summary says so."""
+    assert report.contract == []
+    assert report.constant_methods == tiny.metadata()
+    assert report.io["prefill"] == {"inputs": [(torch.int64, (1, tiny.max_chunk)), (torch.int64, (tiny.max_chunk,))],
+                                    "outputs": [(torch.float32, (1, 1, 256))]}  # last-token logits
+    assert report.io["decode"] == {"inputs": [(torch.int64, (1, 1)), (torch.int64, (1,))],
+                                   "outputs": [(torch.float32, (1, 1, 256))]}
+    lines = report.summary().splitlines()
+    assert "runner contract: ok" in lines
+    assert (f"constant methods: get_max_seq_len={tiny.max_chunk}, get_max_context_len=16, use_kv_cache=1, "
+            "use_sdpa_with_kv_cache=0, enable_dynamic_shape=1, get_eos_ids=[1], get_activation_dtype=6, "
+            "get_logits_to_keep_mode=1, get_vocab_size=256, get_bos_id=2") in lines
+
+
+def test_contract_problems_are_listed(report, tiny):
+    import copy
+
+    broken = copy.copy(report)
+    constants = {**tiny.metadata(), "get_max_seq_len": tiny.max_chunk + 1}
+    del constants["get_eos_ids"]
+    assert broken.check_contract(constants) == [
+        "constant method get_eos_ids is missing",
+        f"get_max_seq_len = {tiny.max_chunk + 1} but prefill accepts at most {tiny.max_chunk} tokens per call; "
+        "get_max_seq_len must be the largest prefill chunk",
+    ]
+    lines = broken.summary().splitlines()
+    i = lines.index("runner contract: 2 problem(s)")
+    assert lines[i + 1] == "    constant method get_eos_ids is missing"
+    assert report.contract == []  # the fixture's report is untouched
