@@ -7,9 +7,18 @@ program computes the same logits. The graph is read through :mod:`fxport.passes.
 
 Ring size: ``R = max(2 * W, W + C - 1)`` where C is the largest prefill chunk: the
 ``max_prefill_chunk`` argument, else the largest number of rows the program's cache write
-takes (its symbol's upper bound; 1 for decode). A pass object remembers the R it chose per
-buffer, so prefill and decode rewritten by the same object share one cache shape (rewrite
-prefill first, or pass ``max_prefill_chunk``). An explicit ``ring_size`` is used as given.
+takes (its symbol's upper bound; 1 for decode). An explicit ``ring_size`` is used as given.
+
+One R per buffer, whatever pass object rewrites which method. A pass object keeps the R it
+gave each buffer for the next method it rewrites. Across objects, a rewrite of a named method
+(``apply(..., method=...)`` / ``PassContext(method=...)``) records its R against the buffer's
+tensor (the one object every method exported from one model reads; the ringed tensor too), so
+the rewrite of another method -- by a new ``RingBufferKVCache(windows=...)`` as well -- takes
+the recorded R when its chunks fit in it, and raises PassError naming both sizes when they do
+not (decode ringed to 2W first, then a prefill whose chunks need more) or when an explicit
+``ring_size`` differs. Rewrite the method with the largest chunk first, or give every method
+the same ``max_prefill_chunk`` / ``ring_size``. Rewriting the same method again is a new trial:
+it replaces that method's record.
 
 Matches, per cache buffer that has a window (from ``windows=`` or the model config):
   * the buffer's one write, written back to it (:func:`~fxport.passes.attention.find_cache_write`),
@@ -59,6 +68,7 @@ instead of S positions).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -116,6 +126,25 @@ class _Skip(Exception):
     """A site the pass cannot prove; the message is the skip reason."""
 
 
+# id(buffer tensor) -> (weak reference to it, {method: {"ring", "chunk", "method"}}): the R each
+# cache buffer was given when a named method was rewritten, seen by every pass object (module
+# docstring). Rewriting the same method again replaces its entry (a new trial, not a second method).
+_RINGS: dict[int, tuple[weakref.ref, dict[str, dict]]] = {}
+
+
+def recorded_rings(buffer: torch.Tensor) -> dict[str, dict]:
+    """``{method: {"ring": R, "chunk": C, "method": method}}`` recorded for a cache buffer."""
+    entry = _RINGS.get(id(buffer))
+    return entry[1] if entry is not None and entry[0]() is buffer else {}
+
+
+def _record_ring(buffer: torch.Tensor, info: dict) -> None:
+    key = id(buffer)
+    if not recorded_rings(buffer):
+        _RINGS[key] = (weakref.ref(buffer, lambda _, key=key: _RINGS.pop(key, None)), {})
+    _RINGS[key][1][info["method"]] = info
+
+
 class RingBufferKVCache(Pass):
     """Sliding-window caches become ring buffers of size R (see the module docstring).
 
@@ -145,6 +174,7 @@ class RingBufferKVCache(Pass):
             raise ValueError(f"RingBufferKVCache: max_prefill_chunk must be >= 1; got {max_prefill_chunk}")
         self.ring_size, self.max_prefill_chunk = ring_size, max_prefill_chunk
         self.chosen: dict[str, int] = {}  # buffer -> R chosen from a program (shared by later methods)
+        self._chosen: dict[str, dict] = {}  # buffer -> its ring record, for programs that do not share tensors
         for name, w in self.windows.items():
             r = self._explicit(name)
             if r is not None and r < w:
@@ -157,29 +187,39 @@ class RingBufferKVCache(Pass):
             return int(self.ring_size[name])
         return None
 
-    def _ring(self, name: str, chunk: int | float) -> int:
-        """R for ``name`` given the program's chunk bound (PassError when unbounded)."""
+    def _ring(self, name: str, chunk: int | float, earlier: dict | None = None, method: str | None = None) -> int:
+        """R for ``name`` given the program's chunk bound and the R recorded for the buffer by an
+        earlier rewrite (``earlier``); PassError when unbounded or when the two disagree."""
+        w = self.windows[name]
+        this = f"method {method!r}" if method else "this program"
+        before = None if earlier is None else (
+            f"buffer {name} (window {w}) was ringed to {earlier['ring']} slots when "
+            + (f"method {earlier['method']!r}" if earlier.get("method") else "an earlier program")
+            + f" (chunks up to {earlier['chunk']}) was rewritten")
         explicit = self._explicit(name)
         if explicit is not None:
+            if earlier is not None and explicit != earlier["ring"]:
+                raise PassError(f"RingBufferKVCache: {before}, but ring_size {explicit} is given for {this}; "
+                                f"one buffer has one size in every method: pass ring_size={earlier['ring']}")
             return explicit
-        w = self.windows[name]
         if self.max_prefill_chunk is not None:
-            return default_ring_size(w, self.max_prefill_chunk)
-        if chunk == float("inf"):
+            r = default_ring_size(w, self.max_prefill_chunk)
+        elif chunk == float("inf"):
             raise PassError(
                 f"RingBufferKVCache: the chunk written to buffer {name} has no upper bound, so no ring size "
                 f"fits it; export with a bounded chunk (fxport export --max-prefill-chunk N) or pass "
                 f"max_prefill_chunk= / ring_size= (--ring-size R)"
             )
-        r = default_ring_size(w, int(chunk))
-        earlier = self.chosen.get(name)
-        if earlier is not None and r > earlier:
+        else:
+            r = default_ring_size(w, int(chunk))
+        if earlier is None:
+            return r
+        if int(chunk) > earlier["ring"] - w + 1:  # this method's chunks do not fit the recorded ring
             raise PassError(
-                f"RingBufferKVCache: buffer {name} was ringed to {earlier} slots for an earlier method, but this "
-                f"program writes chunks of {chunk} (needs {r}); rewrite the prefill method first or pass "
-                f"max_prefill_chunk= (fxport export --max-prefill-chunk)"
-            )
-        return earlier if earlier is not None else r
+                f"RingBufferKVCache: {before}, but {this} writes chunks of {chunk}, which need "
+                f"{default_ring_size(w, int(chunk))} slots; rewrite the method with the largest chunk first, or "
+                f"give every method the same max_prefill_chunk= or ring_size= (--ring-size)")
+        return earlier["ring"]
 
     def __repr__(self) -> str:
         return (f"RingBufferKVCache(windows={len(self.windows)} buffers, ring_size={self.ring_size}, "
@@ -188,7 +228,7 @@ class RingBufferKVCache(Pass):
     # ------------------------------------------------------------------------ matching
 
     def _match(self, ep: ExportedProgram, name: str, readers_of: dict[Node, list],
-               unrecognized: dict[Node, str]) -> dict:
+               unrecognized: dict[Node, str], method: str | None = None) -> dict:
         """Check one cache; returns its site (write, chains, SDPA readers) or raises _Skip."""
         try:
             write = find_cache_write(ep, name)
@@ -201,7 +241,9 @@ class RingBufferKVCache(Pass):
         if not isinstance(s, int):
             raise _Skip("symbolic cache length")
         chunk = upper_bound(ep, write.length)
-        r = self._ring(name, chunk)
+        others = {m: i for m, i in recorded_rings(tensor_of(ep, write.cache)).items() if m != method}
+        earlier = next(iter(others.values()), None) if method is not None else None
+        r = self._ring(name, chunk, earlier or self._chosen.get(name), method)
         if s <= r:
             raise _Skip("cache length <= ring size (already a ring, or nothing to save)")
 
@@ -282,7 +324,7 @@ class RingBufferKVCache(Pass):
                 continue
             stats.matched += 1
             try:
-                sites[name] = self._match(ep, name, readers_of, unrecognized)
+                sites[name] = self._match(ep, name, readers_of, unrecognized, ctx.method)
             except _Skip as e:
                 stats.skip(str(e))
                 stats.sites.append({"buffer": name, "window": self.windows[name], "skipped": str(e)})
@@ -327,8 +369,14 @@ class RingBufferKVCache(Pass):
             old = tensor_of(ep, write.cache)
             shape = list(old.shape)
             shape[2] = r
-            resize_buffer(ep, name, torch.zeros(shape, dtype=old.dtype, device=old.device))
+            ringed = torch.zeros(shape, dtype=old.dtype, device=old.device)
+            resize_buffer(ep, name, ringed)
             self.chosen[name] = r
+            info = {"ring": r, "chunk": site["chunk"], "method": ctx.method}
+            self._chosen.setdefault(name, info)
+            if ctx.method is not None:
+                for tensor in (old, ringed):  # every method's view of the buffer, before and after
+                    _record_ring(tensor, info)
             key = (site["pos_key"], r)
             shared = slot_pos.get(key)
             if shared is None or _order(graph)[shared[0]] > _order(graph)[write.node]:

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch.export import Dim, export
 
@@ -457,9 +457,10 @@ def test_ring_chosen_for_decode_first_refuses_a_larger_prefill():
     with pytest.raises(PassError) as err:
         ring_pass(programs["prefill"])
     assert str(err.value) == (
-        "RingBufferKVCache: buffer model.layers.0.self_attn.k_cache was ringed to 4 slots for an earlier method, "
-        "but this program writes chunks of 6 (needs 7); rewrite the prefill method first or pass "
-        "max_prefill_chunk= (fxport export --max-prefill-chunk)")
+        "RingBufferKVCache: buffer model.layers.0.self_attn.k_cache (window 2) was ringed to 4 slots when an "
+        "earlier program (chunks up to 1) was rewritten, but this program writes chunks of 6, which need 7 slots; "
+        "rewrite the method with the largest chunk first, or give every method the same max_prefill_chunk= or "
+        "ring_size= (--ring-size)")
     # max_prefill_chunk makes the order irrelevant
     explicit = RingBufferKVCache(sliding_buffers(model), max_prefill_chunk=FOREIGN_CHUNK)
     shapes = {m: buffer_shapes(explicit(programs[m]).ep) for m in ("decode", "prefill")}
@@ -513,3 +514,54 @@ def test_cli_ring_size_too_small_is_refused_with_the_fix(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2, err
     assert err.startswith("fxport export: error: ") and "131" in err and "--ring-size" in err, err
+
+
+# --------------------------------------------------------------------------------- one ring per buffer
+
+
+@given(window=st.integers(1, 5), chunk=st.integers(1, 13), prefill_first=st.booleans())
+@example(window=5, chunk=13, prefill_first=True)  # the issue's case: prefill 17 slots, decode took 10
+@example(window=5, chunk=13, prefill_first=False)
+@settings(max_examples=4, deadline=None)
+def test_separate_pass_objects_per_method_give_a_buffer_one_ring(window, chunk, prefill_first):
+    """Each method rewritten by its own ``RingBufferKVCache(windows=...)`` through
+    ``apply(..., method=...)``: both get the ring of the largest chunk when prefill goes first;
+    decode first, prefill takes decode's ring when its chunks fit (C <= W + 1), and otherwise
+    is refused with both sizes named -- never two shapes for one buffer."""
+    from fxport.passes.pipeline import apply
+    from fxport.passes.ring_buffer_kv_cache import default_ring_size
+
+    model = TinyLM(window, 4 * window + chunk + 4, layer_types=(SLIDING,)).double().eval()
+    windows = sliding_buffers(model)
+    programs = export_methods(model, chunk, dynamic=False)  # prefill's chunk bound is its static length
+    order = ("prefill", "decode") if prefill_first else ("decode", "prefill")
+    first = apply(programs[order[0]], [RingBufferKVCache(windows)], method=order[0]).ep
+    r = default_ring_size(window, chunk if prefill_first else 1)
+    assert {s[2] for s in buffer_shapes(first).values()} == {r}
+    if not prefill_first and chunk > window + 1:
+        with pytest.raises(PassError) as err:
+            apply(programs["prefill"], [RingBufferKVCache(windows)], method="prefill")
+        assert str(err.value) == (
+            f"RingBufferKVCache: buffer model.layers.0.self_attn.k_cache (window {window}) was ringed to {r} slots "
+            f"when method 'decode' (chunks up to 1) was rewritten, but method 'prefill' writes chunks of {chunk}, "
+            f"which need {window + chunk - 1} slots; rewrite the method with the largest chunk first, or give "
+            f"every method the same max_prefill_chunk= or ring_size= (--ring-size)")
+        return
+    second = apply(programs[order[1]], [RingBufferKVCache(windows)], method=order[1]).ep
+    assert buffer_shapes(second) == buffer_shapes(first)
+
+
+def test_an_explicit_ring_size_that_differs_from_the_other_methods_is_refused():
+    from fxport.passes.pipeline import apply
+
+    model = TinyLM(2, 16, layer_types=(SLIDING,)).double().eval()
+    programs = export_methods(model, 3, dynamic=False)
+    apply(programs["prefill"], [RingBufferKVCache(sliding_buffers(model), ring_size=6)], method="prefill")
+    with pytest.raises(PassError, match=r"^RingBufferKVCache: buffer model.layers.0.self_attn.k_cache \(window 2\) "
+                                        r"was ringed to 6 slots when method 'prefill' \(chunks up to 3\) was "
+                                        r"rewritten, but ring_size 5 is given for method 'decode'; one buffer has "
+                                        r"one size in every method: pass ring_size=6$"):
+        apply(programs["decode"], [RingBufferKVCache(sliding_buffers(model), ring_size=5)], method="decode")
+    # The same method rewritten again is a new trial, not a second method: no conflict with itself.
+    again = apply(programs["prefill"], [RingBufferKVCache(sliding_buffers(model), ring_size=8)], method="prefill").ep
+    assert {s[2] for s in buffer_shapes(again).values()} == {8}
