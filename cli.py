@@ -29,6 +29,9 @@ DEMO_PROMPT = "The capital of France is"  # = fxport.demo.DEMO_PROMPT (kept here
 DEMO_MAX_GAP = 0.5  # logits; = fxport.demo.DEMO_MAX_GAP (0.016 measured for the 8da4w .pte, 1.37 fp32 vs 8da4w)
 
 
+RUNNERS = ("fxport", "executorch")  # fxport run / bench --runner
+
+
 class UsageError(Exception):
     """A problem with the user's input; printed as one line, exit status 2."""
 
@@ -92,6 +95,22 @@ def _probability(text: str) -> float:
     if not 0.0 < value <= 1.0:  # NaN fails too
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1] (1 keeps every token), got {text!r}")
     return value
+
+
+def _gap(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of logits >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number of logits >= 0, got {text!r}")
+    return value
+
+
+def _no_weights_check(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-weights-check", action="store_true",
+                   help="skip the check that the .ptd weights belong to the .pte and are intact "
+                        "(one sha256 pass over the .ptd; FXPORT_CHECK_WEIGHTS=0 too)")
 
 
 def _token_ids(text: str) -> list[int]:
@@ -192,7 +211,43 @@ def _load_tokenizer_for(pte: Path, explicit: Path | None):
     return None
 
 
+def _stock_runner_for(args: argparse.Namespace):
+    """``--runner executorch``: ExecuTorch's ``TextLLMRunner`` over the program and its tokenizer.json."""
+    from fxport.runtime.stock_runner import StockRunner, default_tokenizer
+
+    tokenizer = args.tokenizer
+    if tokenizer is not None and tokenizer.is_dir():
+        tokenizer = tokenizer / "tokenizer.json"
+    if tokenizer is not None and tokenizer.suffix != ".json":
+        raise UsageError(f"--runner executorch reads a tokenizer.json (ExecuTorch's HFTokenizer), not {tokenizer}; "
+                         f"pass the {default_tokenizer(args.model)} fxport export wrote")
+    return StockRunner(args.model, tokenizer, verbose=args.verbose)
+
+
+def _run_stock(args: argparse.Namespace) -> int:
+    """``fxport run --runner executorch``: greedy or sampled generation by ExecuTorch's own runner."""
+    unsupported = [flag for flag, value in (("--prompt-ids", args.prompt_ids), ("--image", args.image),
+                                            ("--chunk", args.chunk), ("--top-k", args.top_k), ("--top-p", args.top_p),
+                                            ("--seed", args.seed), ("--threads", args.threads),
+                                            ("--max-soft-tokens", args.max_soft_tokens)) if value]
+    if unsupported:
+        raise UsageError(f"--runner executorch takes a text --prompt and --temperature only; drop {', '.join(unsupported)} "
+                         "(or use --runner fxport)")
+    if args.prompt is None:
+        raise UsageError("give --prompt TEXT")
+    runner = _stock_runner_for(args)
+    stream = None if args.no_stream else (lambda s: print(s, end="", flush=True))
+    g = runner.generate(args.prompt, args.max_new_tokens, temperature=args.temperature, on_piece=stream)
+    print(g.text if stream is None else "")
+    print(f"[ExecuTorch TextLLMRunner: {g.prompt_tokens} prompt tokens: {g.prefill_tok_s:.1f} tok/s prefill; "
+          f"{len(g.pieces)} generated: {g.decode_tok_s:.1f} tok/s decode; RSS +{runner.rss_delta() / 1e6:.0f} MB]",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.runner == "executorch":
+        return _run_stock(args)
     from fxport.runtime.generate import generate
     from fxport.runtime.pte_backend import PteBackend
     from fxport.runtime.samplers import Sampler
@@ -235,9 +290,17 @@ def bench_pte(path: Path, prompt_len: int, new_tokens: int, threads: int | None,
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    r = bench_pte(args.model, args.prompt_len, args.new_tokens, args.threads, verbose=args.verbose or None)
-    print(f"{'program':<40} {'prefill tok/s':>14} {'decode tok/s':>13}")
-    print(f"{str(args.model):<40} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f}")
+    if args.runner == "executorch":
+        if args.threads:
+            raise UsageError("--threads: ExecuTorch's runner sizes its own threadpool; drop --threads with --runner executorch")
+        from fxport.runtime.stock_runner import bench_stock_runner
+
+        args.tokenizer = None
+        r = bench_stock_runner(_stock_runner_for(args), args.prompt_len, args.new_tokens)
+    else:
+        r = bench_pte(args.model, args.prompt_len, args.new_tokens, args.threads, verbose=args.verbose or None)
+    print(f"{'program':<40} {'runner':<10} {'prefill tok/s':>14} {'decode tok/s':>13}")
+    print(f"{str(args.model):<40} {args.runner:<10} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f}")
     from fxport.runtime import huge_pages
 
     pages = "on" if huge_pages.enabled() else "off"
@@ -413,6 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "holds one image token per image)")
     p.add_argument("--max-soft-tokens", type=_positive, metavar="N",
                    help="soft tokens per image (default: the program's maximum, 280 for a default export)")
+    p.add_argument("--runner", choices=RUNNERS, default="fxport",
+                   help="fxport: fxport's Python runtime (default); executorch: ExecuTorch's own C++ TextLLMRunner "
+                        "(the runner apps ship) on the same .pte, .ptd and tokenizer.json")
+    _no_weights_check(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("dump", help="print a saved program: signature, buffers, op histogram, graph",
@@ -431,6 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive, metavar="N", help="ExecuTorch CPU threads")
     p.add_argument("--verbose", action="store_true",
                    help="show the ExecuTorch runtime's log lines (hidden by default; FXPORT_VERBOSE=1 too)")
+    p.add_argument("--runner", choices=RUNNERS, default="fxport",
+                   help="fxport (default) or executorch: ExecuTorch's TextLLMRunner, timed by its own Stats on a "
+                        "text prompt of about --prompt-len tokens")
+    _no_weights_check(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("quantize", help="show a quantization recipe and what it selects in a model",
@@ -462,9 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=_positive, default=1024, metavar="N", help="KV cache length (default 1024)")
     p.add_argument("--max-prefill-chunk", type=_positive, default=128, metavar="N", help="prefill chunk (default 128)")
     p.add_argument("--threads", type=_positive, default=2, metavar="N", help="CPU threads (default 2)")
-    p.add_argument("--max-gap", type=float, default=DEMO_MAX_GAP, metavar="LOGITS",
+    p.add_argument("--max-gap", type=_gap, default=DEMO_MAX_GAP, metavar="LOGITS",
                    help="quantized programs: largest allowed logit gap between a .pte token the eager "
                         f"model disagrees with and the eager top choice (default {DEMO_MAX_GAP})")
+    _no_weights_check(p)
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -485,6 +557,16 @@ def _quiet_library_noise() -> None:
 # Commands that load a program and generate: run with transparent huge pages for XNNPACK's
 # packed weights (fxport.runtime.huge_pages: +14.5% decode measured; FXPORT_HUGE_PAGES=0: off).
 RUNS_PROGRAMS = ("run", "bench", "demo")
+
+
+def _self_argv() -> list[str]:
+    """This command again (for the huge-pages re-execution), importing fxport from where it is
+    installed, never from the current folder: ``python -P -m fxport.cli`` (3.11+: no unsafe
+    ``sys.path[0]``); on 3.10, ``python -c`` with the current folder dropped from ``sys.path``."""
+    if sys.version_info >= (3, 11):
+        return [sys.executable, "-P", "-m", "fxport.cli", *sys.argv[1:]]
+    code = "import sys; sys.path.pop(0); from fxport.cli import main; sys.exit(main())"
+    return [sys.executable, "-c", code, *sys.argv[1:]]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -522,7 +604,9 @@ def _main(argv: Sequence[str] | None) -> int:
         if argv is None and args.command in RUNS_PROGRAMS:  # the fxport command itself, not a caller
             from fxport.runtime.huge_pages import reexec_with_huge_pages
 
-            reexec_with_huge_pages([sys.executable, "-m", "fxport.cli", *sys.argv[1:]])
+            reexec_with_huge_pages(_self_argv())
+        if getattr(args, "no_weights_check", False):
+            os.environ["FXPORT_CHECK_WEIGHTS"] = "0"  # read by fxport.runtime.integrity
         if getattr(args, "quant", None) == "none":
             args.quant = None
         return int(args.func(args) or 0)

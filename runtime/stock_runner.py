@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 from fxport.fileio import weights_file
 
 
-class StockRunnerError(RuntimeError):
+class StockRunnerError(ValueError):
     """The stock runner refused the program or the prompt; the message has the runner's reason."""
 
 
@@ -67,26 +67,41 @@ def rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _flush_c_stdio() -> None:
+    """Flush the C library's stdio buffers (the runner's printf output sits there until then)."""
+    import ctypes
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).fflush(None)
+
+
 @contextlib.contextmanager
 def _native_output(keep: bool) -> Iterator[list[str]]:
-    """Redirect fds 1 and 2 to temporary files for the block (the runner's printf and ET_LOG);
-    the captured text lands in the yielded list (stdout, stderr) and is written back when ``keep``."""
+    """Send what native code writes to fds 1 and 2 (the runner's printf and its log) to temporary
+    files for the block, while Python's ``sys.stdout`` keeps writing to the terminal; the captured
+    text lands in the yielded list (stdout, stderr), and the log is written back when ``keep``."""
     import sys
 
     captured: list[str] = []
     saved = [os.dup(1), os.dup(2)]
+    py_stdout = sys.stdout
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
+        _flush_c_stdio()
         os.dup2(out.fileno(), 1)
         os.dup2(err.fileno(), 2)
+        sys.stdout = open(os.dup(saved[0]), "w", encoding="utf-8", errors="replace", buffering=1)
         try:
             yield captured
         finally:
-            for stream in (sys.stdout, sys.stderr):
-                with contextlib.suppress(Exception):
-                    stream.flush()
+            _flush_c_stdio()
+            with contextlib.suppress(Exception):
+                sys.stdout.close()
+            sys.stdout = py_stdout
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             for fd in saved:
@@ -95,7 +110,7 @@ def _native_output(keep: bool) -> Iterator[list[str]]:
                 f.seek(0)
                 captured.append(f.read().decode("utf-8", errors="replace"))
             if keep:
-                sys.stderr.write(captured[1])
+                sys.stderr.write(captured[0] + captured[1])
                 sys.stderr.flush()
 
 
@@ -115,9 +130,6 @@ class StockRunner:
 
     def __init__(self, pte: str | Path, tokenizer: str | Path | None = None, data: str | Path | None = None,
                  *, verbose: bool = False):
-        import executorch.kernels.quantized  # noqa: F401  (embedding_byte & co. for the runner's kernel registry)
-        from executorch.extension.llm.runner import TextLLMRunner
-
         pte = Path(pte)
         tokenizer = Path(tokenizer) if tokenizer is not None else default_tokenizer(pte)
         if data is None and weights_file(pte).is_file():
@@ -129,7 +141,10 @@ class StockRunner:
                     "(pass --tokenizer)" if what == "tokenizer" else ""))
         self.pte, self.tokenizer, self.data, self.verbose = pte, tokenizer, data, verbose
         self.rss_before = rss_bytes()
-        with _native_output(verbose):
+        with _native_output(verbose):  # the bindings log from static initializers at import too
+            import executorch.kernels.quantized  # noqa: F401  (embedding_byte & co. for the runner's kernel registry)
+            from executorch.extension.llm.runner import TextLLMRunner
+
             try:
                 self._runner = TextLLMRunner(str(pte), str(tokenizer), None if data is None else str(data))
             except Exception as exc:  # the bindings raise RuntimeError with the runner's status
@@ -181,3 +196,28 @@ def _copy_stats(stats) -> dict:
             "prefill_s": (stats.prompt_eval_end_ms - stats.inference_start_ms) / ms,
             "decode_s": (stats.inference_end_ms - stats.prompt_eval_end_ms) / ms,
             "load_s": (stats.model_load_end_ms - stats.model_load_start_ms) / ms}
+
+
+BENCH_TEXT = ("The history of the city goes back to the Roman era, when a small settlement was founded on the banks "
+              "of the river. Over the centuries it grew into a major center of trade, art and science, attracting "
+              "merchants and scholars from all over the continent. ")
+
+
+def bench_prompt(tokenizer_json: Path, prompt_len: int) -> str:
+    """English text that fxport's tokenizer encodes to ``prompt_len`` ids with BOS (the runner takes
+    text, not ids; it may split the cut end differently by a token: its Stats count what it ran)."""
+    from fxport.models.gemma4.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(Path(tokenizer_json).parent)
+    ids = tokenizer.encode(BENCH_TEXT * (prompt_len // 8 + 1), add_bos=False)[:max(prompt_len - 1, 1)]
+    return tokenizer.decode(ids)
+
+
+def bench_stock_runner(runner: StockRunner, prompt_len: int, new_tokens: int, warmup: int = 1) -> dict[str, float]:
+    """Prefill and decode tok/s of ExecuTorch's runner from its own ``Stats`` (after ``warmup`` runs)."""
+    prompt = bench_prompt(runner.tokenizer, prompt_len)
+    for _ in range(warmup):
+        runner.generate(prompt, new_tokens)
+    g = runner.generate(prompt, new_tokens)
+    return {"prefill_tok_s": g.prefill_tok_s, "decode_tok_s": g.decode_tok_s, "prompt_len": g.prompt_tokens,
+            "new_tokens": len(g.pieces)}

@@ -93,7 +93,7 @@ def test_program_from_before_the_contract_is_refused(tmp_path):
     from fxport.lowering.xnnpack import lower_to_xnnpack
     from fxport.models.gemma4.export import export_methods
 
-    model = varied_tiny_model(max_seq_len=16)
+    model = Gemma4ForCausalLM(get_preset("tiny-gemma3").replace(num_hidden_layers=1, layer_types=[FULL]), max_seq_len=16)
     with torch.no_grad():
         programs = export_methods(model, max_prefill_chunk=CHUNK, methods=("prefill",))
     old = {"get_max_seq_len": 16, "get_max_prefill_chunk": CHUNK, "get_vocab_size": 256, "get_bos_id": 2,
@@ -102,3 +102,31 @@ def test_program_from_before_the_contract_is_refused(tmp_path):
     with pytest.raises(PteError) as err:
         PteBackend(path)
     assert str(err.value) == f"{path} {contract.REEXPORT_HINT}"
+
+
+def test_cli_run_with_the_stock_runner_prints_fxport_text(program, capsys):
+    """``fxport run --runner executorch`` (in this process) prints what ``fxport run`` prints."""
+    from fxport.cli import main
+
+    out, _ = program
+    argv = ["run", str(out), "--prompt", LONG, "--max-new-tokens", "12", "--no-stream"]
+    assert main(argv) == 0
+    ours = capsys.readouterr().out
+    assert main(argv + ["--runner", "executorch"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() and captured.out == ours
+    assert captured.err.startswith("[ExecuTorch TextLLMRunner: 25 prompt tokens: ")
+    assert main(["run", str(out), "--prompt", LONG, "--runner", "executorch", "--top-k", "3"]) == 2
+    assert capsys.readouterr().err == ("fxport run: error: --runner executorch takes a text --prompt and --temperature "
+                                       "only; drop --top-k (or use --runner fxport)\n")
+
+
+def test_cli_bench_with_the_stock_runner(program, capsys):
+    from fxport.cli import main
+
+    out, _ = program
+    assert main(["bench", str(out), "--runner", "executorch", "--prompt-len", "12", "--new-tokens", "45"]) == 0
+    header, row = capsys.readouterr().out.splitlines()[:2]
+    assert header.split()[:2] == ["program", "runner"]
+    fields = row.split()
+    assert fields[:2] == [str(out), "executorch"] and float(fields[2]) > 0 and float(fields[3]) > 0
