@@ -81,8 +81,19 @@ def run(args: argparse.Namespace) -> int:
     print("| held by the program | tensors | bytes | GiB |")
     print("|---|---:|---:|---:|")
     print(f"| weights (shared by both methods) | {len(state.weights)} | {state.weight_bytes} | {_gib(state.weight_bytes)} |")
+    parts: dict[str, list[int]] = {}
+    for name, n in state.weights.items():
+        kind = next((f"  int4 {k}" for k in ("packed", "scales", "zeros") if name.endswith(f".weight_{k}")),
+                    "  other (float: embeddings, norms, unquantized linears, constants)")
+        parts.setdefault(kind, []).append(n)
+    for kind in sorted(parts):
+        print(f"| {kind} | {len(parts[kind])} | {sum(parts[kind])} | {_gib(sum(parts[kind]))} |")
+    dtypes = Counter(str(t.dtype).replace("torch.", "") for ep in (r.ep for r in result.pass_results.values())
+                     for name, t in {**ep.state_dict, **ep.constants}.items() if name.endswith(".weight_scales"))
     print(f"| KV cache (mutable buffers, {args.max_seq_len} positions) | {len(state.mutable)} | {state.mutable_bytes} | "
           f"{_gib(state.mutable_bytes)} |")
+    if dtypes:
+        print(f"(int4 scales and zeros are {', '.join(dtypes)}: the model's dtype)")
     print()
     unsupported = {m: ops for m, ops in report.unsupported.items() if ops}
     print(f"every node delegated: {'yes' if report.fully_delegated else 'NO'}"
