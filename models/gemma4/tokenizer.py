@@ -67,10 +67,16 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Token ids of ``text``, with BOS first when ``add_bos`` (default: ``self.add_bos``)."""
+        """Token ids of ``text``, with BOS first when ``add_bos`` (default: ``self.add_bos``).
+
+        A text that starts with the BOS token itself (``"<bos>..."``, as chat templates and
+        ExecuTorch's apps write prompts) gets no second one.
+        """
         ids = self.backend.encode(text, add_special_tokens=False).ids
         add = self.add_bos if add_bos is None else add_bos
-        return ([self.bos_id] if add and self.bos_id is not None else []) + ids
+        if not add or self.bos_id is None or (ids and ids[0] == self.bos_id):
+            return ids
+        return [self.bos_id] + ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``; incomplete UTF-8 byte sequences at the end decode to U+FFFD."""

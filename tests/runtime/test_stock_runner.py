@@ -52,7 +52,7 @@ def runner_out(program):
     out, _ = program
     tok_json = out.with_suffix(".tokenizer") / "tokenizer.json"
     with_bos = runner_in_fresh_process(out, tok_json, [SHORT, LONG], NEW)
-    without_bos = runner_in_fresh_process(out, tok_json, [SHORT], 1, num_bos=0)
+    without_bos = runner_in_fresh_process(out, tok_json, [SHORT, "<bos>" + LONG], NEW, num_bos=0)
     return with_bos, without_bos
 
 
@@ -70,8 +70,17 @@ def test_runner_prompt_ids_equal_fxport_ids(program, runner_out):
     _, tokenizer = program
     with_bos, without_bos = runner_out
     assert [g["prompt_tokens"] for g in with_bos] == [len(tokenizer.encode(SHORT)), len(tokenizer.encode(LONG))] == [5, 25]
-    # ExecuTorch 1.5.1's HFTokenizer adds BOS only when asked (num_bos=1): without it, one id fewer
+    # ExecuTorch 1.5.1's HFTokenizer adds BOS only when asked (num_bos=1): without it, one id fewer,
+    # unless the prompt text starts with "<bos>" (as apps' chat templates write it): then fxport adds none
     assert without_bos[0]["prompt_tokens"] == len(tokenizer.encode(SHORT, add_bos=False)) == 4
+    assert without_bos[1]["prompt_tokens"] == len(tokenizer.encode("<bos>" + LONG)) == 25
+    assert tokenizer.encode("<bos>" + LONG) == tokenizer.encode(LONG)
+
+
+def test_runner_with_default_num_bos_and_a_bos_prompt_generates_fxport_tokens(program, runner_out):
+    out, tokenizer = program
+    ours = generate(PteBackend(out), tokenizer, "<bos>" + LONG, NEW)
+    assert runner_out[1][1]["text"] == tokenizer.decode(ours.tokens)
 
 
 @pytest.mark.parametrize("index, prompt", [(0, SHORT), (1, LONG)])
