@@ -16,6 +16,7 @@ traceback). Progress bars go to stderr; results go to stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -286,7 +287,32 @@ def bench_pte(path: Path, prompt_len: int, new_tokens: int, threads: int | None,
     """Prefill and decode tok/s of a ``.pte``: :func:`fxport.runtime.pte_backend.bench_pte`."""
     from fxport.runtime.pte_backend import bench_pte as bench
 
+    _refuse_multimodal(path)
     return bench(path, prompt_len, new_tokens, threads, warmup, verbose=verbose)
+
+
+MULTIMODAL_METHODS = ("image_encoder", "audio_encoder")
+
+
+def _refuse_multimodal(path: Path) -> None:
+    """UsageError for a multimodal program: bench feeds token ids only, and its prefill also
+    takes image / audio feature rows (the runtime would fail with error 0x12)."""
+    from executorch.runtime import Runtime
+
+    from fxport.fileio import weights_file
+    from fxport.runtime.native_log import capture_native_stderr
+
+    data = weights_file(path) if weights_file(path).is_file() else None
+    try:
+        with capture_native_stderr():
+            names = set(Runtime.get().load_program(path, data_path=data).method_names)
+    except Exception:  # not loadable: PteBackend says why, with its own message
+        return
+    found = sorted(names & set(MULTIMODAL_METHODS))
+    if found:
+        raise UsageError(f"{path} is a multimodal program ({', '.join(found)}); bench times text-only programs "
+                         f"on token ids: time it with fxport run {path} --prompt TEXT (tok/s are printed), "
+                         "or bench a text-only export")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -559,6 +585,24 @@ def _quiet_library_noise() -> None:
 RUNS_PROGRAMS = ("run", "bench", "demo")
 
 
+@contextlib.contextmanager
+def _weights_check(on: bool):
+    """``--no-weights-check``: FXPORT_CHECK_WEIGHTS=0 (read by :mod:`fxport.runtime.integrity`)
+    for the command, restored after it (a caller's ``main([...])`` keeps its environment)."""
+    if on:
+        yield
+        return
+    saved = os.environ.get("FXPORT_CHECK_WEIGHTS")
+    os.environ["FXPORT_CHECK_WEIGHTS"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("FXPORT_CHECK_WEIGHTS", None)
+        else:
+            os.environ["FXPORT_CHECK_WEIGHTS"] = saved
+
+
 def _self_argv() -> list[str]:
     """This command again (for the huge-pages re-execution), importing fxport from where it is
     installed, never from the current folder: ``python -P -m fxport.cli`` (3.11+: no unsafe
@@ -605,11 +649,10 @@ def _main(argv: Sequence[str] | None) -> int:
             from fxport.runtime.huge_pages import reexec_with_huge_pages
 
             reexec_with_huge_pages(_self_argv())
-        if getattr(args, "no_weights_check", False):
-            os.environ["FXPORT_CHECK_WEIGHTS"] = "0"  # read by fxport.runtime.integrity
         if getattr(args, "quant", None) == "none":
             args.quant = None
-        return int(args.func(args) or 0)
+        with _weights_check(not getattr(args, "no_weights_check", False)):
+            return int(args.func(args) or 0)
     except SystemExit as exc:  # --help, or argparse's own exit
         return int(exc.code or 0) if isinstance(exc.code, int) else EXIT_USAGE
     except KeyboardInterrupt:

@@ -101,6 +101,8 @@ def run_demo(*, prompt: str = DEMO_PROMPT, max_new_tokens: int = 32, quant: str 
     from fxport.runtime.generate import generate
     from fxport.runtime.pte_backend import PteBackend
 
+    if not (max_gap >= 0 and max_gap != float("inf")):  # NaN fails too: refused before the build, not after
+        raise ValueError(f"max_gap must be a finite number of logits >= 0, got {max_gap!r} (--max-gap)")
     t_start = time.perf_counter()
     out = Path(out)
     options = BuildOptions(backend="xnnpack", quant=quant, max_seq_len=max_seq_len, max_prefill_chunk=max_prefill_chunk)

