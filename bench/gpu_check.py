@@ -2,7 +2,7 @@
 
 Made for a GPU machine that is lent rarely and briefly, with torch 2.11, triton 3.6,
 transformers, pytest and hypothesis but no executorch or torchao: it needs only
-``pip install --no-deps -e .`` on top of that. Six stages, each with its own time budget and
+``pip install --no-deps -e .`` on top of that. Seven stages, each with its own time budget and
 its own try/except (a failing stage becomes a row with its error, and the next stage runs):
 
 1. kernels compiled (``TRITON_INTERPRET=0``): ``tests/kernels`` and ``tests/triton`` in a
@@ -18,7 +18,13 @@ its own try/except (a failing stage becomes a row with its error, and the next s
    replay): tok/s at 512, 8K and 128K context, peak GPU memory. A prefix of layers (one and,
    if the budget allows, two periods of the sliding/global pattern) is timed and scaled to 60
    layers, labelled so;
-6. the ExecuTorch CUDA ``.pte`` export, only if ``executorch`` imports.
+6. the ExecuTorch CUDA ``.pte`` export, only if ``executorch`` imports;
+7. the command line's full path: ``fxport export --preset tiny --backend cuda --quant int4`` in a
+   subprocess, then a short greedy generation through ExecuTorch's stock runner
+   (``TextLLMRunner``) when the export worked and this machine's executorch runtime has the CUDA
+   backend, else through AOTInductor in Python (the same model, int4 and CUDA passes, its decode
+   method compiled with ``aoti_compile_and_package``); the row says which one ran and why, and
+   checks the logits against the eager model's.
 
 Writes ``<out>/gpu-check.md`` (default ``build/``): one table, columns stage, figure, goal,
 status (ok / failed / skipped), seconds, and prints it. Exit status 0 unless a ``--require``d
@@ -30,7 +36,7 @@ GPU (``make gpu-check``)::
 
 CPU smoke (``make gpu-smoke``, part of ``make test``): ``--smoke`` runs every stage's code path
 on the CPU with tiny shapes, the Triton kernels under ``TRITON_INTERPRET=1``, and imports of
-torchao / executorch blocked for stages 1-5 (as on the GPU machine); its figures are marked
+torchao / executorch blocked for stages 1-5 and 7 (as on the GPU machine); its figures are marked
 "CPU smoke, not a measurement".
 
 This module imports neither torchao nor executorch; stage 6 imports executorch only when
@@ -847,17 +853,224 @@ def stage_executorch(chk: Check, budget: float) -> None:
             time.perf_counter() - t0)
 
 
+# ----------------------------------------------------------------------------- stage 7
+
+# What a user types (the CLI's defaults aside: a small cache and chunk keep the compile short).
+CLI_EXPORT = ["export", "--preset", "tiny", "--backend", "cuda", "--quant", "int4", "--max-seq-len", "64",
+              "--max-prefill-chunk", "8", "--quiet"]
+CLI_NO_GPU = ("fxport export: error: --backend cuda compiles with AOTInductor on a CUDA GPU and none is visible; "
+              "add --dry-run for the partition report on this machine")
+GEN_PROMPT = [2, 17, 101, 9, 33]  # token ids of the tiny vocabulary (BOS first)
+GEN_NEW = 8
+
+
+def executorch_runs_cuda() -> tuple[bool, str]:
+    """(True, why) when this machine's executorch runtime can run a CUDA program: its pybindings
+    import and register ``CudaBackend`` (a CUDA build of the wheel) and a GPU is visible."""
+    try:
+        spec = importlib.util.find_spec("executorch")
+    except ModuleNotFoundError:  # the smoke's import blocker (the GPU machine's situation)
+        return False, "executorch blocked in the smoke, as absent on the GPU machine"
+    if spec is None:
+        return False, "executorch not installed"
+    try:
+        from executorch.extension.pybindings import portable_lib
+
+        names = list(portable_lib._get_registered_backend_names())
+    except Exception as exc:  # noqa: BLE001  installed but built for another torch
+        return False, f"executorch's runtime does not import ({_err(exc)[:120]})"
+    if "CudaBackend" not in names:
+        return False, f"executorch's runtime has no CudaBackend (registered: {', '.join(names) or 'none'})"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    return True, "executorch's runtime registers CudaBackend"
+
+
+def _plain_int4(model, group: int = 32) -> int:
+    """Every linear whose K divides by ``group`` -> fxport's QuantizedLinear with symmetric int4
+    codes (scale = max|w| / 7.5 per group, zero 8: torchao's symmetric int4 rule) computed in plain
+    torch, for a machine without torchao; returns the number of linears."""
+    from fxport.quant.linear import to_quantized_linears
+    from fxport.quant.packed import QuantizedWeight, pack_int4
+
+    weights = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and mod.in_features % group == 0:
+            w = mod.weight.detach().float()
+            n, k = w.shape
+            wg = w.reshape(n, k // group, group)
+            scale = (wg.abs().amax(-1, keepdim=True) / 7.5).clamp_min(1e-8)
+            codes = (torch.round(wg / scale).clamp(-8, 7) + 8).reshape(n, k).to(torch.uint8)
+            weights[f"{name}.weight"] = QuantizedWeight(pack_int4(codes), scale.reshape(n, k // group),
+                                                        torch.full((n, k // group), 8.0), group, 4, (n, k))
+    return len(to_quantized_linears(model, weights))
+
+
+def cli_model(chk: Check):
+    """The model ``fxport export --preset tiny`` builds (seed 0), int4 as ``--quant int4`` makes
+    it when torchao imports (else :func:`_plain_int4`), on the check's device; (model, how)."""
+    from fxport.builder import Source, load_source
+
+    model, _ = load_source(Source(preset="tiny", seed=0), max_seq_len=int(CLI_EXPORT[CLI_EXPORT.index("--max-seq-len") + 1]))
+    try:
+        from fxport.lowering.cuda import quantize_for_cuda
+
+        n = len(quantize_for_cuda(model, "int4"))
+        how = f"torchao int4 g32 on {n} linears (as --quant int4)"
+    except ImportError:  # no torchao here (the GPU machine): the same int4 rule in plain torch
+        n = _plain_int4(model)
+        how = f"int4 g32 on {n} linears in plain torch (torchao not installed)"
+    return model.to(chk.device).eval(), how
+
+
+def _teacher_forced(step, prompt: list[int], tokens: list[int], device) -> torch.Tensor:
+    """Logits (n, V) of ``step(token (1, 1), pos (1,))`` over prompt + tokens, one token per call,
+    for the positions that predict each new token."""
+    seq = prompt + tokens
+    out = []
+    with torch.no_grad():
+        for i, t in enumerate(seq[:-1]):
+            logits = step(torch.tensor([[t]], device=device), torch.tensor([i], device=device))
+            if isinstance(logits, (list, tuple)):
+                logits = logits[0]
+            if i >= len(prompt) - 1:
+                out.append(logits.reshape(-1).float().cpu())
+    return torch.stack(out)
+
+
+def generate_aoti(chk: Check, why_not_runner: str) -> None:
+    """The fallback: the CLI's model through the CUDA passes, its decode method compiled by
+    AOTInductor and run from Python (one token per call: the prompt, then greedy tokens); logits
+    vs the eager model under the same tokens. The smoke runs the rewritten program eagerly."""
+    import copy
+
+    from fxport.builder import BuildOptions, export_programs
+    from fxport.lowering import cuda as cuda_backend
+
+    t0 = time.perf_counter()
+    model, quant_how = cli_model(chk)
+    eager = copy.deepcopy(model)  # its own KV cache: the program's run leaves it untouched
+    options = BuildOptions(backend="cuda", quant="int4", max_seq_len=int(model.max_seq_len), max_prefill_chunk=8)
+    programs = export_programs(model, options, ("decode",))
+    programs, results = cuda_backend.run_passes(model, programs, options)
+    kernels = sorted({s["choice"] for r in results["decode"].records for s in r.stats.sites if "choice" in s})
+    if chk.device.type == "cuda":
+        if chk.left() < 20:
+            chk.add(f"AOTInductor generation skipped: {chk.left():.0f} s of the budget left after export + passes "
+                    f"({time.perf_counter() - t0:.0f} s)", "", "skipped", time.perf_counter() - t0)
+            return
+        t1 = time.perf_counter()
+        package = torch._inductor.aoti_compile_and_package(programs["decode"],
+                                                           package_path=str(chk.out / "cli-tiny-decode.pt2"))
+        step = torch._inductor.aoti_load_package(package)
+        how = f"AOTInductor in Python (decode compiled in {time.perf_counter() - t1:.0f} s)"
+    else:
+        step = programs["decode"].module()
+        how = "the rewritten decode program run eagerly (no AOTInductor compile on CPU)"
+    # Eager greedy tokens, then both under those tokens (teacher forcing: the same positions).
+    with torch.no_grad():
+        ids = []
+        for i in range(len(GEN_PROMPT) + GEN_NEW - 1):
+            t = GEN_PROMPT[i] if i < len(GEN_PROMPT) else ids[i - len(GEN_PROMPT)]
+            logits = eager(torch.tensor([[t]], device=chk.device), torch.tensor([i], device=chk.device))
+            if i >= len(GEN_PROMPT) - 1:
+                ids.append(int(logits.reshape(-1).argmax()))
+    chk.sync()
+    t2 = time.perf_counter()
+    got = _teacher_forced(step, GEN_PROMPT, ids, chk.device)
+    chk.sync()
+    per_step = (time.perf_counter() - t2) / (len(GEN_PROMPT) + GEN_NEW - 1) * 1e3
+    want = _teacher_forced(eager, GEN_PROMPT, ids, chk.device)  # a second pass: rewrites the same cache slots
+    diff = (got - want).abs().max().item()
+    same = got.argmax(-1).tolist() == ids
+    tol = 1e-3 if chk.smoke else 5e-2  # fp32 CPU reference kernels; compiled Triton kernels (tf32 / order)
+    chk.add(f"generation through {how} [stock runner not used: {why_not_runner}]: tiny model, {quant_how}; "
+            f"decode kernels {kernels}; prompt {len(GEN_PROMPT)} ids + {GEN_NEW} greedy tokens, one token per call "
+            f"({per_step:.1f} ms/call, tiny model: not a speed figure); greedy tokens equal the eager model's: "
+            f"{'yes' if same else 'no'}; max abs logit diff vs eager {diff:.1e}",
+            f"logits within {tol:g} of eager", "ok" if math.isfinite(diff) and diff <= tol else "failed",
+            time.perf_counter() - t0)
+
+
+def generate_stock_runner(chk: Check, pte: Path, ptd: Path | None) -> None:
+    """ExecuTorch's ``TextLLMRunner`` on the CLI's program, with a small tokenizer for the tiny
+    vocabulary (``tests/runtime/stock_runner_helpers.py``); its text vs the eager model's."""
+    from fxport.runtime.stock_runner import StockRunner
+
+    t0 = time.perf_counter()
+    helpers = importlib.util.spec_from_file_location("stock_runner_helpers", ROOT / "tests/runtime/stock_runner_helpers.py")
+    module = sys.modules[helpers.name] = importlib.util.module_from_spec(helpers)
+    helpers.loader.exec_module(module)
+    tok = module.tiny_tokenizer(256)
+    tok_path = chk.out / "cli-tiny-tokenizer.json"
+    tok.save(tok_path)
+    prompt = "hello world"
+    runner = StockRunner(pte, tok_path, ptd)
+    gen = runner.generate(prompt, GEN_NEW)
+    # the eager model's greedy text from the same ids (BOS + the prompt)
+    model, quant_how = cli_model(chk)
+    ids = tok.encode(prompt)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids], device=chk.device), torch.arange(len(ids), device=chk.device))
+        new = [int(logits[0, -1].argmax())]
+        for i in range(GEN_NEW - 1):
+            logits = model(torch.tensor([[new[-1]]], device=chk.device), torch.tensor([len(ids) + i], device=chk.device))
+            new.append(int(logits.reshape(-1).argmax()))
+    want = tok.decode(new)
+    same = gen.text == want
+    chk.add(f"generation through ExecuTorch's stock runner (TextLLMRunner, CudaBackend): {gen.prompt_tokens} prompt "
+            f"tokens, {gen.generated_tokens} generated, {gen.prefill_tok_s:.1f} tok/s prefill, "
+            f"{gen.decode_tok_s:.1f} tok/s decode (tiny model: not a speed figure), load {gen.load_s:.2f} s; "
+            f"text {gen.text!r} vs eager ({quant_how}) {want!r}: {'equal' if same else 'different'}",
+            "runner generates the eager model's text", "ok" if same else "failed", time.perf_counter() - t0)
+
+
+def stage_cli(chk: Check, budget: float) -> None:
+    """``fxport export ... --backend cuda --quant int4`` as typed, then a short generation (the
+    stock runner when this machine can run the program, else AOTInductor in Python)."""
+    t0 = time.perf_counter()
+    pte = chk.out / "cli-tiny-int4.pte"
+    argv = [*CLI_EXPORT, "--out", str(pte)]
+    shown = "fxport " + " ".join([*CLI_EXPORT, "--out", pte.name])
+    try:
+        proc = subprocess.run([sys.executable, "-m", "fxport.cli", *argv], cwd=ROOT, capture_output=True, text=True,
+                              timeout=max(10.0, budget * (4 if chk.smoke else 0.5)))
+        rc, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        rc, stdout, stderr = None, str(exc.stdout or ""), f"timed out after {exc.timeout:.0f} s"
+    (chk.out / "cli-export.log").write_text(stdout + stderr)
+    last = (stderr.strip().splitlines() or [""])[-1]
+    exported = rc == 0 and pte.is_file()
+    if exported:
+        figure, status = f"`{shown}`: exit 0, wrote {pte.name} + its .ptd", "ok"
+    elif chk.device.type != "cuda":  # the documented refusal of a machine without a GPU
+        figure, status = f"`{shown}`: exit {rc}, {last!r}", "ok" if (rc, last) == (2, CLI_NO_GPU) else "failed"
+    else:
+        missing = re.search(r"No module named '(\w+)", last)
+        figure = f"`{shown}`: exit {rc}, {last[:240]!r} (log: {chk.out.name}/cli-export.log)"
+        status = "skipped" if missing and missing.group(1) in BLOCKED else "failed"
+    chk.add(figure, "exit 0 and a .pte on a GPU; the no-GPU refusal on CPU", status, time.perf_counter() - t0)
+    runs, why = executorch_runs_cuda()
+    if exported and runs:
+        ptd = next((Path(m) for m in re.findall(r"^wrote (\S+\.ptd) ", stdout, re.M)), None)
+        generate_stock_runner(chk, pte, ptd)
+        return
+    generate_aoti(chk, why if exported else f"no program from the command ({why})")
+
+
 # ----------------------------------------------------------------------------- driver
 
-# (number, name, GPU budget s, smoke budget s, function); GPU budgets sum to 440 s (7.3 min).
-# Smoke budgets size only the hang guard (4x + 30 s); a quiet 2-core machine needs about a third.
+# (number, name, GPU budget s, smoke budget s, function); GPU budgets sum to 505 s (8.4 min,
+# under make gpu-check's 540 s timeout). Smoke budgets size only the hang guard (4x + 30 s); a
+# quiet 2-core machine needs about a third.
 STAGES = [
-    (1, "kernel tests (compiled)", 140, 40, stage_kernel_tests),
+    (1, "kernel tests (compiled)", 125, 40, stage_kernel_tests),
     (2, "split-K decode SDPA", 65, 20, stage_splitk),
     (3, "tiled prefill SDPA", 35, 10, stage_prefill),
     (4, "int4 GEMV", 55, 10, stage_int4),
-    (5, "decode, 31b int4", 135, 60, stage_decode),
+    (5, "decode, 31b int4", 125, 60, stage_decode),
     (6, "ExecuTorch CUDA .pte", 10, 60, stage_executorch),
+    (7, "fxport export + generation", 90, 30, stage_cli),
 ]
 
 
@@ -904,10 +1117,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, Triton interpreter (a code-path check)")
     ap.add_argument("--out", default=str(ROOT / "build"), help="directory for gpu-check.md and logs (default build/)")
     ap.add_argument("--peak-gbs", type=float, default=None, help="peak HBM GB/s (default: from the device name)")
-    ap.add_argument("--stages", default="1,2,3,4,5,6", help="comma-separated stage numbers to run (a rerun)")
+    ap.add_argument("--stages", default="1,2,3,4,5,6,7", help="comma-separated stage numbers to run (a rerun)")
     ap.add_argument("--with-executorch", action="store_true",
-                    help="smoke: let stage 6 import executorch (a CUDA partition dry run) instead of taking the "
-                         "GPU machine's 'not installed' path")
+                    help="smoke: let stages 6-7 import executorch and torchao (a CUDA partition dry run; the "
+                         "CLI's int4 through torchao) instead of taking the GPU machine's 'not installed' path")
     ap.add_argument("--budget-scale", type=float, default=1.0, help="multiply every stage budget")
     ap.add_argument("--require", default="",
                     help="comma-separated substrings: exit 1 unless a row whose stage or figure contains each is ok")
@@ -929,7 +1142,7 @@ def main(argv: list[str] | None = None) -> int:
     for number, name, gpu_budget, smoke_budget, fn in STAGES:
         if number not in wanted:
             continue
-        if number == 6 and args.with_executorch:
+        if number >= 6 and args.with_executorch:
             blocker.active = False
         run_stage(chk, number, name, (smoke_budget if args.smoke else gpu_budget) * args.budget_scale, fn)
     total, cpu = time.perf_counter() - t_all, time.process_time() - cpu_all
