@@ -17,7 +17,8 @@ Per runtime, in one run:
   bandwidth ceiling: measured read bandwidth ÷ bytes per token. Bandwidth: the median of 5
   sums over a 1 GiB float32 tensor with the same threads (a read-only stream).
 
-Runtimes: fxport ``.pte`` per recipe (``build/gemma3-270m-<recipe>.pte``, exported here when
+Runtimes: fxport ``.pte`` per recipe in fxport's Python runtime and in ExecuTorch's own C++
+``TextLLMRunner`` (``--skip runner`` leaves it out) (``build/gemma3-270m-<recipe>.pte``, exported here when
 missing: ``--force-export`` rebuilds), llama.cpp through llama-cpp-python on the same GGUF (see
 ``bench/quality.py LLAMACPP_INSTALL`` for the install command that works on AMX CPUs),
 transformers 5 eager fp32 (``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)``).
@@ -97,6 +98,23 @@ class FxportRuntime:
         return t1 - t0, t2 - t1
 
 
+class StockRunnerRuntime:
+    """ExecuTorch's own C++ ``TextLLMRunner`` (the runner apps ship) on a fxport ``.pte``: it takes
+    text, so the prompt is English text of about ``prompt_len`` ids; times come from its ``Stats``
+    (ms clock) and are scaled to exactly ``prompt_len`` prompt ids and ``new_tokens`` decode steps."""
+
+    def __init__(self, pte: Path, prompt_len: int):
+        from fxport.runtime.stock_runner import StockRunner, bench_prompt
+
+        self.runner = StockRunner(pte)
+        self.prompt = bench_prompt(self.runner.tokenizer, prompt_len)
+
+    def run(self, ids: list[int], prompt_len: int) -> tuple[float, float]:
+        steps = len(ids) - prompt_len
+        g = self.runner.generate(self.prompt, steps + 1)  # the first new token comes from prefill
+        return g.prefill_s * prompt_len / g.prompt_tokens, g.decode_s * steps / max(g.generated_tokens - 1, 1)
+
+
 class LlamaCppRuntime:
     def __init__(self, gguf: Path, threads: int, n_ctx: int, prompt_len: int):
         self.llm = Q.load_llamacpp(gguf, n_ctx, threads, logits_all=False, n_batch=prompt_len)
@@ -160,26 +178,45 @@ def read_bandwidth(threads: int, gib: float = 1.0, reps: int = 5) -> float:
 _RSS_FXPORT = """
 import sys, torch
 from fxport.runtime.pte_backend import PteBackend
+from fxport.runtime.stock_runner import rss_bytes
+import executorch.runtime, executorch.kernels.quantized
+before = rss_bytes()
 b = PteBackend(sys.argv[1], num_threads=int(sys.argv[2]))
 ids = torch.randint(0, b.vocab_size, (1, 192), generator=torch.Generator().manual_seed(0))
 b.prefill(ids[:, :128], torch.arange(128))
 for p in range(128, 192):
     b.decode(ids[:, p:p + 1], torch.tensor([p]))
+print("DELTA", rss_bytes() - before)
+"""
+
+_RSS_RUNNER = """
+import sys
+from fxport.runtime.stock_runner import StockRunner, bench_prompt
+r = StockRunner(sys.argv[1])
+r.generate(bench_prompt(r.tokenizer, 128), 65)
+print("DELTA", r.rss_delta())
 """
 
 _RSS_LLAMA = """
 import sys, random
 import llama_cpp
+from fxport.runtime.stock_runner import rss_bytes
+before = rss_bytes()
 llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=256, n_batch=128, n_threads=int(sys.argv[2]), verbose=False)
 rng = random.Random(0); ids = [rng.randrange(100, llm.n_vocab()) for _ in range(192)]
 llm.eval(ids[:128])
 for t in ids[128:]:
     llm.eval([t])
+print("DELTA", rss_bytes() - before)
 """
 
 
-def peak_rss(cmd: list[str]) -> float | None:
-    """Peak resident set (MB) of ``cmd`` run to completion; None if it failed.
+def peak_rss(cmd: list[str]) -> tuple[float, float | None] | None:
+    """(peak resident set, RSS the program added) in MB of ``cmd`` run to completion; None if it failed.
+
+    The second figure is what ``cmd`` prints as ``DELTA <bytes>``: RSS after loading the program
+    and generating minus RSS before loading it (the interpreter, torch and the runtime's own
+    libraries not counted).
 
     Launched through a small Python wrapper: a child forked from this (large) process would
     count this process's pages in its ``ru_maxrss`` before its exec.
@@ -187,11 +224,13 @@ def peak_rss(cmd: list[str]) -> float | None:
     wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if r.returncode == 0 else -1)")
     out = subprocess.run([sys.executable, "-S", "-c", wrapper, *cmd], capture_output=True, text=True)
-    kib = int(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else -1
+    lines = out.stdout.strip().splitlines()
+    kib = int(lines[-1]) if lines else -1
     if kib < 0:
         print(f"peak RSS run failed ({' '.join(cmd[:4])} ...): {out.stderr[-300:]}", file=sys.stderr)
         return None
-    return kib / 1024  # KiB -> MiB
+    delta = [int(line.split()[1]) / 2**20 for line in lines if line.startswith("DELTA ")]
+    return kib / 1024, (delta[-1] if delta else None)  # KiB -> MiB
 
 
 def quality_of(name: str, key_file: Path | None, corpus, ref, logits_fn) -> Q.Score:
@@ -214,7 +253,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--skip", nargs="*", default=[], choices=["transformers", "llamacpp", "quality", "rss"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["transformers", "llamacpp", "quality", "rss", "runner"])
     p.add_argument("--force-export", action="store_true")
     p.add_argument("--huge-pages", choices=["on", "off"], default="on",
                    help="run this process (so every runtime in it, llama.cpp too) with glibc's transparent huge "
@@ -275,6 +314,8 @@ def main(argv=None) -> int:
 
     # ---- speed, interleaved
     runtimes: dict[str, object] = {r: FxportRuntime(pte, args.threads) for r, pte in ptes.items()}
+    if "runner" not in args.skip:
+        runtimes.update({f"runner-{r}": StockRunnerRuntime(pte, args.prompt_len) for r, pte in ptes.items()})
     if "llamacpp" not in args.skip:
         runtimes["llamacpp"] = LlamaCppRuntime(gguf, args.threads, args.prompt_len + args.new_tokens + 8, args.prompt_len)
     if "transformers" not in args.skip:
@@ -297,12 +338,19 @@ def main(argv=None) -> int:
     if "rss" not in args.skip:
         for r, pte in ptes.items():
             rss[r] = peak_rss([sys.executable, "-c", _RSS_FXPORT, str(pte), str(args.threads)])
+            if "runner" not in args.skip:
+                rss[f"runner-{r}"] = peak_rss([sys.executable, "-c", _RSS_RUNNER, str(pte)])
         if "llamacpp" not in args.skip:
             rss["llamacpp"] = peak_rss([sys.executable, "-c", _RSS_LLAMA, str(gguf), str(args.threads)])
 
     labels = {"reference": "reference fp32 (GGUF dequantized)", "llamacpp": "llama.cpp (llama-cpp-python 0.3.36), same GGUF",
               "transformers": "transformers eager fp32"}
     labels.update({r: f"fxport .pte `{r}`" for r in ptes})
+    labels.update({f"runner-{r}": f"same `{r}` .pte in ExecuTorch's TextLLMRunner" for r in ptes})
+    for r in ptes:  # the runner reads the same program: same quality, bytes, file
+        for table in (qual, nbytes, sizes):
+            if r in table:
+                table[f"runner-{r}"] = table[r]
     print(f"Gemma 3 270M Q4_K_M GGUF ({sizes['llamacpp'] / 1e6:.0f} MB), {args.threads} threads, prompt "
           f"{args.prompt_len} tokens, {args.new_tokens} decode steps; median of {args.reps} interleaved rounds "
           f"after a warm-up round")
@@ -313,10 +361,11 @@ def main(argv=None) -> int:
     if qual:
         print(f"quality: texts A = {Q.TEXTS['A']}, B = {Q.TEXTS['B']}, {Q.N_TOKENS} tokens each, "
               f"{Q.WINDOW}-token windows; fxport .pte scored one token per call, teacher-forced")
-    print("| runtime | ppl A | ppl B | KL to ref | top-1 agree | bytes/token | file | peak RSS | prefill tok/s | "
-          "decode tok/s | decode % of BW ceiling |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for k in ["reference", *ptes, "llamacpp", "transformers"]:
+    print("| runtime | ppl A | ppl B | KL to ref | top-1 agree | bytes/token | file | peak RSS | RSS added | "
+          "prefill tok/s | decode tok/s | decode % of BW ceiling |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    order = [x for r in ptes for x in (r, f"runner-{r}")]
+    for k in ["reference", *order, "llamacpp", "transformers"]:
         if k != "reference" and k not in times:
             continue
         sc = qual.get(k)
@@ -331,13 +380,14 @@ def main(argv=None) -> int:
         else:
             speed = ("—", "—", "—")
         size = f"{sizes[k] / 1e6:.0f} MB" if k in sizes else "—"
-        r = rss.get(k)
-        cols = [labels[k], *qcols, f"{nb / 1e6:.0f} MB" if nb else "—", size, f"{r:.0f} MB" if r else "—", *speed]
+        peak, added = rss.get(k) or (None, None)
+        cols = [labels[k], *qcols, f"{nb / 1e6:.0f} MB" if nb else "—", size, f"{peak:.0f} MB" if peak else "—",
+                f"{added:.0f} MB" if added is not None else "—", *speed]
         print("| " + " | ".join(cols) + " |")
     if "llamacpp" in times:
         base = [statistics.median(args.prompt_len / t[0] for t in times["llamacpp"]),
                 statistics.median(args.new_tokens / t[1] for t in times["llamacpp"])]
-        for r in ptes:
+        for r in [r for r in order if r in times]:
             pre = statistics.median(args.prompt_len / t[0] for t in times[r])
             dec = statistics.median(args.new_tokens / t[1] for t in times[r])
             line = f"{r}: prefill {pre / base[0]:.2f}x llama.cpp, decode {dec / base[1]:.2f}x"
@@ -347,7 +397,9 @@ def main(argv=None) -> int:
                          f"{100 * (a.ppl('B') / b.ppl('B') - 1):+.1f}% vs llama.cpp")
             print(line)
     print(f"peak RSS: one process loading the program and generating {args.new_tokens} tokens after a "
-          f"{args.prompt_len}-token prompt (python + runtime), from os.wait4")
+          f"{args.prompt_len}-token prompt (python + runtime), from os.wait4; RSS added: RSS after that minus "
+          "RSS before loading the program (interpreter, torch and runtime libraries not counted)")
+    print("ExecuTorch's TextLLMRunner: its own threadpool (cores the runtime sees), times from its Stats")
     return 0
 
 
