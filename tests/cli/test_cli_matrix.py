@@ -134,6 +134,20 @@ def test_cuda_dry_run_prints_the_partition_report(recipe, capsys):
         assert n > 0
 
 
+def test_the_issue_dry_run_on_the_full_tiny_preset(capsys):
+    """The issue's command on ``--preset tiny`` (every Gemma 4 text feature: per-layer embeddings,
+    KV sharing, ...), which failed in Int4Dispatch on the meta device."""
+    rc, lines, err = _fxport(capsys, "export --preset tiny --backend cuda --quant int4 --dry-run --max-seq-len 64 "
+                                     "--max-prefill-chunk 8 --quiet")
+    assert rc == 0, err
+    # int4 linears: 6 x (q, o, gate, up, down, per-layer input gate) + 4 k (2 layers share KV) + 3 v
+    # (k_eq_v) + the per-layer model projection + the head; per_layer_projection (K = 8) stays float
+    for method in ("prefill", "decode"):
+        row = next(line for line in lines if line.startswith(f"[{method}] 03 int4_dispatch: "))
+        assert row.startswith(f"[{method}] 03 int4_dispatch: changed=True matched=45 rewritten=45 ")
+    assert {"result: every node delegated", "runner contract: ok"} <= set(lines)
+
+
 def test_cuda_without_a_gpu_refuses(tmp_path, capsys):
     command = f"export {SOURCE} --backend cuda --quant int4 --out {tmp_path / 'm.pte'}"
     if torch.cuda.is_available():  # a GPU machine builds it (make test runs on CPU machines)
