@@ -107,6 +107,10 @@ def check_writable_output(path: PathLike, *, what: str = "output") -> Path:
     if not _can_create_in(parent):
         raise OutputPathError(f"{what} {path}: folder {parent} is not writable; "
                               f"pass a path in a writable folder or fix its permissions")
+    store = program_store(path)
+    if store.exists() and not store.is_dir():
+        raise OutputPathError(f"{what} {path}: {store} exists and is not a folder (a program keeps its published "
+                              f"files there); remove it or choose another path")
     return path
 
 

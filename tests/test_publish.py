@@ -213,3 +213,13 @@ def test_weights_file_of_a_symlinked_program_is_beside_the_target(tmp_path):
     assert weights_file(builds / "x.pte") == builds / "x.ptd"
     shutil.rmtree(builds)
     assert weights_file(tmp_path / "missing.pte") == tmp_path / "missing.ptd"
+
+
+def test_a_file_where_the_store_goes_is_refused_before_any_work(tmp_path):
+    from fxport.fileio import OutputPathError, check_writable_output
+
+    (tmp_path / "x.fxport").write_text("mine")
+    with pytest.raises(OutputPathError) as err:
+        check_writable_output(tmp_path / "x.pte", what="--out")
+    assert str(err.value) == (f"--out {tmp_path / 'x.pte'}: {tmp_path / 'x.fxport'} exists and is not a folder (a "
+                              "program keeps its published files there); remove it or choose another path")

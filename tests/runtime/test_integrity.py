@@ -111,3 +111,14 @@ def test_a_file_that_is_not_a_weights_file_is_refused(pair, tmp_path):
     bad.write_bytes(b"these are my notes, not weights" * 4)
     with pytest.raises(WeightsMismatchError, match=f"^{bad} does not belong to {pte} or is damaged: "):
         check_weights(pte, bad)
+
+
+def test_a_symlinked_program_finds_its_weights_beside_the_target(exports, tmp_path):
+    """``latest.pte -> .../t.pte``: the weights are found beside the link's target (no
+    ``latest.ptd`` is needed), and the pair is checked like any other."""
+    from fxport.runtime.pte_backend import PteBackend
+
+    latest = tmp_path / "latest.pte"
+    latest.symlink_to(exports[0])
+    assert not (tmp_path / "latest.ptd").exists()
+    assert PteBackend(latest).vocab_size == 256
