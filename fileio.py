@@ -37,6 +37,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Sequence, TextIO, Union
 
@@ -296,6 +297,11 @@ RECORD = "program.json"  # in each generation: {"program": name, "files": {name:
 _TEMP = re.compile(r"^\..*\.fxport-(\d+)-[0-9a-z_]+\.tmp$")
 _GEN = re.compile(r"^g-(\d+)-[0-9a-f]+$")
 _WRITING: set[str] = set()  # generations this process is writing now (never removed as garbage)
+# Temporaries of fxport versions before the pid was in their names (``.x.pte.k2j4h1a9.tmp``,
+# ``.fxport-stage-k2j4h1a9.tmp``, ``.x.tokenizer.old.k2j4h1a9``): their writer cannot be asked,
+# so they go once untouched for LEGACY_AGE seconds (a save writes its temporaries in minutes).
+_LEGACY = re.compile(r"^\.(?:fxport-stage-|.+\.(?:pte|ptd|tokenizer|json)\.(?:old\.)?)[a-z0-9_]{8}(?:\.tmp)?$")
+LEGACY_AGE = 3600.0
 
 
 def program_store(program: PathLike) -> Path:
@@ -342,16 +348,19 @@ def remove_dead_temporaries(folder: PathLike) -> list[Path]:
     """Remove what killed writers left in ``folder`` and in its program stores: fxport's
     temporaries (``.<name>.fxport-<pid>-<hex>.tmp``) and generations that are not ``current``,
     when process ``<pid>`` no longer exists. A live writer's (this one's included) are kept.
-    Returns what was removed."""
+    Temporaries of earlier fxport versions (no pid in the name) go once older than
+    :data:`LEGACY_AGE`. Returns what was removed."""
     folder = Path(folder)
     removed: list[Path] = []
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return removed
+    now = time.time()
     for entry in entries:
         m = _TEMP.match(entry.name)
-        if m and not _alive(int(m.group(1))):
+        legacy = not m and _LEGACY.match(entry.name) and _age(entry, now) > LEGACY_AGE
+        if (m and not _alive(int(m.group(1)))) or legacy:
             with contextlib.suppress(OSError):
                 remove_tree(entry.path)
                 removed.append(Path(entry.path))
@@ -370,6 +379,13 @@ def remove_dead_temporaries(folder: PathLike) -> list[Path]:
                         remove_tree(sub.path)
                         removed.append(Path(sub.path))
     return removed
+
+
+def _age(entry: os.DirEntry, now: float) -> float:
+    try:
+        return now - entry.stat(follow_symlinks=False).st_mtime
+    except OSError:
+        return 0.0
 
 
 def _readlink(path: Path) -> str | None:

@@ -223,3 +223,18 @@ def test_a_file_where_the_store_goes_is_refused_before_any_work(tmp_path):
         check_writable_output(tmp_path / "x.pte", what="--out")
     assert str(err.value) == (f"--out {tmp_path / 'x.pte'}: {tmp_path / 'x.fxport'} exists and is not a folder (a "
                               "program keeps its published files there); remove it or choose another path")
+
+
+def test_temporaries_of_earlier_versions_go_once_old(tmp_path):
+    """Names without a pid (fxport before this layout): removed when older than an hour, kept
+    while fresh (their writer could still be running); other hidden files are never touched."""
+    old = [".x.pte.k2j4h1a9.tmp", ".fxport-stage-0a_b1c2d.tmp", ".x.tokenizer.q9w8e7r6.tmp", ".x.tokenizer.old.abcdefgh"]
+    fresh = ".y.pte.zzzzzzzz.tmp"
+    foreign = [".bashrc", ".notes.abcdefgh.tmp"]
+    for name in old + [fresh] + foreign:
+        (tmp_path / name).mkdir() if "tokenizer" in name or "stage" in name else (tmp_path / name).write_bytes(b"x")
+    hour_ago = __import__("time").time() - fileio.LEGACY_AGE - 60
+    for name in old + foreign:
+        os.utime(tmp_path / name, (hour_ago, hour_ago))
+    assert sorted(p.name for p in remove_dead_temporaries(tmp_path)) == sorted(old)
+    assert sorted(os.listdir(tmp_path)) == sorted([fresh] + foreign)
