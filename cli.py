@@ -420,8 +420,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                   max_gap=args.max_gap, rebuild=args.rebuild, recheck=args.recheck,
                   say=lambda line: print(line, flush=True))
     if not ok:
-        print("fxport demo: error: the .pte's greedy tokens do not match the eager model's "
-              f"({'float32 must match exactly' if args.quant is None else 'a disagreement is not a near-tie'})",
+        print("fxport demo: error: a check failed (see [4/5] and [5/5] above): ExecuTorch's runner must print "
+              "fxport's text, and the .pte's greedy tokens must match the eager model's "
+              f"({'float32: exactly' if args.quant is None else 'a disagreement must be a near-tie'})",
               file=sys.stderr)
         return EXIT_FAILURE
     return 0
