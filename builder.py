@@ -101,10 +101,15 @@ class BuildOptions:
     ring_size: int | None = None
     dump: str | None = None
     dry_run: bool = False  # cuda: partition and report only (no GPU needed), nothing written
+    # xnnpack: add the ``target_verify`` method (every token's logits, prefill's KV buffers) that
+    # speculative decoding runs (fxport.runtime.speculative); off: the program is unchanged
+    verify: bool = False
 
     def key(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("dump")
+        if not d["verify"]:  # the manifests of programs built before the option still match
+            d.pop("verify")
         return d
 
 
@@ -263,6 +268,9 @@ def validate(out: str | Path | None, options: BuildOptions):
         raise BuildError(f"--max-prefill-chunk {options.max_prefill_chunk} exceeds --max-seq-len {options.max_seq_len}")
     if options.ring_size is not None and options.ring_size < 1:
         raise BuildError(f"--ring-size {options.ring_size} must be positive")
+    if options.verify and options.backend != "xnnpack":
+        raise BuildError(f"--verify-method (speculative decoding's target_verify) is built for --backend xnnpack only, "
+                         f"not {options.backend}; drop it or use --backend xnnpack")
     backend.validate(options)  # the backend's recipe names and options
     if out is None:
         if not options.dry_run:
@@ -281,9 +289,24 @@ def check_source(source: Source) -> None:
         if source.layers and source.layers > config.num_hidden_layers:
             raise BuildError(f"--layers {source.layers} exceeds the {config.num_hidden_layers} layers of preset "
                              f"{source.preset!r}")
+        if source.layers and config.num_kv_shared_layers and not _layers_fit(config, source.layers):
+            # its last layers reuse the caches of earlier layers of their type: those must stay in the model
+            fits = [n for n in range(1, config.num_hidden_layers + 1) if _layers_fit(config, n)]
+            raise BuildError(f"--layers {source.layers}: preset {source.preset!r} shares the KV caches of its last "
+                             f"{config.num_kv_shared_layers} layers with earlier layers of their type; pass --layers "
+                             f"{' / '.join(map(str, fits[:4]))}{' ...' if len(fits) > 4 else ''}")
     for path, kind in ((source.gguf, "--gguf"), (source.hf, "--hf")):
         if path is not None and not Path(path).exists():
             raise BuildError(f"{kind} {path} does not exist")
+
+
+def _layers_fit(config: Any, n: int) -> bool:
+    """Whether the first ``n`` layers of ``config`` make a valid model (KV sharing included)."""
+    try:
+        config.replace(num_hidden_layers=n, layer_types=config.layer_types[:n])
+    except ValueError:
+        return False
+    return True
 
 
 def _check_ring(model: Any, options: BuildOptions) -> None:
@@ -598,7 +621,8 @@ def build(source: Source, out: str | Path | None, options: BuildOptions = BuildO
             gc_pause.boundary()
             with fast_fake_propagation():
                 times.start("export")
-                programs = export_programs(model, options, backend.METHODS)
+                methods = tuple(backend.METHODS) + (("target_verify",) if options.verify else ())
+                programs = export_programs(model, options, methods)
                 gc_pause.boundary()
                 with lazy_codegen():
                     times.start("passes")

@@ -56,7 +56,8 @@ class FakeBackend:
 
     def lower(self, programs, *, constant_methods=None, on_serialize=None):
         self.calls.append("lower")
-        assert constant_methods["get_max_seq_len"] == 16
+        # the runner contract: get_max_seq_len = the prefill chunk, get_max_context_len = positions
+        assert (constant_methods["get_max_seq_len"], constant_methods["get_max_context_len"]) == (4, 16)
         on_serialize()
         self.calls.append("serialize")
         from fxport.fileio import write_program
@@ -347,3 +348,17 @@ def test_the_fxport_command_exits_after_its_exit_handlers_with_its_status(tmp_pa
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3
     assert proc.stdout == "output exit handler ran\n"  # buffered output flushed, handlers run
+
+
+def test_layers_inside_the_kv_shared_tail_are_refused_with_the_smallest_that_fits():
+    from fxport.builder import check_source
+    from fxport.models.gemma4.config import get_preset
+
+    shared = get_preset("tiny").num_kv_shared_layers
+    assert shared == 2
+    for layers in (1, 3, 4):  # 3 and 4 keep a shared layer whose type has no earlier layer
+        with pytest.raises(BuildError) as err:
+            check_source(Source(preset="tiny", layers=layers))
+        assert str(err.value) == (f"--layers {layers}: preset 'tiny' shares the KV caches of its last 2 layers with "
+                                  "earlier layers of their type; pass --layers 5 / 6")
+    check_source(Source(preset="tiny", layers=5))
