@@ -31,6 +31,7 @@ after a 46-token prompt with 64 positions, and the program then read out of boun
 from __future__ import annotations
 
 import copy
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -230,7 +231,13 @@ def hf(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("qwen2")
     # SDPAAsMatmul fails on this graph (test_hf_sdpa_as_matmul_transformers5_reshape); the rest runs.
     ep = export_optimum_style(model)  # apply() copies it; one lowering of it after the other works
+    try:  # the whole CPU pass set (test_hf_sdpa_as_matmul_transformers5_reshape)
+        apply_method_passes({"forward": ep}, {"forward": hf_passes()}, dump=False)
+        full_set_error = None
+    except PipelineError as exc:
+        full_set_error = exc
     built = lower_both(tmp, lambda: ep, hf_passes(without=("SDPAAsMatmul",)), HF_META)
+    built["full_set_error"] = full_set_error
     tok = tokenizer()
     tok.save(tmp / "tokenizer.json")
     expected = []
@@ -266,13 +273,18 @@ def test_hf_optimum_style_runner_tokens_unchanged_by_passes(hf):
         assert len(got) == NEW and len(set(got)) > NEW // 3, got
 
 
-def test_hf_sdpa_as_matmul_transformers5_reshape():
-    """Known failure, passes/xnnpack/sdpa_as_matmul.py: transformers 5's ``sdpa_attention_forward``
-    reshapes SDPA's output to (B, H, L, D) before ``transpose(1, 2).reshape(B, L, H*D)``; export
-    records both as views. The pass turns views after a transpose of the SDPA into reshapes, but
-    only when the transpose reads the SDPA directly, so the view of the transposed contiguous
-    matmul output stays and fails for a dynamic L. Fix there: look through the shape-preserving
-    view between SDPA and the transpose."""
-    with pytest.raises(PipelineError, match=r"pass 04 sdpa_as_matmul .* Cannot view a tensor with shape "
-                                            r"torch.Size\(\[1, s\d+, 4, 8\]\)"):
-        apply_method_passes({"forward": export_optimum_style(qwen2())}, {"forward": hf_passes()}, dump=False)
+def test_hf_sdpa_as_matmul_transformers5_reshape(hf):
+    """Known failure of passes/xnnpack/sdpa_as_matmul.py on every transformers 5 SDPA program with
+    a dynamic length: ``sdpa_attention_forward`` reshapes SDPA's output to (B, H, L, D) before
+    ``transpose(1, 2).reshape(B, L, H*D)``, and export records both as views. The pass turns the
+    views after a transpose of the SDPA into reshapes (its matmul output is (B, H, L, D)-contiguous,
+    SDPA's was (B, L, H, D)-strided), but only when the transpose reads the SDPA directly: here a
+    shape-preserving view sits between them, the last view stays, and the re-trace fails. The fix
+    belongs there: walk through shape-preserving views to the transpose (checked by hand: the whole
+    set then runs, 158,976 bytes, and the runner gives the eager tokens). When it is fixed, this
+    test fails: drop ``without=("SDPAAsMatmul",)`` in the ``hf`` fixture and this test."""
+    built, _, _ = hf
+    assert isinstance(built["full_set_error"], PipelineError), "SDPAAsMatmul now runs here: see this test's docstring"
+    assert re.match(r"pass 04 sdpa_as_matmul \(method=forward\) failed: ValueError: Cannot view a tensor with "
+                     r"shape torch.Size\(\[1, s\d+, 4, 8\]\) and strides \(32\*s\d+, 8, 8\*s\d+, 1\) as a "
+                     r"tensor with shape \(1, s\d+, 32\)!", str(built["full_set_error"]))
