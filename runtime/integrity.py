@@ -61,6 +61,10 @@ def check_weights(program: PathLike, weights: PathLike | None) -> None:
     program, weights = Path(program), Path(weights)
     from fxport.fileio import read_record, sha256_file
 
+    shown = Path(program).with_suffix(".ptd")  # name the file as the user sees it: x.ptd, not x.fxport/g-.../x.ptd
+    if shown != weights and shown.is_file() and weights.is_file() and os.path.samefile(shown, weights):
+        weights = shown
+
     record = read_record(program)
     if record is not None:
         files = record["files"]

@@ -95,3 +95,29 @@ def test_no_weights_check_is_scoped_to_the_command(monkeypatch, tmp_path, capfd)
     assert main(["run", str(p), "--prompt-ids", "2", "--no-weights-check"]) == 0
     assert main(["run", str(p), "--prompt-ids", "2"]) == 0
     assert seen == [False, True] and "FXPORT_CHECK_WEIGHTS" not in os.environ
+
+
+def test_a_full_disk_while_the_ptd_is_written_exits_2_naming_it(capfd, tmp_path, monkeypatch):
+    """ExecuTorch writing the .ptd hits ENOSPC: one line with the .ptd's path, exit 2, the previous
+    program untouched (export and lowering replaced by a program whose manager fails: only the save runs)."""
+    import errno
+    from types import SimpleNamespace
+
+    from fxport import builder
+    from fxport.lowering import xnnpack
+
+    monkeypatch.setattr(builder, "export_programs", lambda model, options, methods: {})  # no export, no passes:
+    monkeypatch.setattr(xnnpack, "run_passes", lambda model, programs, options: ({}, {}))  # only the save matters
+
+    def full(folder):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(xnnpack, "lower", lambda programs, **kw: xnnpack.XnnpackProgram(
+        b"new", None, [], ["prefill"], manager=SimpleNamespace(write_tensor_data_to_file=full)))
+    out = tmp_path / "m.pte"
+    out.write_bytes(b"previous program")
+    assert _error(capfd, ["export", "--preset", "tiny-gemma3", "--layers", "1", "--max-seq-len", "16",
+                          "--max-prefill-chunk", "4", "--out", str(out), "--quiet"]) == (
+        f"fxport export: error: no space left on the device writing {tmp_path / 'm.ptd'} (No space left on "
+        "device); the previous file, if any, is unchanged: free some space or write to another disk")
+    assert out.read_bytes() == b"previous program" and sorted(os.listdir(tmp_path)) == ["m.pte"]

@@ -46,7 +46,7 @@ def pair(request, exports, tmp_path):
         pte = tmp_path / "p" / "t.pte"
         shutil.copyfile(src, pte)
         shutil.copyfile(weights_file(src), pte.with_suffix(".ptd"))
-    return request.param, pte, weights_file(pte)
+    return request.param, pte, pte.with_suffix(".ptd")  # the name a user sees (a link when published)
 
 
 def _damage(ptd: Path) -> None:
