@@ -82,12 +82,14 @@ def pieces(tok, ids: list[int]) -> list[str]:
 def lower_both(tmp: Path, export, passes: list, metadata: dict) -> dict:
     """The user's lowering and fxport's, each of its own ``export()`` (one ``run_decompositions``
     of ExecuTorch's Llama program leaves pending unbacked symbols of ``input_pos.item()`` in its
-    shape environment, copies included). Returns ``{"plain"/"passes": .pte, "results": ...}``."""
+    shape environment, copies included). Returns ``{"plain"/"passes": .pte, "results":
+    PipelineResult, "reports": {name: DelegationReport}, "tokenizer": where it goes}``."""
     programs, results = apply_method_passes({"forward": export()}, {"forward": passes}, dump=False)
-    out = {"results": results["forward"]}
+    out = {"results": results["forward"], "tokenizer": tmp / "tokenizer.json", "reports": {}}
     for name, progs in ((PASSES, programs), (PLAIN, {"forward": export()})):
-        out[name] = tmp / f"{name}.pte"
-        out[name].write_bytes(lower_to_xnnpack(progs, constant_methods=metadata).buffer)
+        lowered = lower_to_xnnpack(progs, constant_methods=metadata)
+        out[name], out["reports"][name] = tmp / f"{name}.pte", lowered.report
+        out[name].write_bytes(lowered.buffer)
     return out
 
 
@@ -115,8 +117,9 @@ def stats(result, name: str) -> dict:
 # ----------------------------------------------------------------------------- ExecuTorch's Llama
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
+def build_llama(tmp: Path):
+    """ExecuTorch's Llama example lowered both ways into ``tmp``, and the eager model's greedy
+    pieces for ``LLAMA_PROMPTS``: ``(built, expected)``."""
     from executorch.examples.models.llama.llama_transformer import construct_transformer
     from executorch.examples.models.llama.model_args import ModelArgs
 
@@ -130,7 +133,6 @@ def llama(tmp_path_factory):
     model.layers[0].attention.mask.copy_(causal & ~torch.tril(causal, -LLAMA_WINDOW))  # keys p-5..p
     eager = copy.deepcopy(model)  # its caches stay out of the exported program's
 
-
     def export():  # as export_llama (LLMEdgeManager), but up to max_seq_len tokens (module docstring)
         with torch.no_grad():
             return torch.export.export(model, (torch.tensor([[2, 3, 4]]), {"input_pos": torch.tensor([0])}),
@@ -143,11 +145,10 @@ def llama(tmp_path_factory):
             "enable_dynamic_shape": True, "get_bos_id": BOS, "get_eos_ids": [EOS]}
     windows = {f"layers.0.attention.kv_cache.{kv}_cache": LLAMA_WINDOW for kv in ("k", "v")}
     passes = cpu_passes(windows=windows, max_prefill_chunk=LLAMA_CHUNK)["prefill"]
-    tmp = tmp_path_factory.mktemp("llama")
     built = lower_both(tmp, export, passes, meta)
 
     tok = tokenizer()
-    tok.save(tmp / "tokenizer.json")
+    tok.save(built["tokenizer"])
     expected = []
     with torch.no_grad():
         for prompt in LLAMA_PROMPTS:  # the eager model, chunked as the runner chunks, then greedy
@@ -159,11 +160,18 @@ def llama(tmp_path_factory):
                 logits = m(torch.tensor([new[-1:]]), {"input_pos": torch.tensor([len(ids) + len(new) - 1])})
                 new.append(int(logits[0].argmax()))
             expected.append(pieces(tok, new))
-    return built, run_both(built, tmp / "tokenizer.json", LLAMA_PROMPTS), expected, [len(tok.encode(p)) for p in LLAMA_PROMPTS]
+    built["prompt_ids"] = [len(tok.encode(p)) for p in LLAMA_PROMPTS]
+    return built, expected
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    built, expected = build_llama(tmp_path_factory.mktemp("llama"))
+    return built, run_both(built, built["tokenizer"], LLAMA_PROMPTS), expected
 
 
 def test_llama_example_passes_rewrite_it(llama):
-    built, _, _, _ = llama
+    built, _, _ = llama
     res = built["results"]
     ring = next(r for r in res.records if r.name == "ring_buffer_kv_cache").stats
     assert [(s["buffer"], s["ring_size"], s["chunk"], s["write"]) for s in ring.sites] == [
@@ -176,7 +184,8 @@ def test_llama_example_passes_rewrite_it(llama):
 
 
 def test_llama_example_runner_tokens_unchanged_by_passes(llama):
-    _, gens, expected, prompt_tokens = llama
+    built, gens, expected = llama
+    prompt_tokens = built["prompt_ids"]
     assert prompt_tokens == [17, 5]  # 17 > one chunk of 8: the runner prefills in 3 calls
     for name in (PLAIN, PASSES):
         assert [g["prompt_tokens"] for g in gens[name]] == prompt_tokens, name
@@ -224,11 +233,11 @@ def hf_passes(without: tuple[str, ...] = ()):
     return [p for p in cpu_passes(windows=windows)["prefill"] if type(p).__name__ not in without]
 
 
-@pytest.fixture(scope="module")
-def hf(tmp_path_factory):
+def build_hf(tmp: Path):
+    """The optimum-style Qwen2 lowered both ways into ``tmp``, and transformers' greedy pieces
+    for ``HF_PROMPTS``: ``(built, expected)``."""
     model = qwen2()
     assert model.config.layer_types == ["full_attention", "sliding_attention"]
-    tmp = tmp_path_factory.mktemp("qwen2")
     # SDPAAsMatmul fails on this graph (test_hf_sdpa_as_matmul_transformers5_reshape); the rest runs.
     ep = export_optimum_style(model)  # apply() copies it; one lowering of it after the other works
     try:  # the whole CPU pass set (test_hf_sdpa_as_matmul_transformers5_reshape)
@@ -239,7 +248,7 @@ def hf(tmp_path_factory):
     built = lower_both(tmp, lambda: ep, hf_passes(without=("SDPAAsMatmul",)), HF_META)
     built["full_set_error"] = full_set_error
     tok = tokenizer()
-    tok.save(tmp / "tokenizer.json")
+    tok.save(built["tokenizer"])
     expected = []
     with torch.no_grad():
         for prompt in HF_PROMPTS:  # transformers' own forward over the whole sequence, greedy
@@ -247,7 +256,13 @@ def hf(tmp_path_factory):
             while len(ids) < len(tok.encode(prompt)) + NEW:
                 ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
             expected.append(pieces(tok, ids[-NEW:]))
-    return built, run_both(built, tmp / "tokenizer.json", HF_PROMPTS), expected
+    return built, expected
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    built, expected = build_hf(tmp_path_factory.mktemp("qwen2"))
+    return built, run_both(built, built["tokenizer"], HF_PROMPTS), expected
 
 
 def test_hf_optimum_style_passes_rewrite_it(hf):
