@@ -56,7 +56,8 @@ from fxport.lowering.xnnpack_quant import (  # noqa: F401  (re-exported: the bac
 
 def cpu_passes(model: nn.Module | None = None, *, windows: Mapping[str, int] | None = None,
                ring_size: int | None = None, last_token_logits: bool = True,
-               xnnpack_rewrites: bool = True, max_prefill_chunk: int | None = None) -> dict[str, list]:
+               xnnpack_rewrites: bool = True, max_prefill_chunk: int | None = None,
+               verify: bool = False) -> dict[str, list]:
     """The CPU pass set per method: ``{"prefill": [...], "decode": [...]}``.
 
     * ``RingBufferKVCache`` when the model has sliding-window caches (windows from
@@ -72,6 +73,9 @@ def cpu_passes(model: nn.Module | None = None, *, windows: Mapping[str, int] | N
       :func:`lower_to_xnnpack` skips its two whole-program ``run_decompositions``.
     No Triton dispatch: XNNPACK cannot run fxport's Triton ops; the multimodal fusion is only
     needed for programs exported with ``multimodal=True`` and is added by the caller then.
+    ``verify``: also ``"target_verify"`` (speculative decoding's verify method,
+    :data:`fxport.models.gemma4.export.VERIFY`): prefill's set without ``LastTokenLogits``, the
+    same pass objects (so its ring buffers get prefill's ring size and share its caches).
     """
     from fxport.passes.edge_decompositions import EdgeDecompositions
     from fxport.passes.last_token_logits import LastTokenLogits
@@ -97,7 +101,10 @@ def cpu_passes(model: nn.Module | None = None, *, windows: Mapping[str, int] | N
         common += [GeluTanhAsTanh(), AdditiveAttentionMask(), SDPAAsMatmul(), RMSNormAsLinear(), SymbolicViewAsInferred()]
     prefill_only = [RotateHalfAsLinear()] if xnnpack_rewrites else []
     prefill = list(common) + prefill_only + ([LastTokenLogits()] if last_token_logits else [])
-    return {"prefill": prefill + [EdgeDecompositions()], "decode": common + [EdgeDecompositions()]}
+    out = {"prefill": prefill + [EdgeDecompositions()], "decode": common + [EdgeDecompositions()]}
+    if verify:  # speculative decoding: every token's logits (no LastTokenLogits)
+        out["target_verify"] = list(common) + prefill_only + [EdgeDecompositions()]
+    return out
 
 
 # ----------------------------------------------------------------------------- lowering
@@ -349,7 +356,8 @@ def quantize(model: nn.Module, recipe: str, tokenizer: Any = None) -> QuantRepor
 def run_passes(model: nn.Module, programs: Mapping[str, ExportedProgram], options: Any):
     """The CPU pass set (:func:`cpu_passes`) over each method: ``(programs, {method: result})``."""
     return apply_method_passes(programs, cpu_passes(model, ring_size=options.ring_size,
-                                                           max_prefill_chunk=options.max_prefill_chunk), dump=options.dump)
+                                                           max_prefill_chunk=options.max_prefill_chunk,
+                                                           verify="target_verify" in programs), dump=options.dump)
 
 
 def lower(programs: Mapping[str, ExportedProgram], *, constant_methods: Mapping[str, Any] | None = None,

@@ -230,6 +230,7 @@ class GenerationResult:
     prefill_s: float = 0.0
     decode_steps: int = 0
     decode_s: float = 0.0
+    speculative: Any = None  # fxport.runtime.speculative.SpeculativeStats of a speculative generation
 
     @property
     def prefill_tok_s(self) -> float:
@@ -328,6 +329,7 @@ def generate(
     images: Sequence[Any] | None = None,
     audio: Any = None,
     max_soft_tokens: int | None = None,
+    speculative: Any = None,
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` tokens after ``prompt``.
 
@@ -344,6 +346,9 @@ def generate(
     images: image paths or PIL images (a multimodal program only); each takes ``boi + image *
         n + eoi`` prompt tokens (see :mod:`fxport.runtime.multimodal` for where they go);
         ``max_soft_tokens`` caps n per image (default: the program's). audio: one clip or a list.
+    speculative: a drafter (:class:`fxport.runtime.speculative.PromptLookup`): speculative
+        decoding through the program's verify method, the same tokens as plain greedy decoding
+        (the same distribution when sampling); ``result.speculative`` holds its statistics.
     """
     backend = as_backend(program)
     reset = getattr(backend, "reset", None)
@@ -416,6 +421,18 @@ def generate(
     pos = len(ids)
     decode_s = 0.0
     next_id = int(sampler(_last_logits(logits).float())[0])
+    if speculative is not None:  # fxport.runtime.speculative: its loop replaces the one below
+        from .speculative import speculative_loop
+
+        if mm_prompt is not None:
+            raise ValueError("generate: speculative decoding runs text prompts only; drop images / audio")
+        result.speculative = speculative_loop(backend, speculative, sampler, ids, next_id, result, eos_ids=eos_ids,
+                                              stop_ids=stop_ids, streamer=streamer, max_new_tokens=max_new_tokens)
+        if result.stop_reason != "stop_string":
+            streamer.update(result.tokens)
+            streamer.flush()
+        result.text = streamer.text
+        return result
     while True:
         result.tokens.append(next_id)
         if next_id in eos_ids:

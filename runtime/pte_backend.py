@@ -39,6 +39,7 @@ from fxport import contract
 from fxport.fileio import weights_file
 
 METADATA_METHODS = contract.CONSTANT_METHODS
+VERIFY = "target_verify"  # fxport.models.gemma4.export.VERIFY (not imported: that module imports the model)
 
 
 class PteError(ValueError):
@@ -128,6 +129,9 @@ class PteBackend:
         self.vocab_size = meta[contract.VOCAB_SIZE]
         self.bos_id = meta[contract.BOS_ID]
         self.eos_ids = tuple(meta[contract.EOS_IDS] or ())
+        # speculative decoding's optional verify method (fxport export --verify-method), loaded on
+        # first use: XNNPACK packs its own copy of the weights when a method loads
+        self.has_verify, self._verify = VERIFY in self.program.method_names, None
 
     def _constant(self, name: str) -> Any:
         if name not in self.program.method_names:
@@ -162,6 +166,19 @@ class PteBackend:
         """Logits for one token: token (1, 1) int64, input_pos (1,) int64."""
         self._check_ids(token)
         return self._decode.execute([token.to(torch.long).reshape(1, 1), input_pos.to(torch.long).reshape(1)])[0]
+
+    def verify(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Logits of every token (1, L, V) (method ``target_verify``, the KV cache ``prefill``
+        writes); tokens (1, L) int64 with 1 <= L <= max_prefill_chunk."""
+        if not self.has_verify:
+            raise PteError(f"{self.path} has no {VERIFY} method; re-export it with --verify-method")
+        L = tokens.shape[-1]
+        if not 1 <= L <= self.max_prefill_chunk:
+            raise ValueError(f"verify chunk of {L} tokens; this .pte accepts 1..{self.max_prefill_chunk} per call")
+        self._check_ids(tokens)
+        if self._verify is None:
+            self._verify = self.program.load_method(VERIFY)
+        return self._verify.execute([tokens.to(torch.long).contiguous(), input_pos.to(torch.long).contiguous()])[0]
 
     def _check_ids(self, tokens: torch.Tensor) -> None:
         """TokenIdError before the runtime sees an id outside the vocabulary (it would index past

@@ -17,6 +17,12 @@ from torch.export import Dim, ExportedProgram
 from .model import Gemma4ForCausalLM
 
 
+# Speculative decoding's verify method (ExecuTorch RFC #19784 / the EAGLE-3 PR stack's name): the
+# prefill graph again (same inputs, same L bound, same KV buffers by name), exported separately so
+# the passes can leave LastTokenLogits out -- it returns the logits of every token, (1, L, V).
+VERIFY = "target_verify"
+
+
 def _device(model: torch.nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
@@ -61,9 +67,10 @@ def export_methods(
             )
         return export_multimodal_methods(model, max_prefill_chunk, strict=strict, max_seq_len=max_seq_len,
                                          max_soft_tokens=max_soft_tokens, max_audio_frames=max_audio_frames)
-    unknown = sorted(set(methods) - {"prefill", "decode"})
+    unknown = sorted(set(methods) - {"prefill", "decode", VERIFY})
     if unknown or not methods:
-        raise ValueError(f"export_methods: methods={tuple(methods)!r}; choose from 'prefill' and 'decode'")
+        raise ValueError(f"export_methods: methods={tuple(methods)!r}; choose from 'prefill' and 'decode'"
+                         f" (and {VERIFY!r} for speculative decoding)")
     S, B = model.max_seq_len, model.max_batch_size
     if max_seq_len is not None and max_seq_len != S:
         raise ValueError(
@@ -105,6 +112,8 @@ def export_methods(
         out["prefill"] = run(args, shapes)
     if "decode" in methods:
         out["decode"] = run((tokens(1), positions(1)), None)
+    if VERIFY in methods:  # speculative decoding (fxport.runtime.speculative): see VERIFY
+        out[VERIFY] = run(args, shapes)
     return out
 
 
