@@ -34,7 +34,8 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 class Site(nn.Module):
     def __init__(self, spelling, n_rep, is_causal, scale, flat_out):
         super().__init__()
-        self.spelling, self.n_rep, self.is_causal, self.scale, self.flat_out = spelling, n_rep, is_causal, scale, flat_out
+        self.spelling, self.n_rep, self.is_causal = spelling, n_rep, is_causal
+        self.scale, self.flat_out = scale, flat_out
 
     def forward(self, q, k, v, mask=None):  # q (B, H_q, L, D), k (B, H_kv, S, D), v (B, H_kv, S, D_v)
         k, v = expand_kv(k, self.n_rep, self.spelling), expand_kv(v, self.n_rep, self.spelling)
@@ -110,8 +111,10 @@ def _check_site(c):
     shapes = None
     if c["dynamic"]:
         Ld = Dim("L", min=2, max=8)
-        mask_dims = {len(args[3].shape) - 2: Ld} if len(args) > 3 and len(args[3].shape) > 1 and args[3].shape[-2] == L else None
-        shapes = ({2: Ld}, None, None) + ((mask_dims,) if len(args) > 3 else ())
+        shapes = ({2: Ld}, None, None)
+        if len(args) > 3:  # the mask's query dim follows L; a broadcast (size 1) one stays static
+            m = args[3].shape
+            shapes += ({len(m) - 2: Ld} if len(m) > 1 and m[-2] == L else None,)
     model = Site(c["spelling"], n_rep, c["mask"] == "causal", c["scale"], c["flat_out"])
     ep = torch.export.export(model, args, dynamic_shapes=shapes)
     new, rec = run_pass(ep, SDPAAsMatmul())
