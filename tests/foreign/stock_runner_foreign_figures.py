@@ -62,6 +62,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for label, build, prompts in (("ExecuTorch Llama", t.build_llama, t.LLAMA_PROMPTS),
                                       ("optimum-style Qwen2", t.build_hf, t.HF_PROMPTS)):
+            (Path(tmp) / label.replace(" ", "_")).mkdir()
             built, _ = build(Path(tmp) / label.replace(" ", "_"))
             timings = {t.PLAIN: [], t.PASSES: []}
             for _ in range(args.rounds):

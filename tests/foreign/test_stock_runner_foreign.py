@@ -39,6 +39,7 @@ import pytest
 import torch
 from torch.export import Dim
 
+from fxport import contract
 from fxport.lowering.xnnpack import apply_method_passes, cpu_passes, lower_to_xnnpack
 from fxport.passes import PipelineError
 from fxport.tests.runtime.stock_runner_helpers import runner_in_fresh_process, tiny_tokenizer
@@ -85,7 +86,7 @@ def lower_both(tmp: Path, export, passes: list, metadata: dict) -> dict:
     shape environment, copies included). Returns ``{"plain"/"passes": .pte, "results":
     PipelineResult, "reports": {name: DelegationReport}, "tokenizer": where it goes}``."""
     programs, results = apply_method_passes({"forward": export()}, {"forward": passes}, dump=False)
-    out = {"results": results["forward"], "tokenizer": tmp / "tokenizer.json", "reports": {}}
+    out = {"results": results["forward"], "tokenizer": tmp / "tokenizer.json", "reports": {}, "metadata": metadata}
     for name, progs in ((PASSES, programs), (PLAIN, {"forward": export()})):
         lowered = lower_to_xnnpack(progs, constant_methods=metadata)
         out[name], out["reports"][name] = tmp / f"{name}.pte", lowered.report
@@ -107,6 +108,15 @@ def forward_signature(pte: Path) -> tuple:
     meta = Runtime.get().load_program(pte).metadata("forward")
     return ([tuple(meta.input_tensor_meta(i).sizes()) for i in range(meta.num_inputs())],
             [tuple(meta.output_tensor_meta(i).sizes()) for i in range(meta.num_outputs())])
+
+
+def runner_problems(built: dict, name: str) -> list[str]:
+    """:func:`fxport.contract.contract_problems` (what ``fxport dump`` reports) of one program,
+    from its metadata and ``forward``'s max shapes (int64 inputs, float logits)."""
+    inputs, outputs = forward_signature(built[name])
+    meta = built["metadata"]
+    return contract.contract_problems(["forward", *meta], meta, {"forward": [(torch.long, s) for s in inputs]},
+                                      {"forward": [(torch.float32, s) for s in outputs]})
 
 
 def stats(result, name: str) -> dict:
@@ -181,6 +191,7 @@ def test_llama_example_passes_rewrite_it(llama):
     assert stats(res, "last_token_logits") == {"rewritten": 0, "skipped": {"head input is not rank 3 (B, L, H)": 1}}
     for name in (PLAIN, PASSES):  # what the runner reads is unchanged: start_pos (1,), logits (1, V)
         assert forward_signature(built[name]) == ([(1, LLAMA_CHUNK), (1,)], [(1, V)]), name
+        assert runner_problems(built, name) == [], name
 
 
 def test_llama_example_runner_tokens_unchanged_by_passes(llama):
@@ -277,6 +288,13 @@ def test_hf_optimum_style_passes_rewrite_it(hf):
     inputs = [(1, HF_CHUNK), (HF_CHUNK,)]  # tokens and cache_position (T,)
     assert forward_signature(built[PLAIN]) == (inputs, [(1, HF_CHUNK, V)])
     assert forward_signature(built[PASSES]) == (inputs, [(1, 1, V)])
+    # optimum's own metadata, unchanged by the passes: the runner would send a prompt of up to
+    # 64 tokens in one call, which both programs refuse (hence 5-token prompts here)
+    for name in (PLAIN, PASSES):
+        assert runner_problems(built, name) == [
+            "constant method get_max_context_len is missing",  # the runner then takes get_max_seq_len
+            f"get_max_seq_len = {HF_CACHE} but forward accepts at most {HF_CHUNK} tokens per call; "
+            "get_max_seq_len must be the largest prefill chunk"], name
 
 
 def test_hf_optimum_style_runner_tokens_unchanged_by_passes(hf):
