@@ -195,9 +195,9 @@ def test_run_matches_the_quantized_eager_model(exported, capsys):
 def test_bench_prints_one_row(exported, capsys):
     assert main(["bench", str(exported), "--prompt-len", "7", "--new-tokens", "4", "--threads", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["program", "prefill", "tok/s", "decode", "tok/s"]
+    assert lines[0].split() == ["program", "runner", "prefill", "tok/s", "decode", "tok/s"]
     row = lines[1].split()
-    assert row[0] == str(exported) and float(row[1]) > 0 and float(row[2]) > 0
+    assert row[:2] == [str(exported), "fxport"] and float(row[2]) > 0 and float(row[3]) > 0
 
 
 def test_bench_rejects_too_long_runs(exported, capsys):
