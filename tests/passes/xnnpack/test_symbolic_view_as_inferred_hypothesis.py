@@ -1,4 +1,5 @@
-"""SymbolicViewAsInferred on drawn views of a (B, L, 8) input with B, L or both dynamic.
+"""SymbolicViewAsInferred on drawn views of a (B, L, 8) input with B, L or both dynamic, and on
+the ``reshape`` SDPAAsMatmul writes for a dynamic-length attention's reader.
 
 Each drawn view has a known number of symbolic sizes for the drawn dynamic dims (export writes
 ``x.view(B * L, 8)`` as ``[s0*s1, 8]``, ``x.view(-1, 8)`` keeps the ``-1``). Expected from the
@@ -12,11 +13,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.export import Dim
 
-from fxport.passes import SymbolicViewAsInferred
+from fxport.passes import SDPAAsMatmul, SymbolicViewAsInferred
 from fxport.passes.graph import to_functional
 
 from ..hypothesis_helpers import assert_idempotent, examples, run_pass
@@ -88,4 +90,39 @@ def test_one_symbolic_size_becomes_inferred(dyn, names, B, L, seed):
         y = torch.randn(b, l, 8, generator=g)
         for got, ref in zip(new.module()(y), ep.module()(y)):
             assert got.shape == ref.shape and torch.equal(got, ref)  # the same values in the same order
+    assert_idempotent(new, SymbolicViewAsInferred())
+
+
+class Attention(nn.Module):
+    """A prefill attention's output read as (B, L, H * D): after SDPAAsMatmul that reader is an
+    ``aten.reshape`` with the one symbolic size L (the pass's reshape branch)."""
+
+    def forward(self, q, k, v):  # q (B, H, L, D), k/v (B, H, S, D)
+        B, H, L, D = q.shape
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, H * D)
+
+
+@examples(4)
+@given(B=st.sampled_from([1, 2]), H=st.sampled_from([1, 2]), L=st.integers(2, 5), S=st.integers(1, 6),
+       D=st.sampled_from([4, 8]), seed=st.integers(0, 2**16))
+def test_a_reshape_becomes_a_view_of_a_contiguous_copy(B, H, L, S, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, n, D, generator=g) for n in (L, S, S))
+    ep = torch.export.export(Attention(), (q, k, v), dynamic_shapes=({2: Dim("L", min=2, max=8)}, None, None))
+    matmul, _ = run_pass(ep, SDPAAsMatmul())
+    # one head: SDPAAsMatmul's reshape (its transpose is viewable); more: export's clone + _unsafe_view
+    reader = aten.reshape.default if H == 1 else aten._unsafe_view.default
+    (before,) = [n for n in matmul.graph.nodes if n.target is reader]
+    assert [d if isinstance(d, int) else "sym" for d in before.args[1]] == [B, "sym", H * D]
+    new, rec = run_pass(matmul, SymbolicViewAsInferred())
+    assert (rec.changed, rec.stats.matched, rec.stats.rewritten, dict(rec.stats.skipped)) == (True, 1, 1, {})
+    assert aten.reshape.default not in {n.target for n in new.graph.nodes}
+    (view,) = [n for n in new.graph.nodes if n.op == "call_function" and n.args and n.args[-1] == [B, -1, H * D]]
+    assert view.target is (aten.view.default if H == 1 else reader)
+    assert view.args[0].target is aten.clone.default  # reshape -> view of a contiguous copy
+    for length in (L, 7):
+        args = (torch.randn(B, H, length, D, generator=g), k, v)
+        got = new.module()(*args)
+        assert torch.equal(got, matmul.module()(*args))  # a contiguous copy viewed: the same values
+        torch.testing.assert_close(got, ep.module()(*args), rtol=1e-5, atol=1e-6)  # SDPA vs matmul: fp32 order
     assert_idempotent(new, SymbolicViewAsInferred())
