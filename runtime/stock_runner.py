@@ -178,8 +178,11 @@ class StockRunner:
             else:
                 failure = None
         if failure is not None or not stats:
-            reason = " ".join(line for line in captured[1].splitlines()[-3:]) if captured else ""
-            raise StockRunnerError(f"ExecuTorch's TextLLMRunner failed on {self.pte}: {failure or 'no stats'} {reason}".strip())
+            log = captured[1].splitlines() if len(captured) > 1 else []
+            checks = [line.split("] ", 1)[-1] for line in log if "Check failed" in line][:1]  # the kernel's reason
+            reason = " ".join(checks + log[-1:])
+            raise StockRunnerError(f"ExecuTorch's TextLLMRunner failed on {self.pte}: {failure or 'no stats'}"
+                                   + (f": {reason}" if reason else ""))
         s = stats[0]
         return RunnerGeneration("".join(pieces), pieces, s["prompt_tokens"], s["generated_tokens"],
                                 s["prefill_s"], s["decode_s"], s["load_s"])

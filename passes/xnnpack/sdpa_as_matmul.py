@@ -117,9 +117,16 @@ class SDPAAsMatmul(Pass):
                     probs = call(g, aten._softmax.default, scores, -1, False)
                     out = call(g, aten.matmul.default, probs, v)
             # SDPA returns a (B, L, H, D)-strided tensor that callers view after transposing;
-            # matmul's output is (B, H, L, D)-contiguous, so such views become reshapes.
-            for user in list(node.users):
-                if user.target is aten.transpose.int:
+            # matmul's output is (B, H, L, D)-contiguous, so such views become reshapes. Views
+            # between the SDPA and its transpose (transformers 5 views the output to (B, H, L, D)
+            # first) are followed, and become reshapes too.
+            frontier = list(node.users)
+            while frontier:
+                user = frontier.pop()
+                if user.target is aten.view.default:
+                    user.target = aten.reshape.default
+                    frontier.extend(user.users)
+                elif user.target is aten.transpose.int:
                     for view in user.users:
                         if view.target is aten.view.default:
                             view.target = aten.reshape.default

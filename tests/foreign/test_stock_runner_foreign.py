@@ -22,8 +22,8 @@ the same greedy tokens, equal to the eager model's:
   the metadata of optimum's ``save_config_to_constant_methods``: ``get_max_seq_len`` is the
   cache length, so the runner sends the prompt in one call). Layer 1 is a sliding layer
   (window 8) with a full-length static cache that RingBufferKVCache shrinks to 16 slots.
-  SDPAAsMatmul fails on transformers 5's attention (``test_hf_sdpa_as_matmul_transformers5_reshape``),
-  so this program gets the set without it.
+  transformers 5 views SDPA's output to (B, H, L, D) before its transpose; SDPAAsMatmul follows
+  that view (``test_hf_sdpa_as_matmul_follows_transformers5_views``).
 
 SDPADispatch is not in the set: its ``fxport::sdpa*`` ops have no ExecuTorch kernel, so no
 CPU runner could load the result.
@@ -36,7 +36,6 @@ after a 46-token prompt with 64 positions, and the program then read out of boun
 from __future__ import annotations
 
 import copy
-import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -46,7 +45,6 @@ from torch.export import Dim
 
 from fxport import contract
 from fxport.lowering.xnnpack import apply_method_passes, cpu_passes, lower_to_xnnpack
-from fxport.passes import PipelineError
 from fxport.tests.runtime.stock_runner_helpers import runner_in_fresh_process, tiny_tokenizer
 
 pytest.importorskip("executorch")
@@ -244,9 +242,9 @@ HF_META = {"get_dtype": 6, "get_bos_id": BOS, "get_eos_id": EOS, "get_eos_ids": 
            "use_sdpa_with_kv_cache": False, "enable_dynamic_shape": True}
 
 
-def hf_passes(without: tuple[str, ...] = ()):
+def hf_passes():
     windows = {f"{kv}_cache_1": HF_WINDOW for kv in ("key", "value")}  # layer 1 is the sliding one
-    return [p for p in cpu_passes(windows=windows)["prefill"] if type(p).__name__ not in without]
+    return cpu_passes(windows=windows)["prefill"]
 
 
 def build_hf(tmp: Path):
@@ -254,15 +252,8 @@ def build_hf(tmp: Path):
     for ``HF_PROMPTS``: ``(built, expected)``."""
     model = qwen2()
     assert model.config.layer_types == ["full_attention", "sliding_attention"]
-    # SDPAAsMatmul fails on this graph (test_hf_sdpa_as_matmul_transformers5_reshape); the rest runs.
     ep = export_optimum_style(model)  # apply() copies it; one lowering of it after the other works
-    try:  # the whole CPU pass set (test_hf_sdpa_as_matmul_transformers5_reshape)
-        apply_method_passes({"forward": ep}, {"forward": hf_passes()}, dump=False)
-        full_set_error = None
-    except PipelineError as exc:
-        full_set_error = exc
-    built = lower_both(tmp, lambda: ep, hf_passes(without=("SDPAAsMatmul",)), HF_META)
-    built["full_set_error"] = full_set_error
+    built = lower_both(tmp, lambda: ep, hf_passes(), HF_META)
     tok = tokenizer()
     tok.save(built["tokenizer"])
     expected = []
@@ -311,18 +302,10 @@ def test_hf_optimum_style_runner_tokens_unchanged_by_passes(hf):
         assert len(got) == NEW and len(set(got)) > NEW // 3, got
 
 
-def test_hf_sdpa_as_matmul_transformers5_reshape(hf):
-    """Known failure of passes/xnnpack/sdpa_as_matmul.py on every transformers 5 SDPA program with
-    a dynamic length: ``sdpa_attention_forward`` reshapes SDPA's output to (B, H, L, D) before
-    ``transpose(1, 2).reshape(B, L, H*D)``, and export records both as views. The pass turns the
-    views after a transpose of the SDPA into reshapes (its matmul output is (B, H, L, D)-contiguous,
-    SDPA's was (B, L, H, D)-strided), but only when the transpose reads the SDPA directly: here a
-    shape-preserving view sits between them, the last view stays, and the re-trace fails. The fix
-    belongs there: walk through shape-preserving views to the transpose (checked by hand: the whole
-    set then runs, 158,976 bytes, and the runner gives the eager tokens). When it is fixed, this
-    test fails: drop ``without=("SDPAAsMatmul",)`` in the ``hf`` fixture and this test."""
+def test_hf_sdpa_as_matmul_follows_transformers5_views(hf):
+    """transformers 5's ``sdpa_attention_forward`` views SDPA's output to (B, H, L, D) before
+    ``transpose(1, 2).reshape(B, L, H*D)`` (both recorded as views); SDPAAsMatmul's matmul output is
+    (B, H, L, D)-contiguous, so every view on that path becomes a reshape (before the fix the last
+    view stayed and the re-trace failed: "Cannot view a tensor with shape [1, s, 4, 8] ...")."""
     built, _, _ = hf
-    assert isinstance(built["full_set_error"], PipelineError), "SDPAAsMatmul now runs here: see this test's docstring"
-    assert re.match(r"pass 04 sdpa_as_matmul \(method=forward\) failed: ValueError: Cannot view a tensor with "
-                     r"shape torch.Size\(\[1, s\d+, 4, 8\]\) and strides \(32\*s\d+, 8, 8\*s\d+, 1\) as a "
-                     r"tensor with shape \(1, s\d+, 32\)!", str(built["full_set_error"]))
+    assert stats(built["results"], "sdpa_as_matmul") == {"rewritten": 2, "skipped": {}}

@@ -50,12 +50,16 @@ def tiny_tokenizer(vocab_size: int = 256, bos_id: int = 2, eos_ids=(1,), special
 
 _RUNNER_SCRIPT = r"""
 import json, sys
-from fxport.runtime.stock_runner import StockRunner
+from fxport.runtime.stock_runner import StockRunner, StockRunnerError
 args = json.loads(sys.argv[1])
 runner = StockRunner(args["pte"], args["tokenizer"], args.get("data"))
 out = []
 for prompt in args["prompts"]:
-    g = runner.generate(prompt, args["max_new_tokens"], num_bos=args.get("num_bos", 1))
+    try:
+        g = runner.generate(prompt, args["max_new_tokens"], num_bos=args.get("num_bos", 1))
+    except StockRunnerError as exc:
+        out.append({"error": str(exc)})
+        continue
     out.append({"text": g.text, "pieces": g.pieces, "prompt_tokens": g.prompt_tokens,
                 "generated_tokens": g.generated_tokens})
 print("RESULT " + json.dumps(out))
@@ -65,7 +69,8 @@ print("RESULT " + json.dumps(out))
 def runner_in_fresh_process(pte: Path, tokenizer: Path, prompts: list[str], max_new_tokens: int,
                             data: Path | None = None, num_bos: int = 1) -> list[dict]:
     """ExecuTorch's ``TextLLMRunner`` (through :class:`StockRunner`) in a new process, one
-    ``generate`` per prompt: ``[{"text", "pieces", "prompt_tokens", "generated_tokens"}, ...]``."""
+    ``generate`` per prompt: ``[{"text", "pieces", "prompt_tokens", "generated_tokens"} or
+    {"error": message}, ...]``."""
     args = {"pte": str(pte), "tokenizer": str(tokenizer), "prompts": prompts, "max_new_tokens": max_new_tokens,
             "num_bos": num_bos, **({"data": str(data)} if data is not None else {})}
     proc = subprocess.run([sys.executable, "-c", _RUNNER_SCRIPT, json.dumps(args)], capture_output=True,

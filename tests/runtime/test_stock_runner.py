@@ -24,6 +24,7 @@ CHUNK, POSITIONS, WINDOW = 5, 64, 4
 SHORT = "hello"  # 5 ids with BOS: one prefill call
 LONG = "hello world, the cat sat on the mat"  # 25 ids with BOS: 5 prefill calls
 NEW = 30  # 55 positions at most: past the window (4) and the ring (8), inside the context (64)
+NEAR_END = LONG + ", and then the dog sat on it"  # 44 ids: 30 new tokens would pass the 64 positions
 
 
 def varied_tiny_model(seed: int = 0, max_seq_len: int = POSITIONS) -> Gemma4ForCausalLM:
@@ -51,7 +52,7 @@ def program(tmp_path_factory):
 def runner_out(program):
     out, _ = program
     tok_json = out.with_suffix(".tokenizer") / "tokenizer.json"
-    with_bos = runner_in_fresh_process(out, tok_json, [SHORT, LONG], NEW)
+    with_bos = runner_in_fresh_process(out, tok_json, [SHORT, LONG, NEAR_END], NEW)
     without_bos = runner_in_fresh_process(out, tok_json, [SHORT, "<bos>" + LONG], NEW, num_bos=0)
     return with_bos, without_bos
 
@@ -69,7 +70,7 @@ def test_program_carries_the_runner_contract(program):
 def test_runner_prompt_ids_equal_fxport_ids(program, runner_out):
     _, tokenizer = program
     with_bos, without_bos = runner_out
-    assert [g["prompt_tokens"] for g in with_bos] == [len(tokenizer.encode(SHORT)), len(tokenizer.encode(LONG))] == [5, 25]
+    assert [g["prompt_tokens"] for g in with_bos[:2]] == [len(tokenizer.encode(SHORT)), len(tokenizer.encode(LONG))] == [5, 25]
     # ExecuTorch 1.5.1's HFTokenizer adds BOS only when asked (num_bos=1): without it, one id fewer,
     # unless the prompt text starts with "<bos>" (as apps' chat templates write it): then fxport adds none
     assert without_bos[0]["prompt_tokens"] == len(tokenizer.encode(SHORT, add_bos=False)) == 4
@@ -139,3 +140,15 @@ def test_cli_bench_with_the_stock_runner(program, capsys):
     assert header.split()[:2] == ["program", "runner"]
     fields = row.split()
     assert fields[:2] == [str(out), "executorch"] and float(fields[2]) > 0 and float(fields[3]) > 0
+
+
+def test_runner_past_the_context_length_fails_loudly(program, runner_out):
+    """ExecuTorch 1.5.1's runner caps max_new_tokens by get_max_context_len without counting the
+    prompt ("Max new tokens resolved: 30, given pos_ 44, ... max_context_len 64"), so 30 new
+    tokens after 44 prompt ids reach position 64. The program then stops with the kernel's error
+    (the RoPE table has 64 rows), never with wrong text."""
+    _, tokenizer = program
+    assert len(tokenizer.encode(NEAR_END)) == 44
+    assert runner_out[0][2]["error"].endswith(
+        "Generation failed: Check failed (index_ptr[i] >= 0 && index_ptr[i] < nonempty_size(in, dim)): "
+        "index[0] = 64 is out of range [0, 64) [method.cpp:1493] arg 4 with type id 1")
