@@ -184,7 +184,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     options = BuildOptions(backend=args.backend, quant=args.quant, max_seq_len=args.max_seq_len,
                            max_prefill_chunk=args.max_prefill_chunk, ring_size=args.ring_size,
-                           dump=args.dump, dry_run=args.dry_run)
+                           dump=args.dump, dry_run=args.dry_run, verify=args.verify_method)
     result = build(_source(args), args.out, options, progress=not args.quiet)
     contract_ok = True
     if args.dry_run and hasattr(result.report, "check_contract"):  # the report prints the outcome
@@ -269,9 +269,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("give --prompt TEXT (or --prompt-ids 2,651,...)")
     sampler = Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     stream = None if args.no_stream or tokenizer is None else (lambda s: print(s, end="", flush=True))
+    speculative = _speculative(args, backend)
     result = generate(backend, tokenizer, prompt, args.max_new_tokens, sampler=sampler,
                       max_prefill_chunk=args.chunk, stream=stream, images=args.image or None,
-                      max_soft_tokens=args.max_soft_tokens)
+                      max_soft_tokens=args.max_soft_tokens, speculative=speculative)
     if stream is None:
         print(result.text if tokenizer is not None else " ".join(map(str, result.tokens)))
     else:
@@ -279,6 +280,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"[{len(result.prompt_tokens)} prompt tokens: {result.prefill_tok_s:.1f} tok/s prefill; "
           f"{len(result.tokens)} generated: {result.decode_tok_s:.1f} tok/s decode; stop: {result.stop_reason}]",
           file=sys.stderr)
+    if result.speculative is not None:
+        s = result.speculative
+        print(f"[speculative {args.speculative} k={speculative.k}: {s.accepted}/{s.drafted} drafted tokens accepted "
+              f"({s.acceptance:.0%}), {s.tokens_per_call:.2f} tokens per target call]", file=sys.stderr)
+    return 0
+
+
+# ``fxport run / bench --speculative``: speculative decoding (fxport.runtime.speculative)
+def _speculative(args: argparse.Namespace, backend: Any):
+    """The drafter of ``--speculative`` (None without it); UsageError for a program without
+    its verify method or a multimodal prompt."""
+    if not getattr(args, "speculative", None):
+        return None
+    from fxport.runtime.speculative import drafter_from_name
+
+    if not getattr(backend, "has_verify", False):
+        raise UsageError(f"--speculative: {args.model} has no target_verify method; re-export it with "
+                         "fxport export --verify-method")
+    if getattr(args, "image", None):
+        raise UsageError("--speculative runs text prompts only; drop --image")
+    return drafter_from_name(args.speculative, args.draft_k)
+
+
+def _bench_speculative(args: argparse.Namespace) -> int:
+    """``fxport bench --speculative``: plain vs speculative greedy decoding of a passage to
+    repeat, interleaved; the grounded tasks and llama.cpp are in bench/speculative.py."""
+    from fxport.runtime.pte_backend import PteBackend
+    from fxport.runtime.speculative import BENCH_PROMPT, compare_with_plain, comparison_table
+
+    backend = PteBackend(args.model, num_threads=args.threads, verbose=args.verbose or None)
+    drafter = _speculative(args, backend)
+    tokenizer = _load_tokenizer_for(args.model, None)
+    if tokenizer is None:
+        raise UsageError(f"--speculative benches a text prompt: {args.model} needs its tokenizer "
+                         f"{tokenizer_sidecar(args.model)} (written by fxport export)")
+    r = compare_with_plain(backend, tokenizer, BENCH_PROMPT, args.new_tokens, drafter)
+    print(comparison_table(str(args.model), r, f"--speculative {args.speculative} k={drafter.k}"))
     return 0
 
 
@@ -316,6 +354,10 @@ def _refuse_multimodal(path: Path) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.speculative:
+        if args.runner != "fxport":
+            raise UsageError("--speculative runs in fxport's runtime; drop --runner executorch")
+        return _bench_speculative(args)
     if args.runner == "executorch":
         if args.threads:
             raise UsageError("--threads: ExecuTorch's runner sizes its own threadpool; drop --threads with --runner executorch")
@@ -475,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dump", metavar="DIR", help="write per-pass graph dumps (before/after/diff/stats) into DIR")
     p.add_argument("--dry-run", action="store_true",
                    help="cuda: only partition and report nodes not delegated (works without a GPU)")
+    p.add_argument("--verify-method", action="store_true",
+                   help="xnnpack: add the target_verify method (logits of every token, the same KV cache) "
+                        "that fxport run --speculative needs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_export)
 
@@ -506,6 +551,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runner", choices=RUNNERS, default="fxport",
                    help="fxport: fxport's Python runtime (default); executorch: ExecuTorch's own C++ TextLLMRunner "
                         "(the runner apps ship) on the same .pte, .ptd and tokenizer.json")
+    p.add_argument("--speculative", choices=["lookup"],
+                   help="speculative decoding through the program's target_verify method (fxport export "
+                        "--verify-method); lookup: prompt lookup (n-gram) drafts; greedy output unchanged")
+    p.add_argument("--draft-k", type=_positive, default=8, metavar="K",
+                   help="--speculative: tokens drafted per verify call (default 8)")
     _no_weights_check(p)
     p.set_defaults(func=cmd_run)
 
@@ -528,6 +578,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runner", choices=RUNNERS, default="fxport",
                    help="fxport (default) or executorch: ExecuTorch's TextLLMRunner, timed by its own Stats on a "
                         "text prompt of about --prompt-len tokens")
+    p.add_argument("--speculative", choices=["lookup"],
+                   help="speculative decoding through the program's target_verify method (fxport export "
+                        "--verify-method); lookup: prompt lookup (n-gram) drafts; times plain vs speculative greedy "
+                        "decoding of a passage to repeat (--new-tokens)")
+    p.add_argument("--draft-k", type=_positive, default=8, metavar="K",
+                   help="--speculative: tokens drafted per verify call (default 8)")
     _no_weights_check(p)
     p.set_defaults(func=cmd_bench)
 

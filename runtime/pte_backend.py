@@ -176,9 +176,14 @@ class PteBackend:
         if not 1 <= L <= self.max_prefill_chunk:
             raise ValueError(f"verify chunk of {L} tokens; this .pte accepts 1..{self.max_prefill_chunk} per call")
         self._check_ids(tokens)
+        return self.load_verify().execute([tokens.to(torch.long).contiguous(), input_pos.to(torch.long).contiguous()])[0]
+
+    def load_verify(self):
+        """Load ``target_verify`` now (~1 s for the 270M: XNNPACK packs its weights) instead of
+        inside the first speculative round."""
         if self._verify is None:
             self._verify = self.program.load_method(VERIFY)
-        return self._verify.execute([tokens.to(torch.long).contiguous(), input_pos.to(torch.long).contiguous()])[0]
+        return self._verify
 
     def _check_ids(self, tokens: torch.Tensor) -> None:
         """TokenIdError before the runtime sees an id outside the vocabulary (it would index past

@@ -286,3 +286,32 @@ def test_sampled_generation_has_the_plain_distribution(top_k, one_thread):
     expected = torch.tensor([exact[s] for s in cells], dtype=torch.float64) * n
     assert chisquare(observed, expected * (n / expected.sum())).pvalue > 1e-3
     assert 0.2 < kept / drafted < 0.8
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_run_speculative_prints_plain_greedy_ids(program, plain, capsys):
+    from fxport.cli import main
+
+    ids = ",".join(map(str, PROMPT))
+    assert main(["run", str(program), "--prompt-ids", ids, "--max-new-tokens", "20", "--speculative", "lookup",
+                 "--draft-k", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert out.split() == [str(t) for t in plain[:20]]
+    assert "[speculative lookup k=4: " in err and "tokens per target call]" in err
+
+
+def test_cli_speculative_needs_the_verify_method():
+    import argparse
+
+    from fxport.cli import UsageError, _speculative
+
+    class Plain:  # a loaded program without target_verify (PteBackend.has_verify False)
+        has_verify = False
+
+    args = argparse.Namespace(speculative="lookup", draft_k=8, model="plain.pte", image=None)
+    with pytest.raises(UsageError, match=r"^--speculative: plain\.pte has no target_verify method; re-export it "
+                                         r"with fxport export --verify-method$"):
+        _speculative(args, Plain())
+    assert _speculative(argparse.Namespace(speculative=None), Plain()) is None
