@@ -1,6 +1,6 @@
-"""SDPAAsMatmul on drawn attention sites: batch, GQA ratio and spelling, static or dynamic query
-length, key length, head dims (V's may differ from Q/K's), additive mask shapes, scale, dtype,
-and a ``transpose(1, 2).reshape`` reader of the output.
+"""SDPAAsMatmul on drawn attention sites: batch (static or dynamic), GQA ratio and spelling,
+query length (static or dynamic), key length, head dims (V's may differ from Q/K's), additive
+mask shapes, scale, dtype, and a ``transpose(1, 2).reshape`` reader of the output.
 
 The expected path per site follows the contract: the GQA fold (L == 1 with a mask of S
 elements, or a (1, 1, L|1, S) mask, or none, on a peeled K/V spelling with a static batch), the
@@ -62,13 +62,16 @@ def sites(draw, mask=st.sampled_from(MASKS)):
     n_rep = draw(st.sampled_from([1, 2, 3]))
     c = dict(B=draw(st.sampled_from([1, 2])), H_kv=draw(st.sampled_from([1, 2])), n_rep=n_rep,
              spelling=draw(st.sampled_from(GQA_SPELLINGS + (("direct",) if n_rep == 1 else ()))),
-             L=draw(st.integers(1, 5)), dynamic=draw(st.booleans()), S=draw(st.integers(1, 12)),
+             L=draw(st.integers(1, 5)), S=draw(st.integers(1, 12)),
+             dynamic=draw(st.sampled_from([None, "L", "B"])),  # which dim is dynamic
              D=draw(st.sampled_from([4, 8])), mask=draw(mask),
              scale=draw(st.sampled_from([None, 0.25])), dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
              flat_out=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
     c["Dv"] = c["D"]  # V with its own head dim: see test_value_head_dim_other_than_query_head_dim
-    if c["dynamic"]:
+    if c["dynamic"] == "L":
         c["L"] = max(c["L"], 2)  # export specializes a dynamic dim seen as 1
+    if c["dynamic"] == "B":
+        c["B"] = 2
     if c["mask"] == "causal":
         c["S"] = max(c["S"], c["L"])  # every row sees a key under aten's top-left rule
     return c
@@ -81,11 +84,12 @@ def _expected(c):
     if c["mask"] == "bool":
         return "bool mask (run AdditiveAttentionMask first)", False
     shape = _mask_shape(c["mask"], c["B"], c["H_kv"] * c["n_rep"], c["L"], c["S"])
-    peeled = c["spelling"] in ("repeat_kv", "repeat_interleave") or (c["spelling"] == "enable_gqa" and c["n_rep"] > 1)
+    peeled = c["dynamic"] != "B" and (  # the fold needs a static batch
+        c["spelling"] in ("repeat_kv", "repeat_interleave") or (c["spelling"] == "enable_gqa" and c["n_rep"] > 1))
     numel = 1
     for d in shape or ():
         numel *= d
-    fold = peeled and c["L"] == 1 and not c["dynamic"] and (shape is None or numel == c["S"])
+    fold = peeled and c["L"] == 1 and (shape is None or numel == c["S"])  # a dynamic L is >= 2 here
     fold_many = peeled and not fold and (shape is None or (len(shape) == 4 and shape[:2] == (1, 1)))
     if c["spelling"] == "enable_gqa" and not (fold or fold_many):
         return "enable_gqa with a mask that does not fold over the K/V heads", False
@@ -97,7 +101,7 @@ def _check_site(c):
     B, H_kv, n_rep, L, S, D, Dv, dt = (c[k] for k in ("B", "H_kv", "n_rep", "L", "S", "D", "Dv", "dtype"))
     H = H_kv * n_rep
 
-    def inputs(L):
+    def inputs(L, B):
         q = torch.randn(B, H, L, D, generator=g).to(dt)
         k, v = torch.randn(B, H_kv, S, D, generator=g).to(dt), torch.randn(B, H_kv, S, Dv, generator=g).to(dt)
         shape = _mask_shape(c["mask"], B, H, L, S)
@@ -107,14 +111,16 @@ def _check_site(c):
         mask = keep if c["mask"] == "bool" else additive(keep, dt)
         return (q, k, v, mask), mask
 
-    args, _ = inputs(L)
+    args, _ = inputs(L, B)
     shapes = None
-    if c["dynamic"]:
-        Ld = Dim("L", min=2, max=8)
-        shapes = ({2: Ld}, None, None)
-        if len(args) > 3:  # the mask's query dim follows L; a broadcast (size 1) one stays static
-            m = args[3].shape
-            shapes += ({len(m) - 2: Ld} if len(m) > 1 and m[-2] == L else None,)
+    if c["dynamic"]:  # q's L or B, K/V's B, and the mask's dim of that name (a broadcast 1 stays static)
+        dim = Dim(c["dynamic"], min=2, max=8)
+        at = {"L": 2, "B": 0}[c["dynamic"]]
+        shapes = ({at: dim}, {0: dim} if at == 0 else None, {0: dim} if at == 0 else None)
+        if len(args) > 3:
+            kind = "(1,1,L,S)" if c["mask"] == "bool" else c["mask"]
+            names = kind.strip("()").split(",")
+            shapes += ({names.index(c["dynamic"]): dim} if c["dynamic"] in names else None,)
     model = Site(c["spelling"], n_rep, c["mask"] == "causal", c["scale"], c["flat_out"])
     ep = torch.export.export(model, args, dynamic_shapes=shapes)
     new, rec = run_pass(ep, SDPAAsMatmul())
@@ -137,8 +143,8 @@ def _check_site(c):
         assert counts[aten.matmul.default] == 2
     assert_idempotent(new, SDPAAsMatmul())
 
-    for length in ([L, L + 3] if c["dynamic"] else [L]):
-        args, mask = inputs(length)
+    for length, batch in {(L, B), (L + 3, B) if c["dynamic"] == "L" else (L, 3) if c["dynamic"] == "B" else (L, B)}:
+        args, mask = inputs(length, batch)
         got, ref = new.module()(*args), ep.module()(*args)
         tol = TOL[dt]
         torch.testing.assert_close(got, ref, rtol=tol, atol=tol)  # summation order (and bf16 rounding)
