@@ -78,14 +78,18 @@ def _positive(text: str) -> int:
     return value
 
 
-def _temperature(text: str) -> float:
+def _finite_nonnegative(text: str, what: str = "number", note: str = "") -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a {what} >= 0, got {text!r}") from None
     if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0 is greedy), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a finite {what} >= 0{note}, got {text!r}")
     return value
+
+
+def _temperature(text: str) -> float:
+    return _finite_nonnegative(text, note=" (0 is greedy)")
 
 
 def _probability(text: str) -> float:
@@ -99,13 +103,7 @@ def _probability(text: str) -> float:
 
 
 def _gap(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of logits >= 0, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number of logits >= 0, got {text!r}")
-    return value
+    return _finite_nonnegative(text, "number of logits")
 
 
 def _no_weights_check(p: argparse.ArgumentParser) -> None:
