@@ -53,8 +53,11 @@ TASKS = {
     "code edit": f"Rename the variable `total` to `amount` in this Python function and return the whole "
                  f"function.\n\n```python\n{CODE}```",
     "free-form": "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    # the 270M echoes the chat prompts above before anything else: also a plain continuation
+    "free-form (raw)": "Once upon a time, in a small village by the sea, there lived",
 }
-GROUNDED = [t for t in TASKS if t != "free-form"]
+RAW = {"free-form (raw)"}  # no chat template
+GROUNDED = [t for t in TASKS if not t.startswith("free-form")]
 
 
 def chat(text: str) -> str:
@@ -136,7 +139,7 @@ def main() -> int:
     gguf = gemma3_270m_gguf()
     rows = []
     for task in args.tasks:
-        prompt = chat(TASKS[task])
+        prompt = TASKS[task] if task in RAW else chat(TASKS[task])
         plain, spec = fxport_runs(backend, tokenizer, prompt, args.new_tokens, drafter)
         llama = None if args.no_llama else llama_runs(gguf, prompt, args.new_tokens, args.threads, args.k)
         plain()  # warm-up (first calls of each method pack weights / resize)

@@ -92,12 +92,17 @@ class PromptLookup:
     the context (``n`` from ``ngram_max`` down to ``ngram_min``) and propose the ``k`` tokens
     that followed the most recent occurrence that has ``k`` followers (else the one with the most).
 
-    k: tokens drafted per round (the verify call feeds k + 1; at most the program's chunk - 1).
+    k: tokens drafted per round at most (the verify call feeds k + 1; at most the program's chunk - 1).
+    adaptive: the draft length starts at k, grows by 2 after a round that kept every draft and
+        shrinks by 1 after one that did not (transformers' "heuristic" schedule): free text, where
+        lookups mostly miss, is verified in short rounds that cost about a plain step.
     """
 
     k: int = 8
     ngram_max: int = 3
     ngram_min: int = 1
+    # the loop's draft length follows acceptance (see speculative_loop); False: always up to k
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -230,6 +235,8 @@ def speculative_loop(backend: Any, drafter: Drafter, sampler: Sampler, prompt: S
     stats = SpeculativeStats()
     max_seq_len = getattr(backend, "max_seq_len", None)
     k_max = min(int(drafter.k), int(backend.max_prefill_chunk) - 1)  # a round feeds k + 1 <= chunk tokens
+    adaptive = bool(getattr(drafter, "adaptive", False))
+    k_cur = k_max  # the draft length of the next round (adaptive: follows acceptance)
     context = list(prompt)
     pos = len(prompt)  # position of the next fed token
     t0 = time.perf_counter()
@@ -257,7 +264,7 @@ def speculative_loop(backend: Any, drafter: Drafter, sampler: Sampler, prompt: S
         room = max_new_tokens - len(result.tokens) - 1
         if max_seq_len is not None:
             room = min(room, int(max_seq_len) - 1 - pos)
-        k = min(k_max, room)
+        k = min(k_cur, room)
         td = time.perf_counter()
         draft = drafter.propose(context, k) if k > 0 else Draft([])
         stats.draft_s += time.perf_counter() - td
@@ -281,6 +288,8 @@ def speculative_loop(backend: Any, drafter: Drafter, sampler: Sampler, prompt: S
         stats.rounds += 1
         stats.drafted += n
         stats.accepted += kept
+        if adaptive:
+            k_cur = min(k_max, k_cur + 2) if kept == n else max(1, k_cur - 1)
         pos += kept + 1  # positions past this are rejected: overwritten before read (module docstring)
         for t in draft.tokens[:kept] + [token]:
             if emit(t):
