@@ -7,8 +7,8 @@ last position.
 
 Matches: the first user output of the program, reached backwards from the output through
 value-preserving per-position ops (:data:`PER_POSITION`: ``_to_copy``, ``tanh``, ``div``/``mul``
-by a scalar or 0-d tensor, ``clone``, ``alias``, softmax / log-softmax) to an ``aten.linear``
-whose input is rank 3 ``(B, L, H)``.
+by a number or a 0-d tensor computed from constants only, ``clone``, ``alias``, softmax /
+log-softmax over the last dim) to an ``aten.linear`` whose input is rank 3 ``(B, L, H)``.
 Produces: ``aten.slice(x, 1, -1)`` on that linear's input, so the output is ``(B, 1, V)``.
 When the input is a dynamically quantized activation (torchao's per-token
 ``choose_qparams_affine -> quantize_affine -> dequantize_affine`` chain, as
@@ -45,21 +45,48 @@ PER_POSITION = frozenset({
 })
 
 
-def _is_scalarish(arg) -> bool:
+SOFTMAXES = frozenset({aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default})
+
+
+def _reads_inputs(node: Node, user_inputs: set[str]) -> bool:
+    """Whether ``node`` depends on a user input (so it may vary with the positions)."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder" and n.name in user_inputs:
+            return True
+        todo.extend(n.all_input_nodes)
+    return False
+
+
+def _is_constant_scalar(arg, user_inputs: set[str]) -> bool:
+    """A Python number, or a 0-d tensor computed from constants only (a 0-d reduction of the
+    logits themselves, ``y / y.max()``, is not per position)."""
     if not isinstance(arg, Node):
         return True
     v = val(arg)
-    return v is not None and v.dim() == 0
+    return v is not None and v.dim() == 0 and not _reads_inputs(arg, user_inputs)
 
 
-def _head_linear(node: Node) -> Node | None:
+def _per_position(node: Node, user_inputs: set[str]) -> bool:
+    if node.target not in PER_POSITION:
+        return False
+    if node.target in SOFTMAXES:  # only over the vocabulary (last) dim
+        v = val(node)
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return v is not None and isinstance(dim, int) and dim % v.dim() == v.dim() - 1
+    return all(_is_constant_scalar(a, user_inputs) for a in node.args[1:] if isinstance(a, Node))
+
+
+def _head_linear(node: Node, user_inputs: set[str]) -> Node | None:
     """Walk back from ``node`` through per-position ops to the output linear, or None."""
     while isinstance(node, Node) and node.op == "call_function":
         if node.target is aten.linear.default:
             return node
-        if node.target not in PER_POSITION:
-            return None
-        if not all(_is_scalarish(a) for a in node.args[1:] if isinstance(a, Node)):
+        if not _per_position(node, user_inputs):
             return None
         node = node.args[0]
     return None
@@ -104,7 +131,7 @@ class LastTokenLogits(Pass):
             stats.skip("no user output")
             return PassResult(ep, False, stats)
         logits = ep.graph.output_node().args[0][user_outputs[0]]
-        linear = _head_linear(logits)
+        linear = _head_linear(logits, set(ep.graph_signature.user_inputs))
         if linear is None:
             stats.skip("output is not a linear head through per-position ops")
             return PassResult(ep, False, stats)

@@ -12,6 +12,7 @@ changes nothing.
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,14 +26,9 @@ from .hypothesis_helpers import assert_idempotent, examples, ops, run_pass
 
 aten = torch.ops.aten
 #: value-preserving per-position tails (x -> y), each in the pass's PER_POSITION set.
-#: BUG (LastTokenLogits, reported, not fixed here): PER_POSITION admits softmax / log_softmax
-#: without reading their dim, so a softmax over the sequence dim (``softmax(lm_head(x), dim=1)``
-#: on (1, 3, V) logits) is rewritten and silently returns 1.0 everywhere instead of the last row
-#: of the original (0.348, 0.315, 0.342, ...). Tails over dim 1 / -2 are kept out until then.
-#: BUG (same pass, same status): a 0-d operand counts as a constant even when it is computed from
-#: every position (``y / y.abs().max()``, the max in row 0): after the rewrite the max is taken
-#: over the last row only (got 0.2807, 0.1257, ... want 0.0595, 0.0267, ...). Only constant 0-d
-#: operands are drawn below.
+#: Tails that mix positions must stop the rewrite: a softmax over the sequence dim, and a 0-d
+#: operand computed from the logits (``y / y.abs().max()``); both were rewritten before (silently
+#: 1.0 everywhere / the max of the last row only) and are drawn below in ALONE.
 TAILS = {
     "softcap": lambda x: torch.tanh(x / 30.0) * 30.0,
     "softmax": lambda x: torch.softmax(x, dim=-1),
@@ -44,6 +40,9 @@ TAILS = {
 #: heads the pass must leave alone -> its skip reason
 ALONE = {
     "cumsum after the head": "output is not a linear head through per-position ops",
+    "softmax over positions": "output is not a linear head through per-position ops",
+    "log_softmax over positions": "output is not a linear head through per-position ops",
+    "divide by the logits' max": "output is not a linear head through per-position ops",
     "rank-2 head input": "head input is not rank 3 (B, L, H)",
     "decode step": "head input already has length 1",
 }
@@ -66,6 +65,12 @@ class Head(nn.Module):
             y = TAILS[t](y)
         if self.alone == "cumsum after the head":
             y = y.cumsum(-2)
+        elif self.alone == "softmax over positions":
+            y = torch.softmax(y, dim=-2)
+        elif self.alone == "log_softmax over positions":
+            y = torch.log_softmax(y, dim=1 if y.dim() == 3 else 0)
+        elif self.alone == "divide by the logits' max":
+            y = y / y.abs().max()
         return (y, h * 2) if self.extra_output else y
 
 
@@ -98,7 +103,7 @@ def test_the_head_reads_the_last_position_only(B, L, dynamic, H, V, bias, tails,
 
     if alone is not None:
         assert (rec.changed, rec.stats.rewritten, dict(rec.stats.skipped)) == (False, 0, {ALONE[alone]: 1})
-        assert rec.stats.matched == int(alone != "cumsum after the head")
+        assert rec.stats.matched == int(ALONE[alone] != "output is not a linear head through per-position ops")
         return
     assert (rec.changed, rec.stats.matched, rec.stats.rewritten, dict(rec.stats.skipped)) == (True, 1, 1, {})
     (sl,) = [n for n in new.graph.nodes if n.target is aten.slice.Tensor and n.args[1:3] == (1, -1)]
@@ -125,3 +130,15 @@ def test_the_head_reads_the_last_position_only(B, L, dynamic, H, V, bias, tails,
                 want = TAILS[t](want).double()
             assert ((got[0].double() - want).abs() <= 1e-5 * (1 + want.abs())).all()
     assert_idempotent(new, LastTokenLogits())
+
+
+@pytest.mark.parametrize("alone", ["softmax over positions", "log_softmax over positions", "divide by the logits' max"])
+def test_tails_that_mix_positions_are_left_alone(alone):
+    """Each was rewritten before the fix, and the output changed (1.0 everywhere; the last row's max)."""
+    model = Head(8, 16, True, [], alone, False, 0).eval()
+    x = torch.randn(1, 3, 8, generator=torch.Generator().manual_seed(0))
+    ep = torch.export.export(model, (x,))
+    new, rec = run_pass(ep, LastTokenLogits())
+    assert (rec.changed, rec.stats.matched, dict(rec.stats.skipped)) == (
+        False, 0, {"output is not a linear head through per-position ops": 1})
+    assert torch.equal(new.module()(x), ep.module()(x))
