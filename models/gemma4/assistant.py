@@ -257,19 +257,29 @@ def _drafter_text(**kw: Any) -> Gemma4Config:
 # the target's hidden size / 4x it would be a guess; here: 256 / 2048 for E2B and E4B, 1024 / 4096
 # for 26B-A4B and 31B) and whether use_ordered_embeddings is on (assumed for E2B / E4B, the
 # small-vocabulary-head case it is built for, off for the large ones).
-def _preset(target: str, hidden: int, inter: int, ordered: bool) -> Gemma4AssistantConfig:
-    from .config import get_preset
-
-    tgt = get_preset(target)
-    text = _drafter_text(hidden_size=hidden, intermediate_size=inter,
+def assistant_config_for(tgt: Gemma4Config, hidden_size: int, intermediate_size: int, *, ordered: bool = False,
+                         num_centroids: int = 2048, top_k: int = 32) -> Gemma4AssistantConfig:
+    """A drafter for target config ``tgt``: its attention shapes (heads, head dims, KV heads per
+    layer type, window, RoPE) are the target's, so it reads the target's K / V; its own width is
+    ``hidden_size`` / ``intermediate_size``."""
+    text = _drafter_text(hidden_size=hidden_size, intermediate_size=intermediate_size,
                          num_attention_heads=tgt.num_attention_heads, num_key_value_heads=tgt.num_key_value_heads,
                          head_dim=tgt.head_dim, global_head_dim=tgt.global_head_dim,
                          num_global_key_value_heads=tgt.num_global_key_value_heads,
                          attention_k_eq_v=tgt.attention_k_eq_v, sliding_window=tgt.sliding_window,
-                         rope_local_theta=tgt.rope_local_theta, rope_global_theta=tgt.rope_global_theta,
+                         rope_local_theta=tgt.rope_local_theta, rope_local_partial_factor=tgt.rope_local_partial_factor,
+                         rope_local_scaling=tgt.rope_local_scaling, rope_global_theta=tgt.rope_global_theta,
                          rope_global_partial_factor=tgt.rope_global_partial_factor,
-                         rms_norm_eps=tgt.rms_norm_eps, vocab_size=tgt.vocab_size)
-    return Gemma4AssistantConfig(text=text, backbone_hidden_size=tgt.hidden_size, use_ordered_embeddings=ordered)
+                         rope_global_scaling=tgt.rope_global_scaling, rms_norm_eps=tgt.rms_norm_eps,
+                         vocab_size=tgt.vocab_size, hidden_activation=tgt.hidden_activation)
+    return Gemma4AssistantConfig(text=text, backbone_hidden_size=tgt.hidden_size, use_ordered_embeddings=ordered,
+                                 num_centroids=num_centroids, centroid_intermediate_top_k=top_k)
+
+
+def _preset(target: str, hidden: int, inter: int, ordered: bool) -> Gemma4AssistantConfig:
+    from .config import get_preset
+
+    return assistant_config_for(get_preset(target), hidden, inter, ordered=ordered)
 
 
 ASSISTANT_PRESETS: dict[str, Any] = {
@@ -288,4 +298,4 @@ def get_assistant_preset(name: str) -> Gemma4AssistantConfig:
 
 
 __all__ = ["Gemma4AssistantConfig", "Gemma4AssistantForCausalLM", "from_hf_assistant_config", "get_assistant_preset",
-           "ASSISTANT_PRESETS"]
+           "assistant_config_for", "ASSISTANT_PRESETS"]
