@@ -94,8 +94,9 @@ class PromptLookup:
 
     k: tokens drafted per round at most (the verify call feeds k + 1; at most the program's chunk - 1).
     adaptive: the draft length starts at k, grows by 2 after a round that kept every draft and
-        shrinks by 1 after one that did not (transformers' "heuristic" schedule): free text, where
-        lookups mostly miss, is verified in short rounds that cost about a plain step.
+        after one that did not drops to one more than it kept (at least 1 less); when a one-token
+        draft misses, the loop decodes plainly for 2, 4, ... 32 steps (doubling while they keep
+        missing) before drafting again: free text, where lookups mostly miss, runs at plain speed.
     """
 
     k: int = 8
@@ -237,6 +238,7 @@ def speculative_loop(backend: Any, drafter: Drafter, sampler: Sampler, prompt: S
     k_max = min(int(drafter.k), int(backend.max_prefill_chunk) - 1)  # a round feeds k + 1 <= chunk tokens
     adaptive = bool(getattr(drafter, "adaptive", False))
     k_cur = k_max  # the draft length of the next round (adaptive: follows acceptance)
+    cooldown, misses = 0, 0  # adaptive: plain steps left before drafting again; one-token rounds missed in a row
     context = list(prompt)
     pos = len(prompt)  # position of the next fed token
     t0 = time.perf_counter()
@@ -264,7 +266,8 @@ def speculative_loop(backend: Any, drafter: Drafter, sampler: Sampler, prompt: S
         room = max_new_tokens - len(result.tokens) - 1
         if max_seq_len is not None:
             room = min(room, int(max_seq_len) - 1 - pos)
-        k = min(k_cur, room)
+        k = min(k_cur, room) if cooldown == 0 else 0
+        cooldown = max(0, cooldown - 1)
         td = time.perf_counter()
         draft = drafter.propose(context, k) if k > 0 else Draft([])
         stats.draft_s += time.perf_counter() - td
@@ -289,7 +292,10 @@ def speculative_loop(backend: Any, drafter: Drafter, sampler: Sampler, prompt: S
         stats.drafted += n
         stats.accepted += kept
         if adaptive:
-            k_cur = min(k_max, k_cur + 2) if kept == n else max(1, k_cur - 1)
+            k_cur = min(k_max, k_cur + 2) if kept == n else max(1, min(k_cur - 1, kept + 1))
+            misses = misses + 1 if n == 1 and kept == 0 else 0 if kept else misses
+            if n == 1 and kept == 0:  # even one-token drafts miss: plain steps for a while (2, 4, .. 32)
+                cooldown = min(32, 2 ** misses)
         pos += kept + 1  # positions past this are rejected: overwritten before read (module docstring)
         for t in draft.tokens[:kept] + [token]:
             if emit(t):
