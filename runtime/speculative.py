@@ -54,7 +54,7 @@ which rejection sampling at temperature > 0 needs, and the runner contract's two
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -218,7 +218,8 @@ def verifier(backend: Any) -> Callable[[Tensor, Tensor], Tensor]:
 
 
 def speculative_loop(backend: Any, drafter: Drafter, sampler: Sampler, prompt: Sequence[int], first: int,
-                     result: Any, *, eos_ids: set, stop_ids: set, streamer: Any, max_new_tokens: int) -> SpeculativeStats:
+                     result: Any, *, eos_ids: set, stop_ids: set, streamer: Any,
+                     max_new_tokens: int) -> SpeculativeStats:
     """The decode phase of :func:`fxport.runtime.generate.generate` with ``speculative=drafter``.
 
     ``first``: the token sampled from the prompt's logits (not yet fed; the cache holds the
