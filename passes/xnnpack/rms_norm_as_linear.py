@@ -47,8 +47,16 @@ def _fold_offset_weight(ep: ExportedProgram, weight: Node) -> Node | None:
     tensor = tensor_of(ep, param)
     if tensor is None:
         return None
-    target = f"{input_spec(ep, param).target}_plus_{scalar:g}".replace(".", "_")
+    target = f"{input_spec(ep, param).target}_plus_{_name_of(scalar)}".replace(".", "_")
     return add_constant(ep, target, (tensor.detach().float() + scalar).contiguous())
+
+
+def _name_of(scalar: float) -> str:
+    """``scalar`` as an identifier part, exact: 1 -> "1", -1 -> "minus1", 1e-05 -> "1eminus05",
+    1.0000001 -> "1p0000001" (a ``:g`` spelling made "-1" and "1e-05" invalid names and gave 1.0
+    and 1.0000001 the same one)."""
+    text = str(int(scalar)) if float(scalar).is_integer() else repr(float(scalar))
+    return text.replace("-", "minus").replace("+", "").replace(".", "p")
 
 
 class RMSNormAsLinear(Pass):

@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fxport.passes import RMSNormAsLinear
+from fxport.passes.xnnpack.rms_norm_as_linear import _name_of
 
 from ..hypothesis_helpers import assert_idempotent, examples, ops, run_pass
 
@@ -59,16 +60,13 @@ def rms_norm_fp64(x, weight, eps, dims=1):
     return y if weight is None else y * weight.double()
 
 
-# BUG (RMSNormAsLinear, reported, not fixed here): the folded constant is named
-# f"{param}_plus_{c:g}" with only "." replaced, so an offset whose %g form has a "-" (c = -1.0 ->
-# "w_plus_-1", c = 1e-5 -> "w_plus_1e-05") gives a placeholder that is not a Python identifier:
-# apply() succeeds, then ``ep.module()`` raises SyntaxError while generating the code. Such
-# offsets are kept out of ``c`` below until then (Gemma's offset is +1.0).
+# Offsets whose %g spelling is not an identifier part (-1.0 -> "-1", 1e-5 -> "1e-05") once gave
+# constants ep.module() could not compile (SyntaxError); they are drawn now.
 @examples(9)
 @given(D=st.integers(1, 16), lead=st.lists(st.integers(1, 3), min_size=1, max_size=2),
        kinds=st.lists(st.tuples(st.sampled_from(WEIGHTS), st.sampled_from([None, 1e-6, 1e-2]),
                                 st.sampled_from([None, None, None, "2 dims", "bf16"])), min_size=1, max_size=3),
-       c=st.sampled_from([1.0, 0.5, 3]), scale=st.sampled_from([1e-2, 1.0, 30.0]), seed=st.integers(0, 2**16))
+       c=st.sampled_from([1.0, 0.5, 3, -1.0, 1e-5]), scale=st.sampled_from([1e-2, 1.0, 30.0]), seed=st.integers(0, 2**16))
 def test_fp32_norms_become_a_mean_linear(D, lead, kinds, c, scale, seed):
     model = Norms(D, kinds, c, seed)
     x = torch.randn(*lead, D, generator=torch.Generator().manual_seed(seed + 1)) * scale
@@ -85,7 +83,7 @@ def test_fp32_norms_become_a_mean_linear(D, lead, kinds, c, scale, seed):
     assert len(means) == len(done) and all(torch.equal(v, torch.full((1, D), 1 / D)) for v in means.values())
     for source in {w.split(" ")[-1] if w.startswith("c") else w.split(" ")[0] for w, _, _ in done if "+" in w}:
         name = {"param": "w", "buffer": "b"}[source]
-        folded = new.constants[f"{name}_plus_{c:g}".replace(".", "_")]  # param + c, computed once
+        folded = new.constants[f"{name}_plus_{_name_of(c)}".replace(".", "_")]  # param + c, computed once
         assert torch.equal(folded, getattr(model, name).detach() + c)
     assert ops(new)[aten.rms_norm.default] == alone and ops(new)[aten.linear.default] == len(done)
 
@@ -100,3 +98,11 @@ def test_fp32_norms_become_a_mean_linear(D, lead, kinds, c, scale, seed):
             want = rms_norm_fp64(want.float(), None if kind else w, eps, 2 if kind else 1)
     assert ((got.double() - want).abs() <= 1e-5 * (1 + want.abs())).all()  # fp32 vs fp64
     assert_idempotent(new, RMSNormAsLinear())
+
+
+def test_folded_constant_names_are_exact_identifiers():
+    from fxport.passes.xnnpack.rms_norm_as_linear import _name_of
+
+    names = [_name_of(c) for c in (1.0, 3, -1.0, 1e-5, 0.5, 1.0000001)]
+    assert names == ["1", "3", "minus1", "1eminus05", "0p5", "1p0000001"]
+    assert all(f"w_plus_{n}".isidentifier() for n in names)
