@@ -62,6 +62,7 @@ class SDPAAsMatmul(Pass):
                 stats.skip("bool mask (run AdditiveAttentionMask first)")
                 continue
             B, Hq, L, D = qv.shape
+            Dv = val(v).shape[-1] if val(v) is not None else D  # V's head dim may differ from Q/K's
             scale = a.scale_for(D)
             kx, vx, n = site.key.source, site.value.source, site.n_rep
             peeled = (site.key.spelling != "direct" and isinstance(B, int) and isinstance(Hq, int)
@@ -90,9 +91,9 @@ class SDPAAsMatmul(Pass):
                         scores = call(g, aten.add.Tensor, scores, mask)  # mask (1, 1, L, S) broadcasts
                         scores = call(g, aten.view.default, scores, [B * Hkv, -1, S])
                     probs = call(g, aten._softmax.default, scores, -1, False)
-                    v3 = call(g, aten.view.default, vx, [B * Hkv, S, D])
-                    out = call(g, aten.bmm.default, probs, v3)  # (B*H_kv, n_rep*L, D)
-                    out = call(g, aten.view.default, out, [B, Hq, -1, D])  # (B, H_q, L, D)
+                    v3 = call(g, aten.view.default, vx, [B * Hkv, S, Dv])
+                    out = call(g, aten.bmm.default, probs, v3)  # (B*H_kv, n_rep*L, Dv)
+                    out = call(g, aten.view.default, out, [B, Hq, -1, Dv])  # (B, H_q, L, Dv)
                 elif fold:
                     Hkv = Hq // n
                     S = val(kx).shape[2]
@@ -105,9 +106,9 @@ class SDPAAsMatmul(Pass):
                         scores = call(g, aten.add.Tensor, scores,
                                       call(g, aten.view.default, mask, [1, 1, mv.shape[-1]]))
                     probs = call(g, aten._softmax.default, scores, -1, False)
-                    v3 = call(g, aten.view.default, vx, [B * Hkv, S, D])
-                    out = call(g, aten.bmm.default, probs, v3)  # (B*H_kv, n_rep, D)
-                    out = call(g, aten.view.default, out, [B, Hq, 1, D])
+                    v3 = call(g, aten.view.default, vx, [B * Hkv, S, Dv])
+                    out = call(g, aten.bmm.default, probs, v3)  # (B*H_kv, n_rep, Dv)
+                    out = call(g, aten.view.default, out, [B, Hq, 1, Dv])
                 else:
                     kt = call(g, aten.transpose.int, k, 2, 3)
                     scores = call(g, aten.matmul.default, q, kt)  # (B, H_q, L, S)
