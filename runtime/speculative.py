@@ -97,7 +97,7 @@ class PromptLookup:
         after one that did not drops to one more than it kept (at least 1 less); when a one-token
         draft misses, the loop decodes plainly for 4, 16, 64 steps (while they keep missing) before
         drafting again: free text, where lookups mostly miss, runs near plain speed (a verify call
-        costs ~2.5 one-token steps on the 270M at 2 threads).
+        of 2 / 5 / 9 tokens costs 1.1 / 1.2 / 1.4-1.6 one-token steps on the 270M at 2 threads).
     """
 
     k: int = 8
