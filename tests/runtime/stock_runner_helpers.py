@@ -1,4 +1,4 @@
-"""A small real tokenizer for tiny test vocabularies, and ExecuTorch's stock runner in a fresh process.
+"""A tiny model that wanders, a small real tokenizer for its vocabulary, and ExecuTorch's stock runner in a fresh process.
 
 :func:`tiny_tokenizer` builds, with the ``tokenizers`` library, a Gemma-style BPE (spaces as
 "▁", byte-less, merges ranked by id) over exactly ``vocab_size`` ids with ``<pad>``, ``<eos>``,
@@ -22,9 +22,26 @@ from tokenizers import AddedToken, decoders, normalizers
 from tokenizers import Tokenizer as Backend
 from tokenizers.models import BPE
 
+from fxport.models.gemma4.config import FULL, SLIDING, get_preset
+from fxport.models.gemma4.model import Gemma4ForCausalLM
 from fxport.models.gemma4.tokenizer import SPIECE_SPACE, Tokenizer
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+
+
+def varied_tiny_model(seed: int = 0, max_seq_len: int = 64, window: int = 4) -> Gemma4ForCausalLM:
+    """A tiny Gemma 3-style model (2 sliding layers of ``window``, 1 global; untied head) whose
+    random weights make greedy decoding wander (a tied head mostly repeats the input token)."""
+    import torch
+
+    torch.manual_seed(seed)
+    cfg = get_preset("tiny-gemma3").replace(num_hidden_layers=3, layer_types=[SLIDING, SLIDING, FULL],
+                                            tie_word_embeddings=False, sliding_window=window)
+    model = Gemma4ForCausalLM(cfg, max_seq_len=max_seq_len).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.1 if "norm" in name else 0.3)
+    return model
 
 
 def tiny_tokenizer(vocab_size: int = 256, bos_id: int = 2, eos_ids=(1,), specials=SPECIALS) -> Tokenizer:

@@ -24,29 +24,17 @@ from scipy.stats import chisquare
 
 from fxport.builder import BuildOptions, Source, build
 from fxport.lowering.xnnpack import cpu_passes
-from fxport.models.gemma4.config import FULL, SLIDING, get_preset
 from fxport.models.gemma4.export import export_methods
-from fxport.models.gemma4.model import Gemma4ForCausalLM
 from fxport.runtime.generate import generate
 from fxport.runtime.pte_backend import PteBackend
 from fxport.runtime.samplers import Sampler
 from fxport.runtime.speculative import Draft, PromptLookup, accept_draft, verifier
 
+from .stock_runner_helpers import varied_tiny_model
+
 CHUNK, POSITIONS, WINDOW = 5, 64, 4
 PROMPT = [2, 5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6]  # 13 ids with a repeated 5-gram
 NEW = 48  # positions up to 13 + 48 - 1 = 60
-
-
-def varied_tiny_model(seed: int = 0, max_seq_len: int = POSITIONS) -> Gemma4ForCausalLM:
-    """Random weights that make greedy decoding wander (a tied head mostly repeats the input token)."""
-    torch.manual_seed(seed)
-    cfg = get_preset("tiny-gemma3").replace(num_hidden_layers=3, layer_types=[SLIDING, SLIDING, FULL],
-                                            tie_word_embeddings=False, sliding_window=WINDOW)
-    model = Gemma4ForCausalLM(cfg, max_seq_len=max_seq_len).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0.0, 0.1 if "norm" in name else 0.3)
-    return model
 
 
 class OracleDrafter:
@@ -91,7 +79,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def model():
-    return varied_tiny_model()
+    return varied_tiny_model(max_seq_len=POSITIONS, window=WINDOW)
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,12 @@ import torch
 
 from fxport import contract
 from fxport.builder import BuildOptions, Source, build
-from fxport.models.gemma4.config import FULL, SLIDING, get_preset
+from fxport.models.gemma4.config import FULL, get_preset
 from fxport.models.gemma4.model import Gemma4ForCausalLM
 from fxport.runtime.generate import generate
 from fxport.runtime.pte_backend import PteBackend, PteError
 
-from .stock_runner_helpers import runner_in_fresh_process, tiny_tokenizer
+from .stock_runner_helpers import runner_in_fresh_process, tiny_tokenizer, varied_tiny_model
 
 CHUNK, POSITIONS, WINDOW = 5, 64, 4
 SHORT = "hello"  # 5 ids with BOS: one prefill call
@@ -27,23 +27,11 @@ NEW = 30  # 55 positions at most: past the window (4) and the ring (8), inside t
 NEAR_END = LONG + ", and then the dog sat on it"  # 44 ids: 30 new tokens would pass the 64 positions
 
 
-def varied_tiny_model(seed: int = 0, max_seq_len: int = POSITIONS) -> Gemma4ForCausalLM:
-    """Random weights that make greedy decoding wander (a tied head mostly repeats the input token)."""
-    torch.manual_seed(seed)
-    cfg = get_preset("tiny-gemma3").replace(num_hidden_layers=3, layer_types=[SLIDING, SLIDING, FULL],
-                                            tie_word_embeddings=False, sliding_window=WINDOW)
-    model = Gemma4ForCausalLM(cfg, max_seq_len=max_seq_len).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0.0, 0.1 if "norm" in name else 0.3)
-    return model
-
-
 @pytest.fixture(scope="module")
 def program(tmp_path_factory):
     tokenizer = tiny_tokenizer()
     out = tmp_path_factory.mktemp("runner") / "tiny.pte"
-    build(Source(model=varied_tiny_model(), tokenizer=tokenizer), out,
+    build(Source(model=varied_tiny_model(max_seq_len=POSITIONS, window=WINDOW), tokenizer=tokenizer), out,
           BuildOptions(max_seq_len=POSITIONS, max_prefill_chunk=CHUNK))
     return out, tokenizer
 
