@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fxport-installed
-# pytest worker count is left at 1: the CI machine has 2 cores and torch uses both.
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
+# The CPU tests run on 2 pytest-xdist workers, one test file each at a time (module fixtures stay
+# in one worker): most of their time is single-threaded Python (export, passes, lowering), so two
+# workers on a 2-core machine ran the 670 tests in 7 min 13 s wall, 13 min CPU (2026-12-05).
+PYTEST_CPU := $(PYTEST) -n 2 --dist loadfile
 
 .PHONY: setup test test-cpu test-triton gpu-smoke gpu-check demo bench lint clean
 
@@ -25,7 +28,7 @@ setup: $(STAMP)
 test: setup gpu-smoke test-cpu test-triton
 
 test-cpu: setup
-	$(PYTEST) tests --ignore=tests/triton --ignore=tests/bench/test_gpu_smoke.py
+	$(PYTEST_CPU) tests --ignore=tests/triton --ignore=tests/bench/test_gpu_smoke.py
 
 test-triton: setup
 	TRITON_INTERPRET=1 $(PYTEST) tests/triton
