@@ -112,7 +112,7 @@ class StockRunnerRuntime:
     def run(self, ids: list[int], prompt_len: int) -> tuple[float, float]:
         steps = len(ids) - prompt_len
         g = self.runner.generate(self.prompt, steps + 1)  # the first new token comes from prefill
-        return g.prefill_s * prompt_len / g.prompt_tokens, g.decode_s * steps / max(g.generated_tokens - 1, 1)
+        return g.prefill_s * prompt_len / g.prompt_tokens, g.decode_s * steps / max(g.generated_tokens, 1)
 
 
 class LlamaCppRuntime:

@@ -42,7 +42,7 @@ class RunnerGeneration:
     text: str
     pieces: list[str] = field(default_factory=list)
     prompt_tokens: int = 0
-    generated_tokens: int = 0
+    generated_tokens: int = 0  # the runner's num_generated_tokens: its decode steps (len(pieces) - 1)
     prefill_s: float = 0.0  # inference start -> prompt evaluated (the runner's ms clock)
     decode_s: float = 0.0  # prompt evaluated -> end
     load_s: float = 0.0  # the runner loads the program at its first generate
@@ -53,8 +53,8 @@ class RunnerGeneration:
 
     @property
     def decode_tok_s(self) -> float:
-        # The first new token comes out of prefill; the decode steps make the rest.
-        steps = self.generated_tokens - 1
+        # The first new token comes out of prefill; Stats counts the decode steps after it.
+        steps = self.generated_tokens
         return steps / self.decode_s if self.decode_s > 0 and steps > 0 else float("nan")
 
 
@@ -216,11 +216,23 @@ def bench_prompt(tokenizer_json: Path, prompt_len: int) -> str:
     return tokenizer.decode(ids)
 
 
-def bench_stock_runner(runner: StockRunner, prompt_len: int, new_tokens: int, warmup: int = 1) -> dict[str, float]:
-    """Prefill and decode tok/s of ExecuTorch's runner from its own ``Stats`` (after ``warmup`` runs)."""
+def bench_stock_runner(runner: StockRunner, prompt_len: int, new_tokens: int, warmup: int = 1,
+                       min_seconds: float = 0.05, max_runs: int = 200) -> dict[str, float]:
+    """Prefill and decode tok/s of ExecuTorch's runner from its own ``Stats`` (after ``warmup`` runs).
+
+    The runner's clock counts whole milliseconds, so a phase shorter than that reads 0: runs are
+    repeated until each phase has summed ``min_seconds`` (one run for a real model; the
+    difference of two truncated timestamps is unbiased, so the sums are too)."""
     prompt = bench_prompt(runner.tokenizer, prompt_len)
     for _ in range(warmup):
         runner.generate(prompt, new_tokens)
-    g = runner.generate(prompt, new_tokens)
-    return {"prefill_tok_s": g.prefill_tok_s, "decode_tok_s": g.decode_tok_s, "prompt_len": g.prompt_tokens,
-            "new_tokens": len(g.pieces)}
+    prefill_s = decode_s = 0.0
+    prompt_tokens = steps = runs = 0
+    while runs < max_runs and (runs == 0 or min(prefill_s, decode_s) < min_seconds):
+        g = runner.generate(prompt, new_tokens)
+        prefill_s, decode_s = prefill_s + g.prefill_s, decode_s + g.decode_s
+        prompt_tokens, steps, runs = prompt_tokens + g.prompt_tokens, steps + g.generated_tokens, runs + 1
+    nan = float("nan")
+    return {"prefill_tok_s": prompt_tokens / prefill_s if prefill_s else nan,
+            "decode_tok_s": steps / decode_s if decode_s and steps else nan,
+            "prompt_len": g.prompt_tokens, "new_tokens": len(g.pieces), "runs": runs}
