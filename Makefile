@@ -53,7 +53,7 @@ bench: setup
 	@for b in bench/*.py; do [ "$$b" = bench/gpu_check.py ] && continue; echo "== $$b"; $(PY) $$b || exit 1; done
 
 lint: setup
-	$(PY) -m compileall -q passes kernels lowering models quant runtime debug cli.py builder.py demo.py fileio.py
+	$(PY) -m compileall -q passes kernels lowering models quant runtime debug builder cli.py contract.py demo.py fileio.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info fxport_dumps

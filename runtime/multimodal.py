@@ -12,7 +12,7 @@ A multimodal backend adds to the text :class:`~fxport.runtime.generate.Backend` 
 
 Backends: :class:`MultimodalEagerBackend` (an eager ``Gemma4ForConditionalGeneration``) and
 :class:`MultimodalPteBackend` (a ``.pte`` with an ``image_encoder`` method, as
-``fxport.models.gemma4.export.export_multimodal_pte`` writes it).
+``fxport.builder.multimodal.export_multimodal_pte`` writes it).
 
 Prompt layout (as the HF processor): each image becomes ``boi + image_token * n + eoi`` (n = its
 soft tokens), each clip ``boa + audio_token * n + eoa``. Where the prompt ids already hold one
@@ -205,7 +205,7 @@ def build_prompt(backend: Any, ids: Sequence[int], images: Sequence[Any] = (), a
         where = getattr(backend, "path", type(backend).__name__)
         raise MultimodalError(
             f"generate: {where} is a text-only program (no image_encoder method) but {len(images)} image(s) "
-            "were given; export a multimodal model (fxport.models.gemma4.export.export_multimodal_pte) or "
+            "were given; export a multimodal model (fxport.builder.multimodal.export_multimodal_pte) or "
             "drop the images."
         )
     if clips and not getattr(backend, "has_audio", False):

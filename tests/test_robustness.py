@@ -164,7 +164,7 @@ def test_a_full_disk_while_the_ptd_is_written_names_it_and_keeps_the_previous_pr
 
 def test_export_multimodal_pte_refuses_a_text_only_model(tmp_path):
     from fxport.models.gemma4.config import get_preset
-    from fxport.models.gemma4.export import export_multimodal_pte
+    from fxport.builder.multimodal import export_multimodal_pte
     from fxport.models.gemma4.model import Gemma4ForCausalLM
 
     model = Gemma4ForCausalLM(get_preset("tiny-gemma3"), max_seq_len=8)

@@ -385,11 +385,3 @@ def audio_encoder_method(tower: Gemma4AudioModel, max_frames: int, embedder: nn.
     module = AudioEncoder(tower, embedder).eval()
     ep = torch.export.export(module, (feats, mask), strict=strict)
     return ep.run_decompositions({})
-
-
-def audio_encoder_passes() -> list:
-    """CPU passes for the ``audio_encoder`` method before XNNPACK: RMSNorm as a linear mean (the
-    tower's 9 RMSNorms per layer otherwise split the delegate at each one)."""
-    from fxport.passes.xnnpack import RMSNormAsLinear
-
-    return [RMSNormAsLinear()]

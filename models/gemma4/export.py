@@ -152,7 +152,7 @@ def export_multimodal_methods(
     * ``prefill(tokens (B, L), input_pos (L,), image_features (N, H)[, audio_features (M, H)])``
       with L in [1, max_prefill_chunk], N, M in [1, B * max_prefill_chunk]: the rows of this
       chunk's placeholders in order (pass one zero row when the chunk has none). The merge is
-      ``masked_scatter``: apply FixedSlotFusion (:func:`multimodal_passes`) before lowering;
+      ``masked_scatter``: apply FixedSlotFusion (``fxport.builder.multimodal.multimodal_passes``) before lowering;
     * ``decode(tokens (B, 1), input_pos (1,))``.
     prefill and decode mutate the same KV-cache buffers; the encoders mutate none.
     """
@@ -211,16 +211,6 @@ def export_multimodal_methods(
     return out
 
 
-def multimodal_passes(model: torch.nn.Module) -> list:
-    """FixedSlotFusion (exact dynamic mode) for every placeholder the prefill merges, padding
-    placeholders before embedding lookups: the pass to run on ``prefill`` before the CPU set."""
-    from fxport.passes.fixed_slot_fusion import FixedSlotFusion
-
-    cfg = model.config
-    ids = [cfg.image_token_id] + ([cfg.audio_token_id] if cfg.audio is not None else [])
-    return [FixedSlotFusion(mode="dynamic", placeholder_token_id=ids, pad_token_id=cfg.text.pad_token_id)]
-
-
 def multimodal_metadata(model: torch.nn.Module, max_prefill_chunk: int, max_soft_tokens: int,
                         max_audio_frames: int | None = None) -> dict[str, Any]:
     """Constant methods a multimodal ``.pte`` carries: the runner contract's
@@ -247,55 +237,3 @@ def multimodal_metadata(model: torch.nn.Module, max_prefill_chunk: int, max_soft
         meta.update(get_audio_token_id=int(t.audio_token_id), get_boa_token_id=int(cfg.boa_token_id),
                     get_eoa_token_id=int(cfg.eoa_token_id), get_max_audio_frames=int(max_audio_frames or 0))
     return meta
-
-
-def rewrite_multimodal_programs(model: torch.nn.Module, programs: dict[str, ExportedProgram],
-                                max_prefill_chunk: int, ring_size: int | None = None, dump=None):
-    """The CPU pass set on each method (FixedSlotFusion first on prefill, the text CPU set on
-    prefill / decode, GeluTanhAsTanh on the encoders: the text set has it already). Ring size default:
-    ``max(2 W, W + max_prefill_chunk - 1)`` so that a chunk holding a whole image fits the ring.
-    Returns (programs, {method: PipelineResult})."""
-    from fxport.lowering.xnnpack import apply_method_passes, cpu_passes
-
-    text = model.config.text
-    if ring_size is None and "sliding_attention" in text.layer_types:
-        ring_size = max(2 * text.sliding_window, text.sliding_window + max_prefill_chunk - 1)
-    passes = cpu_passes(model, ring_size=ring_size)
-    passes["prefill"] = multimodal_passes(model) + passes["prefill"]
-    if "audio_encoder" in programs:
-        from .audio import audio_encoder_passes
-
-        passes["audio_encoder"] = audio_encoder_passes()
-    # XNNPACK's GELU is the erf form whatever ``approximate`` says: spell the tanh form out.
-    from fxport.passes.xnnpack.gelu_tanh_as_tanh import GeluTanhAsTanh
-
-    passes = {m: list(passes[m]) if m in ("prefill", "decode") else [GeluTanhAsTanh()] + list(passes.get(m, []))
-              for m in programs}
-    return apply_method_passes(programs, passes, dump=dump)
-
-
-def export_multimodal_pte(model: torch.nn.Module, out, *, max_prefill_chunk: int = 64,
-                          max_soft_tokens: int = 280, max_audio_frames: int | None = None,
-                          ring_size: int | None = None, dump=None, on_stage=None):
-    """Multimodal Gemma 4 -> one XNNPACK ``.pte`` with methods image_encoder [, audio_encoder],
-    prefill, decode sharing one KV cache. Returns the lowered program (``XnnpackProgram``)."""
-    from fxport.lowering.xnnpack import lower_to_xnnpack
-
-    inner = getattr(model, "model", None)
-    if getattr(inner, "vision_tower", None) is None and getattr(inner, "audio_tower", None) is None:
-        raise ValueError(f"export_multimodal_pte: {type(model).__name__} has no vision or audio tower (a text-only "
-                         "model); export it with fxport.builder.build (fxport export), or pass a "
-                         "Gemma4ForConditionalGeneration built from a config with a vision or audio part")
-    stage = on_stage or (lambda name: None)
-    stage("export")
-    with torch.no_grad():
-        programs = export_multimodal_methods(model, max_prefill_chunk, max_soft_tokens=max_soft_tokens,
-                                             max_audio_frames=max_audio_frames)
-    stage("passes")
-    programs, _ = rewrite_multimodal_programs(model, programs, max_prefill_chunk, ring_size, dump)
-    stage("lower")
-    meta = multimodal_metadata(model, max_prefill_chunk, max_soft_tokens, max_audio_frames)
-    lowered = lower_to_xnnpack(programs, constant_methods=meta, on_stage=on_stage)
-    stage("save")
-    lowered.save(out)
-    return lowered

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from fxport.lowering.xnnpack import lower_to_xnnpack
-from fxport.models.gemma4.export import export_methods, multimodal_metadata, rewrite_multimodal_programs
+from fxport.builder.multimodal import rewrite_multimodal_programs
+from fxport.models.gemma4.export import export_methods, multimodal_metadata
 from fxport.runtime.generate import generate
 from fxport.runtime.multimodal import open_pte
 

@@ -16,12 +16,8 @@ from PIL import Image
 from fxport.cli import main
 from fxport.lowering.xnnpack import lower_to_xnnpack
 from fxport.lowering.xnnpack import apply_method_passes
-from fxport.models.gemma4.export import (
-    export_methods,
-    multimodal_metadata,
-    multimodal_passes,
-    rewrite_multimodal_programs,
-)
+from fxport.builder.multimodal import multimodal_passes, rewrite_multimodal_programs
+from fxport.models.gemma4.export import export_methods, multimodal_metadata
 from fxport.models.gemma4.model import Gemma4ForCausalLM
 from fxport.models.gemma4.vision import compact_rows
 from fxport.runtime.generate import ContextOverflowError, ExportedBackend, generate

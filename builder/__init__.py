@@ -406,12 +406,12 @@ def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-_CODE_DIRS = ("builder.py", "lowering", "passes", "models", "quant", "kernels")
+_CODE_DIRS = ("builder", "contract.py", "lowering", "passes", "models", "quant", "kernels")
 
 
 def code_digest() -> str:
     """sha256 over fxport's program-producing sources (a change there means a new program)."""
-    root = Path(__file__).resolve().parent
+    root = Path(__file__).resolve().parent.parent  # the package root (builder/ is one of its folders)
     h = hashlib.sha256()
     for entry in _CODE_DIRS:
         p = root / entry
