@@ -39,6 +39,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 PREFILL, DECODE, FORWARD = "prefill", "decode", "forward"
+# speculative decoding's verify method (opt-in): the two inputs above, the logits of every token
+VERIFY = "target_verify"
 
 MAX_SEQ_LEN = "get_max_seq_len"
 MAX_CONTEXT_LEN = "get_max_context_len"

@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from fxport.contract import VERIFY
+
 STAGES = ("load", "quantize", "export", "passes", "lower", "serialize", "save")
 BACKENDS = {"xnnpack": "fxport.lowering.xnnpack", "cuda": "fxport.lowering.cuda"}
 MANIFEST_SUFFIX = ".build.json"
@@ -621,7 +623,7 @@ def build(source: Source, out: str | Path | None, options: BuildOptions = BuildO
             gc_pause.boundary()
             with fast_fake_propagation():
                 times.start("export")
-                methods = tuple(backend.METHODS) + (("target_verify",) if options.verify else ())
+                methods = tuple(backend.METHODS) + ((VERIFY,) if options.verify else ())
                 programs = export_programs(model, options, methods)
                 gc_pause.boundary()
                 with lazy_codegen():

@@ -42,6 +42,7 @@ from typing import Any, Mapping, Sequence
 from torch import nn
 from torch.export import ExportedProgram
 
+from fxport.contract import VERIFY
 from fxport.lowering.dryrun import DelegationReport, delegation_report
 from fxport.lowering.xnnpack_quant import (  # noqa: F401  (re-exported: the backend's recipe vocabulary)
     XNNPACK_RECIPES,
@@ -103,7 +104,7 @@ def cpu_passes(model: nn.Module | None = None, *, windows: Mapping[str, int] | N
     prefill = list(common) + prefill_only + ([LastTokenLogits()] if last_token_logits else [])
     out = {"prefill": prefill + [EdgeDecompositions()], "decode": common + [EdgeDecompositions()]}
     if verify:  # speculative decoding: every token's logits (no LastTokenLogits)
-        out["target_verify"] = list(common) + prefill_only + [EdgeDecompositions()]
+        out[VERIFY] = list(common) + prefill_only + [EdgeDecompositions()]
     return out
 
 
@@ -357,7 +358,7 @@ def run_passes(model: nn.Module, programs: Mapping[str, ExportedProgram], option
     """The CPU pass set (:func:`cpu_passes`) over each method: ``(programs, {method: result})``."""
     return apply_method_passes(programs, cpu_passes(model, ring_size=options.ring_size,
                                                            max_prefill_chunk=options.max_prefill_chunk,
-                                                           verify="target_verify" in programs), dump=options.dump)
+                                                           verify=VERIFY in programs), dump=options.dump)
 
 
 def lower(programs: Mapping[str, ExportedProgram], *, constant_methods: Mapping[str, Any] | None = None,

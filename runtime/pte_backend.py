@@ -39,7 +39,7 @@ from fxport import contract
 from fxport.fileio import weights_file
 
 METADATA_METHODS = contract.CONSTANT_METHODS
-VERIFY = "target_verify"  # fxport.models.gemma4.export.VERIFY (not imported: that module imports the model)
+VERIFY = contract.VERIFY
 
 
 class PteError(ValueError):
@@ -146,21 +146,30 @@ class PteBackend:
         prog = self.program
         inputs, outputs = {}, {}
         for name in [m for m in (contract.FORWARD, contract.PREFILL, contract.DECODE) if m in prog.method_names]:
-            meta = prog.metadata(name)
-            inputs[name] = [(meta.input_tensor_meta(i).dtype(), tuple(meta.input_tensor_meta(i).sizes()))
-                            for i in range(meta.num_inputs())]
-            outputs[name] = [(meta.output_tensor_meta(i).dtype(), tuple(meta.output_tensor_meta(i).sizes()))
-                             for i in range(meta.num_outputs())]
+            inputs[name], outputs[name] = self.signature(name)
         constants = {k: v for k, v in self.metadata.items() if v is not None}
         return contract.contract_problems(prog.method_names, constants, inputs, outputs)
 
+    def signature(self, method: str) -> tuple[list[tuple[int, tuple]], list[tuple[int, tuple]]]:
+        """``(inputs, outputs)`` of ``method``: ``[(ExecuTorch ScalarType, max sizes), ...]`` each."""
+        meta = self.program.metadata(method)
+
+        def infos(tensor_meta, count: int) -> list[tuple[int, tuple]]:
+            return [(tensor_meta(i).dtype(), tuple(tensor_meta(i).sizes())) for i in range(count)]
+
+        return infos(meta.input_tensor_meta, meta.num_inputs()), infos(meta.output_tensor_meta, meta.num_outputs())
+
     def prefill(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """Logits for a chunk: tokens (1, L) int64 with 1 <= L <= max_prefill_chunk."""
+        return self._run_chunk(self._prefill, "prefill", tokens, input_pos)
+
+    def _run_chunk(self, method: Any, what: str, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """``method`` on a chunk of 1..max_prefill_chunk tokens (ids checked first)."""
         L = tokens.shape[-1]
         if not 1 <= L <= self.max_prefill_chunk:
-            raise ValueError(f"prefill chunk of {L} tokens; this .pte accepts 1..{self.max_prefill_chunk} per call")
+            raise ValueError(f"{what} chunk of {L} tokens; this .pte accepts 1..{self.max_prefill_chunk} per call")
         self._check_ids(tokens)
-        return self._prefill.execute([tokens.to(torch.long).contiguous(), input_pos.to(torch.long).contiguous()])[0]
+        return method.execute([tokens.to(torch.long).contiguous(), input_pos.to(torch.long).contiguous()])[0]
 
     def decode(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """Logits for one token: token (1, 1) int64, input_pos (1,) int64."""
@@ -172,11 +181,7 @@ class PteBackend:
         writes); tokens (1, L) int64 with 1 <= L <= max_prefill_chunk."""
         if not self.has_verify:
             raise PteError(f"{self.path} has no {VERIFY} method; re-export it with --verify-method")
-        L = tokens.shape[-1]
-        if not 1 <= L <= self.max_prefill_chunk:
-            raise ValueError(f"verify chunk of {L} tokens; this .pte accepts 1..{self.max_prefill_chunk} per call")
-        self._check_ids(tokens)
-        return self.load_verify().execute([tokens.to(torch.long).contiguous(), input_pos.to(torch.long).contiguous()])[0]
+        return self._run_chunk(self.load_verify(), "verify", tokens, input_pos)
 
     def load_verify(self):
         """Load ``target_verify`` now (~1 s for the 270M: XNNPACK packs its weights) instead of
@@ -260,9 +265,7 @@ def describe_pte(path: str | Path) -> str:
         if value is not None:
             lines.append(f"{key}: {value}")
     for name in [m for m in ("prefill", "decode") if m in prog.method_names]:
-        meta = prog.metadata(name)
-        ins = [f"{tuple(meta.input_tensor_meta(i).sizes())}" for i in range(meta.num_inputs())]
-        outs = [f"{tuple(meta.output_tensor_meta(i).sizes())}" for i in range(meta.num_outputs())]
+        ins, outs = ([str(sizes) for _, sizes in infos] for infos in backend.signature(name))
         lines.append(f"{name}: inputs {', '.join(ins)} -> outputs {', '.join(outs)} (max sizes)")
     if "decode" not in prog.method_names:
         lines.append("decode: runs through prefill, one token per call")

@@ -61,12 +61,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fxport import contract
+
 from .samplers import Sampler
 
 __all__ = ["VERIFY", "Draft", "Drafter", "PromptLookup", "SpeculativeStats", "accept_draft", "verifier",
            "speculative_loop"]
 
-VERIFY = "target_verify"  # the method name (fxport.models.gemma4.export.VERIFY)
+VERIFY = contract.VERIFY  # the method name
 
 
 @dataclass

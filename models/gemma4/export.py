@@ -14,13 +14,15 @@ from typing import Any
 import torch
 from torch.export import Dim, ExportedProgram
 
+from fxport import contract
+
 from .model import Gemma4ForCausalLM
 
 
 # Speculative decoding's verify method (ExecuTorch RFC #19784 / the EAGLE-3 PR stack's name): the
 # prefill graph again (same inputs, same L bound, same KV buffers by name), exported separately so
 # the passes can leave LastTokenLogits out -- it returns the logits of every token, (1, L, V).
-VERIFY = "target_verify"
+VERIFY = contract.VERIFY
 
 
 def _device(model: torch.nn.Module) -> torch.device:

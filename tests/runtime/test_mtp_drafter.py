@@ -17,15 +17,7 @@ from fxport.runtime.samplers import Sampler
 
 PROMPT = [2, 17, 40, 33, 9, 17, 40]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Hundreds of tiny eager forwards: one intra-op thread (threads spinning on a loaded machine
-    cost 5-10x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/runtime/conftest.py
 
 
 @pytest.fixture(scope="module")

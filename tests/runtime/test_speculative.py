@@ -67,16 +67,6 @@ class Recording:
         return logits
 
 
-@pytest.fixture
-def one_thread():
-    """Thousands of tiny tensor ops: one intra-op thread (35 us a round instead of ms of spinning
-    threads on a loaded machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model():
     return varied_tiny_model(max_seq_len=POSITIONS, window=WINDOW)
