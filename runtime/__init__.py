@@ -1,14 +1,18 @@
-"""fxport runtime: the generate loop (chunked prefill, decode, samplers) over any Backend."""
+"""fxport runtime: the generate loop (chunked prefill, decode, samplers) over any Backend.
 
+Floors, each importing only the ones below it: ``backend`` (the protocol and the shared errors)
+<- ``pte_backend`` <- ``multimodal`` <- ``loader`` (:func:`open_program`) <- ``generate``.
+"""
+
+from .backend import Backend, ContextOverflowError, PteError, TokenIdError
 from .generate import (
-    Backend,
-    ContextOverflowError,
     EagerBackend,
     ExportedBackend,
     GenerationResult,
     as_backend,
     generate,
 )
+from .loader import open_program
 from .samplers import Sampler, gumbel_max_sample
 
 __all__ = [
@@ -17,8 +21,11 @@ __all__ = [
     "EagerBackend",
     "ExportedBackend",
     "GenerationResult",
+    "PteError",
     "Sampler",
+    "TokenIdError",
     "as_backend",
     "generate",
     "gumbel_max_sample",
+    "open_program",
 ]

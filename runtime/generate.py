@@ -1,22 +1,16 @@
 """The generation loop: chunked prefill, decode, sampling, stop conditions, streaming, tok/s.
 
-One loop drives every form of the model through the small :class:`Backend` protocol:
-
-    backend.max_seq_len         # positions the KV cache holds (None: unknown, not checked)
-    backend.max_prefill_chunk   # longest chunk one prefill call accepts
-    backend.prefill(tokens, input_pos) -> logits   # tokens (1, L) int64, input_pos (L,) int64
-    backend.decode(token, input_pos) -> logits     # token (1, 1) int64, input_pos (1,) int64
-    backend.reset()             # optional: called before a new sequence
-    backend.vocab_size          # optional: ids the program knows; prompt ids are checked against it
-
-Logits are ``(1, L', V)`` (or ``(1, V)``) float; only the last row is read, so a prefill that
-returns last-token logits only (``L' = 1``) works as well as one returning all ``L``.
+One loop drives every form of the model through the small :class:`Backend` protocol of
+:mod:`fxport.runtime.backend` (``max_seq_len``, ``max_prefill_chunk``, ``prefill``, ``decode``,
+optional ``reset`` and ``vocab_size``; that module also holds the errors shared with the
+backends). Only the last row of the logits is read, so a prefill that returns last-token logits
+only works as well as one returning every position's.
 
 Backends here: :class:`EagerBackend` (a ``Gemma4ForCausalLM`` or any module with the same call
 signature and ``max_seq_len``) and :class:`ExportedBackend` (the ``{"prefill": ep, "decode":
 ep}`` pair of ``export_methods``, run through ``ep.module()`` with the two modules sharing one
-set of weights and KV-cache buffers). The ExecuTorch ``.pte`` backend lives in
-``fxport.runtime.pte_backend.PteBackend``; :func:`as_backend` accepts a ``.pte`` path too.
+set of weights and KV-cache buffers). :func:`as_backend` accepts a ``.pte`` path too and opens
+it with :func:`fxport.runtime.loader.open_program` (the text or the multimodal ``.pte`` backend).
 
 Positions: the prompt occupies 0..n-1; generated token i (0-based) is fed at position n + i,
 except the last one, which is never fed. So a prompt of n tokens with ``max_new_tokens`` m needs
@@ -31,11 +25,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from .backend import Backend, ContextOverflowError, TokenIdError, check_token_ids
 from .samplers import Sampler
 
 __all__ = [
@@ -50,41 +45,6 @@ __all__ = [
     "generate",
     "check_context",
 ]
-
-
-@runtime_checkable
-class Backend(Protocol):
-    """What :func:`generate` needs from a model (see the module docstring)."""
-
-    max_seq_len: int | None
-    max_prefill_chunk: int
-
-    def prefill(self, tokens: Tensor, input_pos: Tensor) -> Tensor: ...
-
-    def decode(self, token: Tensor, input_pos: Tensor) -> Tensor: ...
-
-
-class ContextOverflowError(ValueError):
-    """The prompt plus the requested new tokens do not fit the backend's KV cache."""
-
-
-class TokenIdError(ValueError):
-    """A token id outside the program's vocabulary."""
-
-
-def check_token_ids(ids: Sequence[int] | Tensor, vocab_size: int | None, fix: str | None = None) -> None:
-    """TokenIdError naming the first id outside ``[0, vocab_size)`` (None: not checked)."""
-    if vocab_size is None:
-        return
-    vocab_size = int(vocab_size)
-    flat = ids.reshape(-1).tolist() if isinstance(ids, Tensor) else [int(i) for i in ids]
-    for pos, i in enumerate(flat):
-        if not 0 <= i < vocab_size:
-            raise TokenIdError(
-                f"token id {i} (prompt position {pos}) is outside the program's vocabulary of "
-                f"{vocab_size} ids (0..{vocab_size - 1}); "
-                + (fix or f"pass token ids below {vocab_size}.")
-            )
 
 
 class EagerBackend:
@@ -193,14 +153,9 @@ def as_backend(program: Any, max_prefill_chunk: int | None = None) -> Backend:
     if isinstance(program, Mapping):
         return ExportedBackend(program, max_prefill_chunk=max_prefill_chunk)
     if isinstance(program, (str, Path)) and str(program).endswith(".pte"):
-        from fxport.runtime.pte_backend import PteBackend
+        from .loader import open_program
 
-        backend = PteBackend(program)
-        if {"image_encoder", "audio_encoder"} & set(backend.program.method_names):
-            from .multimodal import open_pte
-
-            return open_pte(program)
-        return backend
+        return open_program(program)
     if isinstance(program, Backend):
         return program
     raise TypeError(

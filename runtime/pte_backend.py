@@ -1,6 +1,6 @@
 """PteBackend: run a fxport ``.pte`` (method ``prefill``, and ``decode`` when it has one) with ExecuTorch.
 
-The backend protocol of :mod:`fxport.runtime.generate`:
+The backend protocol of :mod:`fxport.runtime.backend`:
 
     backend.max_seq_len          # positions the KV cache holds
     backend.max_prefill_chunk    # longest token chunk one ``prefill`` call accepts
@@ -37,13 +37,10 @@ import torch
 
 from fxport import contract
 from fxport.fileio import weights_file
+from fxport.runtime.backend import PteError, check_token_ids
 
 METADATA_METHODS = contract.CONSTANT_METHODS
 VERIFY = contract.VERIFY
-
-
-class PteError(ValueError):
-    """The file is not a fxport ``.pte`` this backend can run; the message says why."""
 
 
 def set_num_threads(n: int) -> None:
@@ -195,8 +192,6 @@ class PteBackend:
         the embedding table and fail with an opaque status code)."""
         if self.vocab_size is not None and tokens.numel() and not (
                 int(tokens.min()) >= 0 and int(tokens.max()) < self.vocab_size):
-            from fxport.runtime.generate import check_token_ids
-
             check_token_ids(tokens, self.vocab_size, f"{self.path} was exported for {self.vocab_size} ids.")
 
     def reset(self) -> None:

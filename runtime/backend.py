@@ -1,0 +1,65 @@
+"""What a backend is, and the errors every backend and the generate loop share.
+
+The bottom floor of :mod:`fxport.runtime`: it imports nothing of fxport, so every other runtime
+module (the loop in :mod:`~fxport.runtime.generate`, the ``.pte`` backends in
+:mod:`~fxport.runtime.pte_backend` and :mod:`~fxport.runtime.multimodal`, the loader
+:func:`fxport.runtime.loader.open_program`) imports it and none of them imports another to reach
+these names. The protocol, as :func:`fxport.runtime.generate.generate` uses it:
+
+    backend.max_seq_len         # positions the KV cache holds (None: unknown, not checked)
+    backend.max_prefill_chunk   # longest chunk one prefill call accepts
+    backend.prefill(tokens, input_pos) -> logits   # tokens (1, L) int64, input_pos (L,) int64
+    backend.decode(token, input_pos) -> logits     # token (1, 1) int64, input_pos (1,) int64
+    backend.reset()             # optional: called before a new sequence
+    backend.vocab_size          # optional: ids the program knows; prompt ids are checked against it
+
+Logits are ``(1, L', V)`` (or ``(1, V)``) float; only the last row is read, so a prefill that
+returns last-token logits only (``L' = 1``) works as well as one returning all ``L``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+from torch import Tensor
+
+__all__ = ["Backend", "ContextOverflowError", "TokenIdError", "PteError", "check_token_ids"]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What :func:`fxport.runtime.generate.generate` needs from a model (see the module docstring)."""
+
+    max_seq_len: int | None
+    max_prefill_chunk: int
+
+    def prefill(self, tokens: Tensor, input_pos: Tensor) -> Tensor: ...
+
+    def decode(self, token: Tensor, input_pos: Tensor) -> Tensor: ...
+
+
+class ContextOverflowError(ValueError):
+    """The prompt plus the requested new tokens do not fit the backend's KV cache."""
+
+
+class TokenIdError(ValueError):
+    """A token id outside the program's vocabulary."""
+
+
+class PteError(ValueError):
+    """The file is not a fxport ``.pte`` this backend can run; the message says why."""
+
+
+def check_token_ids(ids: Sequence[int] | Tensor, vocab_size: int | None, fix: str | None = None) -> None:
+    """TokenIdError naming the first id outside ``[0, vocab_size)`` (None: not checked)."""
+    if vocab_size is None:
+        return
+    vocab_size = int(vocab_size)
+    flat = ids.reshape(-1).tolist() if isinstance(ids, Tensor) else [int(i) for i in ids]
+    for pos, i in enumerate(flat):
+        if not 0 <= i < vocab_size:
+            raise TokenIdError(
+                f"token id {i} (prompt position {pos}) is outside the program's vocabulary of "
+                f"{vocab_size} ids (0..{vocab_size - 1}); "
+                + (fix or f"pass token ids below {vocab_size}.")
+            )
