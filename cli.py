@@ -248,14 +248,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.runner == "executorch":
         return _run_stock(args)
     from fxport.runtime.generate import generate
-    from fxport.runtime.pte_backend import PteBackend
+    from fxport.runtime.loader import open_program
     from fxport.runtime.samplers import Sampler
 
-    backend = PteBackend(args.model, num_threads=args.threads, verbose=args.verbose or None)
-    if {"image_encoder", "audio_encoder"} & set(backend.program.method_names):  # a multimodal program
-        from fxport.runtime.multimodal import open_pte
-
-        backend = open_pte(args.model, num_threads=args.threads, verbose=args.verbose or None)
+    # the text or the multimodal backend, by the program's methods
+    backend = open_program(args.model, num_threads=args.threads, verbose=args.verbose or None)
     tokenizer = _load_tokenizer_for(args.model, args.tokenizer)
     if tokenizer is None and args.prompt_ids is None:
         raise UsageError(f"no tokenizer for {args.model}: pass --tokenizer FILE.gguf|DIR "
