@@ -39,6 +39,7 @@ __all__ = ["Tokenizer", "gemma_backend_from_gguf", "load_tokenizer", "TokenizerE
 
 SPIECE_SPACE = "\u2581"
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 class TokenizerError(ValueError):
@@ -55,11 +56,14 @@ class Tokenizer:
             has it, as llama.cpp treats it as end-of-generation for Gemma).
         pad_id: padding id.
         add_bos: default for :meth:`encode`.
+        chat_template: the checkpoint's chat template (Jinja source) when it came with one: an
+            instruction-tuned checkpoint; ``fxport run`` wraps prompts in the chat format then.
     """
 
     def __init__(self, backend: Backend, bos_id: int | None, eos_ids: Sequence[int],
-                 pad_id: int | None = None, add_bos: bool = True):
+                 pad_id: int | None = None, add_bos: bool = True, chat_template: str | None = None):
         self.backend, self.bos_id, self.pad_id, self.add_bos = backend, bos_id, pad_id, add_bos
+        self.chat_template = chat_template or None
         self.eos_ids = tuple(dict.fromkeys(int(i) for i in eos_ids))
 
     @property
@@ -91,12 +95,16 @@ class Tokenizer:
         When ``add_bos``, its post-processor prepends BOS: ExecuTorch's C++ ``HFTokenizer`` runs the
         post-processor when the runner is asked for BOS (``GenerationConfig(num_bos=1)``), and
         then gives the ids :meth:`encode` gives. :meth:`encode` itself never runs it.
+        A tokenizer with a chat template also writes it beside, as ``chat_template.jinja`` (the
+        file Hugging Face directories carry; :func:`tokenizer_from_hf_dir` reads it back).
         """
         if self.add_bos and self.bos_id is not None:
             bos = self.backend.id_to_token(self.bos_id)
             self.backend.post_processor = processors.TemplateProcessing(
                 single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, self.bos_id)])
         self.backend.save(str(path))
+        if self.chat_template:
+            Path(path).with_name(CHAT_TEMPLATE_FILE).write_text(self.chat_template)
 
 
 # ---- GGUF --------------------------------------------------------------------------------------
@@ -159,7 +167,8 @@ def tokenizer_from_gguf_metadata(md: Mapping[str, Any]) -> Tokenizer:
         eos.append(end_of_turn)
     bos = md.get("bos_token_id")
     return Tokenizer(backend, None if bos is None else int(bos), eos,
-                     pad_id=md.get("padding_token_id"), add_bos=bool(md.get("add_bos_token", True)))
+                     pad_id=md.get("padding_token_id"), add_bos=bool(md.get("add_bos_token", True)),
+                     chat_template=md.get("chat_template"))
 
 
 # ---- Hugging Face directory ------------------------------------------------------------------
@@ -195,7 +204,19 @@ def tokenizer_from_hf_dir(path: str | os.PathLike) -> Tokenizer:
     if not eos_ids:
         raise TokenizerError(f"{path}: no eos token id in generation_config.json, config.json or "
                              "tokenizer_config.json; add eos_token_id to config.json.")
-    return Tokenizer(backend, bos, eos_ids, pad_id=pad, add_bos=bool(tcfg.get("add_bos_token", True)))
+    return Tokenizer(backend, bos, eos_ids, pad_id=pad, add_bos=bool(tcfg.get("add_bos_token", True)),
+                     chat_template=_chat_template(path, tcfg))
+
+
+def _chat_template(path: Path, tcfg: Mapping[str, Any]) -> str | None:
+    """The directory's chat template: ``chat_template.jinja``, else tokenizer_config.json's
+    ``chat_template`` (a string, or a list of named templates: the ``default`` one)."""
+    if (path / CHAT_TEMPLATE_FILE).is_file():
+        return (path / CHAT_TEMPLATE_FILE).read_text()
+    t = tcfg.get("chat_template")
+    if isinstance(t, list):
+        t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+    return t if isinstance(t, str) else None
 
 
 def load_tokenizer(source: Any) -> Tokenizer:
@@ -221,3 +242,167 @@ def load_tokenizer(source: Any) -> Tokenizer:
         f"cannot load a tokenizer from {source!r}: pass a .gguf file, GGUF tokenizer metadata or "
         "a Hugging Face directory with tokenizer.json."
     )
+
+
+# ---- chat format -------------------------------------------------------------------------------
+# Gemma's turn format, as the chat templates shipped with the checkpoints write it (transformers
+# renders a checkpoint's ``chat_template.jinja`` in ``apply_chat_template``; transformers 5.23 ships
+# no Gemma 4 template of its own, only its response parser, whose start anchor is
+# ``"<|turn>model\n"`` and whose content closes at ``"<turn|>"``:
+# transformers/cli/serving/utils.py, _RESPONSE_TEMPLATE_FALLBACKS["gemma4"]). The published Gemma 4
+# template (llama.cpp keeps a copy: models/templates/gemma4.jinja) renders, for the parts fxport
+# writes:
+#
+#     {{ bos_token }}
+#     {%- if messages[0]['role'] in ['system', 'developer'] -%}
+#         {{- '<|turn>system\n' -}} {{- messages[0]['content'] | trim -}} {{- '<turn|>\n' -}}
+#     {%- for message in loop_messages -%}
+#         {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+#         {{- '<|turn>' + role + '\n' }}
+#         text: {{- item['text'] | trim -}}; image: {{- '\n\n<|image|>\n\n' -}}; audio: {{- '<|audio|>' -}}
+#         {{- '<turn|>\n' -}}
+#     {%- if add_generation_prompt -%} {{- '<|turn>model\n' -}}
+#         (the 26B / 31B templates add '<|channel>thought\n<channel|>' unless enable_thinking)
+#
+# Gemma 3's template (transformers' tests/models/gemma3 processor fixture) writes
+# ``<start_of_turn>user\n`` + (system text + "\n\n" on the first turn) + text ``<end_of_turn>\n``
+# and ``<start_of_turn>model\n``. The processor then expands each ``<|image|>`` / ``<|audio|>`` into
+# ``boi + image * n + eoi`` / ``boa + audio * n + eoa`` (fxport.runtime.multimodal does that).
+
+CHAT_FORMATS = ("gemma4", "gemma3")
+IMAGE, AUDIO = "image", "audio"  # content item types of a chat message
+# Markers a user may write in a prompt where an image / audio clip goes.
+MEDIA_MARKERS = {"<image>": IMAGE, "<|image|>": IMAGE, "<audio>": AUDIO, "<|audio|>": AUDIO}
+_EMPTY_THOUGHT = "<|channel>thought\n<channel|>"
+
+
+def chat_format_of(tokenizer: Any) -> str | None:
+    """``"gemma4"`` when the vocabulary has Gemma 4's ``<|turn>``, ``"gemma3"`` for
+    ``<start_of_turn>``, else None (no turn format known)."""
+    find = getattr(tokenizer, "token_to_id", None)
+    if find is None:
+        return None
+    if find("<|turn>") is not None:
+        return "gemma4"
+    if find("<start_of_turn>") is not None:
+        return "gemma3"
+    return None
+
+
+def split_media_markers(text: str) -> list[Any]:
+    """``"a <image> b"`` -> ``["a ", {"type": "image"}, " b"]`` (see :data:`MEDIA_MARKERS`)."""
+    import re
+
+    pattern = "(" + "|".join(re.escape(m) for m in MEDIA_MARKERS) + ")"
+    out: list[Any] = []
+    for part in re.split(pattern, text):
+        if part in MEDIA_MARKERS:
+            out.append({"type": MEDIA_MARKERS[part]})
+        elif part:
+            out.append(part)
+    return out
+
+
+def user_message(prompt: str, images: int = 0, audio: int = 0) -> dict[str, Any]:
+    """One user turn as a transformers chat message: the media go where ``prompt`` has markers
+    (``<image>`` / ``<|image|>``, ``<audio>`` / ``<|audio|>``), else before the text (images,
+    then audio), as the Gemma model cards place them. The marker counts must equal ``images``
+    and ``audio`` (or be zero)."""
+    parts = split_media_markers(prompt)
+    marked = {k: sum(1 for p in parts if isinstance(p, dict) and p["type"] == k) for k in (IMAGE, AUDIO)}
+    for kind, given in ((IMAGE, images), (AUDIO, audio)):
+        if marked[kind] and marked[kind] != given:
+            raise ValueError(
+                f"chat: the prompt has {marked[kind]} <{kind}> marker(s) but {given} {kind} input(s) were given; "
+                f"put one <{kind}> marker per {kind}, or none ({kind}s then go before the text)."
+            )
+    head = [{"type": IMAGE}] * (images if not marked[IMAGE] else 0) + [{"type": AUDIO}] * (audio if not marked[AUDIO] else 0)
+    content = head + [p if isinstance(p, dict) else {"type": "text", "text": p} for p in parts]
+    return {"role": "user", "content": content}
+
+
+def render_chat(messages: Sequence[Mapping[str, Any]], fmt: str = "gemma4", add_generation_prompt: bool = True,
+                empty_thought: bool = False) -> list[Any]:
+    """The chat template's output as segments: text (str) and media items (``{"type": "image"}``
+    / ``{"type": "audio"}`` where the template writes ``<|image|>`` / ``<|audio|>``). BOS is not
+    included (:func:`encode_chat` adds the id). ``empty_thought``: the 26B / 31B templates'
+    closed thought channel after the generation prompt."""
+    if fmt not in CHAT_FORMATS:
+        raise ValueError(f"chat: unknown format {fmt!r}; choose one of {', '.join(CHAT_FORMATS)}.")
+    messages = list(messages)
+    out: list[Any] = []
+    system = ""
+    if messages and messages[0].get("role") in ("system", "developer"):
+        content = messages[0]["content"]
+        messages = messages[1:]
+        if fmt == "gemma4":  # trimmed, like every content
+            out.append("<|turn>system\n" + _content_text(content, strip=True) + "<turn|>\n")
+        else:  # Gemma 3 prefixes the first user turn with the system text as written
+            system = _content_text(content, strip=False) + "\n\n"
+    turn, end = ("<|turn>", "<turn|>\n") if fmt == "gemma4" else ("<start_of_turn>", "<end_of_turn>\n")
+    for i, message in enumerate(messages):
+        role = "model" if message["role"] == "assistant" else message["role"]
+        if fmt == "gemma3" and (role == "user") != (i % 2 == 0):
+            raise ValueError("chat: Gemma 3 conversations alternate user / assistant turns, starting with user.")
+        out.append(turn + role + "\n" + (system if i == 0 else ""))
+        content = message["content"]
+        items = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+        for item in items:
+            kind = item.get("type")
+            if kind == "text":
+                out.append(item["text"].strip())
+            elif kind in (IMAGE, AUDIO):
+                if fmt == "gemma3":
+                    raise ValueError(f"chat: fxport's Gemma 3 chat format is text only; drop the {kind}.")
+                out += ["\n\n", {"type": IMAGE}, "\n\n"] if kind == IMAGE else [{"type": AUDIO}]
+        out.append(end)
+    if add_generation_prompt:
+        out.append(turn + "model\n" + (_EMPTY_THOUGHT if empty_thought and fmt == "gemma4" else ""))
+    merged: list[Any] = []  # adjacent text joined (tokenized as one string, as the template's output is)
+    for seg in out:
+        if isinstance(seg, str) and merged and isinstance(merged[-1], str):
+            merged[-1] += seg
+        elif seg != "":
+            merged.append(seg)
+    return merged
+
+
+def _content_text(content: Any, strip: bool) -> str:
+    if not isinstance(content, str):  # Gemma 3's template reads the first text item; Gemma 4's the string
+        content = next((i["text"] for i in content if i.get("type") == "text"), "")
+    return content.strip() if strip else content
+
+
+def encode_segments(tokenizer: Any, segments: Sequence[Any], image_token_id: int | None = None,
+                    audio_token_id: int | None = None, bos: bool = True) -> list[int]:
+    """Token ids of text segments and media items (each one ``image_token_id`` /
+    ``audio_token_id``, which :func:`fxport.runtime.multimodal.build_prompt` expands), BOS first
+    when ``bos``. Text is encoded without BOS; special tokens in it (``<|turn>``) are matched whole."""
+    ids: list[int] = [] if not bos or tokenizer.bos_id is None else [tokenizer.bos_id]
+    for seg in segments:
+        if isinstance(seg, str):
+            ids += tokenizer.encode(seg, add_bos=False)
+            continue
+        pid = image_token_id if seg["type"] == IMAGE else audio_token_id
+        if pid is None:
+            raise ValueError(f"chat: the prompt has a <{seg['type']}> but the program has no {seg['type']} token id "
+                             f"(no {seg['type']} encoder); drop the marker or use a multimodal program.")
+        ids.append(int(pid))
+    return ids
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[Mapping[str, Any]], image_token_id: int | None = None,
+                audio_token_id: int | None = None, fmt: str | None = None,
+                add_generation_prompt: bool = True) -> list[int]:
+    """``apply_chat_template(messages, tokenize=True, add_generation_prompt=True)``'s ids for a
+    Gemma tokenizer (see the comment above :data:`CHAT_FORMATS`); ``fmt`` defaults to the
+    vocabulary's (:func:`chat_format_of`). The empty thought channel is added when the
+    tokenizer's own template (``tokenizer.chat_template``) writes it."""
+    fmt = fmt or chat_format_of(tokenizer)
+    if fmt is None:
+        raise ValueError("chat: the tokenizer has neither <|turn> (Gemma 4) nor <start_of_turn> (Gemma 3); "
+                         "it is not a Gemma chat tokenizer: drop --chat.")
+    template = getattr(tokenizer, "chat_template", None) or ""
+    empty_thought = "'<|channel>thought\\n<channel|>'" in template
+    segments = render_chat(messages, fmt, add_generation_prompt, empty_thought=empty_thought)
+    return encode_segments(tokenizer, segments, image_token_id, audio_token_id)
