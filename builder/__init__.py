@@ -21,8 +21,8 @@ is skipped and the existing program returned.
 Compile time (the 270M ``balanced`` export: 223 s -> 53-60 s on 2 cores): the stages run with the
 collector paused between stage boundaries (:class:`StageGC`), torchao's quant ops answering fake
 propagation from shapes (from export on) and GraphModules generating code lazily (from the passes
-on); the lowering adds its own (:mod:`fxport.lowering.fewer_retraces`,
-:mod:`fxport.lowering.faster_partitioner`). None changes the program: the bytes written are the
+on); the lowering adds its own (:mod:`fxport.builder.speedups.fewer_retraces`,
+:mod:`fxport.builder.speedups.faster_partitioner`). None changes the program: the bytes written are the
 same with and without them.
 """
 
@@ -557,24 +557,24 @@ class StageGC:
 
 def fast_fake_propagation():
     """From export to lowering: torchao's quant ops answer fake-tensor propagation from shapes
-    (:class:`fxport.lowering.quant_shape_rules.quant_shape_rules`)."""
+    (:class:`fxport.builder.speedups.quant_shape_rules.quant_shape_rules`)."""
     import contextlib
 
     if not FAST_TRACING:
         return contextlib.nullcontext()
-    from fxport.lowering.quant_shape_rules import quant_shape_rules
+    from fxport.builder.speedups.quant_shape_rules import quant_shape_rules
 
     return quant_shape_rules()
 
 
 def lazy_codegen():
     """From the passes to lowering: GraphModules generate their code only when run or read
-    (:class:`fxport.lowering.lazy_recompile.lazy_recompile`; torch.export's own modules are left alone)."""
+    (:class:`fxport.builder.speedups.lazy_recompile.lazy_recompile`; torch.export's own modules are left alone)."""
     import contextlib
 
     if not FAST_TRACING:
         return contextlib.nullcontext()
-    from fxport.lowering.lazy_recompile import lazy_recompile
+    from fxport.builder.speedups.lazy_recompile import lazy_recompile
 
     return lazy_recompile()
 

@@ -6,12 +6,8 @@
 * :mod:`fxport.lowering.cuda`: CUDA ``.pte`` + ``.ptd`` (CudaPartitioner / AOTInductor) and the
   CPU-only partition dry run ``cuda_dry_run``.
 * :mod:`fxport.lowering.dryrun`: delegation reports (what a backend took, what it left).
-* Compile time, each the same program, byte for byte: :mod:`fxport.lowering.fewer_retraces`
-  (fused edge passes, skipped re-traces and decompositions that cannot change the graph),
-  :mod:`fxport.lowering.faster_partitioner` (the partitioner's merge check with set operations),
-  :mod:`fxport.lowering.lazy_recompile` (GraphModule code generated when run or read) and
-  :mod:`fxport.lowering.quant_shape_rules` (torchao's quant ops answer fake propagation from
-  shapes); the builder runs the last two around its graph stages.
+* Compile time: the patches of upstream internals the build lowers under live in
+  :mod:`fxport.builder.speedups`.
 * ``PteBackend`` (the runtime's ``.pte`` backend) moved to :mod:`fxport.runtime.pte_backend`;
   the lazy name ``fxport.lowering.PteBackend`` still resolves there.
 * :mod:`fxport.passes.last_token_logits` / :mod:`fxport.passes.xnnpack`: the CPU-side

@@ -219,7 +219,7 @@ def partition_report(programs: Mapping[str, ExportedProgram]) -> CudaDryRunRepor
     """Run ``CudaPartitioner.partition`` on the edge form of each method (no compilation)."""
     from executorch.exir import EdgeCompileConfig, to_edge
 
-    from fxport.lowering.fewer_retraces import fewer_retraces
+    from fxport.builder.speedups.fewer_retraces import fewer_retraces
 
     delegation = DelegationReport()
     fallback: dict[str, dict[str, str]] = {}

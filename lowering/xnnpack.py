@@ -224,7 +224,7 @@ def lower_to_xnnpack(
     All methods must mutate the same buffers (same FQNs, shapes, dtypes): that is what lets
     them share one KV-cache allocation. Raises ValueError naming the method and buffers that
     differ. ``on_stage("serialize")`` is called between ``to_edge_transform_and_lower`` and
-    ``to_executorch`` when given. ``legacy=True`` lowers without :class:`fxport.lowering.fewer_retraces.fewer_retraces` (the
+    ``to_executorch`` when given. ``legacy=True`` lowers without :class:`fxport.builder.speedups.fewer_retraces.fewer_retraces` (the
     path before the compile-time work; bench/export_time.py --legacy). ``weights_file``: put
     the weights in a ``.ptd`` (True), keep them in the ``.pte`` (False), or decide by
     :func:`shared_tables` (None: a ``.ptd`` when a table would otherwise be stored twice).
@@ -238,8 +238,8 @@ def lower_to_xnnpack(
     _check_shared_buffers(programs)
     import contextlib
 
-    from fxport.lowering.faster_partitioner import faster_partitioner
-    from fxport.lowering.fewer_retraces import fewer_retraces
+    from fxport.builder.speedups.faster_partitioner import faster_partitioner
+    from fxport.builder.speedups.fewer_retraces import fewer_retraces
 
     shared = shared_tables(programs)
     external = bool(shared) if weights_file is None else weights_file

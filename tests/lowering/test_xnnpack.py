@@ -235,8 +235,8 @@ def test_fewer_retraces_write_the_same_program(tiny, tmp_path):
     logits, bit for bit, over prefill chunks and decode steps."""
     from fxport.models.gemma4.config import SLIDING
     from fxport.models.gemma4.model import Gemma4ForCausalLM
-    from fxport.lowering.lazy_recompile import lazy_recompile
-    from fxport.lowering.quant_shape_rules import quant_shape_rules
+    from fxport.builder.speedups.lazy_recompile import lazy_recompile
+    from fxport.builder.speedups.quant_shape_rules import quant_shape_rules
     from fxport.passes.edge_decompositions import EdgeDecompositions
 
     config = tiny.config().replace(num_hidden_layers=1, layer_types=[SLIDING])  # 1 layer: the test's cost

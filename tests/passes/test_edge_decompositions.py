@@ -91,7 +91,7 @@ def test_the_graph_is_what_run_decompositions_gives(programs):
     assert Counter(s["to"] for s in result.stats.sites)["aten.view.default"] == 3
     assert _ops(result.ep) == _ops(reference)
     # what is left of the table: the length's size read, which decomposes into itself
-    from fxport.lowering.fewer_retraces import _SIZE_QUERIES
+    from fxport.builder.speedups.fewer_retraces import _SIZE_QUERIES
 
     left = {n.target for n in result.ep.graph.nodes if n.op == "call_function" and n.target in table}
     assert left == {torch.ops.aten.sym_size.int} and left <= _SIZE_QUERIES

@@ -21,7 +21,7 @@ implementation's divisibility check would guard on the symbol), ``choose_qparams
 all blocks of size 1 (torch.amin over no dimension reduces over all of them); and every call
 outside the context.
 
-The program written is byte-identical (``tests/lowering/test_quant_shape_rules.py`` checks the
+The program written is byte-identical (``tests/builder/speedups/test_quant_shape_rules.py`` checks the
 rules against torchao's implementation over recipes' shapes, ``tests/lowering/test_xnnpack.py``
 compares the bytes of a lowering with and without).
 """

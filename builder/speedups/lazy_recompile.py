@@ -15,7 +15,7 @@ is the code of the graph as it is at that moment, which is what an eager recompi
 last edit gives; a module still stale when the context exits is compiled then, so nothing
 outside it ever sees stale code. The patch is process-wide while the context is open (graph work
 in other threads sees it too, with the same results). The program written is byte-identical
-(``tests/lowering/test_xnnpack.py``; the mechanism: ``tests/lowering/test_lazy_recompile.py``).
+(``tests/lowering/test_xnnpack.py``; the mechanism: ``tests/builder/speedups/test_lazy_recompile.py``).
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import fxport.lowering.quant_shape_rules as rules
-from fxport.lowering.quant_shape_rules import quant_shape_rules
+import fxport.builder.speedups.quant_shape_rules as rules
+from fxport.builder.speedups.quant_shape_rules import quant_shape_rules
 
 torchao = pytest.importorskip("torchao.quantization.quant_primitives")
 OPS = torch.ops.torchao

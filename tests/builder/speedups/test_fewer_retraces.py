@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from fxport.lowering.fewer_retraces import _graph_fingerprint, fuse_passes, fusable
+from fxport.builder.speedups.fewer_retraces import _graph_fingerprint, fuse_passes, fusable
 
 
 class Mixed(torch.nn.Module):
@@ -74,7 +74,7 @@ class Views(torch.nn.Module):
 def test_view_copy_in_place_swaps_what_torchs_pass_swaps():
     from torch._export.passes import ReplaceViewOpsWithViewCopyOpsPass
 
-    from fxport.lowering.fewer_retraces import _ViewCopyInPlace
+    from fxport.builder.speedups.fewer_retraces import _ViewCopyInPlace
 
     def targets(swap):
         ep = torch.export.export(Views(), (torch.randn(2, 3, 4),)).run_decompositions({})

@@ -9,7 +9,7 @@ import pickle
 import torch
 from torch.fx import GraphModule, Tracer, symbolic_trace
 
-from fxport.lowering.lazy_recompile import is_stale, lazy_recompile
+from fxport.builder.speedups.lazy_recompile import is_stale, lazy_recompile
 
 
 class _AddMul(torch.nn.Module):

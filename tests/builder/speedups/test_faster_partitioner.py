@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch.fx.passes.infra.partitioner import Partition
 from torch.fx.passes.operator_support import OperatorSupportBase
 
-from fxport.lowering.faster_partitioner import can_merge_partitions, faster_partitioner
+from fxport.builder.speedups.faster_partitioner import can_merge_partitions, faster_partitioner
 
 
 class _All(OperatorSupportBase):
