@@ -1,4 +1,4 @@
-"""torch.library ops over canonical int4 weights (see :mod:`fxport.quant.packed`).
+"""torch.library ops over canonical int4 weights (layout: :mod:`fxport.kernels.int4_layout`).
 
 ``fxport::int4_gemv(x, packed, scales, zeros, group_size) -> out``
     x (..., K) float; packed (N, K // 2) uint8 (low nibble = even k); scales, zeros
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op
 
-from fxport.quant.packed import dequantize_codes, unpack_int4
+from fxport.kernels.int4_layout import dequantize_codes, unpack_int4
 
 __all__ = ["int4_gemv", "int4_dequant", "int4_gemv_reference", "int4_dequant_reference"]
 

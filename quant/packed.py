@@ -27,6 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
+# the layout the kernels read, defined with them (quant -> kernels, one way; see that module)
+from fxport.kernels.int4_layout import dequantize_codes, unpack_int4
+
 FORMAT_NAME = "fxport.quant.packed"
 FORMAT_VERSION = 1
 
@@ -39,7 +42,8 @@ class QuantFormatError(ValueError):
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """(N, K) codes in [0, 15] (any integer dtype) -> (N, K // 2) uint8, low nibble = even k."""
+    """(N, K) codes in [0, 15] (any integer dtype) -> (N, K // 2) uint8, low nibble = even k
+    (the layout of :mod:`fxport.kernels.int4_layout`; :func:`unpack_int4` is its inverse)."""
     if q.dim() != 2 or q.shape[-1] % 2:
         raise QuantFormatError(f"pack_int4: expected (N, K) codes with K even, got shape {tuple(q.shape)}")
     q = q.to(torch.int16)
@@ -49,13 +53,6 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
             "shift signed int4 codes by +8 first"
         )
     return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """(N, K // 2) uint8 -> (N, K) uint8 codes in [0, 15] (inverse of :func:`pack_int4`)."""
-    lo = packed & 0x0F
-    hi = packed >> 4
-    return torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], packed.shape[1] * 2)
 
 
 # ----------------------------------------------------------------------------- the weight
@@ -121,25 +118,6 @@ class QuantizedWeight:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zeros))
-
-
-def dequantize_codes(
-    codes: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    group_size: int,
-    dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """The reference formula: (N, K) codes -> ``((q - z) * s).to(dtype)``, per group along K.
-
-    Arithmetic is done in ``dtype`` (like torchao's ``dequantize_affine``), so integer zeros
-    give results bit-identical to it.
-    """
-    dtype = dtype or scales.dtype
-    n, k = codes.shape
-    q = codes.to(dtype).reshape(n, k // group_size, group_size)
-    w = (q - zeros.to(dtype)[..., None]) * scales[..., None]
-    return w.reshape(n, k).to(dtype)
 
 
 # ----------------------------------------------------------------------------- files
