@@ -31,6 +31,7 @@ import torch
 from fxport.quant.packed import QuantFormatError, QuantizedWeight, pack_int4
 from fxport.quant.quantize import quantize_weight
 from fxport.quant.recipe import QuantConfig, QuantRecipe
+from fxport.weights.gguf import iter_gguf_tensors
 
 QK_K = 256
 NATIVE = {"Q4_K": (4, 32), "Q6_K": (8, 16), "Q8_0": (8, 32)}
@@ -159,8 +160,6 @@ def import_gguf(
     converted exactly; any other, e.g. Q5_0 or F16, is requantized); the rest is skipped. ``names`` restricts the import to those transformers
     names. Other tensors (norms, F32/F16) are left to ``fxport.models.gemma4.load.load_gguf``.
     """
-    from fxport.models.gemma4.load import iter_gguf_tensors
-
     wanted = None if names is None else set(names)
     num_layers = None
     weights, reports = {}, []

@@ -8,21 +8,20 @@ tokenizer comes from.
   ``model.safetensors.index.json``) or a single ``.safetensors`` file; :func:`load_hf_config`
   turns its ``config.json`` into a :class:`Gemma4Config` (through transformers' config classes,
   which normalize legacy keys, then :func:`from_hf_config`).
-* :func:`load_gguf` reads a llama.cpp GGUF file: :func:`read_gguf` parses the header (metadata
-  and tensor table, with the ``gguf`` package's enums and block sizes; same result as
-  ``gguf.GGUFReader``, which takes 10-30 s on Gemma's 262144-token vocabulary against ~1 s here),
+* :func:`load_gguf` reads a llama.cpp GGUF file through the reader of :mod:`fxport.weights.gguf`
+  (:func:`read_gguf`: header, metadata, raw tensors with transformers names and PyTorch-order
+  shapes; :func:`iter_gguf_tensors` for code that repacks quantized weights instead, as
+  ``fxport.quant.gguf_import``; both importable from here as before).
   ``gguf.quants.dequantize`` decodes every block format (F32, F16, BF16, Q4_K, Q5_0, Q6_K, Q8_0,
-  ...; no block decoding here). It renames GGUF tensors to transformers names, reverses
-  GGUF's fastest-dimension-first shapes, drops the unit offset llama.cpp's converter adds to
+  ...; no block decoding here). It drops the unit offset llama.cpp's converter adds to
   every Gemma norm weight (GGUF stores ``1 + w``; transformers' Gemma RMSNorm stores ``w`` and
   scales by ``1 + w``, see transformers' ``Gemma2TensorProcessor``, which subtracts 1 from every
   ``*norm.weight``), and builds the config from the ``gemma3.*`` metadata keys.
-* :func:`iter_gguf_tensors` yields the raw tensors (ggml type + block bytes) for code that wants
-  to repack quantized weights instead of dequantizing them.
 * :func:`build_model` / :func:`load_model` check the state dict against the model (names and
   shapes, all before any weight is assigned) and return a loaded :class:`Gemma4ForCausalLM`.
 
-Every failure raises :class:`CheckpointError` naming the file or tensor and the fix; nothing is
+Every failure raises :class:`CheckpointError` (defined in :mod:`fxport.weights.errors`, the
+readers' floor) naming the file or tensor and the fix; nothing is
 returned half-loaded. Non-finite values are refused at load: a NaN/Inf weight (GGUF or
 safetensors; one ``torch.isfinite(t).all()`` per tensor) and a NaN/Inf float in the GGUF metadata
 or in the resulting config (``rms_norm_eps``, RoPE bases, ...). A file is GGUF when it starts with
@@ -35,16 +34,28 @@ import contextlib
 import json
 import math
 import os
-import re
-import struct
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from fxport.weights.errors import CheckpointError, CheckpointNotFoundError
+from fxport.weights.errors import require_exists as _require_exists
+from fxport.weights.gguf import (
+    GGUF_GLOBAL_NAMES,
+    GGUF_MAGIC,
+    GGUFFile,
+    GGUFTensor,
+    gguf_to_hf_name,
+    is_gguf_file,
+    iter_gguf_tensors,
+    read_gguf,
+    read_gguf_metadata,
+    read_gguf_with_reader,
+)
 
 from .config import Gemma4Config, from_hf_config, pattern_layer_types
 
@@ -71,16 +82,7 @@ __all__ = [
     "gemma3_270m_gguf",
 ]
 
-GGUF_MAGIC = b"GGUF"
 SUPPORTED_GGUF_ARCHS = ("gemma3",)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be loaded; the message names the file/tensor and what to do."""
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """The checkpoint file or directory does not exist."""
 
 
 class Checkpoint(NamedTuple):
@@ -144,24 +146,7 @@ def _check_finite_config(config: Gemma4Config, source: Path | str) -> Gemma4Conf
     return config
 
 
-def is_gguf_file(path: str | os.PathLike) -> bool:
-    """True if ``path`` is a file starting with the GGUF magic bytes (any name, any suffix)."""
-    path = Path(path)
-    if not path.is_file():
-        return False
-    try:
-        with path.open("rb") as f:
-            return f.read(4) == GGUF_MAGIC
-    except OSError:
-        return False
-
-
 # ---- Hugging Face safetensors -------------------------------------------------------------
-def _require_exists(path: Path, what: str, fix: str) -> None:
-    if not path.exists():
-        raise CheckpointNotFoundError(f"{what} not found: {path}. {fix}")
-
-
 def _safetensors_files(path: Path) -> list[Path]:
     """The shard files of a directory (index order), or the single file given."""
     if path.is_file():
@@ -275,267 +260,8 @@ def load_hf_config(path: str | os.PathLike) -> Gemma4Config:
 
 
 # ---- GGUF -----------------------------------------------------------------------------------
-_GGUF_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_GGUF_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "attn_norm": "input_layernorm",
-    "post_attention_norm": "post_attention_layernorm",
-    "ffn_norm": "pre_feedforward_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GGUF_LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
-
-
-def gguf_to_hf_name(name: str) -> str | None:
-    """transformers name of a Gemma GGUF tensor (``blk.3.attn_q.weight`` ->
-    ``model.layers.3.self_attn.q_proj.weight``), or None if the name is not a Gemma tensor."""
-    if name in _GGUF_GLOBAL_NAMES:
-        return _GGUF_GLOBAL_NAMES[name]
-    m = _GGUF_LAYER_RE.match(name)
-    if m and m.group(2) in _GGUF_LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_GGUF_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
-    return None
-
-
 def _is_gemma_norm(hf_name: str) -> bool:
     return hf_name.endswith("norm.weight")
-
-
-@dataclass(frozen=True)
-class GGUFTensor:
-    """One tensor of a GGUF file, not dequantized.
-
-    ``shape`` is in PyTorch order (GGUF lists the fastest dimension first; this is reversed),
-    ``data`` the raw memory-mapped array the ``gguf`` reader exposes: for block formats uint8
-    of shape (rows, bytes_per_row), for F32/F16 the typed values. ``hf_name`` is None for
-    tensors that have no transformers counterpart.
-    """
-
-    name: str
-    hf_name: str | None
-    ggml_type: Any  # gguf.GGMLQuantizationType
-    shape: tuple[int, ...]
-    data: np.ndarray
-
-    def dequantize(self) -> np.ndarray:
-        """fp32 values of shape ``self.shape`` through ``gguf.quants.dequantize``."""
-        from gguf.quants import dequantize
-
-        return dequantize(self.data, self.ggml_type).reshape(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.data.nbytes)
-
-
-class GGUFFile(NamedTuple):
-    """A parsed GGUF file: metadata (Python values; arrays as lists) and raw tensors."""
-
-    path: Path
-    metadata: dict[str, Any]
-    tensors: list[GGUFTensor]
-
-
-class _Cursor:
-    """Little-endian reads from a memory-mapped GGUF header; EOF -> CheckpointError."""
-
-    def __init__(self, buf: np.ndarray, path: Path):
-        self.buf, self.mv, self.pos, self.path = buf, memoryview(buf), 0, path
-
-    def _need(self, n: int, what: str) -> None:
-        if self.pos + n > len(self.buf):
-            raise CheckpointError(
-                f"{self.path} ({len(self.buf)} bytes) is truncated: the header ends inside "
-                f"{what} at byte {self.pos}. Re-download or re-assemble the file."
-            )
-
-    def scalar(self, fmt: str, what: str) -> Any:
-        n = struct.calcsize(fmt)
-        self._need(n, what)
-        (v,) = struct.unpack_from("<" + fmt, self.mv, self.pos)
-        self.pos += n
-        return v
-
-    def string(self, what: str) -> str:
-        n = self.scalar("Q", what)
-        self._need(n, what)
-        s = bytes(self.mv[self.pos:self.pos + n]).decode("utf-8", errors="replace")
-        self.pos += n
-        return s
-
-    def array(self, dtype: Any, count: int, what: str) -> np.ndarray:
-        n = np.dtype(dtype).itemsize * count
-        self._need(n, what)
-        a = np.frombuffer(self.buf, dtype=np.dtype(dtype).newbyteorder("<"), count=count, offset=self.pos)
-        self.pos += n
-        return a
-
-
-# GGUFValueType -> struct format of a scalar / numpy dtype of an array
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
-                 12: "d"}
-_GGUF_ARRAYS = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
-                6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
-
-
-def _read_value(cur: _Cursor, vtype: int, key: str) -> Any:
-    if vtype in _GGUF_SCALARS:
-        v = cur.scalar(_GGUF_SCALARS[vtype], key)
-        return float(v) if vtype in (6, 12) else v
-    if vtype == 8:
-        return cur.string(key)
-    if vtype == 9:
-        etype, count = cur.scalar("I", key), cur.scalar("Q", key)
-        if etype in _GGUF_ARRAYS:
-            return cur.array(_GGUF_ARRAYS[etype], count, key).tolist()
-        return [_read_value(cur, etype, key) for _ in range(count)]
-    raise CheckpointError(f"{cur.path}: metadata key {key!r} has unknown value type {vtype}; the "
-                          "file is corrupt or from a newer GGUF version.")
-
-
-def _tensor_data(buf: np.ndarray, offset: int, ggml_type: Any, shape: tuple[int, ...]) -> np.ndarray:
-    """The raw array ``gguf.GGUFReader`` would expose for a tensor (same dtype and shape)."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, quant_shape_to_byte_shape
-
-    plain = {Q.F32: np.float32, Q.F16: np.float16, Q.F64: np.float64, Q.I8: np.int8,
-             Q.I16: np.int16, Q.I32: np.int32, Q.I64: np.int64}
-    n = int(np.prod(shape))
-    if ggml_type in plain:
-        return np.frombuffer(buf, dtype=plain[ggml_type], count=n, offset=offset).reshape(shape)
-    block, type_size = GGML_QUANT_SIZES[ggml_type]
-    byte_shape = quant_shape_to_byte_shape(shape, ggml_type)
-    return np.frombuffer(buf, dtype=np.uint8, count=n // block * type_size, offset=offset).reshape(byte_shape)
-
-
-def _tensor_nbytes(ggml_type: Any, shape: tuple[int, ...]) -> int:
-    from gguf import GGML_QUANT_SIZES
-
-    block, type_size = GGML_QUANT_SIZES[ggml_type]
-    return int(np.prod(shape)) // block * type_size
-
-
-def _check_file(path: Path) -> int:
-    _require_exists(
-        path, "GGUF file",
-        "Pass the path of a .gguf file (the Gemma 3 270M test file: "
-        "fxport.models.gemma4.load.gemma3_270m_gguf()).",
-    )
-    with path.open("rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise CheckpointError(
-            f"{path} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r}); pass a "
-            "llama.cpp .gguf file."
-        )
-    return path.stat().st_size
-
-
-def _check_tensors(path: Path, size: int, tensors: list[GGUFTensor], offsets: list[int]) -> None:
-    for t, off in zip(tensors, offsets):
-        end = off + _tensor_nbytes(t.ggml_type, t.shape)
-        if end > size:
-            raise CheckpointError(
-                f"{path} ({size} bytes) is truncated: tensor {t.name!r} ends at byte {end}. "
-                "Re-download or re-assemble the file."
-            )
-
-
-def read_gguf(path: str | os.PathLike) -> GGUFFile:
-    """Parse a GGUF file (v2/v3, little-endian): metadata and memory-mapped raw tensors.
-
-    The header is parsed here with bulk numpy reads because ``gguf.GGUFReader`` builds one
-    numpy view per array element, which takes 10-30 s on a 262144-token vocabulary; the
-    result is the same (checked against ``GGUFReader`` in the tests, see
-    :func:`read_gguf_with_reader`). Tensor bytes are never decoded here: dequantization is
-    ``gguf.quants.dequantize``.
-    """
-    from gguf import GGMLQuantizationType
-
-    path = Path(path)
-    size = _check_file(path)
-    buf = np.memmap(path, dtype=np.uint8, mode="r")
-    cur = _Cursor(buf, path)
-    cur.pos = 4
-    version = cur.scalar("I", "the version")
-    if version not in (2, 3):
-        raise CheckpointError(f"{path}: GGUF version {version} is not supported (2 or 3, "
-                              "little-endian); re-convert with a current llama.cpp.")
-    n_tensors, n_kv = cur.scalar("Q", "the tensor count"), cur.scalar("Q", "the key count")
-    md: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key = cur.string("a metadata key")
-        md[key] = _read_value(cur, cur.scalar("I", key), key)
-    infos = []
-    for _ in range(n_tensors):
-        name = cur.string("a tensor name")
-        n_dims = cur.scalar("I", name)
-        dims = [cur.scalar("Q", name) for _ in range(n_dims)]
-        raw_type, offset = cur.scalar("I", name), cur.scalar("Q", name)
-        try:
-            ggml_type = GGMLQuantizationType(raw_type)
-        except ValueError:
-            raise CheckpointError(f"{path}: tensor {name!r} has unknown ggml type {raw_type}; "
-                                  "update the gguf package or re-convert the file.") from None
-        infos.append((name, tuple(int(d) for d in reversed(dims)), ggml_type, offset))
-    align = int(md.get("general.alignment", 32))
-    data_start = (cur.pos + align - 1) // align * align
-    offsets = [data_start + off for *_, off in infos]
-    shells = [GGUFTensor(n, gguf_to_hf_name(n), ty, shp, np.empty(0)) for n, shp, ty, _ in infos]
-    _check_tensors(path, size, shells, offsets)
-    tensors = [
-        GGUFTensor(n, gguf_to_hf_name(n), ty, shp, _tensor_data(buf, off, ty, shp))
-        for (n, shp, ty, _), off in zip(infos, offsets)
-    ]
-    return GGUFFile(path, md, tensors)
-
-
-def read_gguf_with_reader(path: str | os.PathLike) -> GGUFFile:
-    """:func:`read_gguf` through ``gguf.GGUFReader`` (slow on large vocabularies; the
-    reference the fast parser is tested against)."""
-    import gguf
-
-    path = Path(path)
-    size = _check_file(path)
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError/IndexError/... on cut files
-        raise CheckpointError(
-            f"{path} ({size} bytes) is truncated or corrupt: the gguf reader failed with "
-            f"{type(e).__name__}: {e}. Re-download or re-assemble the file."
-        ) from None
-    md = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    tensors = [
-        GGUFTensor(t.name, gguf_to_hf_name(t.name), t.tensor_type,
-                   tuple(int(d) for d in reversed(t.shape.tolist())), t.data)
-        for t in reader.tensors
-    ]
-    return GGUFFile(path, md, tensors)
-
-
-def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """All metadata key/values of a GGUF file as Python values (arrays as lists)."""
-    return read_gguf(path).metadata
-
-
-def iter_gguf_tensors(path: str | os.PathLike) -> Iterator[GGUFTensor]:
-    """Every tensor of a GGUF file, raw (ggml type + block bytes), in file order.
-
-    For code that repacks quantized weights itself: nothing is dequantized and nothing is
-    renamed except ``hf_name``. The arrays are read-only memory-mapped views of the file.
-    """
-    yield from read_gguf(path).tensors
 
 
 def _meta(md: Mapping[str, Any], key: str, path: Path) -> Any:
@@ -683,7 +409,7 @@ def load_gguf(
         by_hf[t.hf_name] = t
     missing = [n for n in expected if n not in by_hf]
     if missing:
-        gguf_names = {v: k for k, v in _GGUF_GLOBAL_NAMES.items()}
+        gguf_names = {v: k for k, v in GGUF_GLOBAL_NAMES.items()}
         shown = ", ".join(gguf_names.get(n, n) for n in missing[:5])
         raise CheckpointError(
             f"{path}: {len(missing)} tensor(s) missing, first: {shown} (transformers name "
