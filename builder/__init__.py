@@ -408,7 +408,7 @@ def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-_CODE_DIRS = ("builder", "contract.py", "lowering", "passes", "models", "quant", "kernels")
+_CODE_DIRS = ("builder", "contract.py", "lowering", "passes", "models", "quant", "kernels", "weights")
 
 
 def code_digest() -> str:
