@@ -22,6 +22,7 @@ would otherwise index past the embedding table inside the runtime.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -373,21 +374,35 @@ def generate(
         result.prefill_chunks += 1
     result.prefill_s = time.perf_counter() - t0
 
-    pos = len(ids)
+    # A backend with its own threadpool (PteBackend) keeps torch's sampling ops off other threads
+    step_context = getattr(backend, "step_context", None)
+    with step_context() if step_context is not None else contextlib.nullcontext():
+        _decode_loop(backend, sampler, logits, len(ids), result, eos_ids=eos_ids, stop_ids=stop_ids,
+                     streamer=streamer, max_new_tokens=max_new_tokens, speculative=speculative,
+                     multimodal=mm_prompt is not None)
+    if result.stop_reason != "stop_string":
+        streamer.update(result.tokens)
+        streamer.flush()
+    result.text = streamer.text
+    return result
+
+
+def _decode_loop(backend: Backend, sampler: Callable[[Tensor], Tensor], logits: Tensor, pos: int,
+                 result: GenerationResult, *, eos_ids: set[int], stop_ids: set[int], streamer: _Streamer,
+                 max_new_tokens: int, speculative: Any, multimodal: bool) -> None:
+    """Sample from the prompt's ``logits``, then decode from position ``pos`` until a stop
+    condition; fills ``result`` (tokens, stop_reason, decode_steps, decode_s)."""
     decode_s = 0.0
     next_id = int(sampler(_last_logits(logits).float())[0])
     if speculative is not None:  # fxport.runtime.speculative: its loop replaces the one below
         from .speculative import speculative_loop
 
-        if mm_prompt is not None:
+        if multimodal:
             raise ValueError("generate: speculative decoding runs text prompts only; drop images / audio")
-        result.speculative = speculative_loop(backend, speculative, sampler, ids, next_id, result, eos_ids=eos_ids,
-                                              stop_ids=stop_ids, streamer=streamer, max_new_tokens=max_new_tokens)
-        if result.stop_reason != "stop_string":
-            streamer.update(result.tokens)
-            streamer.flush()
-        result.text = streamer.text
-        return result
+        result.speculative = speculative_loop(backend, speculative, sampler, result.prompt_tokens, next_id, result,
+                                              eos_ids=eos_ids, stop_ids=stop_ids, streamer=streamer,
+                                              max_new_tokens=max_new_tokens)
+        return
     while True:
         result.tokens.append(next_id)
         if next_id in eos_ids:
@@ -410,8 +425,3 @@ def generate(
         result.decode_steps += 1
         pos += 1
     result.decode_s = decode_s
-    if result.stop_reason != "stop_string":
-        streamer.update(result.tokens)
-        streamer.flush()
-    result.text = streamer.text
-    return result

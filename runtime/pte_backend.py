@@ -19,6 +19,11 @@ arenas), so a ``decode`` after a ``prefill`` sees the prompt. The cache's initia
 whatever the allocation held: every position a query can see is written before it is read
 (causal masks, ring buffers mask unwritten slots), so ``reset`` only rewinds bookkeeping.
 
+torch's own ops run on the calling thread while a method executes and, through
+:meth:`PteBackend.step_context`, while the generate loop samples (:func:`torch_ops_inline`):
+torch's OpenMP workers spin for milliseconds after each parallel op and take a core from
+ExecuTorch's threadpool (a decode step of the 270M went from 7.5 to 10.6-18 ms on 2 cores).
+
 Metadata comes from the constant methods of ExecuTorch's LLM-runner contract
 (:mod:`fxport.contract`), read with the runner's meaning: ``get_max_seq_len`` is the longest
 prefill chunk, ``get_max_context_len`` the KV positions, ``get_eos_ids`` the ids that end
@@ -31,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -48,6 +53,29 @@ def set_num_threads(n: int) -> None:
     from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
     _unsafe_reset_threadpool(int(n))
+
+
+@contextlib.contextmanager
+def torch_ops_inline() -> Iterator[None]:
+    """torch's CPU ops on the calling thread inside the block (``torch.set_num_threads(1)``,
+    restored after; no-op when already 1).
+
+    torch's parallel ops run on an OpenMP team whose workers keep spinning after each op (libgomp's
+    default wait policy, milliseconds). Beside ExecuTorch's own threadpool that spin takes a core
+    from XNNPACK's next operators: on 2 cores the pybindings' copy of the 262144 logits (1 MB,
+    one parallel op) and the sampler's argmax made a 7.5 ms decode step of the 270M take
+    10.6-18 ms. On one thread those ops cost ~0.1 ms. The setting is process-wide: another
+    Python thread running torch ops meanwhile runs them on one thread too.
+    """
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 class PteBackend:
@@ -166,12 +194,19 @@ class PteBackend:
         if not 1 <= L <= self.max_prefill_chunk:
             raise ValueError(f"{what} chunk of {L} tokens; this .pte accepts 1..{self.max_prefill_chunk} per call")
         self._check_ids(tokens)
-        return method.execute([tokens.to(torch.long).contiguous(), input_pos.to(torch.long).contiguous()])[0]
+        with torch_ops_inline():  # the bindings copy the outputs out with a torch op
+            return method.execute([tokens.to(torch.long).contiguous(), input_pos.to(torch.long).contiguous()])[0]
 
     def decode(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """Logits for one token: token (1, 1) int64, input_pos (1,) int64."""
         self._check_ids(token)
-        return self._decode.execute([token.to(torch.long).reshape(1, 1), input_pos.to(torch.long).reshape(1)])[0]
+        with torch_ops_inline():
+            return self._decode.execute([token.to(torch.long).reshape(1, 1), input_pos.to(torch.long).reshape(1)])[0]
+
+    def step_context(self) -> contextlib.AbstractContextManager:
+        """What a generate loop holds around its decode steps and their sampling:
+        :func:`torch_ops_inline` (see there why)."""
+        return torch_ops_inline()
 
     def verify(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """Logits of every token (1, L, V) (method ``target_verify``, the KV cache ``prefill``
