@@ -2,18 +2,17 @@
 
     backend = open_program("model.pte", num_threads=4)   # PteBackend or MultimodalPteBackend
 
-A program with an encoder method (:data:`MULTIMODAL_METHODS`: ``image_encoder``,
-``audio_encoder``, as ``fxport.builder.multimodal.export_multimodal_pte`` writes them) gets the
-multimodal backend of :mod:`fxport.runtime.multimodal`; any other fxport program gets
-:class:`~fxport.runtime.pte_backend.PteBackend`. Every file is first opened as a text program,
-so a missing file, a file that is not an ExecuTorch program and an ExecuTorch program that
-fxport did not write (no ``prefill`` method) all raise the one-line
-:class:`~fxport.runtime.backend.PteError` of :class:`PteBackend`. A multimodal program is then
-opened again as such (ExecuTorch's Python runtime cannot hand a loaded program to another
-backend); the text backend is released first.
+The program's method names are read first (:func:`program_methods`: the program's table only,
+no method is loaded; well under a millisecond on a 100 MB program). A program with any of
+:data:`MULTIMODAL_METHODS` gets the multimodal backend of :mod:`fxport.runtime.multimodal`
+(``image_encoder`` / ``audio_encoder``, as ``fxport.builder.multimodal`` writes them; ExecuTorch
+``MultimodalRunner``'s ``token_embedding`` / ``text_decoder`` / ``vision_encoder``); any other
+file goes to :class:`~fxport.runtime.pte_backend.PteBackend`. So a missing file, a file that is
+not an ExecuTorch program and an ExecuTorch program fxport did not write (no ``prefill``) all
+raise PteBackend's one-line :class:`~fxport.runtime.backend.PteError`.
 
-This module sits above both ``.pte`` backends and below the generate loop: ``pte_backend`` and
-``multimodal`` import only :mod:`fxport.runtime.backend` for the shared names, so the runtime's
+This module sits above both ``.pte`` backends and below the generate loop; ``pte_backend`` and
+``multimodal`` reach the shared names through :mod:`fxport.runtime.backend` only, so the runtime's
 imports run one way (``generate -> loader -> multimodal -> pte_backend -> backend``).
 """
 
@@ -22,9 +21,32 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MULTIMODAL_METHODS", "open_program"]
+__all__ = ["MULTIMODAL_METHODS", "open_program", "program_methods"]
 
-MULTIMODAL_METHODS = ("image_encoder", "audio_encoder")
+# fxport's merged-prefill layout, then the rest of ExecuTorch's MultimodalRunner layout
+# (extension/llm/runner/constants.h; audio_encoder is in both)
+MULTIMODAL_METHODS = ("image_encoder", "audio_encoder", "token_embedding", "text_decoder", "vision_encoder")
+
+
+def program_methods(path: str | Path, data_path: str | Path | None = None) -> set[str] | None:
+    """Method names of the ExecuTorch program at ``path`` without loading any method, or None
+    when ExecuTorch cannot read it as a program (the backend's own load then says why).
+
+    data_path: its ``.ptd`` (default: ``<stem>.ptd`` beside it when that exists, as PteBackend).
+    """
+    from executorch.runtime import Runtime
+
+    from fxport.fileio import weights_file
+    from fxport.runtime.native_log import capture_native_stderr
+
+    path = Path(path)
+    if data_path is None and weights_file(path).is_file():
+        data_path = weights_file(path)
+    try:
+        with capture_native_stderr():  # the runtime logs a failed load to fd 2
+            return set(Runtime.get().load_program(path, data_path=data_path).method_names)
+    except Exception:  # the runtime raises RuntimeError with a status code
+        return None
 
 
 def open_program(path: str | Path, **kwargs: Any) -> Any:
@@ -33,13 +55,13 @@ def open_program(path: str | Path, **kwargs: Any) -> Any:
 
     Raises PteError (one line) for a file that is not a fxport program.
     """
-    # imported on first use, so importing fxport.runtime stays as light as before
+    path = Path(path)
+    names = program_methods(path, kwargs.get("data_path")) if path.is_file() else None
+    # the backends are imported on first use, so importing fxport.runtime stays as light as before
+    if names and set(MULTIMODAL_METHODS) & names:
+        from fxport.runtime.multimodal import open_pte
+
+        return open_pte(path, **kwargs)
     from fxport.runtime.pte_backend import PteBackend
 
-    backend = PteBackend(path, **kwargs)
-    if not set(MULTIMODAL_METHODS) & set(backend.program.method_names):
-        return backend
-    del backend  # one loaded copy of the program at a time
-    from fxport.runtime.multimodal import open_pte
-
-    return open_pte(path, **kwargs)
+    return PteBackend(path, **kwargs)
