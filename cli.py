@@ -324,22 +324,13 @@ def bench_pte(path: Path, prompt_len: int, new_tokens: int, threads: int | None,
     return bench(path, prompt_len, new_tokens, threads, warmup, verbose=verbose)
 
 
-MULTIMODAL_METHODS = ("image_encoder", "audio_encoder")
-
-
 def _refuse_multimodal(path: Path) -> None:
     """UsageError for a multimodal program: bench feeds token ids only, and its prefill also
     takes image / audio feature rows (the runtime would fail with error 0x12)."""
-    from executorch.runtime import Runtime
+    from fxport.runtime.loader import MULTIMODAL_METHODS, program_methods
 
-    from fxport.fileio import weights_file
-    from fxport.runtime.native_log import capture_native_stderr
-
-    data = weights_file(path) if weights_file(path).is_file() else None
-    try:
-        with capture_native_stderr():
-            names = set(Runtime.get().load_program(path, data_path=data).method_names)
-    except Exception:  # not loadable: PteBackend says why, with its own message
+    names = program_methods(path)
+    if names is None:  # not loadable: PteBackend says why, with its own message
         return
     found = sorted(names & set(MULTIMODAL_METHODS))
     if found:
