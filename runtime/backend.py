@@ -1,7 +1,9 @@
-"""What a backend is, and the errors every backend and the generate loop share.
+"""What a backend is, the errors every backend and the generate loop share, and what methods a
+program file has (:func:`program_methods`, which backends and the loader choose by).
 
-The bottom floor of :mod:`fxport.runtime`: it imports nothing of fxport, so every other runtime
-module (the loop in :mod:`~fxport.runtime.generate`, the ``.pte`` backends in
+The bottom floor of :mod:`fxport.runtime`: at import it loads nothing of fxport (program_methods
+imports ExecuTorch, ``fxport.fileio`` and ``runtime.native_log`` when called), so every other
+runtime module (the loop in :mod:`~fxport.runtime.generate`, the ``.pte`` backends in
 :mod:`~fxport.runtime.pte_backend` and :mod:`~fxport.runtime.multimodal`, the loader
 :func:`fxport.runtime.loader.open_program`) imports it and none of them imports another to reach
 these names. The protocol, as :func:`fxport.runtime.generate.generate` uses it:
@@ -19,11 +21,12 @@ returns last-token logits only (``L' = 1``) works as well as one returning all `
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
 from torch import Tensor
 
-__all__ = ["Backend", "ContextOverflowError", "TokenIdError", "PteError", "check_token_ids"]
+__all__ = ["Backend", "ContextOverflowError", "TokenIdError", "PteError", "check_token_ids", "program_methods"]
 
 
 @runtime_checkable
@@ -63,3 +66,24 @@ def check_token_ids(ids: Sequence[int] | Tensor, vocab_size: int | None, fix: st
                 f"{vocab_size} ids (0..{vocab_size - 1}); "
                 + (fix or f"pass token ids below {vocab_size}.")
             )
+
+
+def program_methods(path: str | Path, data_path: str | Path | None = None) -> set[str] | None:
+    """Method names of the ExecuTorch program at ``path`` without loading any method, or None
+    when ExecuTorch cannot read it as a program (the backend's own load then says why).
+
+    data_path: its ``.ptd`` (default: ``<stem>.ptd`` beside it when that exists, as PteBackend).
+    """
+    from executorch.runtime import Runtime
+
+    from fxport.fileio import weights_file
+    from fxport.runtime.native_log import capture_native_stderr
+
+    path = Path(path)
+    if data_path is None and weights_file(path).is_file():
+        data_path = weights_file(path)
+    try:
+        with capture_native_stderr():  # the runtime logs a failed load to fd 2
+            return set(Runtime.get().load_program(path, data_path=data_path).method_names)
+    except Exception:  # the runtime raises RuntimeError with a status code
+        return None

@@ -2,8 +2,8 @@
 
     backend = open_program("model.pte", num_threads=4)   # PteBackend or MultimodalPteBackend
 
-The program's method names are read first (:func:`program_methods`: the program's table only,
-no method is loaded; well under a millisecond on a 100 MB program). A program with any of
+The program's method names are read first (:func:`fxport.runtime.backend.program_methods`: the
+program's table only, no method is loaded; well under a millisecond on a 100 MB program). A program with any of
 :data:`MULTIMODAL_METHODS` gets the multimodal backend of :mod:`fxport.runtime.multimodal`
 (``image_encoder`` / ``audio_encoder``, as ``fxport.builder.multimodal`` writes them; ExecuTorch
 ``MultimodalRunner``'s ``token_embedding`` / ``text_decoder`` / ``vision_encoder``); any other
@@ -12,8 +12,9 @@ not an ExecuTorch program and an ExecuTorch program fxport did not write (no ``p
 raise PteBackend's one-line :class:`~fxport.runtime.backend.PteError`.
 
 This module sits above both ``.pte`` backends and below the generate loop; ``pte_backend`` and
-``multimodal`` reach the shared names through :mod:`fxport.runtime.backend` only, so the runtime's
-imports run one way (``generate -> loader -> multimodal -> pte_backend -> backend``).
+``multimodal`` reach the shared names (``program_methods`` too) through
+:mod:`fxport.runtime.backend` only, never through this module, so the runtime's imports run one
+way (``generate -> loader -> multimodal -> pte_backend -> backend``; ``tests/test_layers.py``).
 """
 
 from __future__ import annotations
@@ -21,32 +22,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MULTIMODAL_METHODS", "open_program", "program_methods"]
+from fxport.runtime.backend import program_methods
+
+__all__ = ["MULTIMODAL_METHODS", "open_program"]
 
 # fxport's merged-prefill layout, then the rest of ExecuTorch's MultimodalRunner layout
 # (extension/llm/runner/constants.h; audio_encoder is in both)
 MULTIMODAL_METHODS = ("image_encoder", "audio_encoder", "token_embedding", "text_decoder", "vision_encoder")
-
-
-def program_methods(path: str | Path, data_path: str | Path | None = None) -> set[str] | None:
-    """Method names of the ExecuTorch program at ``path`` without loading any method, or None
-    when ExecuTorch cannot read it as a program (the backend's own load then says why).
-
-    data_path: its ``.ptd`` (default: ``<stem>.ptd`` beside it when that exists, as PteBackend).
-    """
-    from executorch.runtime import Runtime
-
-    from fxport.fileio import weights_file
-    from fxport.runtime.native_log import capture_native_stderr
-
-    path = Path(path)
-    if data_path is None and weights_file(path).is_file():
-        data_path = weights_file(path)
-    try:
-        with capture_native_stderr():  # the runtime logs a failed load to fd 2
-            return set(Runtime.get().load_program(path, data_path=data_path).method_names)
-    except Exception:  # the runtime raises RuntimeError with a status code
-        return None
 
 
 def open_program(path: str | Path, **kwargs: Any) -> Any:

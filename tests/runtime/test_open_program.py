@@ -12,7 +12,7 @@ import torch
 from torch.export import export
 
 from fxport.runtime import PteError, as_backend, open_program
-from fxport.runtime.loader import program_methods
+from fxport.runtime.backend import program_methods
 from fxport.runtime.pte_backend import PteBackend
 
 V, H, CHUNK, CONTEXT, IMAGE_TOKEN = 16, 4, 2, 8, 5
