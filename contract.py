@@ -65,6 +65,29 @@ SCALAR_TYPES = {torch.float16: 5, torch.float32: 6, torch.bfloat16: 15}
 # ExecuTorch's ScalarType numbers -> torch dtypes (a runtime's method metadata reports the numbers).
 _FROM_SCALAR_TYPE = {3: torch.int32, 4: torch.long, **{v: k for k, v in SCALAR_TYPES.items()}}
 
+# The multimodal layout of ExecuTorch's ``MultimodalRunner`` (``extension/llm/runner/constants.h``):
+# a prompt is prefilled segment by segment, each segment's (1, n, E) embeddings in one text_decoder
+# call; the column layout and shapes are fxport.models.gemma4.runner_methods' (and
+# fxport.builder.multimodal's) docstring.
+TOKEN_EMBEDDING, TEXT_DECODER = "token_embedding", "text_decoder"
+VISION_ENCODER, AUDIO_ENCODER = "vision_encoder", "audio_encoder"
+MULTIMODAL_METHODS = (TOKEN_EMBEDDING, TEXT_DECODER, VISION_ENCODER, AUDIO_ENCODER)
+# Constant methods of a multimodal program beyond CONSTANT_METHODS (fxport's runtime reads them;
+# the stock runner reads none of them).
+HIDDEN_SIZE = "get_hidden_size"                 # H: embedding columns [0, H)
+PER_LAYER_COLUMNS = "get_per_layer_columns"     # NL * P: per-layer identity columns [H, H + NL * P)
+EMBEDDING_DIM = "get_embedding_dim"             # E = H + NL * P + 1 (the last column: vision flag)
+BIDIRECTIONAL_VISION = "get_use_bidirectional_vision"
+IMAGE_TOKEN_ID, BOI_TOKEN_ID, EOI_TOKEN_ID = "get_image_token_id", "get_boi_token_id", "get_eoi_token_id"
+PATCH_SIZE, POOLING_KERNEL_SIZE = "get_patch_size", "get_pooling_kernel_size"
+MAX_SOFT_TOKENS = "get_max_soft_tokens"         # the resize budget (soft tokens per image)
+MAX_IMAGE_CELLS = "get_max_image_cells"         # the most pooled cells per image side
+AUDIO_TOKEN_ID, BOA_TOKEN_ID, EOA_TOKEN_ID = "get_audio_token_id", "get_boa_token_id", "get_eoa_token_id"
+MAX_AUDIO_FRAMES = "get_max_audio_frames"
+MULTIMODAL_CONSTANTS = (HIDDEN_SIZE, PER_LAYER_COLUMNS, EMBEDDING_DIM, BIDIRECTIONAL_VISION, IMAGE_TOKEN_ID,
+                        BOI_TOKEN_ID, EOI_TOKEN_ID, PATCH_SIZE, POOLING_KERNEL_SIZE, MAX_SOFT_TOKENS,
+                        MAX_IMAGE_CELLS, AUDIO_TOKEN_ID, BOA_TOKEN_ID, EOA_TOKEN_ID, MAX_AUDIO_FRAMES)
+
 # The constant method only programs from before the contract have.
 LEGACY_MARKER = "get_max_prefill_chunk"
 REEXPORT_HINT = ("was written by an older fxport (before ExecuTorch's LLM-runner contract: no "

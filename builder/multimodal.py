@@ -1,14 +1,62 @@
-"""The multimodal Gemma 4 build: the pass set per method and the one-call XNNPACK export.
+"""The multimodal Gemma 4 build: two program layouts, the pass set per method, the XNNPACK export.
 
-The model side (``fxport.models.gemma4.export.export_multimodal_methods``: image_encoder [,
-audio_encoder], prefill with features, decode, in functional ATen IR; ``multimodal_metadata``)
-stays with the model; what the builder adds lives here, so ``models/`` imports neither
-``passes/`` nor ``lowering/``:
+**The runner layout** (:func:`export_runner_multimodal_pte`; what ``fxport export`` writes for a
+multimodal checkpoint): ExecuTorch 1.5.1's stock ``MultimodalRunner``
+(``executorch.extension.llm.runner``) runs it, and so does fxport's runtime. The runner prefills
+a prompt as segments (``make_text_input`` / ``make_token_input``, ``make_image_input``,
+``make_audio_input``); each segment becomes ``(1, n, E)`` embeddings that go whole into ONE
+``text_decoder`` call at the running position (n = the segment's rows; the runner does not
+chunk), and the position advances by n. Decoding is one token at a time: ``token_embedding``
+of ``(1, 1)``, then ``text_decoder`` with ``cache_position = [pos]`` (shape ``(1,)``).
 
-* :func:`multimodal_passes`: FixedSlotFusion for the prefill's ``masked_scatter`` merge;
+    method           inputs                                        output
+    token_embedding  tokens int64 (1, T), T in [1, C]              (1, T, E) float32
+    text_decoder     embeddings float32 (1, T, E), T in [1, C];    logits float32 (1, 1, V) (last row)
+                     cache_position int64 (T,) = pos .. pos+T-1
+    vision_encoder   image uint8 (3, h*s, w*s), s = patch*pool,    (1, h*w + 2, E): boi, the h*w soft
+                     h, w in [2, get_max_image_cells]              tokens (row-major), eoi
+    audio_encoder    features float32 (1, F, n_mels),              (1, ceil(ceil(F/2)/2) + 2, E): boa,
+                     F in [5, get_max_audio_frames]                soft tokens, eoa
+
+    embedding columns (E = H + NL*P + 1):
+      [0, H)          the embedding the decoder stack takes (token embedding * sqrt(H), or the
+                      encoder's soft token after embed_vision / embed_audio)
+      [H, H + NL*P)   PLE's token-identity lookup embed_tokens_per_layer(id) * sqrt(P), layer-major
+                      (E2B / E4B; NL*P = 0 for 26B / 31B); soft tokens carry the pad id's, as
+                      transformers looks placeholders up as the pad id; text_decoder adds the
+                      context projection of columns [0, H) itself
+      E - 1           vision flag: 1.0 on an image's soft tokens, else 0.0; with
+                      use_bidirectional_attention == "vision" the sliding layers let the flagged
+                      run of one call see itself both ways (an image is always one call)
+    placeholder ids (image / video / audio) given to token_embedding are looked up as the pad id.
+
+    constant methods: the text contract's (fxport.contract.runner_metadata: get_max_seq_len = C,
+    get_max_context_len, use_kv_cache, enable_dynamic_shape, get_eos_ids, get_vocab_size,
+    get_bos_id, ...) and fxport.contract.MULTIMODAL_CONSTANTS: get_hidden_size (H),
+    get_per_layer_columns (NL*P), get_embedding_dim (E), get_use_bidirectional_vision,
+    get_image_token_id, get_boi_token_id, get_eoi_token_id, get_patch_size,
+    get_pooling_kernel_size, get_max_soft_tokens, get_max_image_cells, and with audio
+    get_audio_token_id, get_boa_token_id, get_eoa_token_id, get_max_audio_frames.
+
+What the caller does before ``make_image_input``: convert to RGB (alpha over white) and resize
+(bicubic) to :func:`fxport.runtime.image.target_size` (height, width) for
+``get_max_soft_tokens`` -- transformers' aspect-preserving resize, sides multiples of
+``patch * pool`` -- then pass the uint8 (H, W, 3) tensor; rescaling, patches and position ids
+are in the graph. Before ``make_audio_input``: the log-mel features
+(:func:`fxport.runtime.audio.log_mel_features`, transformers' extractor) of the real frames only
+(``features[mask]``), as float32 (1, F, n_mels). Keep each segment within C =
+``get_max_seq_len`` rows (split long text into several segments) and prompt + new tokens within
+``get_max_context_len``. The sliding layers keep ring caches of ``max(2 W, W + C - 1)`` slots.
+
+**The merged layout** (:func:`export_multimodal_pte`): ``image_encoder`` [, ``audio_encoder``],
+``prefill(tokens, input_pos, image_features[, audio_features])`` merging the features into the
+token embeddings inside the graph (``masked_scatter``, rewritten by FixedSlotFusion) and
+``decode``; fxport's runtime runs it, the stock runner does not.
+
+* :func:`multimodal_passes`: FixedSlotFusion for the merged prefill's ``masked_scatter`` merge;
 * :func:`audio_encoder_passes`: the CPU rewrite the audio tower needs before XNNPACK;
-* :func:`rewrite_multimodal_programs`: the whole CPU pass set per method;
-* :func:`export_multimodal_pte`: model -> one XNNPACK ``.pte`` (methods sharing one KV cache).
+* :func:`rewrite_multimodal_programs` / :func:`rewrite_runner_programs`: the CPU pass set per method;
+* :func:`export_multimodal_pte` / :func:`export_runner_multimodal_pte`: model -> one XNNPACK ``.pte``.
 """
 
 from __future__ import annotations
@@ -16,7 +64,9 @@ from __future__ import annotations
 import torch
 from torch.export import ExportedProgram
 
+from fxport import contract
 from fxport.models.gemma4.export import export_multimodal_methods, multimodal_metadata
+from fxport.models.gemma4.runner_methods import export_runner_methods, runner_metadata
 
 
 def multimodal_passes(model: torch.nn.Module) -> list:
@@ -81,6 +131,71 @@ def export_multimodal_pte(model: torch.nn.Module, out, *, max_prefill_chunk: int
     programs, _ = rewrite_multimodal_programs(model, programs, max_prefill_chunk, ring_size, dump)
     stage("lower")
     meta = multimodal_metadata(model, max_prefill_chunk, max_soft_tokens, max_audio_frames)
+    lowered = lower_to_xnnpack(programs, constant_methods=meta, on_stage=on_stage)
+    stage("save")
+    lowered.save(out)
+    return lowered
+
+
+def ring_size_for(model: torch.nn.Module, max_prefill_chunk: int) -> int | None:
+    """``max(2 W, W + C - 1)``: a chunk of C rows (a whole image) fits the sliding layers' ring."""
+    text = model.config.text
+    if "sliding_attention" not in text.layer_types:
+        return None
+    return max(2 * text.sliding_window, text.sliding_window + max_prefill_chunk - 1)
+
+
+def rewrite_runner_programs(model: torch.nn.Module, programs: dict[str, ExportedProgram], max_prefill_chunk: int,
+                            ring_size: int | None = None, dump=None):
+    """The CPU pass set on each method of the runner layout: ``text_decoder`` gets the text
+    prefill set (RingBufferKVCache, the XNNPACK rewrites, LastTokenLogits), the encoders
+    GeluTanhAsTanh (and the audio tower's RMSNormAsLinear), ``token_embedding`` nothing.
+    Returns (programs, {method: PipelineResult})."""
+    from fxport.lowering.xnnpack import apply_method_passes, cpu_passes
+    from fxport.passes.xnnpack.gelu_tanh_as_tanh import GeluTanhAsTanh
+
+    ring = ring_size if ring_size is not None else ring_size_for(model, max_prefill_chunk)
+    text = cpu_passes(model, ring_size=ring, max_prefill_chunk=max_prefill_chunk)["prefill"]
+    passes = {contract.TEXT_DECODER: text, contract.TOKEN_EMBEDDING: [],
+              contract.VISION_ENCODER: [GeluTanhAsTanh()],
+              contract.AUDIO_ENCODER: [GeluTanhAsTanh()] + audio_encoder_passes()}
+    return apply_method_passes(programs, {m: passes[m] for m in programs}, dump=dump)
+
+
+def export_runner_multimodal_pte(model: torch.nn.Module, out, *, max_prefill_chunk: int | None = None,
+                                 max_soft_tokens: int = 280, max_image_cells: int | None = None,
+                                 max_audio_frames: int | None = None, ring_size: int | None = None,
+                                 dump=None, on_stage=None):
+    """Multimodal Gemma 4 -> one XNNPACK ``.pte`` in the runner layout (see the module docstring):
+    ``token_embedding``, ``text_decoder`` [, ``vision_encoder``] [, ``audio_encoder``].
+
+    max_prefill_chunk: C, the most rows of one segment (default: ``max_soft_tokens + 2`` with a
+    vision tower, else 64, at most the model's ``max_seq_len``). Returns the lowered program
+    (``XnnpackProgram``; ``.methods`` lists what it wrote)."""
+    from fxport.lowering.xnnpack import lower_to_xnnpack
+
+    cfg = model.config
+    if cfg.vision is None and cfg.audio is None:
+        raise ValueError(f"export_runner_multimodal_pte: {type(model).__name__} has no vision or audio tower (a "
+                         "text-only model); export it with fxport.builder.build (fxport export)")
+    if max_prefill_chunk is None:
+        max_prefill_chunk = min(max(64, max_soft_tokens + 2 if cfg.vision is not None else 0), int(model.max_seq_len))
+    if cfg.audio is not None and max_audio_frames is None:
+        from fxport.models.gemma4.audio import audio_output_length
+
+        # the longest clip whose rows fit one segment
+        max_audio_frames = max(f for f in range(1, 4 * max_prefill_chunk + 1)
+                               if audio_output_length(f) + 2 <= max_prefill_chunk)
+    stage = on_stage or (lambda name: None)
+    stage("export")
+    with torch.no_grad():
+        programs = export_runner_methods(model, max_prefill_chunk, max_soft_tokens=max_soft_tokens,
+                                         max_image_cells=max_image_cells, max_audio_frames=max_audio_frames)
+    stage("passes")
+    programs, _ = rewrite_runner_programs(model, programs, max_prefill_chunk, ring_size, dump)
+    stage("lower")
+    meta = runner_metadata(model, max_prefill_chunk, max_soft_tokens=max_soft_tokens,
+                           max_image_cells=max_image_cells, max_audio_frames=max_audio_frames)
     lowered = lower_to_xnnpack(programs, constant_methods=meta, on_stage=on_stage)
     stage("save")
     lowered.save(out)

@@ -320,11 +320,19 @@ class Gemma4TextModel(nn.Module):
             self.per_layer_model_projection = nn.Linear(H, NL * P, bias=False)
             self.per_layer_projection_norm = RMSNorm(P, config.rms_norm_eps, config.norm_unit_offset)
 
-    def per_layer_inputs(self, ple_tokens: Tensor, embeds: Tensor) -> Tensor:
-        """PLE: (token-identity + context projection) / sqrt(2) -> (B, L, num_layers, P)."""
+    def per_layer_identity(self, ple_tokens: Tensor) -> Tensor:
+        """PLE's token-identity part: (B, L) ids -> (B, L, num_layers * P), scaled by sqrt(P)."""
+        return self.embed_tokens_per_layer(ple_tokens)
+
+    def per_layer_inputs(self, ple_tokens: Tensor | None, embeds: Tensor, identity: Tensor | None = None) -> Tensor:
+        """PLE: (token-identity + context projection) / sqrt(2) -> (B, L, num_layers, P).
+
+        ``identity`` (B, L, num_layers * P): the token-identity part already looked up
+        (:meth:`per_layer_identity`; the stock runner's embedding columns), used instead of ``ple_tokens``.
+        """
         cfg = self.config
-        shape = (*ple_tokens.shape, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input)
-        ident = self.embed_tokens_per_layer(ple_tokens).reshape(shape)
+        shape = (*embeds.shape[:2], cfg.num_hidden_layers, cfg.hidden_size_per_layer_input)
+        ident = (self.per_layer_identity(ple_tokens) if identity is None else identity).reshape(shape)
         proj = self.per_layer_model_projection(embeds) * cfg.hidden_size**-0.5
         proj = self.per_layer_projection_norm(proj.reshape(shape))
         return (proj + ident) * 2.0**-0.5
@@ -340,17 +348,19 @@ class Gemma4TextModel(nn.Module):
                 ple_tokens = tokens.masked_fill(mask, cfg.pad_token_id)
         return self.forward_embeds(embeds, ple_tokens, input_pos)
 
-    def forward_embeds(self, embeds: Tensor, ple_tokens: Tensor, input_pos: Tensor,
-                       vision_tokens: Tensor | None = None) -> Tensor:
+    def forward_embeds(self, embeds: Tensor, ple_tokens: Tensor | None, input_pos: Tensor,
+                       vision_tokens: Tensor | None = None, ple_identity: Tensor | None = None) -> Tensor:
         """Decoder stack on merged embeddings (B, L, H); ``ple_tokens`` (B, L) feed the PLE lookup.
 
         ``vision_tokens`` (B, L) bool, used when ``use_bidirectional_attention == "vision"``:
         sliding layers also let a query see later keys of its own run of consecutive vision
         tokens in this chunk (transformers' blockwise overlay; full layers stay causal). A run
         must lie inside one prefill chunk for the keys to be in the cache.
+        ``ple_identity`` (B, L, num_layers * P): PLE's token-identity part already looked up
+        (then ``ple_tokens`` is not read).
         """
         cfg = self.config
-        ple = self.per_layer_inputs(ple_tokens, embeds) if cfg.hidden_size_per_layer_input else None
+        ple = self.per_layer_inputs(ple_tokens, embeds, ple_identity) if cfg.hidden_size_per_layer_input else None
 
         rope = self.rotary_emb(input_pos, embeds.dtype)  # {type: (cos, sin) each (L, D)}
         k_pos = torch.arange(self.max_seq_len, device=input_pos.device)[None, :]  # (1, S)

@@ -1,0 +1,174 @@
+"""ExecuTorch's own ``MultimodalRunner`` driving a fxport multimodal program (the runner layout).
+
+``executorch.extension.llm.runner.MultimodalRunner`` (Python bindings of the C++
+``extension/llm/runner``, the runner behind ExecuTorch's multimodal apps) loads the ``.pte``, its
+``.ptd`` weights and the ``tokenizer.json`` beside it and runs a prompt given as segments. The
+program is the one :func:`fxport.builder.multimodal.export_runner_multimodal_pte` writes (``fxport
+export`` on a multimodal checkpoint); its docstring states the layout. A user's own script::
+
+    import executorch.kernels.quantized            # the quantized ops the program may use
+    from executorch.extension.llm.runner import (GenerationConfig, MultimodalRunner, make_audio_input,
+                                                 make_image_input, make_text_input)
+    runner = MultimodalRunner("model.pte", "model.tokenizer/tokenizer.json", "model.ptd")
+    image = ...  # uint8 (3, H, W), resized to fxport.runtime.image.target_size(...)
+    runner.generate([make_text_input("<bos>Describe "), make_image_input(image), make_text_input(" please")],
+                    GenerationConfig(echo=False, max_new_tokens=32, temperature=0.0))
+
+:class:`StockMultimodalRunner` wraps it as :class:`fxport.runtime.stock_runner.StockRunner` wraps
+``TextLLMRunner``: the runner's printf / log output kept off the terminal (fds 1 and 2 captured
+around each call), failures as :class:`StockRunnerError` with the runner's own reason, and the
+caller's inputs (text, token ids, images, log-mel features) turned into the runner's segments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from fxport.fileio import weights_file
+
+from .stock_runner import RunnerGeneration, StockRunnerError, _copy_stats, _native_output, default_tokenizer, rss_bytes
+
+
+class Tokens(list):
+    """A prompt segment given as token ids (``make_token_input``): no tokenizer, no BOS added."""
+
+
+def image_segment(image: Any, patch_size: int, pooling_kernel_size: int, max_soft_tokens: int) -> torch.Tensor:
+    """What goes to ``make_image_input``: the image (path, PIL image) converted to RGB and resized as
+    transformers' processor resizes it (:func:`fxport.runtime.image.target_size`, bicubic), as a
+    uint8 (3, H, W) tensor (channels first: ExecuTorch 1.5.1's ``make_image_input`` reads every
+    3-D tensor as (C, H, W); its "channels last" branch only matches 4-D strides). A uint8 tensor
+    is passed on as it is."""
+    if isinstance(image, torch.Tensor):
+        return image
+    import numpy as np
+    from PIL import Image
+
+    from .image import load_image, target_size
+
+    im = load_image(image)
+    w, h = im.size
+    th, tw = target_size(h, w, patch_size, max_soft_tokens * pooling_kernel_size**2, pooling_kernel_size)
+    if (th, tw) != (h, w):
+        im = im.resize((tw, th), resample=Image.BICUBIC)
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)))
+
+
+class StockMultimodalRunner:
+    """ExecuTorch's ``MultimodalRunner`` over a program in the runner layout.
+
+    pte: the program; tokenizer: its ``tokenizer.json`` (default: beside the program, as ``fxport
+    export`` writes it); data: its ``.ptd`` weights (default: ``<stem>.ptd`` when it exists).
+    verbose: show the runner's log. Raises :class:`StockRunnerError` when a file is missing or the
+    runner cannot load the program.
+    """
+
+    def __init__(self, pte: str | Path, tokenizer: str | Path | None = None, data: str | Path | None = None,
+                 *, verbose: bool = False):
+        pte = Path(pte)
+        tokenizer = Path(tokenizer) if tokenizer is not None else default_tokenizer(pte)
+        if data is None and weights_file(pte).is_file():
+            data = weights_file(pte)
+        for what, path in (("program", pte), ("tokenizer", tokenizer), ("weights file", data)):
+            if path is not None and not Path(path).is_file():
+                raise StockRunnerError(f"no such {what}: {path}")
+        self.pte, self.tokenizer, self.data, self.verbose = pte, tokenizer, data, verbose
+        self.rss_before = rss_bytes()
+        with _native_output(verbose):
+            import executorch.kernels.quantized  # noqa: F401  (quantized ops for the runner's kernel registry)
+            from executorch.extension.llm.runner import MultimodalRunner
+            from executorch.runtime import Runtime
+
+            try:
+                program = Runtime.get().load_program(str(pte))
+                names = set(program.method_names)
+                self.constants = {name: _constant(program, name) for name in names if name.startswith(("get_", "use_", "enable_"))}
+                self.methods = sorted(n for n in names if n not in self.constants)
+                self._runner = MultimodalRunner(str(pte), str(tokenizer), None if data is None else str(data))
+            except Exception as exc:  # the bindings raise RuntimeError with the runner's status
+                raise StockRunnerError(f"ExecuTorch's MultimodalRunner cannot load {pte}: {exc}") from None
+        from fxport import contract
+
+        missing = [m for m in (contract.TOKEN_EMBEDDING, contract.TEXT_DECODER) if m not in self.methods]
+        if missing:
+            raise StockRunnerError(f"{pte} has no {' / '.join(missing)} method (methods: {self.methods}): it is not in "
+                                   "the runner layout; re-export it with `fxport export` (a multimodal checkpoint)")
+
+    def segments(self, prompt: Sequence[Any]) -> list:
+        """The runner's inputs for ``prompt``: ``str`` -> ``make_text_input``, :class:`Tokens` ->
+        ``make_token_input``, ``("image", x)`` -> ``make_image_input`` (x: a path, PIL image or uint8
+        tensor; see :func:`image_segment`), ``("audio", features)`` -> ``make_audio_input``
+        (float32 (1, F, n_mels) or (F, n_mels) log-mel frames, the real ones only)."""
+        from executorch.extension.llm.runner import make_audio_input, make_image_input, make_text_input, make_token_input
+
+        from fxport import contract
+
+        out = []
+        for seg in prompt:
+            if isinstance(seg, Tokens):
+                out.append(make_token_input([int(t) for t in seg]))
+            elif isinstance(seg, str):
+                out.append(make_text_input(seg))
+            elif isinstance(seg, tuple) and len(seg) == 2 and seg[0] == "image":
+                if contract.VISION_ENCODER not in self.methods:
+                    raise StockRunnerError(f"{self.pte} has no vision_encoder method; it takes no images")
+                c = self.constants
+                img = image_segment(seg[1], c[contract.PATCH_SIZE], c[contract.POOLING_KERNEL_SIZE],
+                                    c[contract.MAX_SOFT_TOKENS])
+                out.append(make_image_input(img.contiguous()))
+            elif isinstance(seg, tuple) and len(seg) == 2 and seg[0] == "audio":
+                if contract.AUDIO_ENCODER not in self.methods:
+                    raise StockRunnerError(f"{self.pte} has no audio_encoder method; it takes no audio")
+                feats = torch.as_tensor(seg[1], dtype=torch.float32)
+                out.append(make_audio_input((feats[None] if feats.dim() == 2 else feats).contiguous()))
+            else:
+                raise StockRunnerError(f"prompt segment {type(seg).__name__} {seg!r:.60}: pass text, Tokens([...]), "
+                                       "('image', image) or ('audio', features)")
+        return out
+
+    def generate(self, prompt: Sequence[Any], max_new_tokens: int, *, temperature: float = 0.0, num_bos: int = 0,
+                 on_piece: Callable[[str], None] | None = None, warmup: bool = False) -> RunnerGeneration:
+        """Greedy (``temperature=0``) generation of up to ``max_new_tokens`` after the segments of
+        ``prompt`` (see :meth:`segments`). Every call starts a new sequence (the runner is reset).
+        ``num_bos=1`` makes the runner's tokenizer prepend BOS to a first text segment."""
+        from executorch.extension.llm.runner import GenerationConfig
+
+        inputs = self.segments(prompt)
+        self._runner.reset()
+        pieces: list[str] = []
+        stats: list = []
+
+        def piece(text: str) -> None:
+            pieces.append(text)
+            if on_piece is not None:
+                on_piece(text)
+
+        config = GenerationConfig(echo=False, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                                  num_bos=int(num_bos), warming=warmup)
+        with _native_output(self.verbose) as captured:
+            try:
+                self._runner.generate(inputs, config, piece, lambda s: stats.append(_copy_stats(s)))
+            except Exception as exc:
+                failure = exc
+            else:
+                failure = None
+        if failure is not None or not stats:
+            log = captured[1].splitlines() if len(captured) > 1 else []
+            reasons = [line.split("] ", 1)[-1] for line in log if "rror" in line or "Check failed" in line][-2:]
+            raise StockRunnerError(f"ExecuTorch's MultimodalRunner failed on {self.pte}: {failure or 'no stats'}"
+                                   + (f": {' / '.join(reasons)}" if reasons else ""))
+        s = stats[0]
+        return RunnerGeneration("".join(pieces), pieces, s["prompt_tokens"], s["generated_tokens"],
+                                s["prefill_s"], s["decode_s"], s["load_s"])
+
+    def rss_delta(self) -> int:
+        """Bytes of RSS this runner added: RSS now minus RSS before it was created."""
+        return rss_bytes() - self.rss_before
+
+
+def _constant(program, name: str):
+    value = program.load_method(name).execute([])[0]
+    return value.tolist() if isinstance(value, torch.Tensor) else value
