@@ -226,6 +226,7 @@ def _stock_runner_for(args: argparse.Namespace):
 def _run_stock(args: argparse.Namespace) -> int:
     """``fxport run --runner executorch``: greedy or sampled generation by ExecuTorch's own runner."""
     unsupported = [flag for flag, value in (("--prompt-ids", args.prompt_ids), ("--image", args.image),
+                                            ("--audio", args.audio), ("--chat", args.chat),
                                             ("--chunk", args.chunk), ("--top-k", args.top_k), ("--top-p", args.top_p),
                                             ("--seed", args.seed), ("--threads", args.threads),
                                             ("--max-soft-tokens", args.max_soft_tokens)) if value]
@@ -258,16 +259,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"no tokenizer for {args.model}: pass --tokenizer FILE.gguf|DIR "
                          f"(or --prompt-ids); export writes one to {tokenizer_sidecar(args.model)}")
     prompt: Any = args.prompt
+    images, clips = args.image or [], args.audio or []
     if args.prompt_ids is not None:
+        if args.chat:
+            raise UsageError("--chat wraps a text --prompt in Gemma's turn format; drop --prompt-ids or --chat")
         prompt = args.prompt_ids  # list[int], parsed by _token_ids
     elif prompt is None:
         raise UsageError("give --prompt TEXT (or --prompt-ids 2,651,...)")
+    else:  # --chat (default: on for an instruction-tuned tokenizer), <image> / <audio> markers
+        from fxport.runtime.multimodal import prompt_ids
+
+        prompt = prompt_ids(tokenizer, backend, prompt, images=len(images), audio=len(clips), chat=args.chat)
     sampler = Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     stream = None if args.no_stream or tokenizer is None else (lambda s: print(s, end="", flush=True))
     speculative = _speculative(args, backend)
     result = generate(backend, tokenizer, prompt, args.max_new_tokens, sampler=sampler,
-                      max_prefill_chunk=args.chunk, stream=stream, images=args.image or None,
-                      max_soft_tokens=args.max_soft_tokens, speculative=speculative)
+                      max_prefill_chunk=args.chunk, stream=stream, images=images or None,
+                      audio=list(clips) or None, max_soft_tokens=args.max_soft_tokens, speculative=speculative)
     if stream is None:
         print(result.text if tokenizer is not None else " ".join(map(str, result.tokens)))
     else:
@@ -293,8 +301,8 @@ def _speculative(args: argparse.Namespace, backend: Any):
     if not getattr(backend, "has_verify", False):
         raise UsageError(f"--speculative: {args.model} has no target_verify method; re-export it with "
                          "fxport export --verify-method")
-    if getattr(args, "image", None):
-        raise UsageError("--speculative runs text prompts only; drop --image")
+    if getattr(args, "image", None) or getattr(args, "audio", None):
+        raise UsageError("--speculative runs text prompts only; drop --image / --audio")
     return drafter_from_name(args.speculative, args.draft_k)
 
 
@@ -534,6 +542,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "holds one image token per image)")
     p.add_argument("--max-soft-tokens", type=_positive, metavar="N",
                    help="soft tokens per image (default: the program's maximum, 280 for a default export)")
+    p.add_argument("--audio", action="append", type=Path, metavar="FILE.wav",
+                   help="an audio clip for a program with an audio encoder (repeatable): a WAV file (PCM or float, "
+                        "any rate: resampled to 16 kHz; at most 30 s), through Gemma 4's log-mel front end; placed "
+                        "where the prompt says <audio>, else after BOS (with --chat: before the text)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap --prompt in Gemma's chat turn format (<|turn>user ... <turn|> <|turn>model), images "
+                        "and audio where the prompt says <image> / <audio>, else before the text (default: on "
+                        "when the tokenizer came with a chat template, i.e. an instruction-tuned checkpoint)")
     p.add_argument("--runner", choices=RUNNERS, default="fxport",
                    help="fxport: fxport's Python runtime (default); executorch: ExecuTorch's own C++ TextLLMRunner "
                         "(the runner apps ship) on the same .pte, .ptd and tokenizer.json")

@@ -122,11 +122,116 @@ def log_mel_features(
     return feats, mask
 
 
-# ----------------------------------------------------------------------------- prompt inputs
+# ----------------------------------------------------------------------------- WAV files
 
 
 class AudioError(ValueError):
     """Audio input that cannot be used; the message names the problem and the fix."""
+
+
+MAX_SECONDS = 30.0  # the feature extractor's max_samples (480,000 at 16 kHz)
+_CONVERT = "convert it first, e.g. ffmpeg -i {p} -ac 1 -ar 16000 -c:a pcm_s16le out.wav"
+_PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE  # WAVE format tags
+
+
+def read_wav(path) -> tuple[np.ndarray, int]:
+    """A WAV file -> (mono waveform float32 in [-1, 1], sample rate).
+
+    Reads RIFF/WAVE with integer PCM (8-bit unsigned, 16 / 24 / 32-bit signed) or IEEE float
+    (32 / 64-bit) samples, plain or WAVE_FORMAT_EXTENSIBLE; channels are averaged. Anything else
+    (compressed WAV, MP3, FLAC ...) is an :class:`AudioError` saying how to convert it."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"no such audio file: {path}")
+    data = path.read_bytes()
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise AudioError(f"{path} is not a WAV file (no RIFF/WAVE header); fxport reads WAV only: "
+                         + _CONVERT.format(p=path))
+    fmt = samples = None
+    pos = 12
+    while pos + 8 <= len(data):
+        cid, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        body = data[pos + 8:pos + 8 + size]
+        if cid == b"fmt " and len(body) >= 16:
+            tag, channels, rate = (int.from_bytes(body[0:2], "little"), int.from_bytes(body[2:4], "little"),
+                                   int.from_bytes(body[4:8], "little"))
+            bits = int.from_bytes(body[14:16], "little")
+            if tag == _EXTENSIBLE and len(body) >= 26:
+                tag = int.from_bytes(body[24:26], "little")  # the sub-format GUID's first two bytes
+            fmt = (tag, channels, rate, bits)
+        elif cid == b"data":
+            samples = body
+        pos += 8 + size + (size & 1)  # chunks are word-aligned
+    if fmt is None or samples is None:
+        raise AudioError(f"{path}: the WAV file has no {'fmt' if fmt is None else 'data'} chunk (truncated?); "
+                         + _CONVERT.format(p=path))
+    tag, channels, rate, bits = fmt
+    kinds = {(_PCM, 8): np.uint8, (_PCM, 16): "<i2", (_PCM, 32): "<i4", (_FLOAT, 32): "<f4", (_FLOAT, 64): "<f8"}
+    if channels < 1 or rate < 1:
+        raise AudioError(f"{path}: the WAV header says {channels} channel(s) at {rate} Hz; " + _CONVERT.format(p=path))
+    width = bits // 8
+    usable = len(samples) - len(samples) % (width * channels) if width else 0
+    if (tag, bits) == (_PCM, 24):
+        b = np.frombuffer(samples[:usable], np.uint8).reshape(-1, 3).astype(np.int32)
+        wav = ((b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8 >> 8).astype(np.float32) / 2.0**23
+    elif (tag, bits) in kinds:
+        raw = np.frombuffer(samples[:usable], kinds[(tag, bits)])
+        if tag == _FLOAT:
+            wav = raw.astype(np.float32)
+        elif bits == 8:
+            wav = (raw.astype(np.float32) - 128.0) / 128.0
+        else:
+            wav = raw.astype(np.float32) / float(2 ** (bits - 1))
+    else:
+        what = {_PCM: f"{bits}-bit PCM", _FLOAT: f"{bits}-bit float"}.get(tag, f"format tag {tag:#x} (compressed)")
+        raise AudioError(f"{path}: {what} WAV samples are not supported (fxport reads 8/16/24/32-bit PCM and "
+                         "32/64-bit float); " + _CONVERT.format(p=path))
+    wav = wav.reshape(-1, channels).mean(axis=1) if channels > 1 else wav
+    if wav.size == 0:
+        raise AudioError(f"{path}: the WAV file holds no samples; pass a clip with sound.")
+    return wav.astype(np.float32), rate
+
+
+def resample(wav: np.ndarray, rate: int, target: int = SAMPLING_RATE) -> np.ndarray:
+    """``wav`` at ``rate`` Hz -> ``target`` Hz by band-limited (FFT) resampling, as
+    ``scipy.signal.resample`` does, on the clip padded with silence (so its end does not wrap
+    onto its start). The output has ``round(len * target / rate)`` samples."""
+    if rate == target:
+        return wav
+    n = wav.size
+    out_n = int(round(n * target / rate))
+    # The padded length maps to a whole number of output samples (so every frequency bin keeps its
+    # frequency exactly): a multiple of rate / gcd, by a power of two, >= 0.1 s of silence after the clip.
+    g = math.gcd(rate, target)
+    step = rate // g
+    pad = step * int(2 ** math.ceil(math.log2(-(-(n + rate // 10) // step))))
+    spec = np.fft.rfft(wav.astype(np.float64), n=pad)
+    new_pad = pad // step * (target // g)
+    keep = min(spec.size, new_pad // 2 + 1)
+    out_spec = np.zeros(new_pad // 2 + 1, np.complex128)
+    out_spec[:keep] = spec[:keep]
+    if new_pad > pad:  # upsampling: the old Nyquist bin holds both signs of that frequency; keep half
+        out_spec[pad // 2] *= 0.5
+    out = np.fft.irfft(out_spec, n=new_pad) * (new_pad / pad)
+    return out[:out_n].astype(np.float32)
+
+
+def load_audio_file(path, max_seconds: float | None = MAX_SECONDS) -> np.ndarray:
+    """A WAV file as the 16 kHz mono waveform the log-mel front end takes (other rates are
+    resampled by :func:`resample`). Longer than ``max_seconds`` (the feature extractor's 30 s)
+    is an :class:`AudioError`: the extractor would cut the clip silently."""
+    wav, rate = read_wav(path)
+    seconds = wav.size / rate
+    if max_seconds is not None and seconds > max_seconds:
+        raise AudioError(f"{path}: the clip lasts {seconds:.2f} s, more than the {max_seconds:g} s Gemma 4's audio "
+                         f"front end takes; trim it (ffmpeg -i {path} -t {max_seconds:g} out.wav) or split it into "
+                         "clips.")
+    return resample(wav, rate)
+
+
+# ----------------------------------------------------------------------------- prompt inputs
 
 
 @dataclass
@@ -140,8 +245,9 @@ def prepare_audio(audio: Any, n_mels: int | None = None, max_frames: int | None 
     """One clip as the audio encoder takes it.
 
     ``audio``: the HF feature extractor's output (a mapping with ``input_features`` (1, T, M) or
-    (T, M) and ``input_features_mask``), a ``(features, mask)`` pair of the same shapes, or a 1-D
-    16 kHz waveform (NumPy / torch), run through :func:`log_mel_features`.
+    (T, M) and ``input_features_mask``), a ``(features, mask)`` pair of the same shapes, a 1-D
+    16 kHz waveform (NumPy / torch), or a WAV file path (:func:`load_audio_file`); waveforms run
+    through :func:`log_mel_features` (with ``n_mels`` bins, default 128).
     ``n_mels``: the width the encoder expects (checked); ``max_frames``: a fixed-shape program's
     frame count: the clip is padded to it (mask False), longer clips are an error.
     """
@@ -154,12 +260,19 @@ def prepare_audio(audio: Any, n_mels: int | None = None, max_frames: int | None 
     elif isinstance(audio, (tuple, list)) and len(audio) == 2:
         feats, mask = audio
     else:
+        from pathlib import Path
+
+        if isinstance(audio, (str, Path)):
+            audio = load_audio_file(audio)
         wav = audio.numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
         if wav.ndim != 1:
             raise AudioError(
                 f"audio: expected the feature extractor's output, a (features, mask) pair or a 1-D 16 kHz "
                 f"waveform; got an array of shape {wav.shape}."
             )
+        if wav.size > MAX_SECONDS * SAMPLING_RATE:
+            raise AudioError(f"audio: the waveform lasts {wav.size / SAMPLING_RATE:.2f} s, more than the "
+                             f"{MAX_SECONDS:g} s Gemma 4's audio front end takes; trim it or split it into clips.")
         feats, mask = log_mel_features(wav, n_mels=n_mels or 128)
     feats = torch.as_tensor(np.asarray(feats) if not isinstance(feats, torch.Tensor) else feats).float()
     mask = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask).bool()

@@ -16,6 +16,10 @@ float TIFF, mode ``F``) are scaled to 8 bits by their range (65535, or 1.0 for f
 stands: an image over twice it is refused with one line; one between the limit and twice it
 loads without Pillow's warning.
 
+``resize_image(image, patch_size, pooling_kernel_size, max_soft_tokens)`` -> (uint8 (3, H, W),
+num_soft_tokens): the same RGB conversion and resize, nothing more: what ExecuTorch's
+``MultimodalRunner`` layout's ``vision_encoder`` takes (it rescales and patchifies in the graph).
+
 Errors are :class:`ImageError` (a ValueError) naming the file and the fix.
 """
 
@@ -125,20 +129,37 @@ def _to_8bit(image):
     return Image.fromarray(out)  # (H, W) uint8: mode L
 
 
-def preprocess_image(image: Any, patch_size: int, pooling_kernel_size: int,
-                     max_soft_tokens: int = DEFAULT_MAX_SOFT_TOKENS) -> ImageInput:
-    """See the module docstring. ``image``: a path or a PIL image."""
+def _resized(image: Any, patch_size: int, pooling_kernel_size: int, max_soft_tokens: int):
+    """The RGB image at its target size (a PIL image)."""
     from PIL import Image
 
     if max_soft_tokens < 1:
         raise ImageError(f"max_soft_tokens={max_soft_tokens} must be >= 1")
     im = load_image(image)
     k, p = pooling_kernel_size, patch_size
-    max_patches = max_soft_tokens * k * k
     w, h = im.size
-    th, tw = target_size(h, w, p, max_patches, k)
+    th, tw = target_size(h, w, p, max_soft_tokens * k * k, k)
     if (th, tw) != (h, w):
         im = im.resize((tw, th), resample=Image.BICUBIC)
+    return im
+
+
+def resize_image(image: Any, patch_size: int, pooling_kernel_size: int,
+                 max_soft_tokens: int = DEFAULT_MAX_SOFT_TOKENS) -> tuple[torch.Tensor, int]:
+    """(uint8 (3, H, W) RGB at the target size, soft tokens): see the module docstring."""
+    im = _resized(image, patch_size, pooling_kernel_size, max_soft_tokens)
+    chw = torch.from_numpy(np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)))
+    side = patch_size * pooling_kernel_size
+    return chw, (chw.shape[1] // side) * (chw.shape[2] // side)
+
+
+def preprocess_image(image: Any, patch_size: int, pooling_kernel_size: int,
+                     max_soft_tokens: int = DEFAULT_MAX_SOFT_TOKENS) -> ImageInput:
+    """See the module docstring. ``image``: a path or a PIL image."""
+    im = _resized(image, patch_size, pooling_kernel_size, max_soft_tokens)
+    k, p = pooling_kernel_size, patch_size
+    max_patches = max_soft_tokens * k * k
+    tw, th = im.size
     arr = np.asarray(im, dtype=np.float32) / np.float32(255.0)  # (H, W, 3)
     rows, cols = th // p, tw // p
     patches = arr.reshape(rows, p, cols, p, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, p * p * 3)

@@ -45,7 +45,8 @@ def _image_config(cfg) -> dict[str, Any]:
     if cfg.vision is not None:
         out.update(patch_size=cfg.vision.patch_size, pooling_kernel_size=cfg.vision.pooling_kernel_size)
     if cfg.audio is not None:
-        out.update(audio_token_id=t.audio_token_id, boa_token_id=cfg.boa_token_id, eoa_token_id=cfg.eoa_token_id)
+        out.update(audio_token_id=t.audio_token_id, boa_token_id=cfg.boa_token_id, eoa_token_id=cfg.eoa_token_id,
+                   n_mels=cfg.audio.n_mels)
     return out
 
 
@@ -111,6 +112,8 @@ def _pte_class():
             self._n_prefill_inputs = self.program.metadata("prefill").num_inputs()
             self._image = self.program.load_method("image_encoder") if self.has_images else None
             self._audio = self.program.load_method("audio_encoder") if self.has_audio else None
+            if self.has_audio:  # input_features (1, T, n_mels): the log-mel width of a waveform's features
+                self.multimodal["n_mels"] = int(self.program.metadata("audio_encoder").input_tensor_meta(0).sizes()[-1])
 
         def encode_image(self, pixel_values: Tensor, position_ids: Tensor) -> Tensor:
             return self._image.execute([pixel_values[None].float().contiguous(),
@@ -138,8 +141,143 @@ def _pte_class():
     return MultimodalPteBackend
 
 
+class RunnerLayoutBackend:
+    """A ``.pte`` in ExecuTorch ``MultimodalRunner``'s layout (``token_embedding``, ``text_decoder``,
+    ``vision_encoder`` [/ ``audio_encoder``]; fxport.models.gemma4.runner_methods' docstring),
+    run the way that runner runs it: the prompt is prefilled segment by segment, each a
+    ``text_decoder`` call at the running position (text through ``token_embedding`` in chunks of
+    at most ``max_prefill_chunk``; an image's or a clip's encoder output, boi / boa and eoi / eoa
+    included, whole); a decode step is ``token_embedding`` of one token then ``text_decoder``.
+
+    ``segmented = True`` tells :func:`build_prompt` to lay the prompt out as such segments.
+    Raises PteError (one line) for a file ExecuTorch cannot load.
+    """
+
+    segmented = True
+
+    def __init__(self, path, *, data_path=None, num_threads: int | None = None, verbose: bool | None = None):
+        from pathlib import Path
+
+        from fxport import contract
+        from fxport.fileio import weights_file
+        from fxport.runtime.backend import PteError
+
+        path = Path(path)
+        if not path.is_file():
+            raise PteError(f"no such .pte file: {path}")
+        if data_path is None and weights_file(path).is_file():
+            data_path = weights_file(path)
+        from fxport.runtime.integrity import check_weights
+
+        check_weights(path, data_path)
+        import executorch.kernels.quantized  # noqa: F401  (quantized embedding kernels)
+        from executorch.runtime import Runtime
+
+        from fxport.runtime.native_log import capture_native_stderr, verbose_default
+
+        with capture_native_stderr(verbose_default() if verbose is None else verbose) as native:
+            if num_threads is not None:
+                from fxport.runtime.pte_backend import set_num_threads
+
+                set_num_threads(num_threads)
+            try:
+                self.program = Runtime.get().load_program(path, data_path=data_path)
+                names = set(self.program.method_names)
+                missing = [m for m in (contract.TOKEN_EMBEDDING, contract.TEXT_DECODER) if m not in names]
+                if not missing:
+                    self._embed = self.program.load_method(contract.TOKEN_EMBEDDING)
+                    self._decoder = self.program.load_method(contract.TEXT_DECODER)
+                    self._vision = (self.program.load_method(contract.VISION_ENCODER)
+                                    if contract.VISION_ENCODER in names else None)
+                    self._audio = (self.program.load_method(contract.AUDIO_ENCODER)
+                                   if contract.AUDIO_ENCODER in names else None)
+                failure = None
+            except Exception as exc:  # the runtime raises RuntimeError with a status code
+                failure = exc
+        if failure is not None:
+            lines = [line for line in native.lines() if "cpuinfo" not in line]
+            raise PteError(f"{path} is not a loadable ExecuTorch program ({' '.join(lines[-2:]) or failure})") from None
+        if missing:
+            raise PteError(f"{path} has no method(s) {missing} (methods: {sorted(names)}); it is not in "
+                           "MultimodalRunner's layout: export it with fxport")
+        self.path = path
+        get = self._constant
+        self.max_prefill_chunk = int(get(contract.MAX_SEQ_LEN))
+        self.max_seq_len = int(get(contract.MAX_CONTEXT_LEN) or 0) or None
+        self.vocab_size, self.bos_id = get(contract.VOCAB_SIZE), get(contract.BOS_ID)
+        self.eos_ids = tuple(get(contract.EOS_IDS) or ())
+        self.has_images, self.has_audio = self._vision is not None, self._audio is not None
+        self.multimodal = dict(
+            image_token_id=get(contract.IMAGE_TOKEN_ID), boi_token_id=get(contract.BOI_TOKEN_ID),
+            eoi_token_id=get(contract.EOI_TOKEN_ID), bidirectional=bool(get(contract.BIDIRECTIONAL_VISION)),
+            hidden_size=get(contract.HIDDEN_SIZE), embedding_dim=get(contract.EMBEDDING_DIM),
+            patch_size=get(contract.PATCH_SIZE), pooling_kernel_size=get(contract.POOLING_KERNEL_SIZE),
+            max_soft_tokens=get(contract.MAX_SOFT_TOKENS), max_image_cells=get(contract.MAX_IMAGE_CELLS),
+            audio_token_id=get(contract.AUDIO_TOKEN_ID),
+            boa_token_id=get(contract.BOA_TOKEN_ID), eoa_token_id=get(contract.EOA_TOKEN_ID),
+            max_audio_frames=get(contract.MAX_AUDIO_FRAMES),
+        )
+        if self.has_audio:  # features (1, F, n_mels)
+            meta = self.program.metadata(contract.AUDIO_ENCODER).input_tensor_meta(0)
+            self.multimodal["n_mels"] = int(meta.sizes()[-1])
+
+    def _constant(self, name: str) -> Any:
+        from fxport import contract
+
+        if name not in self.program.method_names:
+            return None
+        outs = self.program.load_method(name).execute([])
+        values = [o.item() if isinstance(o, torch.Tensor) and o.numel() == 1 else o for o in outs]
+        return values if name == contract.EOS_IDS else values[0]
+
+    def _check(self, tokens: Tensor) -> None:
+        if self.vocab_size is not None and tokens.numel() and not (
+                int(tokens.min()) >= 0 and int(tokens.max()) < self.vocab_size):
+            from fxport.runtime.backend import check_token_ids
+
+            check_token_ids(tokens, self.vocab_size, f"{self.path} was exported for {self.vocab_size} ids.")
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """``token_embedding``: tokens (1, T) -> (1, T, E)."""
+        self._check(tokens)
+        return self._embed.execute([tokens.to(torch.long).reshape(1, -1).contiguous()])[0]
+
+    def decode_embeddings(self, embeddings: Tensor, input_pos: Tensor) -> Tensor:
+        """``text_decoder``: (1, T, E) at positions (T,) -> logits."""
+        T = embeddings.shape[1]
+        if not 1 <= T <= self.max_prefill_chunk:
+            raise ValueError(f"text_decoder call of {T} rows; this .pte accepts 1..{self.max_prefill_chunk} per call")
+        return self._decoder.execute([embeddings.contiguous(), input_pos.to(torch.long).contiguous()])[0]
+
+    def prefill(self, tokens: Tensor, input_pos: Tensor, embeddings: Tensor | None = None) -> Tensor:
+        """One segment: a text chunk (embedded here) or an encoder's rows (``embeddings``)."""
+        return self.decode_embeddings(self.embed(tokens) if embeddings is None else embeddings, input_pos)
+
+    def decode(self, token: Tensor, input_pos: Tensor) -> Tensor:
+        return self.decode_embeddings(self.embed(token), input_pos.reshape(1))
+
+    def encode_image(self, image: Tensor) -> Tensor:
+        """``vision_encoder``: uint8 (3, H, W) resized -> (1, n + 2, E): boi, soft tokens, eoi."""
+        return self._vision.execute([image.to(torch.uint8).contiguous()])[0]
+
+    def encode_audio(self, features: Tensor) -> Tensor:
+        """``audio_encoder``: the clip's real frames (1, F, n_mels) -> (1, n + 2, E): boa, soft tokens, eoa."""
+        return self._audio.execute([features.float().contiguous()])[0]
+
+    def reset(self) -> None:
+        """Nothing to clear: every position a query sees is written first."""
+
+
 def open_pte(path, **kwargs) -> Any:
-    """The backend for a ``.pte``: multimodal when it has an ``image_encoder`` or ``audio_encoder``."""
+    """The backend for a multimodal ``.pte``: :class:`RunnerLayoutBackend` for ExecuTorch
+    ``MultimodalRunner``'s layout (a ``text_decoder`` method), else the merged-prefill layout
+    (``image_encoder`` / ``audio_encoder``, ``prefill`` taking features)."""
+    from fxport import contract
+    from fxport.runtime.backend import program_methods
+
+    names = program_methods(path, kwargs.get("data_path")) or set()  # None: the backend says why
+    if contract.TEXT_DECODER in names:
+        return RunnerLayoutBackend(path, **kwargs)
     return _pte_class()(path, **kwargs)  # a text-only program: has_images False, prefill takes 2 inputs
 
 
@@ -154,9 +292,15 @@ class MultimodalPrompt:
     runs: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each image run
     soft_tokens: list[int] = field(default_factory=list)
     mm: dict[str, Any] = field(default_factory=dict)  # the backend's ``multimodal`` description
+    # MultimodalRunner's layout: [start, end) of each image / clip (boi ... eoi) and its encoder
+    # output (1, end - start, E), prefilled as one text_decoder call
+    segments: list[tuple[int, int, Tensor]] = field(default_factory=list)
 
     def features(self, start: int, end: int) -> dict[str, Tensor | None]:
-        """Feature rows of the placeholders in ``ids[start:end]`` (None when there are none)."""
+        """Feature rows of the placeholders in ``ids[start:end]`` (None when there are none); in
+        the runner layout ``{"embeddings": rows}`` for a media segment, ``{}`` for text."""
+        if self.segments:
+            return next(({"embeddings": rows} for s, e, rows in self.segments if (s, e) == (start, end)), {})
         out: dict[str, Tensor | None] = {}
         mm = self.mm
         for key, rows, pid in (("image_features", self.image_rows, mm.get("image_token_id")),
@@ -170,7 +314,16 @@ class MultimodalPrompt:
 
     def chunks(self, chunk: int) -> list[tuple[int, int]]:
         """Prefill chunk bounds: at most ``chunk`` tokens, never splitting an image run when the
-        program attends bidirectionally inside images (a longer run is an error then)."""
+        program attends bidirectionally inside images (a longer run is an error then). In the
+        runner layout: each media segment whole, the text between in chunks of ``chunk``."""
+        if self.segments:
+            bounds, start = [], 0
+            for s, e, _ in self.segments + [(len(self.ids), len(self.ids), None)]:
+                bounds += [(a, min(a + chunk, s)) for a in range(start, s, chunk)]
+                if e > s:
+                    bounds.append((s, e))
+                start = e
+            return bounds
         bounds, start, n = [], 0, len(self.ids)
         bidir = bool(self.mm.get("bidirectional"))
         while start < n:
@@ -221,13 +374,23 @@ def build_prompt(backend: Any, ids: Sequence[int], images: Sequence[Any] = (), a
             f"generate: max_soft_tokens={soft} exceeds the {limit} soft tokens per image this program's "
             f"image_encoder was exported for; pass at most {limit}."
         )
+    if getattr(backend, "segmented", False):
+        return _build_segments(backend, prompt, images, clips, soft, bos_id, check_length)
     img_id, boi, eoi = mm["image_token_id"], mm["boi_token_id"], mm["eoi_token_id"]
+    for pid, given, kind in ((img_id, len(images), "image"), (mm.get("audio_token_id"), len(clips), "audio")):
+        marks = sum(1 for t in ids if t == pid) if given else 0
+        if marks and marks != given:  # before any preprocessing or encoder time
+            raise MultimodalError(
+                f"generate: the prompt holds {marks} {kind} token(s) (id {pid}) but {given} {kind} input(s) were "
+                f"given; put one {kind} token per {kind}, or none ({kind}s then go after BOS)."
+            )
     inputs = [preprocess_image(im, mm["patch_size"], mm["pooling_kernel_size"], soft) for im in images]
     clip_inputs = []
     if clips:
         from .audio import prepare_audio
 
-        clip_inputs = [prepare_audio(c, max_frames=mm.get("max_audio_frames") or None) for c in clips]
+        clip_inputs = [prepare_audio(c, n_mels=mm.get("n_mels"), max_frames=mm.get("max_audio_frames") or None)
+                       for c in clips]
     if check_length is not None:
         added = sum(i.num_soft_tokens + 2 for i in inputs) + sum(a.num_soft_tokens + 2 for a in clip_inputs)
         check_length(len(ids) + added, added)
@@ -246,24 +409,7 @@ def build_prompt(backend: Any, ids: Sequence[int], images: Sequence[Any] = (), a
         feats, valid = backend.encode_audio(a.input_features, a.input_features_mask)
         audio_rows.append(feats[0][valid[0].to(torch.bool)][: a.num_soft_tokens])
         audio_pieces.append([mm["boa_token_id"]] + [mm["audio_token_id"]] * a.num_soft_tokens + [mm["eoa_token_id"]])
-    n_marks = sum(1 for t in ids if t == img_id)
-    if images and n_marks == len(images):  # expand each image token in place
-        out: list[int] = []
-        it = iter(pieces)
-        for t in ids:
-            out += next(it) if t == img_id else [t]
-    elif n_marks == 0:
-        head = 1 if ids and bos_id is not None and ids[0] == bos_id else 0
-        out = ids[:head] + [t for p in pieces for t in p] + [t for p in audio_pieces for t in p] + ids[head:]
-        audio_pieces = []
-    else:
-        raise MultimodalError(
-            f"generate: the prompt holds {n_marks} image token(s) (id {img_id}) but {len(images)} image(s) "
-            "were given; put one image token per image, or none (images then go first)."
-        )
-    if audio_pieces:  # images expanded in place: audio goes after BOS
-        head = 1 if out and bos_id is not None and out[0] == bos_id else 0
-        out = out[:head] + [t for p in audio_pieces for t in p] + out[head:]
+    out, _ = _place(ids, [(img_id, pieces, "image"), (mm.get("audio_token_id"), audio_pieces, "audio")], bos_id)
     prompt.ids = out
     prompt.image_rows = torch.cat(rows) if rows else None
     prompt.audio_rows = torch.cat(audio_rows) if audio_rows else None
@@ -278,3 +424,159 @@ def build_prompt(backend: Any, ids: Sequence[int], images: Sequence[Any] = (), a
         else:
             i += 1
     return prompt
+
+
+def _place(ids: list[int], kinds: list[tuple[int | None, list[list[int]], str]],
+           bos_id: int | None) -> tuple[list[int], list[tuple[str, int, int]]]:
+    """Each kind's placeholder pieces into ``ids``: in place of its tokens when the prompt holds one
+    per item (the chat template's ``<|image|>`` / ``<|audio|>``, or a user's marker), else right
+    after BOS (images first, then audio clips). Returns the ids and ``(kind, item, start)`` of
+    every piece, in prompt order."""
+    seq: list[Any] = list(ids)  # ints, and (kind, item) where a piece goes
+    head: list[Any] = []
+    for pid, pieces, kind in kinds:
+        if not pieces:
+            continue
+        marks = sum(1 for t in seq if t == pid)
+        if marks == 0:
+            head += [(kind, i) for i in range(len(pieces))]
+            continue
+        if marks != len(pieces):
+            raise MultimodalError(
+                f"generate: the prompt holds {marks} {kind} token(s) (id {pid}) but {len(pieces)} {kind} input(s) "
+                f"were given; put one {kind} token per {kind}, or none ({kind}s then go after BOS)."
+            )
+        item = iter(range(len(pieces)))
+        seq = [(kind, next(item)) if t == pid else t for t in seq]
+    at = 1 if seq and bos_id is not None and seq[0] == bos_id else 0
+    seq = seq[:at] + head + seq[at:]
+    lookup = {kind: pieces for _, pieces, kind in kinds}
+    out: list[int] = []
+    where: list[tuple[str, int, int]] = []
+    for x in seq:
+        if isinstance(x, tuple):
+            where.append((x[0], x[1], len(out)))
+            out += lookup[x[0]][x[1]]
+        else:
+            out.append(x)
+    return out, where
+
+
+def _build_segments(backend: Any, prompt: MultimodalPrompt, images: list, clips: list, soft: int,
+                    bos_id: int | None, check_length: Callable[[int, int], None] | None) -> MultimodalPrompt:
+    """:func:`build_prompt` for MultimodalRunner's layout: each image resized on the host
+    (:func:`fxport.runtime.image.resize_image`) and encoded whole by ``vision_encoder``, each clip's
+    real log-mel frames by ``audio_encoder``; the ids hold ``boi + image * n + eoi`` (``boa + audio
+    * n + eoa``) where the segment goes, and ``prompt.segments`` the encoder outputs."""
+    from .image import resize_image
+
+    mm = prompt.mm
+    ids = prompt.ids
+    for pid, given, kind in ((mm.get("image_token_id"), len(images), "image"),
+                             (mm.get("audio_token_id"), len(clips), "audio")):
+        marks = sum(1 for t in ids if t == pid) if given else 0
+        if marks and marks != given:
+            raise MultimodalError(
+                f"generate: the prompt holds {marks} {kind} token(s) (id {pid}) but {given} {kind} input(s) were "
+                f"given; put one {kind} token per {kind}, or none ({kind}s then go after BOS)."
+            )
+    resized = [resize_image(im, mm["patch_size"], mm["pooling_kernel_size"], soft) for im in images]
+    side = mm["patch_size"] * mm["pooling_kernel_size"]
+    for im, (img, _) in zip(images, resized):
+        cells = (img.shape[1] // side, img.shape[2] // side)
+        if min(cells) < 2 or (mm.get("max_image_cells") and max(cells) > mm["max_image_cells"]):
+            where = f" {im}" if not hasattr(im, "size") else ""
+            raise MultimodalError(
+                f"generate: the image{where} resizes to {cells[0]} x {cells[1]} cells of {side} pixels; the program's "
+                f"vision_encoder takes 2..{mm.get('max_image_cells') or soft} per side: crop it to a less extreme "
+                "aspect ratio.")
+    frames = [_clip_frames(c, mm) for c in clips]
+    counts = [n for _, n in resized] + [_audio_rows(f.shape[1]) for f in frames]
+    if check_length is not None:
+        added = sum(n + 2 for n in counts)
+        check_length(len(ids) + added, added)
+    chunk = backend.max_prefill_chunk
+    outputs = [backend.encode_image(img) for img, _ in resized] + [backend.encode_audio(f) for f in frames]
+    for rows, n in zip(outputs, counts):
+        if rows.shape[1] != n + 2 or rows.shape[1] > chunk:
+            raise MultimodalError(
+                f"generate: an encoder returned {rows.shape[1]} rows for {n} soft tokens (expected {n + 2}, at most "
+                f"the program's {chunk} per text_decoder call); re-export the program with this fxport.")
+    img_id, aud_id = mm.get("image_token_id"), mm.get("audio_token_id")
+    pieces = [[mm["boi_token_id"]] + [img_id] * n + [mm["eoi_token_id"]] for _, n in resized]
+    clip_pieces = [[mm["boa_token_id"]] + [aud_id] * _audio_rows(f.shape[1]) + [mm["eoa_token_id"]] for f in frames]
+    out, where = _place(ids, [(img_id, pieces, "image"), (aud_id, clip_pieces, "audio")], bos_id)
+    prompt.ids = out
+    prompt.soft_tokens = [n for _, n in resized]
+    for kind, i, start in where:
+        rows = outputs[i if kind == "image" else len(pieces) + i]
+        prompt.segments.append((start, start + rows.shape[1], rows))
+        if kind == "image":
+            prompt.runs.append((start + 1, start + rows.shape[1] - 1))
+    return prompt
+
+
+def _audio_rows(frames: int) -> int:
+    """Soft tokens of a clip of ``frames`` real mel frames: the tower's two stride-2 subsamplings."""
+    return -(-(-(-frames // 2)) // 2)
+
+
+def _clip_frames(clip: Any, mm: dict[str, Any]) -> Tensor:
+    """One clip's real log-mel frames (1, F, n_mels): what the runner layout's audio_encoder takes."""
+    from .audio import AudioError, prepare_audio
+
+    a = prepare_audio(clip, n_mels=mm.get("n_mels"))
+    feats = a.input_features[a.input_features_mask]  # (F, M): the real frames, in order
+    F, top = feats.shape[0], mm.get("max_audio_frames") or None
+    if top is not None and F > top:
+        raise AudioError(f"audio: the clip has {F} mel frames but the program's audio_encoder takes at most {top} "
+                         f"({top / 100:.2f} s at a 10 ms hop); trim the clip or re-export with a larger "
+                         "max_audio_frames.")
+    if F < MIN_AUDIO_FRAMES:
+        raise AudioError(f"audio: the clip has {F} mel frames, fewer than the {MIN_AUDIO_FRAMES} the audio_encoder "
+                         f"takes ({MIN_AUDIO_FRAMES * 10} ms); pass a longer clip.")
+    return feats[None]
+
+
+MIN_AUDIO_FRAMES = 5  # the runner layout's audio_encoder frame dim is exported from 5
+
+
+# ---------------------------------------------------------------------------------- text prompt
+
+
+def chat_default(tokenizer: Any) -> bool:
+    """``fxport run``'s default for ``--chat``: on for an instruction-tuned checkpoint (its
+    tokenizer came with a chat template) whose vocabulary has Gemma's turn tokens."""
+    from fxport.models.gemma4.tokenizer import chat_format_of
+
+    return bool(getattr(tokenizer, "chat_template", None)) and chat_format_of(tokenizer) is not None
+
+
+def prompt_ids(tokenizer: Any, backend: Any, prompt: str, images: int = 0, audio: int = 0,
+               chat: bool | None = None, system: str | None = None) -> list[int] | str:
+    """What ``fxport run`` hands :func:`fxport.runtime.generate.generate` for ``--prompt``.
+
+    chat (None: :func:`chat_default`): Gemma's turn format (``fxport.models.gemma4.tokenizer.
+    encode_chat``) around one user turn holding the images and clips where the prompt has
+    ``<image>`` / ``<audio>`` markers, else before the text. Without chat, a prompt with markers
+    becomes ids with the program's image / audio token there; a plain prompt stays text.
+    """
+    from fxport.models.gemma4 import tokenizer as tk
+
+    mm = getattr(backend, "multimodal", None) or {}
+    image_id, audio_id = mm.get("image_token_id"), mm.get("audio_token_id")
+    if chat is None:
+        chat = chat_default(tokenizer)
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            tk.user_message(prompt, images=images, audio=audio)]
+        return tk.encode_chat(tokenizer, messages, image_token_id=image_id, audio_token_id=audio_id)
+    segments = tk.split_media_markers(prompt)
+    if all(isinstance(s, str) for s in segments):
+        return prompt
+    for kind, given in (("image", images), ("audio", audio)):
+        marks = sum(1 for s in segments if isinstance(s, dict) and s["type"] == kind)
+        if marks and marks != given:
+            raise MultimodalError(f"the prompt has {marks} <{kind}> marker(s) but {given} --{kind} file(s) were given; "
+                                  f"put one <{kind}> per --{kind}, or none ({kind}s then go after BOS).")
+    return tk.encode_segments(tokenizer, segments, image_id, audio_id, bos=tokenizer.add_bos)
