@@ -11,11 +11,15 @@ exported with plain ``torch.export.export``, then
     SDPADispatch: decode attention becomes the split-K kernel on the un-expanded cache.
 
     .venv/bin/python examples/gpt_fast.py [--layers 2 --context 64 --window 8 --chunk 16]
+
+The model (``ModelArgs``, ``Transformer``) is also what tests/foreign/test_gpt_fast.py rewrites,
+with both cache writes (``ModelArgs.cache_write``).
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,43 +28,64 @@ from torch.export import Dim
 
 from fxport.passes import RingBufferKVCache, SDPADispatch
 
-from _report import apply_and_report  # examples/_report.py: prints what changed
+@dataclass
+class ModelArgs:
+    """The model's sizes (gpt-fast's ``ModelArgs``, trimmed to what this file uses)."""
 
-VOCAB, DIM, N_HEAD, N_LOCAL_HEADS, HEAD_DIM = 128, 64, 4, 2, 16
+    n_layer: int = 2
+    max_seq_length: int = 64  # the full cache length
+    window: int = 8  # sliding window of the even layers (odd layers are global)
+    vocab_size: int = 128
+    dim: int = 64
+    n_head: int = 4
+    n_local_heads: int = 2  # KV heads
+    head_dim: int = 16
+    # "index_put": gpt-fast's ``k_cache[:, :, input_pos] = k``; "narrow_copy": the other common
+    # write, ``cache.narrow(2, input_pos[0].item(), L).copy_(k)`` (slice_scatter at a symbolic start)
+    cache_write: str = "index_put"
 
 
 class KVCache(nn.Module):
-    def __init__(self, max_seq_length: int):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        shape = (1, N_LOCAL_HEADS, max_seq_length, HEAD_DIM)
+        self.write = args.cache_write
+        shape = (1, args.n_local_heads, args.max_seq_length, args.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape))
         self.register_buffer("v_cache", torch.zeros(shape))
 
     def update(self, input_pos, k_val, v_val):  # input_pos (L,), k_val (1, H_kv, L, D)
         k_out, v_out = self.k_cache, self.v_cache
-        k_out[:, :, input_pos] = k_val
-        v_out[:, :, input_pos] = v_val
+        if self.write == "index_put":
+            k_out[:, :, input_pos] = k_val
+            v_out[:, :, input_pos] = v_val
+        else:  # a contiguous slice at a data-dependent start
+            start = input_pos[0].item()
+            torch._check(start >= 0)
+            torch._check(start + k_val.shape[2] <= k_out.shape[2])
+            k_out.narrow(2, start, k_val.shape[2]).copy_(k_val)
+            v_out.narrow(2, start, v_val.shape[2]).copy_(v_val)
         return k_out, v_out
 
 
 class Attention(nn.Module):
-    def __init__(self, max_seq_length: int):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        self.wqkv = nn.Linear(DIM, (N_HEAD + 2 * N_LOCAL_HEADS) * HEAD_DIM, bias=False)
-        self.wo = nn.Linear(N_HEAD * HEAD_DIM, DIM, bias=False)
-        self.kv_cache = KVCache(max_seq_length)
+        self.n_head, self.n_local_heads, self.head_dim = args.n_head, args.n_local_heads, args.head_dim
+        self.wqkv = nn.Linear(args.dim, (args.n_head + 2 * args.n_local_heads) * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_head * args.head_dim, args.dim, bias=False)
+        self.kv_cache = KVCache(args)
 
     def forward(self, x, freqs_cis, mask, input_pos):
         bsz, seqlen, _ = x.shape
-        kv_size = N_LOCAL_HEADS * HEAD_DIM
-        q, k, v = self.wqkv(x).split([N_HEAD * HEAD_DIM, kv_size, kv_size], dim=-1)
-        q = rope(q.view(bsz, seqlen, N_HEAD, HEAD_DIM), freqs_cis)
-        k = rope(k.view(bsz, seqlen, N_LOCAL_HEADS, HEAD_DIM), freqs_cis)
-        v = v.view(bsz, seqlen, N_LOCAL_HEADS, HEAD_DIM)
+        kv_size = self.n_local_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([self.n_head * self.head_dim, kv_size, kv_size], dim=-1)
+        q = rope(q.view(bsz, seqlen, self.n_head, self.head_dim), freqs_cis)
+        k = rope(k.view(bsz, seqlen, self.n_local_heads, self.head_dim), freqs_cis)
+        v = v.view(bsz, seqlen, self.n_local_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (bsz, heads, seqlen, head_dim)
         k, v = self.kv_cache.update(input_pos, k, v)
-        k = k.repeat_interleave(N_HEAD // N_LOCAL_HEADS, dim=1)
-        v = v.repeat_interleave(N_HEAD // N_LOCAL_HEADS, dim=1)
+        k = k.repeat_interleave(self.n_head // self.n_local_heads, dim=1)
+        v = v.repeat_interleave(self.n_head // self.n_local_heads, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0)
         return self.wo(y.transpose(1, 2).contiguous().view(bsz, seqlen, -1))
 
@@ -74,12 +99,12 @@ def rope(x, freqs_cis):  # x (bsz, seqlen, heads, head_dim), freqs_cis (seqlen, 
 
 
 class Block(nn.Module):
-    def __init__(self, max_seq_length: int):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        self.attention = Attention(max_seq_length)
-        self.attention_norm, self.ffn_norm = nn.RMSNorm(DIM, eps=1e-5), nn.RMSNorm(DIM, eps=1e-5)
-        self.w1, self.w3 = nn.Linear(DIM, 2 * DIM, bias=False), nn.Linear(DIM, 2 * DIM, bias=False)
-        self.w2 = nn.Linear(2 * DIM, DIM, bias=False)
+        self.attention = Attention(args)
+        self.attention_norm, self.ffn_norm = nn.RMSNorm(args.dim, eps=1e-5), nn.RMSNorm(args.dim, eps=1e-5)
+        self.w1, self.w3 = nn.Linear(args.dim, 2 * args.dim, bias=False), nn.Linear(args.dim, 2 * args.dim, bias=False)
+        self.w2 = nn.Linear(2 * args.dim, args.dim, bias=False)
 
     def forward(self, x, freqs_cis, mask, input_pos):
         h = x + self.attention(self.attention_norm(x), freqs_cis, mask, input_pos)
@@ -88,19 +113,21 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, n_layer: int, max_seq_length: int, window: int):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        self.tok_embeddings = nn.Embedding(VOCAB, DIM)
-        self.layers = nn.ModuleList(Block(max_seq_length) for _ in range(n_layer))
-        self.norm, self.output = nn.RMSNorm(DIM, eps=1e-5), nn.Linear(DIM, VOCAB, bias=False)
-        causal = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool))
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layer))
+        self.norm, self.output = nn.RMSNorm(args.dim, eps=1e-5), nn.Linear(args.dim, args.vocab_size, bias=False)
+        S = args.max_seq_length
+        causal = torch.tril(torch.ones(S, S, dtype=torch.bool))
         self.register_buffer("causal_mask", causal, persistent=False)
-        self.register_buffer("sliding_mask", causal & ~torch.tril(causal, -window), persistent=False)
-        freqs = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
-        angles = torch.outer(torch.arange(max_seq_length).float(), freqs)
+        self.register_buffer("sliding_mask", causal & ~torch.tril(causal, -args.window), persistent=False)
+        freqs = 1.0 / (10000 ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
+        angles = torch.outer(torch.arange(S).float(), freqs)
         self.register_buffer("freqs_cis", torch.stack([angles.cos(), angles.sin()], -1), persistent=False)
 
-    def forward(self, idx, input_pos):  # idx (1, L), input_pos (L,)
+    def forward(self, idx, input_pos):  # idx (1, L), input_pos (L,) -> logits (1, L, vocab_size)
         freqs_cis = self.freqs_cis[input_pos]
         x = self.tok_embeddings(idx)
         for i, layer in enumerate(self.layers):
@@ -108,8 +135,14 @@ class Transformer(nn.Module):
             x = layer(x, freqs_cis, mask, input_pos)
         return self.output(self.norm(x))
 
+    def sliding_caches(self) -> list[str]:
+        """The cache buffers of the sliding (even) layers."""
+        return [f"layers.{i}.attention.kv_cache.{kv}_cache" for i in range(0, self.args.n_layer, 2) for kv in ("k", "v")]
+
 
 def main(argv=None) -> None:
+    from _report import apply_and_report  # examples/_report.py, beside this script: prints what changed
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--context", type=int, default=64, help="max_seq_length: the full cache length")
@@ -118,7 +151,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
-    model = Transformer(args.layers, args.context, args.window).eval()
+    model = Transformer(ModelArgs(n_layer=args.layers, max_seq_length=args.context, window=args.window)).eval()
     with torch.no_grad():
         methods = {
             "prefill": torch.export.export(model, (torch.zeros(1, 2, dtype=torch.long), torch.arange(2)),
@@ -126,11 +159,12 @@ def main(argv=None) -> None:
             "decode": torch.export.export(model, (torch.zeros(1, 1, dtype=torch.long), torch.arange(1))),
         }
 
-    sliding = range(0, args.layers, 2)
-    windows = {f"layers.{i}.attention.kv_cache.{kv}_cache": args.window for i in sliding for kv in ("k", "v")}
-    passes = [RingBufferKVCache(windows), SDPADispatch(threshold=0)]  # threshold 0: split-K at any cache length
-    print(f"gpt-fast-style model: {args.layers} layers, {N_HEAD} query heads on {N_LOCAL_HEADS} KV heads, "
-          f"context {args.context}, window {args.window} on layers {list(sliding)}, prefill chunks up to {args.chunk}")
+    a = model.args
+    passes = [RingBufferKVCache(dict.fromkeys(model.sliding_caches(), args.window)),
+              SDPADispatch(threshold=0)]  # threshold 0: split-K at any cache length
+    print(f"gpt-fast-style model: {args.layers} layers, {a.n_head} query heads on {a.n_local_heads} KV heads, "
+          f"context {args.context}, window {args.window} on layers {list(range(0, args.layers, 2))}, "
+          f"prefill chunks up to {args.chunk}")
     apply_and_report(methods, passes)
 
 

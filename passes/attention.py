@@ -46,9 +46,9 @@ Cache writes (the one write of a cache buffer)::
   ``copy_`` into a ``slice``/``narrow`` of the cache (training IR). Anything else raises
   :class:`NotRecognized` whose message is the skip reason passes report.
 
-Symbol bounds: :func:`upper_bound` (the largest value a size can take in the program: its
-static value, or the bound of its symbols in ``ep.range_constraints`` / the shape env);
-:func:`write_chunk_bound` applies it to the rows one cache write writes per call.
+Node readers (``val``, ``shape``, ``shapes_equal``) and symbol bounds (``upper_bound``, e.g.
+of ``write.length``: the most rows one cache write writes per call) are
+:mod:`fxport.passes.graph`'s.
 """
 
 from __future__ import annotations
@@ -61,6 +61,16 @@ import torch
 from torch.export import ExportedProgram
 from torch.fx import Node
 
+from fxport.passes.graph import (
+    arg,
+    buffer_placeholders,
+    mutated_buffers,
+    plain_shape,
+    shape,
+    shapes_equal,
+    target_name,
+    val,
+)
 from fxport.passes.match import Any as AnyP, Const, P, Through, is_op, match
 
 aten = torch.ops.aten
@@ -99,77 +109,6 @@ REPEAT_KV = P(
 
 class NotRecognized(Exception):
     """A graph form the recognizer cannot prove; ``str(exc)`` is the skip reason."""
-
-
-# ------------------------------------------------------------------------------ small readers
-
-
-def val(node: Any) -> torch.Tensor | None:
-    """The fake tensor a node produces (``meta["val"]``), or None."""
-    v = node.meta.get("val") if isinstance(node, Node) else None
-    return v if isinstance(v, torch.Tensor) else None
-
-
-def shape(node: Any) -> tuple | None:
-    v = val(node)
-    return None if v is None else tuple(v.shape)
-
-
-def dims_equal(a: Any, b: Any) -> bool:
-    """``a == b`` for ints and SymInts, without guarding (symbolic dims compare by expression)."""
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    ea = a.node.expr if isinstance(a, torch.SymInt) else a
-    eb = b.node.expr if isinstance(b, torch.SymInt) else b
-    return bool(ea == eb) if isinstance(ea, int) and isinstance(eb, int) else str(ea) == str(eb)
-
-
-def shapes_equal(a: tuple | None, b: tuple | None) -> bool:
-    return a is not None and b is not None and len(a) == len(b) and all(dims_equal(x, y) for x, y in zip(a, b))
-
-
-def target_name(node: Node) -> str:
-    return str(node.target) if node.op == "call_function" else node.op
-
-
-# ------------------------------------------------------------------------------ symbol bounds
-
-
-def upper_bound(ep: ExportedProgram, size: Any) -> int | float:
-    """The largest value ``size`` takes in ``ep``: an int as is; a SymInt / sympy expression /
-    node producing a SymInt bounded by its symbols' ranges (``ep.range_constraints``, then the
-    program's shape env for symbols not listed there, e.g. unbacked ones); ``inf`` if unbounded."""
-    if isinstance(size, Node):
-        size = size.meta.get("val")
-    if isinstance(size, bool):
-        raise TypeError(f"upper_bound: expected a size, got {size!r}")
-    if isinstance(size, int):
-        return size
-    import sympy
-    from torch.utils._sympy.value_ranges import ValueRanges, bound_sympy
-
-    expr = size.node.expr if isinstance(size, torch.SymInt) else size
-    if not isinstance(expr, sympy.Expr):
-        raise TypeError(f"upper_bound: expected an int, SymInt or sympy expression, got {type(size).__name__}")
-    ranges: dict = {}
-    env = _shape_env(ep)
-    if env is not None:
-        ranges.update(env.var_to_range)
-    ranges.update(ep.range_constraints)
-    ranges = {s: ranges.get(s, ValueRanges.unknown()) for s in expr.free_symbols}
-    upper = bound_sympy(expr, ranges).upper
-    return int(upper) if upper.is_finite else float("inf")
-
-
-def _shape_env(ep: ExportedProgram):
-    for node in ep.graph.nodes:
-        v = node.meta.get("val")
-        mode = getattr(v, "fake_mode", None)
-        if mode is not None and mode.shape_env is not None:
-            return mode.shape_env
-        if isinstance(v, torch.SymInt):
-            return v.node.shape_env
-    return None
 
 
 # ------------------------------------------------------------------------------ SDPA arguments
@@ -295,7 +234,7 @@ def peel_kv(node: Node, h_q: int | None = None, enable_gqa: bool = False) -> KVS
             n = es[2] if es is not None and len(es) == 5 else None
             if (not isinstance(n, int) or not shapes_equal(es, (b, h, n, s, d)) or not isinstance(h, int)
                     or not shapes_equal(vs, (b, h * n, s, d))):
-                raise NotRecognized(f"repeat_kv shapes {_plain(xs)} -> {_plain(es)} -> {_plain(vs)} do not match")
+                raise NotRecognized(f"repeat_kv shapes {plain_shape(xs)} -> {plain_shape(es)} -> {plain_shape(vs)} do not match")
             while cur is not x:
                 chain.append(cur)
                 cur = cur.args[0]
@@ -313,7 +252,7 @@ def peel_kv(node: Node, h_q: int | None = None, enable_gqa: bool = False) -> KVS
         n_rep = h_q // h_kv
         spellings.append("enable_gqa")
     if h_q is not None and (not isinstance(h_kv, int) or h_kv * n_rep != h_q):
-        raise NotRecognized(f"K/V heads {_plain((h_kv,))[0]} x {n_rep} repeats do not give the query's {h_q} heads")
+        raise NotRecognized(f"K/V heads {plain_shape((h_kv,))[0]} x {n_rep} repeats do not give the query's {h_q} heads")
     return KVSource(cur, n_rep, tuple(chain), "+".join(spellings) or "direct")
 
 
@@ -350,7 +289,7 @@ def attention_site(node: Node) -> AttentionSite:
         raise NotRecognized(f"K repeated {k.n_rep}x but V {v.n_rep}x")
     ks, vs = shape(k.source), shape(v.source)
     if not shapes_equal(ks[:3], vs[:3]):
-        raise NotRecognized(f"K {_plain(ks)} and V {_plain(vs)} sources differ in shape")
+        raise NotRecognized(f"K {plain_shape(ks)} and V {plain_shape(vs)} sources differ in shape")
     return AttentionSite(a, k, v, k.n_rep)
 
 
@@ -390,10 +329,6 @@ def _dim(d: int, rank: int) -> int:
     return d + rank if d < 0 else d
 
 
-def _arg(node: Node, index: int, name: str, default: Any = None) -> Any:
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
-
-
 def cache_write(node: Node) -> CacheWrite:
     """Read ``node`` as a cache write (one of :data:`CACHE_WRITES`), or raise NotRecognized."""
     if not is_op(node, CACHE_WRITES):
@@ -412,7 +347,7 @@ def cache_write(node: Node) -> CacheWrite:
         return CacheWrite(node, "index_copy", cache, dim, value, pos, None, None, ps[0], (), inplace)
     if node.target in INDEX_PUT:
         indices, value = node.args[1], node.args[2]
-        if _arg(node, 3, "accumulate", False):
+        if arg(node, 3, "accumulate", False):
             raise NotRecognized("index_put with accumulate=True")
         given = [i for i, t in enumerate(indices) if t is not None]
         if len(given) != 1:
@@ -424,9 +359,9 @@ def cache_write(node: Node) -> CacheWrite:
         return CacheWrite(node, "index_put", cache, dim, value, pos, None, None, ps[0], (), inplace)
     if node.target in SLICE_SCATTER:
         src = node.args[1]
-        dim = _dim(_arg(node, 2, "dim", 0), rank)
-        start, end = _arg(node, 3, "start"), _arg(node, 4, "end")
-        if _arg(node, 5, "step", 1) != 1:
+        dim = _dim(arg(node, 2, "dim", 0), rank)
+        start, end = arg(node, 3, "start"), arg(node, 4, "end")
+        if arg(node, 5, "step", 1) != 1:
             raise NotRecognized("slice_scatter with a step")
         aux: tuple[Node, ...] = ()
         value = src
@@ -451,8 +386,8 @@ def cache_write(node: Node) -> CacheWrite:
     if sl.target in NARROW_OPS:
         start, end = sl.args[2], None
     else:
-        start, end = _arg(sl, 2, "start"), _arg(sl, 3, "end")
-        if _arg(sl, 4, "step", 1) != 1 or start is None or end is None:
+        start, end = arg(sl, 2, "start"), arg(sl, 3, "end")
+        if arg(sl, 4, "step", 1) != 1 or start is None or end is None:
             raise NotRecognized("copy_ into a slice with a step or without bounds")
     value = node.args[1]
     if not shapes_equal(shape(value), shape(sl)):
@@ -466,8 +401,6 @@ def find_cache_write(ep: ExportedProgram, buffer: str) -> CacheWrite:
     The write must be the node written back to the buffer (its ``BUFFER_MUTATION`` output) and
     the buffer's only reader apart from the nodes that build it (``aux``).
     """
-    from fxport.passes.graph import buffer_placeholders, mutated_buffers
-
     buffers = buffer_placeholders(ep)
     if buffer not in buffers:
         raise NotRecognized("buffer not in program")
@@ -487,20 +420,9 @@ def find_cache_write(ep: ExportedProgram, buffer: str) -> CacheWrite:
     return write
 
 
-def write_chunk_bound(ep: ExportedProgram, write: CacheWrite) -> int | float:
-    """The most rows ``write`` writes in one call (``inf`` if unbounded)."""
-    return upper_bound(ep, write.length)
-
-
-def _plain(s: tuple | None) -> tuple | None:
-    """A shape for messages: ints stay ints, symbolic dims become their name (e.g. 's27')."""
-    return None if s is None else tuple(d if isinstance(d, int) else str(d) for d in s)
-
-
 __all__ = [
     "AttentionSite", "CACHE_WRITES", "COPY_LIKE", "CacheWrite", "EXPAND_OPS", "INDEX_COPY", "INDEX_PUT",
     "KVSource", "NARROW_OPS", "NotRecognized", "REPEAT_KV", "REPEAT_OPS", "SDPAArgs", "SDPA_OPS", "SLICE_OPS",
-    "SLICE_SCATTER", "VIEW_OPS", "attention_site", "attention_sites", "cache_write", "dims_equal",
-    "find_cache_write", "is_sdpa", "peel_kv", "sdpa_args", "set_sdpa_arg", "shape", "upper_bound", "val",
-    "write_chunk_bound",
+    "SLICE_SCATTER", "VIEW_OPS", "attention_site", "attention_sites", "cache_write", "find_cache_write", "is_sdpa",
+    "peel_kv", "sdpa_args", "set_sdpa_arg",
 ]

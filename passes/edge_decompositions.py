@@ -39,12 +39,9 @@ import torch
 from torch.export import ExportedProgram
 
 from fxport.passes.base import Pass, PassContext, PassResult, PassStats
+from fxport.passes.graph import meta_val
 
 aten = torch.ops.aten
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
 
 def _zero(dtype: torch.dtype):
@@ -81,7 +78,7 @@ class EdgeDecompositions(Pass):
         none = (None, None, None)
         if t is aten.transpose.int:
             x, d0, d1 = a
-            val = _val(x)
+            val = meta_val(x)
             if val is None:
                 return none
             rank = val.dim()
@@ -93,7 +90,7 @@ class EdgeDecompositions(Pass):
             return aten.permute.default, (x, perm), {}
         if t is aten.index_copy.default:
             x, dim, index, src = a
-            val = _val(x)
+            val = meta_val(x)
             if val is None or val.dim() == 0:
                 return none
             return aten.index_put.default, (x, [None] * (dim % val.dim()) + [index], src), {}
@@ -103,7 +100,7 @@ class EdgeDecompositions(Pass):
             return aten.bitwise_and.Tensor, a, kw
         if t is aten.masked_fill.Scalar:
             x, mask, value = a
-            val = _val(x)
+            val = meta_val(x)
             if val is None or kw:
                 return none
             g = node.graph
@@ -117,7 +114,7 @@ class EdgeDecompositions(Pass):
             return aten.where.self, (mask, scalar, x), {}
         if t is aten.zeros_like.default:
             (x,) = a
-            val = _val(x)
+            val = meta_val(x)
             if val is None or kw.get("layout") not in (None, torch.strided) or kw.get("memory_format") not in (
                     None, torch.preserve_format):
                 return none
@@ -138,11 +135,11 @@ class EdgeDecompositions(Pass):
         """``reshape`` as torch's own decomposition resolves it for this input: a view when
         the strides allow one, else a contiguous copy viewed."""
         x, shape = node.args
-        val = _val(x)
+        val = meta_val(x)
         fake = getattr(val, "fake_mode", None)
         if fake is None or node.kwargs:
             return None, None, None
-        sizes = [_val(s) if isinstance(s, torch.fx.Node) else s for s in shape]
+        sizes = [meta_val(s) if isinstance(s, torch.fx.Node) else s for s in shape]
         if any(s is None for s in sizes):
             return None, None, None
         with fake:

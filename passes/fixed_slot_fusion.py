@@ -58,7 +58,7 @@ from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from fxport.passes.base import Pass, PassContext, PassError, PassResult, PassStats
-from fxport.passes.graph import call
+from fxport.passes.graph import bounds, call, copy_meta, meta_val, shape, shapes_equal, val
 from fxport.passes.match import Any, Const, P, ancestors, descendants, find_all, is_op
 
 aten = torch.ops.aten
@@ -83,21 +83,8 @@ MERGE = P(aten.masked_scatter, Any("embeds"), Any("mask"), Any("feats"))
 TOKEN_MASK = P(aten.eq.Scalar, Any("tokens"), Const(name="token_id"))
 
 
-def _val(node):
-    return node.meta.get("val") if isinstance(node, Node) else node
-
-
-def _shape(node) -> tuple | None:
-    v = _val(node)
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
-
-
-def _same(a: tuple | None, b: tuple | None) -> bool:
-    return a is not None and b is not None and len(a) == len(b) and all(str(x) == str(y) for x, y in zip(a, b))
-
-
 def _unbacked(node: Node) -> bool:
-    v = node.meta.get("val")
+    v = meta_val(node)
     try:
         return bool(free_unbacked_symbols(v)) if v is not None else False
     except Exception:  # exotic vals (tuples of non-tensors): not a data-dependent source
@@ -151,7 +138,7 @@ class FixedSlotFusion(Pass):
 
     def _match(self, caps: dict, stats: PassStats) -> dict | None:
         """Completed captures of a rewritable merge, or None (with a skip reason recorded)."""
-        e_shape = _shape(caps["embeds"])
+        e_shape = shape(caps["embeds"])
         if e_shape is None or len(e_shape) < 2:
             stats.skip("embeds is not a (..., H) tensor")
             return None
@@ -165,9 +152,9 @@ class FixedSlotFusion(Pass):
                 stats.skip("mask is not tokens == constant broadcast over the hidden dim")
                 return None
             m = m.args[0]
-        tokens = _val(caps["tokens"])
+        tokens = val(caps["tokens"])
         integer_ids = isinstance(tokens, torch.Tensor) and not tokens.dtype.is_floating_point and tokens.dtype != torch.bool
-        if not _same(_shape(m), tok_shape) or not isinstance(caps["token_id"], int) or not integer_ids:
+        if not shapes_equal(shape(m), tok_shape) or not isinstance(caps["token_id"], int) or not integer_ids:
             stats.skip("mask is not tokens == constant broadcast over the hidden dim")
             return None
         if self.ids is not None and caps["token_id"] not in self.ids:
@@ -222,8 +209,8 @@ class FixedSlotFusion(Pass):
                 new = self._dynamic(graph, ep, caps) if self.mode == "dynamic" else self._static(graph, ep, caps)
             node.replace_all_uses_with(new)
             for n in graph.nodes:  # new nodes point at the merge's source line in dumps
-                if n not in before and "stack_trace" in node.meta:
-                    n.meta.setdefault("stack_trace", node.meta["stack_trace"])
+                if n not in before:
+                    copy_meta(node, n, ("stack_trace",))
             graph.erase_node(node)
             ids_by_tokens.setdefault(caps["tokens"], []).append(caps["token_id"])
             stats.rewritten += 1
@@ -257,7 +244,7 @@ class FixedSlotFusion(Pass):
         flat = call(graph, aten.view.default, eq, [-1])  # (T,) bool, T = B * L
         count = call(graph, aten.cumsum.default, flat, 0)  # (T,) int64: k-th placeholder -> k
         feats2d = feats if _is_2d(feats, H) else call(graph, aten.reshape.default, feats, [-1, H])  # (N, H)
-        if _min_value(ep, rows) >= 1:
+        if bounds(ep, rows)[0] >= 1:
             index = call(graph, aten.clamp.default, call(graph, aten.sub.Tensor, count, 1), 0)  # (T,)
             table = feats2d
         else:  # the feature count may be 0: gather from [zero row; feats] with index = count
@@ -272,9 +259,9 @@ class FixedSlotFusion(Pass):
     def _static(self, graph, ep: ExportedProgram, caps: dict) -> Node:
         embeds, feats = caps["embeds"], caps["feats"]
         slots = self.slots[caps["token_id"]] if isinstance(self.slots, Mapping) else self.slots
-        shape = caps["shape"]
-        H, dim = shape[-1], len(shape) - 2
-        batch = shape[:-2]
+        e_shape = caps["shape"]
+        H, dim = e_shape[-1], len(e_shape) - 2
+        batch = e_shape[:-2]
         if not all(isinstance(b, int) for b in batch):
             raise PassError(f"FixedSlotFusion: static mode needs static batch dims, {embeds.name} has {batch}")
         n_batch = 1
@@ -295,8 +282,8 @@ class FixedSlotFusion(Pass):
                 "fix slots= or the feature count."
             )
         end = slots[-1][0] + slots[-1][1]
-        L = shape[-2]
-        lo, hi = (L, L) if isinstance(L, int) else _range(ep, L)
+        L = e_shape[-2]
+        lo, hi = bounds(ep, L)
         if end > lo:
             raise PassError(
                 f"FixedSlotFusion: slots end at {end} but the sequence length of {embeds.name} is "
@@ -360,26 +347,26 @@ def _check_slots(slots) -> list[tuple[int, int]]:
 
 def _wrapper_ok(node: Node, tok_shape: tuple, e_shape: tuple) -> bool:
     """One op between ``tokens == id`` and the mask keeps 'one flag per token row'."""
-    src, out = _shape(node.args[0]), _shape(node)
+    src, out = shape(node.args[0]), shape(node)
     if is_op(node, aten.unsqueeze):
-        return _same(src, tok_shape) and node.args[1] in (-1, len(tok_shape))
+        return shapes_equal(src, tok_shape) and node.args[1] in (-1, len(tok_shape))
     if is_op(node, aten.view, aten.reshape):
-        return _same(src, tok_shape) and _same(out, (*tok_shape, 1))
+        return shapes_equal(src, tok_shape) and shapes_equal(out, (*tok_shape, 1))
     if is_op(node, aten.expand):
-        return _same(src, (*tok_shape, 1)) and _same(out, e_shape) or _same(src, e_shape) and _same(out, e_shape)
+        return shapes_equal(out, e_shape) and (shapes_equal(src, (*tok_shape, 1)) or shapes_equal(src, e_shape))
     if is_op(node, aten._to_copy):
-        return _val(node).dtype == torch.bool and _same(src, out)
-    return _same(src, out)  # clone / alias
+        return val(node).dtype == torch.bool and shapes_equal(src, out)
+    return shapes_equal(src, out)  # clone / alias
 
 
 def _is_2d(feats: Node, H: int) -> bool:
-    s = _shape(feats)
+    s = shape(feats)
     return s is not None and len(s) == 2 and s[1] == H
 
 
 def _rows(feats: Node, H: int):
     """Number of H-sized rows in ``feats`` (int or SymInt)."""
-    s = _shape(feats)
+    s = shape(feats)
     if s is None or s[-1] != H:
         raise PassError(
             f"FixedSlotFusion: features {getattr(feats, 'name', feats)} have shape {s}; expected (..., {H})"
@@ -388,20 +375,6 @@ def _rows(feats: Node, H: int):
     for d in s[:-1]:
         n = n * d
     return n
-
-
-def _range(ep: ExportedProgram, size) -> tuple[int, Union[int, float]]:
-    """(lower, upper) bound of a symbolic size from the program's range constraints."""
-    expr = size.node.expr if hasattr(size, "node") else size
-    r = ep.range_constraints.get(expr)
-    if r is None:
-        return 0, float("inf")
-    upper = float(r.upper)
-    return int(r.lower), int(upper) if upper != float("inf") else upper
-
-
-def _min_value(ep: ExportedProgram, size) -> int:
-    return size if isinstance(size, int) else _range(ep, size)[0]
 
 
 def _merge_checks(graph, merges) -> dict[Node, list[Node]]:

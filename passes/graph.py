@@ -13,6 +13,15 @@ stale. After a pass, :func:`update` makes the program consistent again:
     ops and rebuilds the signature; it is ~100x slower on large graphs.
 
 Either way a pass only has to keep the *inputs* consistent.
+
+It is also the one vocabulary passes read nodes with (nothing here edits the graph):
+
+  * :func:`val` / :func:`shape` (what a node computes, from ``meta["val"]``), :func:`meta_val`
+    (the raw value, e.g. a SymInt), :func:`dims_equal` / :func:`shapes_equal` (symbolic dims
+    compared by expression, without guards), :func:`plain_shape` (a shape for messages);
+  * :func:`arg` (an argument by position or keyword), :func:`target_name` / :func:`op_name`;
+  * :data:`PROVENANCE` / :func:`module_path` / :func:`copy_meta` (where a node came from);
+  * :func:`bounds` / :func:`upper_bound` (the range a symbolic size takes in the program).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
@@ -325,6 +335,125 @@ def to_functional(ep: ExportedProgram) -> ExportedProgram:
     return ep.run_decompositions({})
 
 
+# ----------------------------------------------------------------------------- reading nodes
+
+#: ``node.meta`` keys that say where a node comes from: export's module stack and source line
+PROVENANCE = ("nn_module_stack", "stack_trace")
+
+
+def meta_val(node: Any) -> Any:
+    """What a node produces as export recorded it (``meta["val"]``: a fake tensor, a SymInt,
+    a tuple ...), or None (also for non-nodes)."""
+    return node.meta.get("val") if isinstance(node, Node) else None
+
+
+def val(node: Any) -> torch.Tensor | None:
+    """The fake tensor a node produces (``meta["val"]``), or None."""
+    v = meta_val(node)
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def shape(node: Any) -> tuple | None:
+    """The shape of the tensor a node produces (ints and SymInts), or None."""
+    v = val(node)
+    return None if v is None else tuple(v.shape)
+
+
+def dims_equal(a: Any, b: Any) -> bool:
+    """``a == b`` for ints and SymInts, without guarding (symbolic dims compare by expression)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    ea = a.node.expr if isinstance(a, torch.SymInt) else a
+    eb = b.node.expr if isinstance(b, torch.SymInt) else b
+    return bool(ea == eb) if isinstance(ea, int) and isinstance(eb, int) else str(ea) == str(eb)
+
+
+def shapes_equal(a: tuple | None, b: tuple | None) -> bool:
+    """Both shapes known, of one rank, and :func:`dims_equal` dim by dim."""
+    return a is not None and b is not None and len(a) == len(b) and all(dims_equal(x, y) for x, y in zip(a, b))
+
+
+def plain_shape(s: tuple | None) -> tuple | None:
+    """A shape for messages and stats: ints stay ints, symbolic dims become their name (``'s27'``)."""
+    return None if s is None else tuple(d if isinstance(d, int) else str(d) for d in s)
+
+
+def arg(node: Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument ``name`` of a call, passed at position ``index`` or by keyword, else ``default``."""
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def target_name(node: Node) -> str:
+    """The op a node calls, in full (``aten.index_copy.default``), or its kind (``placeholder``)."""
+    return str(node.target) if node.op == "call_function" else node.op
+
+
+def op_name(node: Node) -> str:
+    """The op's own name without its namespace (``dequantize_affine.default``); "" for non-calls."""
+    return str(getattr(node.target, "__name__", node.target)) if node.op == "call_function" else ""
+
+
+def module_path(node: Node) -> str | None:
+    """Innermost module FQN that called ``node`` (from export's ``nn_module_stack``), if known."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    return list(stack.values())[-1][0] or None
+
+
+def copy_meta(src: Node, dst: Node, keys: tuple[str, ...] = (*PROVENANCE, "val")) -> None:
+    """Give ``dst`` the entries of ``src.meta`` under ``keys`` that ``src`` has (a rewrite's new
+    node keeps the module stack and source line of the node it replaces, for dumps)."""
+    dst.meta.update({k: v for k, v in src.meta.items() if k in keys})
+
+
+# ----------------------------------------------------------------------------- symbol bounds
+
+
+def bounds(ep: ExportedProgram, size: Any) -> tuple[int | float, int | float]:
+    """``(lowest, largest)`` value ``size`` takes in ``ep``: an int as is; a SymInt / sympy
+    expression / node producing a SymInt bounded by its symbols' ranges
+    (``ep.range_constraints``, then the program's shape env for symbols not listed there, e.g.
+    unbacked ones); ``-inf`` / ``inf`` where unbounded."""
+    if isinstance(size, Node):
+        size = size.meta.get("val")
+    if isinstance(size, bool):
+        raise TypeError(f"bounds: expected a size, got {size!r}")
+    if isinstance(size, int):
+        return size, size
+    import sympy
+    from torch.utils._sympy.value_ranges import ValueRanges, bound_sympy
+
+    expr = size.node.expr if isinstance(size, torch.SymInt) else size
+    if not isinstance(expr, sympy.Expr):
+        raise TypeError(f"bounds: expected an int, SymInt or sympy expression, got {type(size).__name__}")
+    ranges: dict = {}
+    env = _shape_env(ep)
+    if env is not None:
+        ranges.update(env.var_to_range)
+    ranges.update(ep.range_constraints)
+    ranges = {s: ranges.get(s, ValueRanges.unknown()) for s in expr.free_symbols}
+    r = bound_sympy(expr, ranges)
+    return (int(r.lower) if r.lower.is_finite else float("-inf"),
+            int(r.upper) if r.upper.is_finite else float("inf"))
+
+
+def upper_bound(ep: ExportedProgram, size: Any) -> int | float:
+    """The largest value ``size`` takes in ``ep`` (:func:`bounds`); ``inf`` if unbounded."""
+    return bounds(ep, size)[1]
+
+
+def _shape_env(ep: ExportedProgram):
+    for node in ep.graph.nodes:
+        v = node.meta.get("val")
+        mode = getattr(v, "fake_mode", None)
+        if mode is not None and mode.shape_env is not None:
+            return mode.shape_env
+        if isinstance(v, torch.SymInt):
+            return v.node.shape_env
+    return None
+
+
 # ----------------------------------------------------------------------------- lookups
 
 
@@ -347,15 +476,6 @@ def buffer_placeholders(ep: ExportedProgram) -> dict[str, Node]:
         for spec in ep.graph_signature.input_specs
         if spec.kind == InputKind.BUFFER
     }
-
-
-def user_input_placeholders(ep: ExportedProgram) -> list[Node]:
-    nodes = placeholders(ep)
-    return [
-        nodes[spec.arg.name]
-        for spec in ep.graph_signature.input_specs
-        if spec.kind == InputKind.USER_INPUT and isinstance(spec.arg, TensorArgument)
-    ]
 
 
 def tensor_of(ep: ExportedProgram, placeholder: Node) -> torch.Tensor | None:
@@ -521,11 +641,6 @@ def replace_node(old: Node, new: Node) -> None:
     old.replace_all_uses_with(new)
     graph = old.graph
     graph.erase_node(old)
-
-
-def erase_dead_code(ep: ExportedProgram) -> None:
-    """Remove nodes with no users (impure ops such as asserts are kept)."""
-    ep.graph.eliminate_dead_code()
 
 
 def call(graph: torch.fx.Graph, op, *args, **kwargs) -> Node:

@@ -43,7 +43,8 @@ from torch.fx import Node
 
 import fxport.kernels.int4_ops  # noqa: F401  (registers torch.ops.fxport.int4_*)
 from fxport.passes.base import Pass, PassContext, PassResult, PassStats
-from fxport.passes.graph import add_constant, input_spec, remove_unused_inputs, tensor_of
+from fxport.passes.graph import add_constant, arg, input_spec, remove_unused_inputs, tensor_of, val
+from fxport.passes.match import is_op
 from fxport.quant.packed import pack_int4
 
 aten = torch.ops.aten
@@ -64,13 +65,13 @@ def _bind(node: Node) -> dict:
     """Arguments of ``node`` by schema name, defaults filled in."""
     schema = node.target._schema
     out = {}
-    for i, arg in enumerate(schema.arguments):
+    for i, a in enumerate(schema.arguments):
         if i < len(node.args):
-            out[arg.name] = node.args[i]
-        elif arg.name in node.kwargs:
-            out[arg.name] = node.kwargs[arg.name]
-        elif arg.has_default_value():
-            out[arg.name] = arg.default_value
+            out[a.name] = node.args[i]
+        elif a.name in node.kwargs:
+            out[a.name] = node.kwargs[a.name]
+        elif a.has_default_value():
+            out[a.name] = a.default_value
     return out
 
 
@@ -94,10 +95,10 @@ def _packed(q: torch.Tensor) -> torch.Tensor:
 
 
 def _static_m(x: Node) -> int | None:
-    val = x.meta.get("val")
-    if val is None:
+    v = val(x)
+    if v is None:
         return None
-    dims = val.shape[:-1]
+    dims = v.shape[:-1]
     if not all(isinstance(d, int) for d in dims):
         return None
     return math.prod(dims)
@@ -171,10 +172,9 @@ class Int4Dispatch(Pass):
         torchao_deq = _torchao_dequant()
         changed = False
         for lin in list(graph.nodes):
-            if lin.op != "call_function" or lin.target != aten.linear.default:
+            if not is_op(lin, aten.linear.default):
                 continue
-            x, w = lin.args[0], lin.args[1]
-            bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
+            x, w, bias = lin.args[0], lin.args[1], arg(lin, 2, "bias")
             if not isinstance(w, Node) or w.op != "call_function":
                 continue
             if w.target == DEQUANT:

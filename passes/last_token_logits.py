@@ -31,9 +31,8 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import OutputKind
 from torch.fx import Node
 
-from fxport.passes.attention import val
 from fxport.passes.base import Pass, PassContext, PassResult, PassStats
-from fxport.passes.graph import call
+from fxport.passes.graph import arg, call, op_name, val
 
 aten = torch.ops.aten
 
@@ -62,13 +61,13 @@ def _reads_inputs(node: Node, user_inputs: set[str]) -> bool:
     return False
 
 
-def _is_constant_scalar(arg, user_inputs: set[str]) -> bool:
+def _is_constant_scalar(x, user_inputs: set[str]) -> bool:
     """A Python number, or a 0-d tensor computed from constants only (a 0-d reduction of the
     logits themselves, ``y / y.max()``, is not per position)."""
-    if not isinstance(arg, Node):
+    if not isinstance(x, Node):
         return True
-    v = val(arg)
-    return v is not None and v.dim() == 0 and not _reads_inputs(arg, user_inputs)
+    v = val(x)
+    return v is not None and v.dim() == 0 and not _reads_inputs(x, user_inputs)
 
 
 def _per_position(node: Node, user_inputs: set[str]) -> bool:
@@ -76,7 +75,7 @@ def _per_position(node: Node, user_inputs: set[str]) -> bool:
         return False
     if node.target in SOFTMAXES:  # only over the vocabulary (last) dim
         v = val(node)
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dim = arg(node, 1, "dim")
         return v is not None and isinstance(dim, int) and dim % v.dim() == v.dim() - 1
     return all(_is_constant_scalar(a, user_inputs) for a in node.args[1:] if isinstance(a, Node))
 
@@ -92,10 +91,6 @@ def _head_linear(node: Node, user_inputs: set[str]) -> Node | None:
     return None
 
 
-def _target_name(node: Node) -> str:
-    return str(getattr(node.target, "__name__", node.target)) if node.op == "call_function" else ""
-
-
 def _activation_source(linear: Node) -> tuple[Node, list[Node]]:
     """The per-position activation feeding ``linear`` and the nodes that read it.
 
@@ -104,16 +99,16 @@ def _activation_source(linear: Node) -> tuple[Node, list[Node]]:
     ``choose_qparams_affine(x, ...)``: ``(x, [quantize, choose_qparams])``.
     """
     a = linear.args[0]
-    if not (isinstance(a, Node) and _target_name(a).startswith("dequantize_affine")):
+    if not (isinstance(a, Node) and op_name(a).startswith("dequantize_affine")):
         return a, [linear]
     q = a.args[0]
-    if not (isinstance(q, Node) and _target_name(q).startswith("quantize_affine")):
+    if not (isinstance(q, Node) and op_name(q).startswith("quantize_affine")):
         return a, [linear]
     x = q.args[0]
     consumers = [q]
-    for arg in q.args[2:4]:  # scale, zero_point: getitem(choose_qparams(x, ...), i)
-        src = arg.args[0] if isinstance(arg, Node) and arg.target is operator.getitem else arg
-        if isinstance(src, Node) and _target_name(src).startswith("choose_qparams_affine") and src.args[0] is x:
+    for qparam in q.args[2:4]:  # scale, zero_point: getitem(choose_qparams(x, ...), i)
+        src = qparam.args[0] if isinstance(qparam, Node) and qparam.target is operator.getitem else qparam
+        if isinstance(src, Node) and op_name(src).startswith("choose_qparams_affine") and src.args[0] is x:
             if src not in consumers:
                 consumers.append(src)
     return x, consumers

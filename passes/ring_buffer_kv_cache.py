@@ -85,11 +85,9 @@ from fxport.passes.attention import (
     attention_sites,
     find_cache_write,
     set_sdpa_arg,
-    upper_bound,
-    val,
 )
 from fxport.passes.base import Pass, PassContext, PassError, PassResult, PassStats
-from fxport.passes.graph import call, resize_buffer, tensor_of
+from fxport.passes.graph import buffer_placeholders, call, resize_buffer, tensor_of, upper_bound, val
 
 aten = torch.ops.aten
 
@@ -305,8 +303,6 @@ class RingBufferKVCache(Pass):
 
     def run(self, ep: ExportedProgram, ctx: PassContext) -> PassResult:
         stats = PassStats()
-        from fxport.passes.graph import buffer_placeholders
-
         buffers = buffer_placeholders(ep)
         # source node -> [(site, "key"/"value", KVSource)] for every recognized SDPA
         readers_of: dict[Node, list] = {}

@@ -36,7 +36,6 @@ cache buffer), gqa (the K/V spelling peeled), choice (``sdpa_decode_splitk`` | `
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -45,9 +44,9 @@ from torch.fx import Node
 
 import fxport.kernels.ops  # noqa: F401  (registers torch.ops.fxport.*)
 from fxport.kernels.attention_ops import MAX_DECODE_QUERIES
-from fxport.passes.attention import NotRecognized, attention_site, val
+from fxport.passes.attention import NotRecognized, attention_site, is_sdpa
 from fxport.passes.base import Pass, PassContext, PassResult, PassStats
-from fxport.passes.graph import buffer_placeholders, call
+from fxport.passes.graph import buffer_placeholders, call, copy_meta, module_path, plain_shape, shape, val
 
 aten = torch.ops.aten
 MAX_HEAD_DIM = 512
@@ -56,24 +55,6 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 class _Skip(Exception):
     """A call site that does not match; the message is the skip reason."""
-
-
-def _shape(node) -> tuple | None:
-    val = node.meta.get("val") if isinstance(node, Node) else None
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
-
-
-def _plain(shape: tuple | None) -> tuple | None:
-    """A shape for stats: ints stay ints, symbolic dims become their name (e.g. 's27')."""
-    return None if shape is None else tuple(d if isinstance(d, int) else str(d) for d in shape)
-
-
-def _module_path(node: Node) -> str | None:
-    """Innermost module FQN that called ``node`` (from export's nn_module_stack), if known."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return None
-    return list(stack.values())[-1][0] or None
 
 
 def _kv_buffer(ep: ExportedProgram, node: Node) -> str | None:
@@ -130,11 +111,11 @@ class SDPADispatch(Pass):
         if D > MAX_HEAD_DIM:
             raise _Skip(f"head dim {D} > {MAX_HEAD_DIM}")
         k, v = site.key.source, site.value.source
-        ks, vs = _shape(k), _shape(v)
+        ks, vs = shape(k), shape(v)
         if ks != vs:
-            raise _Skip(f"k {_plain(ks)} and v {_plain(vs)} sources differ in shape")
+            raise _Skip(f"k {plain_shape(ks)} and v {plain_shape(vs)} sources differ in shape")
         if ks[3] != D:
-            raise _Skip(f"kv {_plain(ks)} does not fit query heads {H_q} / head dim {D}")
+            raise _Skip(f"kv {plain_shape(ks)} does not fit query heads {H_q} / head dim {D}")
         if val(k).dtype != qv.dtype or val(v).dtype != qv.dtype:
             raise _Skip("K/V cast between the cache and SDPA (source dtype differs from the query's)")
         mask = a.attn_mask
@@ -188,22 +169,22 @@ class SDPADispatch(Pass):
         vl_cache: dict = {}
         changed = False
         for node in list(graph.nodes):
-            if node.op != "call_function" or node.target != aten.scaled_dot_product_attention.default:
+            if not is_sdpa(node):
                 continue
             stats.matched += 1
             try:
                 site = self._analyze(node)
             except _Skip as exc:
                 stats.skip(str(exc))
-                stats.sites.append({"node": node.name, "module": _module_path(node), "q": _plain(_shape(node.args[0])),
+                stats.sites.append({"node": node.name, "module": module_path(node), "q": plain_shape(shape(node.args[0])),
                                     "choice": "aten", "reason": str(exc)})
                 continue
             choice, reason = self._choose(site)
             stats.sites.append({
                 "node": node.name,
-                "module": _module_path(node),
-                "q": _plain(_shape(site["q"])),
-                "kv": _plain(_shape(site["k"])),
+                "module": module_path(node),
+                "q": plain_shape(shape(site["q"])),
+                "kv": plain_shape(shape(site["k"])),
                 "kv_buffer": _kv_buffer(ep, site["k"]),
                 "gqa": site["gqa"],
                 "choice": choice,
@@ -220,7 +201,7 @@ class SDPADispatch(Pass):
                 else:
                     new = call(graph, torch.ops.fxport.sdpa.default,
                                site["q"], site["k"], site["v"], mask, vl, site["scale"], site["is_causal"], 0)
-            new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "val")})
+            copy_meta(node, new)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             stats.rewritten += 1

@@ -21,9 +21,9 @@ import torch
 from torch.export import ExportedProgram
 from torch.fx import Node
 
-from fxport.passes.attention import SDPA_OPS, sdpa_args, set_sdpa_arg, val
+from fxport.passes.attention import is_sdpa, sdpa_args, set_sdpa_arg
 from fxport.passes.base import Pass, PassContext, PassResult, PassStats
-from fxport.passes.graph import call
+from fxport.passes.graph import call, val
 
 aten = torch.ops.aten
 
@@ -35,7 +35,7 @@ class AdditiveAttentionMask(Pass):
         stats = PassStats()
         converted: dict[Node, Node] = {}
         for node in list(ep.graph.nodes):
-            if node.op != "call_function" or node.target not in SDPA_OPS:
+            if not is_sdpa(node):
                 continue
             stats.matched += 1
             a = sdpa_args(node)

@@ -21,7 +21,8 @@ import torch
 from torch.export import ExportedProgram
 
 from fxport.passes.base import Pass, PassContext, PassResult, PassStats
-from fxport.passes.graph import call
+from fxport.passes.graph import arg, call
+from fxport.passes.match import is_op
 
 aten = torch.ops.aten
 
@@ -33,9 +34,9 @@ class GeluTanhAsTanh(Pass):
         stats = PassStats()
         g = ep.graph
         for node in list(g.nodes):
-            if node.op != "call_function" or node.target is not aten.gelu.default:
+            if not is_op(node, aten.gelu.default):
                 continue
-            approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+            approximate = arg(node, 1, "approximate", "none")
             if approximate != "tanh":
                 continue  # XNNPACK's GELU is the exact form: nothing to fix
             stats.matched += 1

@@ -22,18 +22,16 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.fx import Node
 
-from fxport.passes.attention import val
 from fxport.passes.base import Pass, PassContext, PassResult, PassStats
-from fxport.passes.graph import add_constant, call, input_spec, remove_unused_inputs, tensor_of
+from fxport.passes.graph import add_constant, arg, call, input_spec, remove_unused_inputs, tensor_of, val
+from fxport.passes.match import is_op
 
 aten = torch.ops.aten
 
 
 def _fold_offset_weight(ep: ExportedProgram, weight: Node) -> Node | None:
     """A constant for ``add(param, scalar)`` (either order) of a parameter, else None."""
-    if not (isinstance(weight, Node) and weight.op == "call_function"):
-        return None
-    if weight.target not in (aten.add.Tensor, aten.add.Scalar):
+    if not is_op(weight, aten.add.Tensor, aten.add.Scalar):
         return None
     param, scalar = weight.args[0], weight.args[1]
     if isinstance(param, (int, float)) and isinstance(scalar, Node):
@@ -66,12 +64,11 @@ class RMSNormAsLinear(Pass):
         stats = PassStats()
         g = ep.graph
         for node in list(g.nodes):
-            if node.op != "call_function" or node.target is not aten.rms_norm.default:
+            if not is_op(node, aten.rms_norm.default):
                 continue
             stats.matched += 1
             x, shape = node.args[0], node.args[1]
-            weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
-            eps = node.args[3] if len(node.args) > 3 else node.kwargs.get("eps")
+            weight, eps = arg(node, 2, "weight"), arg(node, 3, "eps")
             xval = val(x)
             if xval is None or xval.dtype != torch.float32 or len(shape) != 1:
                 stats.skip("not fp32 or normalized over more than one dim")

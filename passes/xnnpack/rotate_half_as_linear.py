@@ -21,9 +21,8 @@ import torch
 from torch.export import ExportedProgram
 from torch.fx import Node
 
-from fxport.passes.attention import val
 from fxport.passes.base import Pass, PassContext, PassResult, PassStats
-from fxport.passes.graph import add_constant, call
+from fxport.passes.graph import add_constant, arg, call, val
 from fxport.passes.match import Any, P, Seq, find_all
 
 aten = torch.ops.aten
@@ -70,7 +69,7 @@ class RotateHalfAsLinear(Pass):
                 stats.skip("not fp32 or last dim odd / dynamic")
                 continue
             h = D // 2
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            dim = arg(node, 1, "dim", 0)
             if dim not in (-1, last) or not _slice_is(high, last, h, D, D) or not _slice_is(low, last, 0, h, D):
                 stats.skip("not rotate_half's slices")
                 continue

@@ -27,9 +27,9 @@ from __future__ import annotations
 import torch
 from torch.export import ExportedProgram
 
-from fxport.passes.attention import SDPA_OPS, NotRecognized, attention_site, val
+from fxport.passes.attention import NotRecognized, attention_site, is_sdpa
 from fxport.passes.base import Pass, PassContext, PassResult, PassStats
-from fxport.passes.graph import call
+from fxport.passes.graph import call, val
 
 aten = torch.ops.aten
 
@@ -41,7 +41,7 @@ class SDPAAsMatmul(Pass):
         stats = PassStats()
         g = ep.graph
         for node in list(g.nodes):
-            if node.op != "call_function" or node.target not in SDPA_OPS:
+            if not is_sdpa(node):
                 continue
             stats.matched += 1
             try:

@@ -24,6 +24,7 @@ from torch.export import ExportedProgram
 from fxport.passes.attention import VIEW_OPS
 from fxport.passes.base import Pass, PassContext, PassResult, PassStats
 from fxport.passes.graph import call, remove_unused_inputs
+from fxport.passes.match import is_op
 
 aten = torch.ops.aten
 
@@ -34,7 +35,7 @@ class SymbolicViewAsInferred(Pass):
     def run(self, ep: ExportedProgram, ctx: PassContext) -> PassResult:
         stats = PassStats()
         for node in ep.graph.nodes:
-            if node.op != "call_function" or node.target not in VIEW_OPS or len(node.args) < 2:
+            if not is_op(node, VIEW_OPS) or len(node.args) < 2:
                 continue
             shape = node.args[1]
             if not isinstance(shape, (list, tuple)):

@@ -1,4 +1,4 @@
-"""RingBufferKVCache + SDPADispatch on a gpt-fast-style model (written here, gpt-fast's layout).
+"""RingBufferKVCache + SDPADispatch on a gpt-fast-style model (examples/gpt_fast.py, gpt-fast's layout).
 
 gpt-fast (pytorch-labs/gpt-fast) writes its cache with ``k_cache[:, :, input_pos] = k`` (an
 ``index_put_`` with a position tensor, as torchtune does), builds the mask as
@@ -15,105 +15,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from torch import nn
 from torch.export import Dim
 
+from fxport.examples.gpt_fast import ModelArgs, Transformer
 from fxport.passes import RingBufferKVCache, SDPADispatch, apply
 from fxport.tests.foreign import drive
 
 VOCAB, DIM, S = 64, 32, 32
 
 
-class KVCache(nn.Module):
-    def __init__(self, n_heads: int, head_dim: int, write: str):
-        super().__init__()
-        self.write = write
-        self.register_buffer("k_cache", torch.zeros(1, n_heads, S, head_dim))
-        self.register_buffer("v_cache", torch.zeros(1, n_heads, S, head_dim))
-
-    def update(self, input_pos, k, v):  # input_pos (L,), k/v (1, H_kv, L, D)
-        k_out, v_out = self.k_cache, self.v_cache
-        if self.write == "index_put":  # gpt-fast
-            k_out[:, :, input_pos] = k
-            v_out[:, :, input_pos] = v
-        else:  # a contiguous slice at a data-dependent start: slice_scatter in the exported graph
-            start = input_pos[0].item()
-            torch._check(start >= 0)
-            torch._check(start + k.shape[2] <= S)
-            k_out.narrow(2, start, k.shape[2]).copy_(k)
-            v_out.narrow(2, start, v.shape[2]).copy_(v)
-        return k_out, v_out
-
-
-class Attention(nn.Module):
-    def __init__(self, n_head: int, n_local_heads: int, head_dim: int, write: str):
-        super().__init__()
-        self.n_head, self.n_local_heads, self.head_dim = n_head, n_local_heads, head_dim
-        self.wqkv = nn.Linear(DIM, (n_head + 2 * n_local_heads) * head_dim, bias=False)
-        self.wo = nn.Linear(n_head * head_dim, DIM, bias=False)
-        self.kv_cache = KVCache(n_local_heads, head_dim, write)
-
-    def forward(self, x, freqs_cis, mask, input_pos):
-        bsz, seqlen, _ = x.shape
-        kv_size = self.n_local_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([self.n_head * self.head_dim, kv_size, kv_size], dim=-1)
-        q = apply_rotary_emb(q.view(bsz, seqlen, self.n_head, self.head_dim), freqs_cis)
-        k = apply_rotary_emb(k.view(bsz, seqlen, self.n_local_heads, self.head_dim), freqs_cis)
-        v = v.view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (bsz, n_head, seqlen, head_dim)
-        k, v = self.kv_cache.update(input_pos, k, v)
-        k = k.repeat_interleave(self.n_head // self.n_local_heads, dim=1)
-        v = v.repeat_interleave(self.n_head // self.n_local_heads, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0)
-        return self.wo(y.transpose(1, 2).contiguous().view(bsz, seqlen, -1))
-
-
-def apply_rotary_emb(x, freqs_cis):  # x (bsz, seqlen, heads, head_dim), freqs_cis (seqlen, head_dim // 2, 2)
-    xs = x.float().reshape(*x.shape[:-1], -1, 2)
-    fc = freqs_cis.view(1, xs.size(1), 1, xs.size(3), 2)
-    out = torch.stack([xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1],
-                       xs[..., 1] * fc[..., 0] + xs[..., 0] * fc[..., 1]], -1)
-    return out.flatten(3).type_as(x)
-
-
-class Block(nn.Module):
-    def __init__(self, n_head, n_local_heads, head_dim, write):
-        super().__init__()
-        self.attention = Attention(n_head, n_local_heads, head_dim, write)
-        self.attention_norm, self.ffn_norm = nn.RMSNorm(DIM, eps=1e-5), nn.RMSNorm(DIM, eps=1e-5)
-        self.w1, self.w3, self.w2 = nn.Linear(DIM, 64, bias=False), nn.Linear(DIM, 64, bias=False), nn.Linear(64, DIM, bias=False)
-
-    def forward(self, x, freqs_cis, mask, input_pos):
-        h = x + self.attention(self.attention_norm(x), freqs_cis, mask, input_pos)
-        y = self.ffn_norm(h)
-        return h + self.w2(F.silu(self.w1(y)) * self.w3(y))
-
-
-class Transformer(nn.Module):
-    """Two layers: 0 sliding (window ``window``), 1 global."""
-
-    def __init__(self, n_head: int, n_local_heads: int, head_dim: int, window: int, write: str = "index_put"):
-        super().__init__()
-        self.tok_embeddings = nn.Embedding(VOCAB, DIM)
-        self.layers = nn.ModuleList(Block(n_head, n_local_heads, head_dim, write) for _ in range(2))
-        self.norm, self.output = nn.RMSNorm(DIM, eps=1e-5), nn.Linear(DIM, VOCAB, bias=False)
-        causal = torch.tril(torch.ones(S, S, dtype=torch.bool))
-        self.register_buffer("causal_mask", causal, persistent=False)
-        self.register_buffer("sliding_mask", causal & ~torch.tril(causal, -window), persistent=False)
-        freqs = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
-        angles = torch.outer(torch.arange(S).float(), freqs)
-        self.register_buffer("freqs_cis", torch.stack([angles.cos(), angles.sin()], -1), persistent=False)
-
-    def forward(self, idx, input_pos):  # idx (1, L), input_pos (L,)
-        freqs_cis = self.freqs_cis[input_pos]
-        masks = (self.sliding_mask[None, None, input_pos], self.causal_mask[None, None, input_pos])
-        x = self.tok_embeddings(idx)
-        for layer, mask in zip(self.layers, masks):
-            x = layer(x, freqs_cis, mask, input_pos)
-        return self.output(self.norm(x))
+def gpt_fast(n_head: int, n_local_heads: int, head_dim: int, window: int, write: str = "index_put") -> Transformer:
+    """Two layers: 0 sliding (window ``window``), 1 global; S positions."""
+    args = ModelArgs(n_layer=2, max_seq_length=S, window=window, vocab_size=VOCAB, dim=DIM, n_head=n_head,
+                     n_local_heads=n_local_heads, head_dim=head_dim, cache_write=write)
+    return Transformer(args).eval()
 
 
 def export(model, chunk: int) -> dict:
@@ -143,7 +60,7 @@ def test_cache_write_forms_ring_and_splitk(write, heads, head_dim, window, chunk
     n_head, n_kv = heads
     chunks = data.draw(st.lists(st.integers(1, chunk), min_size=1, max_size=3), label="chunks")
     torch.manual_seed(0)
-    model = Transformer(n_head, n_kv, head_dim, window, write).eval()
+    model = gpt_fast(n_head, n_kv, head_dim, window, write)
     reference = {m: drive.normalized(ep) for m, ep in export(model, chunk).items()}
     sliding = [f"layers.0.attention.kv_cache.{kv}_cache" for kv in ("k", "v")]
     full = [f"layers.1.attention.kv_cache.{kv}_cache" for kv in ("k", "v")]

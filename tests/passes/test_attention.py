@@ -18,16 +18,14 @@ from torch.export import Dim, export
 
 from fxport.passes.attention import (
     NotRecognized,
-    attention_site,
     attention_sites,
     cache_write,
     find_cache_write,
     peel_kv,
     sdpa_args,
     set_sdpa_arg,
-    upper_bound,
-    write_chunk_bound,
 )
+from fxport.passes.graph import bounds, upper_bound
 
 aten = torch.ops.aten
 H_Q, H_KV, D, S, MAX_L = 4, 2, 8, 16, 8
@@ -214,7 +212,7 @@ def test_cache_write_forms(layer):
     w = find_cache_write(ep, f"layers.{layer}.k_cache")
     placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
     assert (w.kind, w.dim, w.inplace, w.cache.name) == (WRITES[layer][1], 2, False, f"b_layers_{layer}_k_cache")
-    assert write_chunk_bound(ep, w) == MAX_L
+    assert upper_bound(ep, w.length) == MAX_L  # the most rows one call writes
     assert _sites(ep)[layer].key.source is w.node
     k = w.value if w.kind != "index_put" else w.value.args[0]  # index_put's value: k viewed as (H_kv, L, D)
     assert k.target is aten.slice.Tensor and k.args[0] is placeholders["kv"]
@@ -308,11 +306,15 @@ def test_set_sdpa_arg_writes_where_the_argument_is():
 # ------------------------------------------------------------------------ symbol bounds
 
 
-def test_upper_bound_of_static_dynamic_and_unbacked_sizes():
+def test_bounds_of_static_dynamic_and_unbacked_sizes():
+    """fxport.passes.graph.bounds / upper_bound, on this file's programs (they have every kind of size)."""
     ep = functional()
     w = find_cache_write(ep, "layers.enable_gqa.k_cache")
-    assert upper_bound(ep, 7) == 7
-    assert upper_bound(ep, w.length) == MAX_L  # s0 in [1, 8]
-    # unbacked u0 = pos[0].item(), checked u0 + L <= S; export's shape env holds u0 <= S - 2
-    assert upper_bound(ep, w.start) == S - 2
+    assert bounds(ep, 7) == (7, 7) and upper_bound(ep, 7) == 7
+    assert bounds(ep, w.length) == (1, MAX_L)  # s0 in [1, 8]
+    # unbacked u0 = pos[0].item(), checked u0 >= 0 and u0 + L <= S; export's shape env holds u0 <= S - 2
+    assert bounds(ep, w.start) == (0, S - 2)
+    assert bounds(ep, w.length * 2 + 1) == (3, 2 * MAX_L + 1)  # an expression: bounded through its symbols
     assert upper_bound(ep, w.length * 2 + 1) == 2 * MAX_L + 1
+    with pytest.raises(TypeError, match=r"^bounds: expected a size, got True$"):
+        bounds(ep, True)

@@ -92,6 +92,24 @@ def test_zero_and_all_placeholders():
             assert torch.equal(res.ep.module()(tokens, feats), m(tokens, feats))
 
 
+def test_feature_rows_bounded_by_an_expression_gather_without_a_zero_row():
+    """Features (2, N, H) with N in [1, 24]: rows = 2 * N >= 2 (fxport.passes.graph.bounds reads an
+    expression's lowest value through its symbols), so the gather reads the features directly
+    (no zero row prepended); outputs equal masked_scatter's."""
+    m = Merge(8).eval()
+    tokens = torch.tensor([[IMG, 1, IMG]] * 2)
+    shapes = ({1: torch.export.Dim("L", min=1, max=12)}, {1: torch.export.Dim("N", min=1, max=24)})
+    ep = torch.export.export(m, (tokens, torch.randn(2, 2, 8)), dynamic_shapes=shapes).run_decompositions({})
+    res = apply(ep, [FixedSlotFusion(pad_token_id=PAD)], dump=False)
+    ops = _ops(res.ep)
+    assert sum(is_op(n, aten.clamp) for n in ops) == 1 and not any(is_op(n, aten.new_zeros) for n in ops)
+    for length, positions in ((3, {0, 2, 3, 5}), (5, {1, 2, 3, 6, 7, 9})):
+        tokens = _tokens(2, length, positions)
+        feats = torch.randn(2, len(positions) // 2, 8)  # as many rows as placeholders
+        with torch.no_grad():
+            assert torch.equal(res.ep.module()(tokens, feats), m(tokens, feats))
+
+
 def test_graph_structure_and_stats():
     _, ep, res = _dynamic_programs(1, 8)
     (record,) = res.records
