@@ -134,7 +134,7 @@ def test_a_writer_killed_at_any_step_leaves_the_old_or_the_new_set(tmp_path, mon
 
 
 def _writer(out: Path, files: tuple, rounds: int) -> subprocess.Popen:
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from test_publish import _publish; "
+    code = ("from fxport.tests.test_publish import _publish; "
             f"from pathlib import Path\nfor _ in range({rounds}): _publish(Path({str(out)!r}), {files!r})")
     return subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
 

@@ -3,7 +3,6 @@ and a fix, exit status 2, no traceback, nothing half-written, and no runtime log
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import shutil
@@ -17,9 +16,7 @@ import pytest
 
 from fxport.cli import main
 
-_spec = importlib.util.spec_from_file_location("tiny_gguf", Path(__file__).parents[1] / "models" / "tiny_gguf.py")
-tiny_gguf = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny_gguf)
+from fxport.tests.models import tiny_gguf  # noqa: E402
 
 
 def _error(capfd, argv, code=2) -> str:

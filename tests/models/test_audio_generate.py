@@ -12,7 +12,7 @@ import torch
 
 from fxport.runtime.generate import generate
 
-from .multimodal_helpers import AUD, BOA, EOA, audio_hf_config, hf_multimodal_config, hf_text_config, mm_token_type_ids, pair
+from fxport.tests.models.multimodal_helpers import AUD, BOA, EOA, audio_hf_config, hf_multimodal_config, hf_text_config, mm_token_type_ids, pair
 
 STEPS = 4
 

@@ -21,7 +21,7 @@ from fxport.models.gemma4.export import export_methods, multimodal_metadata
 from fxport.runtime.generate import generate
 from fxport.runtime.multimodal import open_pte
 
-from .multimodal_helpers import F, audio_hf_config, hf_multimodal_config, hf_text_config, pair, rel_max_err
+from fxport.tests.models.multimodal_helpers import F, audio_hf_config, hf_multimodal_config, hf_text_config, pair, rel_max_err
 
 RTOL = 1e-4
 CHUNK, SEQ, FRAMES = 16, 32, 24

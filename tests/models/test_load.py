@@ -3,9 +3,6 @@ safetensors directories from transformers' ``save_pretrained``. Parity reference
 original eager model (fp32 round trip), ``gguf.quants`` (quantized tensors), ``gguf.GGUFReader``
 (the header parser), transformers (safetensors model, GGUF tokenizer). Error messages exact."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -26,10 +23,7 @@ from fxport.models.gemma4.load import (  # noqa: E402
 from fxport.models.gemma4.model import Gemma4ForCausalLM  # noqa: E402
 from fxport.models.gemma4.tokenizer import load_tokenizer  # noqa: E402
 
-_here = Path(__file__).with_name("tiny_gguf.py")
-_spec = importlib.util.spec_from_file_location("tiny_gguf", _here)
-tiny_gguf = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny_gguf)
+from fxport.tests.models import tiny_gguf  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 WORDS = ["\u2581", "a", "b", "c", "h", "e", "l", "o", "\u2581h", "he", "ll", "lo", "hel", "hell",

@@ -15,10 +15,7 @@ pytest.importorskip("gguf")  # the [gguf] extra is part of every test setup
 
 from fxport.models.gemma4.load import CheckpointError, is_gguf_file, load_checkpoint, load_model  # noqa: E402
 
-helpers = __import__("importlib.util").util  # noqa: E402
-_spec = helpers.spec_from_file_location("tiny_gguf", Path(__file__).with_name("tiny_gguf.py"))
-tiny_gguf = helpers.module_from_spec(_spec)
-_spec.loader.exec_module(tiny_gguf)
+from fxport.tests.models import tiny_gguf  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from fxport.models.gemma4.vision import compact_rows
 from fxport.runtime.generate import ContextOverflowError, ExportedBackend, generate
 from fxport.runtime.multimodal import MultimodalEagerBackend, MultimodalError, open_pte
 
-from .multimodal_helpers import (
+from fxport.tests.models.multimodal_helpers import (
     IMG,
     audio_hf_config,
     audio_inputs,

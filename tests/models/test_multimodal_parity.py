@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from fxport.models.gemma4.vision import compact_rows
 
-from .multimodal_helpers import (
+from fxport.tests.models.multimodal_helpers import (
     AUD,
     F,
     IMG,
@@ -241,7 +241,7 @@ def test_generate_with_images_and_audio_matches_one_step_forward(tmp_path):
     from fxport.runtime.image import preprocess_image
     from fxport.runtime.multimodal import MultimodalEagerBackend
 
-    from .multimodal_helpers import AUD, BOA, BOI, EOA, EOI
+    from fxport.tests.models.multimodal_helpers import AUD, BOA, BOI, EOA, EOI
 
     hf, ours = pair(hf_multimodal_config(hf_text_config(), hf_vision_config(), audio=audio_hf_config()), 12)
     png = tmp_path / "x.png"

@@ -1,4 +1,4 @@
-"""The tests' GGUF writer (loaded by path, not collected).
+"""The tests' GGUF writer (``from fxport.tests.models import tiny_gguf``; not collected).
 
 ``write_gguf`` writes any tiny Gemma 3 model in llama.cpp's layout (norms stored as ``1 + w``);
 test_load.py uses it with its own vocabulary. ``write_tiny_gguf`` writes a 2-layer model with a
@@ -8,7 +8,6 @@ float metadata (e.g. a NaN ``rms_norm_eps``).
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +24,6 @@ HF_TO_GGUF = {
 # Byte tokens 4..259, then words: "ab" encodes as [bos, 262], an id a 256-token program lacks.
 TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{i:02X}>" for i in range(256)] + ["a", "b", "ab", "\u2581a"]
 TYPES = [3, 3, 3, 2] + [6] * 256 + [1] * 4
-
-
-def load_by_path(name: str, path: Path):
-    """Import a helper module that is not on sys.path (pytest runs in importlib mode)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_model(vocab_size: int = len(TOKENS)):

@@ -11,8 +11,7 @@
 * :func:`attention_fp64`: attention computed independently of aten SDPA, in float64;
 * :func:`keep_mask`: a random bool mask in which every query row sees key 0.
 
-Import from a test file beside this one as ``from .hypothesis_helpers import ...`` (pytest runs
-in importlib mode).
+Import as ``from fxport.tests.passes.hypothesis_helpers import ...`` (tests/conftest.py).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from fxport.passes import Int4Dispatch
 from fxport.quant.linear import to_quantized_linears
 from fxport.quant.quantize import quantize_hqq
 
-from .hypothesis_helpers import assert_idempotent, examples, ops, run_pass
+from fxport.tests.passes.hypothesis_helpers import assert_idempotent, examples, ops, run_pass
 
 torchao_q = pytest.importorskip("torchao.quantization")
 from torchao.quantization.granularity import PerGroup  # noqa: E402

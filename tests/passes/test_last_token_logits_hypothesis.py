@@ -22,7 +22,7 @@ from torch.export import Dim
 
 from fxport.passes import LastTokenLogits
 
-from .hypothesis_helpers import assert_idempotent, examples, ops, run_pass
+from fxport.tests.passes.hypothesis_helpers import assert_idempotent, examples, ops, run_pass
 
 aten = torch.ops.aten
 #: value-preserving per-position tails (x -> y), each in the pass's PER_POSITION set.

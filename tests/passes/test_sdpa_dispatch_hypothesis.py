@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import fxport.kernels.ops  # noqa: F401  (registers torch.ops.fxport.*)
 from fxport.passes import SDPADispatch
 
-from .hypothesis_helpers import (GQA_SPELLINGS, additive, assert_idempotent, attention_fp64, examples,
+from fxport.tests.passes.hypothesis_helpers import (GQA_SPELLINGS, additive, assert_idempotent, attention_fp64, examples,
                                  expand_kv, keep_mask, ops, run_pass)
 
 aten = torch.ops.aten

@@ -83,7 +83,7 @@ def test_fast_recipe_runs_gptq_on_its_int4_linears():
     from fxport.lowering.xnnpack_quant import quantize_for_xnnpack
     from fxport.models.gemma4.config import FULL, SLIDING, get_preset
     from fxport.models.gemma4.model import Gemma4ForCausalLM
-    from .test_smoothing import ByteTokenizer
+    from fxport.tests.quant.test_smoothing import ByteTokenizer
 
     cfg = get_preset("tiny-gemma3").replace(num_hidden_layers=6, layer_types=[SLIDING, FULL] * 3)
     torch.manual_seed(0)

@@ -30,7 +30,7 @@ from fxport.runtime.pte_backend import PteBackend
 from fxport.runtime.samplers import Sampler
 from fxport.runtime.speculative import Draft, PromptLookup, accept_draft, verifier
 
-from .stock_runner_helpers import varied_tiny_model
+from fxport.tests.runtime.stock_runner_helpers import varied_tiny_model
 
 CHUNK, POSITIONS, WINDOW = 5, 64, 4
 PROMPT = [2, 5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6]  # 13 ids with a repeated 5-gram

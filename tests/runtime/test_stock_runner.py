@@ -18,7 +18,7 @@ from fxport.models.gemma4.model import Gemma4ForCausalLM
 from fxport.runtime.generate import generate
 from fxport.runtime.pte_backend import PteBackend, PteError
 
-from .stock_runner_helpers import runner_in_fresh_process, tiny_tokenizer, varied_tiny_model
+from fxport.tests.runtime.stock_runner_helpers import runner_in_fresh_process, tiny_tokenizer, varied_tiny_model
 
 CHUNK, POSITIONS, WINDOW = 5, 64, 4
 SHORT = "hello"  # 5 ids with BOS: one prefill call

@@ -12,7 +12,7 @@ from fxport.models.gemma4.tokenizer import load_tokenizer
 from fxport.runtime.generate import generate
 from fxport.runtime.pte_backend import PteBackend
 
-from .stock_runner_helpers import runner_in_fresh_process
+from fxport.tests.runtime.stock_runner_helpers import runner_in_fresh_process
 
 SHORT = "The capital of France is"
 LONG = ("The history of the city goes back to the Roman era, when a small settlement was founded on the banks "

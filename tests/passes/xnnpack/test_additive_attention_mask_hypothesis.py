@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from fxport.passes import AdditiveAttentionMask
 
-from ..hypothesis_helpers import additive, assert_idempotent, attention_fp64, examples, keep_mask, ops, run_pass
+from fxport.tests.passes.hypothesis_helpers import additive, assert_idempotent, attention_fp64, examples, keep_mask, ops, run_pass
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from fxport.passes.xnnpack import GeluTanhAsTanh
 
-from ..hypothesis_helpers import assert_idempotent, examples, ops, run_pass
+from fxport.tests.passes.hypothesis_helpers import assert_idempotent, examples, ops, run_pass
 
 aten = torch.ops.aten
 #: |got - ref| <= TOL * (1 + |ref|): the formula's 6 rounded ops vs torch's kernel (fp32 inside)

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from fxport.passes import RMSNormAsLinear
 from fxport.passes.xnnpack.rms_norm_as_linear import _name_of
 
-from ..hypothesis_helpers import assert_idempotent, examples, ops, run_pass
+from fxport.tests.passes.hypothesis_helpers import assert_idempotent, examples, ops, run_pass
 
 aten = torch.ops.aten
 SKIP = "not fp32 or normalized over more than one dim"

@@ -21,7 +21,7 @@ from fxport.models.gemma4.model import apply_rope, rotate_half
 from fxport.passes import RotateHalfAsLinear
 from fxport.passes.xnnpack.rotate_half_as_linear import rotation
 
-from ..hypothesis_helpers import assert_idempotent, examples, ops, run_pass
+from fxport.tests.passes.hypothesis_helpers import assert_idempotent, examples, ops, run_pass
 
 aten = torch.ops.aten
 ODD = "not fp32 or last dim odd / dynamic"

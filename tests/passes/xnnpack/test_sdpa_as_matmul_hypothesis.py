@@ -22,7 +22,7 @@ from torch.export import Dim
 
 from fxport.passes import SDPAAsMatmul
 
-from ..hypothesis_helpers import (GQA_SPELLINGS, additive, assert_idempotent, attention_fp64, examples, expand_kv,
+from fxport.tests.passes.hypothesis_helpers import (GQA_SPELLINGS, additive, assert_idempotent, attention_fp64, examples, expand_kv,
                                   keep_mask, ops, run_pass)
 
 aten = torch.ops.aten

@@ -21,7 +21,7 @@ from torch.export import Dim
 from fxport.passes import SDPAAsMatmul, SymbolicViewAsInferred
 from fxport.passes.graph import to_functional
 
-from ..hypothesis_helpers import assert_idempotent, examples, run_pass
+from fxport.tests.passes.hypothesis_helpers import assert_idempotent, examples, run_pass
 
 aten = torch.ops.aten
 SKIP = "several symbolic or inferred dims"
