@@ -3,17 +3,16 @@
 Used by every foreign-graph test: the programs come from someone else's export script, the
 helpers only need to know how that ecosystem feeds one step (``feed``).
 
-* :func:`run_steps` runs chunked prefill then token-by-token decode, carrying the mutated
-  buffers (the KV caches) from one method's module to the other's, as a runtime with shared
-  mutable buffers does;
-* :func:`assert_same_logits` compares two such runs step by step (relative error, fp32);
+* :func:`compare` runs both pairs through :func:`fxport.tests.steps.run_steps` (chunked prefill,
+  then token-by-token decode on shared buffers) and :func:`assert_same_logits` compares them
+  step by step (relative error, fp32);
 * the structure helpers read the rewritten graphs: cache lengths, split-K call sites and what
   they read, and K/V expansions left between a cache and its attention.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -21,50 +20,15 @@ from torch.export import ExportedProgram
 from torch.fx import Node
 
 from fxport.passes import apply
+from fxport.tests.steps import Feed, run_steps
 
 aten = torch.ops.aten
 SPLITK = "fxport.sdpa_decode_splitk.default"
-
-# feed(method, tokens (1, n), start) -> (args, kwargs) of one call of that method's module
-Feed = Callable[[str, torch.Tensor, int], tuple[tuple, dict]]
 
 
 def normalized(ep: ExportedProgram) -> ExportedProgram:
     """The unrewritten reference: the same normalization ``apply`` does, no pass."""
     return apply(ep, [], dump=False).ep
-
-
-def mutated(ep: ExportedProgram) -> list[str]:
-    """FQNs of the buffers the program writes (its KV caches and any other state)."""
-    return sorted(set(ep.graph_signature.buffers_to_mutate.values()))
-
-
-def run_steps(programs: dict[str, ExportedProgram], feed: Feed, tokens: torch.Tensor, chunks: Sequence[int]) -> list[torch.Tensor]:
-    """Prefill ``chunks`` with "prefill", then decode the rest of ``tokens`` one at a time.
-
-    Mutated buffers start at zero and are copied into each method's module before its call
-    and back after it. Returns the first output (logits) of every call, detached.
-    """
-    modules = {m: ep.module() for m, ep in programs.items()}
-    names = mutated(programs["decode"])
-    assert names == mutated(programs["prefill"]), "prefill and decode write different buffers"
-    state = {n: torch.zeros_like(dict(modules["decode"].named_buffers())[n]) for n in names}
-    steps = [("prefill", n) for n in chunks] + [("decode", 1)] * (tokens.shape[1] - sum(chunks))
-    outs, start = [], 0
-    with torch.no_grad():
-        for method, n in steps:
-            buffers = dict(modules[method].named_buffers())
-            for name, value in state.items():
-                buffers[name].copy_(value)
-            args, kwargs = feed(method, tokens[:, start:start + n], start)
-            out = modules[method](*args, **kwargs)
-            while isinstance(out, (tuple, list)):
-                out = out[0]
-            outs.append(out.detach().clone())
-            for name, value in state.items():
-                value.copy_(buffers[name])
-            start += n
-    return outs
 
 
 def rel_error(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -85,8 +49,8 @@ def assert_same_logits(got: list[torch.Tensor], expected: list[torch.Tensor], re
 def compare(reference: dict[str, ExportedProgram], rewritten: dict[str, ExportedProgram], feed: Feed,
             tokens: torch.Tensor, chunks: Sequence[int], rel: float = 1e-5) -> list[torch.Tensor]:
     """Run both pairs over the same steps and assert equal logits; returns the reference's."""
-    expected = run_steps(reference, feed, tokens, chunks)
-    assert_same_logits(run_steps(rewritten, feed, tokens, chunks), expected, rel)
+    expected = run_steps(reference, tokens, chunks, feed)
+    assert_same_logits(run_steps(rewritten, tokens, chunks, feed), expected, rel)
     return expected
 
 

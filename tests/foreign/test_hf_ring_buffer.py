@@ -14,6 +14,7 @@ import torch
 from torch.export import Dim
 
 from fxport.passes.ring_buffer_kv_cache import RingBufferKVCache
+from fxport.tests.steps import run_steps
 
 SLIDING = "sliding_attention"
 WINDOW, MAX_CACHE, MAX_CHUNK = 4, 16, 5  # R = 2 * WINDOW = 8: chunks up to R - W + 1 = 5
@@ -50,21 +51,8 @@ def export_hf(model, n: int, dynamic: bool):
     return ep.run_decompositions({})
 
 
-def run_steps(programs: dict, tokens: torch.Tensor, chunks: list[int]) -> list[torch.Tensor]:
-    """Chunked prefill then decode; buffers carried from module to module by copy."""
-    modules = {k: ep.module() for k, ep in programs.items()}
-    state = {n: torch.zeros_like(b) for n, b in modules["decode"].named_buffers()}
-    steps = [("prefill", n) for n in chunks] + [("decode", 1)] * (tokens.shape[1] - sum(chunks))
-    outs, start = [], 0
-    for method, n in steps:
-        buffers = dict(modules[method].named_buffers())
-        for name, value in state.items():
-            buffers[name].copy_(value)
-        outs.append(modules[method](input_ids=tokens[:, start:start + n], cache_position=torch.arange(start, start + n)))
-        for name, value in state.items():
-            value.copy_(buffers[name])
-        start += n
-    return outs
+def feed(method, tokens, start):  # transformers' exported wrappers take keywords
+    return (), {"input_ids": tokens, "cache_position": torch.arange(start, start + tokens.shape[1])}
 
 
 def test_hf_gemma3_static_cache_ring_buffer_matches():
@@ -90,8 +78,8 @@ def test_hf_gemma3_static_cache_ring_buffer_matches():
     # 16 positions: past the window (4) and twice around the ring (8).
     tokens = torch.randint(0, 128, (1, MAX_CACHE), generator=torch.Generator().manual_seed(0))
     chunks = [5, 2, 5]
-    expected = run_steps(programs, tokens, chunks)
-    got = run_steps({k: r.ep for k, r in results.items()}, tokens, chunks)
+    expected = run_steps(programs, tokens, chunks, feed)
+    got = run_steps({k: r.ep for k, r in results.items()}, tokens, chunks, feed)
     assert len(got) == len(expected) == 3 + 4
     for step, (e, g) in enumerate(zip(expected, got)):
         # float32; the ring only reorders the softmax sum over the slots.

@@ -23,6 +23,7 @@ from torch.export import Dim, export
 
 from fxport.passes.base import PassError
 from fxport.passes.ring_buffer_kv_cache import RingBufferKVCache, windows_from_config
+from fxport.tests.steps import run_steps
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 HIDDEN, VOCAB, H_Q, H_KV, D = 16, 40, 4, 2, 8
@@ -151,48 +152,13 @@ def tiny_programs(window: int, mask: str = "bool") -> tuple[TinyLM, dict]:
 
 
 @functools.lru_cache(maxsize=None)
-def modules(window: int, mask: str = "bool", ring_size: int | None = 0) -> tuple[dict, dict, dict]:
-    """(programs, stats, {method: ep.module()}); ring_size 0 = the unrewritten programs."""
+def ringed(window: int, mask: str = "bool", ring_size: int | None = 0) -> tuple[dict, dict]:
+    """(programs, stats per method) of the tiny model; ring_size 0 = the unrewritten programs."""
     model, programs = tiny_programs(window, mask)
     stats = {}
     if ring_size != 0:
         programs, stats = ring(programs, sliding_buffers(model), ring_size)
-    return programs, stats, {k: ep.module() for k, ep in programs.items()}
-
-
-class Session:
-    """Runs several methods of one model on one shared set of buffers (zero at the start).
-
-    ``ep.module()`` keeps its own copy of the buffers, so each call copies the shared state
-    into the method's module and the mutated buffers back out.
-    """
-
-    def __init__(self, methods: dict):
-        self.methods = methods
-        first = next(iter(methods.values()))
-        self.state = {n: torch.zeros_like(b) for n, b in first.named_buffers()}
-
-    def __call__(self, method: str, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        module = self.methods[method]
-        buffers = dict(module.named_buffers())
-        assert buffers.keys() == self.state.keys()
-        for name, value in self.state.items():
-            buffers[name].copy_(value)
-        out = module(tokens, pos)
-        for name, value in self.state.items():
-            value.copy_(buffers[name])
-        return out
-
-
-def run_steps(methods: dict, tokens: torch.Tensor, chunks: list[int]) -> list[torch.Tensor]:
-    """Prefill ``tokens[:, :sum(chunks)]`` chunk by chunk, then decode the rest one by one."""
-    session, outs, start = Session(methods), [], 0
-    for n in chunks:
-        outs.append(session("prefill", tokens[:, start:start + n], torch.arange(start, start + n)))
-        start += n
-    for p in range(start, tokens.shape[1]):
-        outs.append(session("decode", tokens[:, p:p + 1], torch.tensor([p])))
-    return outs
+    return programs, stats
 
 
 def ring(programs: dict, windows: dict, ring_size=None) -> tuple[dict, dict]:
@@ -225,7 +191,7 @@ def buffer_shapes(ep) -> dict[str, tuple]:
 @settings(max_examples=10, deadline=None)
 def test_chunked_prefill_then_decode_matches_full_cache(window, extra, data):
     model, _ = tiny_programs(window)
-    _, stats, rewritten = modules(window, ring_size=2 * window + extra if extra else None)
+    rewritten, stats = ringed(window, ring_size=2 * window + extra if extra else None)
     assert all(s.rewritten == 4 for s in stats.values())
     total = data.draw(st.integers(window + 1, model.max_seq_len), label="total length")
     prompt = data.draw(st.integers(1, total), label="prompt length")
@@ -233,26 +199,26 @@ def test_chunked_prefill_then_decode_matches_full_cache(window, extra, data):
     while sum(chunks) < prompt:
         chunks.append(data.draw(st.integers(1, min(window + 1, prompt - sum(chunks))), label="chunk"))
     tokens = torch.randint(0, VOCAB, (1, total), generator=torch.Generator().manual_seed(total))
-    assert_parity(modules(window)[2], rewritten, tokens, chunks)
+    assert_parity(ringed(window)[0], rewritten, tokens, chunks)
 
 
 def test_boundary_chunk_r_minus_w_plus_1_matches():
     """Chunks of exactly R - W + 1 (= W + 1 for the default R = 2W), across wrap-arounds."""
     window = 4
     model, _ = tiny_programs(window)
-    programs, _, rewritten = modules(window, ring_size=None)
-    assert buffer_shapes(programs["prefill"])["model.layers.0.self_attn.k_cache"] == (1, H_KV, 2 * window, D)
+    rewritten, _ = ringed(window, ring_size=None)
+    assert buffer_shapes(rewritten["prefill"])["model.layers.0.self_attn.k_cache"] == (1, H_KV, 2 * window, D)
     tokens = torch.randint(0, VOCAB, (1, model.max_seq_len), generator=torch.Generator().manual_seed(0))
-    assert_parity(modules(window)[2], rewritten, tokens, [window + 1] * 3)
+    assert_parity(ringed(window)[0], rewritten, tokens, [window + 1] * 3)
 
 
 def test_additive_float_mask_matches():
     window = 2
     model, _ = tiny_programs(window, "float")
-    _, stats, rewritten = modules(window, "float", ring_size=None)
+    rewritten, stats = ringed(window, "float", ring_size=None)
     assert stats["prefill"].rewritten == 4 and stats["decode"].rewritten == 4
     tokens = torch.randint(0, VOCAB, (1, model.max_seq_len), generator=torch.Generator().manual_seed(1))
-    assert_parity(modules(window, "float")[2], rewritten, tokens, [2, 1, 3])
+    assert_parity(ringed(window, "float")[0], rewritten, tokens, [2, 1, 3])
 
 
 # --------------------------------------------------------------------------------- refusals
@@ -289,7 +255,7 @@ def test_static_chunk_sizes_the_ring_and_an_explicit_small_ring_is_rejected():
 def test_global_layers_untouched_and_methods_share_buffers():
     window = 2
     model, _ = tiny_programs(window)
-    rewritten, stats, _ = modules(window, ring_size=None)
+    rewritten, stats = ringed(window, ring_size=None)
     S, R = model.max_seq_len, 2 * window
     expected = {
         f"model.layers.{i}.self_attn.{kv}_cache": (1, H_KV, R if kind == SLIDING else S, D)
@@ -395,10 +361,8 @@ def test_gemma4_tiny_chunked_prefill_then_decode_matches_full_cache():
         assert dict(result.stats.skipped) == {"buffer not in program": 2}  # KV-shared layers 4, 5
 
     tokens = torch.randint(0, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
-    reference = {k: ep.module() for k, ep in programs.items()}
-    got = {k: ep.module() for k, ep in rewritten.items()}
-    expected_logits = run_steps(reference, tokens, [5, 3, 5])
-    for step, (e, g) in enumerate(zip(expected_logits, run_steps(got, tokens, [5, 3, 5]))):
+    expected_logits = run_steps(programs, tokens, [5, 3, 5])
+    for step, (e, g) in enumerate(zip(expected_logits, run_steps(rewritten, tokens, [5, 3, 5]))):
         # float32; the ring only reorders the softmax sum over the slots.
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {step}: {m}")
 
@@ -446,8 +410,7 @@ def test_foreign_writes_and_gqa_spellings_are_ringed_with_r_from_the_program():
         assert torch.ops.aten.slice_scatter.default not in targets
         assert targets.count(torch.ops.aten.index_copy.default) == 4
     tokens = torch.randint(0, VOCAB, (1, FOREIGN_S), generator=torch.Generator().manual_seed(5))
-    reference = {k: ep.module() for k, ep in programs.items()}
-    assert_parity(reference, {k: r.ep.module() for k, r in results.items()}, tokens, [FOREIGN_CHUNK, 1, 5])
+    assert_parity(programs, {k: r.ep for k, r in results.items()}, tokens, [FOREIGN_CHUNK, 1, 5])
 
 
 def test_ring_chosen_for_decode_first_refuses_a_larger_prefill():

@@ -17,6 +17,7 @@ import fxport.kernels.ops  # noqa: F401
 from fxport.passes import graph as G
 from fxport.passes.base import PassContext
 from fxport.passes.sdpa_dispatch import SDPADispatch
+from fxport.tests.steps import run_steps
 
 aten = torch.ops.aten
 SPLITK = torch.ops.fxport.sdpa_decode_splitk.default
@@ -289,34 +290,6 @@ def gemma_programs():
     return config, {k: ring(ep, PassContext(method=k)).ep for k, ep in export_methods(model, max_prefill_chunk=5).items()}
 
 
-class Session:
-    """prefill and decode modules sharing one set of cache buffers (copied in and out)."""
-
-    def __init__(self, programs):
-        self.modules = {k: ep.module() for k, ep in programs.items()}
-        self.state = {n: torch.zeros_like(b) for n, b in self.modules["decode"].named_buffers()}
-
-    def __call__(self, method, tokens, pos):
-        buffers = dict(self.modules[method].named_buffers())
-        with torch.no_grad():  # module buffers alias the programs' tensors: keep them grad-free
-            for name, value in self.state.items():
-                buffers[name].copy_(value)
-            out = self.modules[method](tokens, pos)
-            for name, value in self.state.items():
-                value.copy_(buffers[name])
-        return out
-
-
-def _generate(programs, tokens, chunks):
-    session, outs, start = Session(programs), [], 0
-    for n in chunks:
-        outs.append(session("prefill", tokens[:, start:start + n], torch.arange(start, start + n)))
-        start += n
-    for p in range(start, tokens.shape[1]):
-        outs.append(session("decode", tokens[:, p:p + 1], torch.tensor([p])))
-    return outs
-
-
 def test_gemma4_splitk_exactly_at_global_layers_and_parity():
     config, ringed = gemma_programs()
     results = {k: SDPADispatch(threshold=16)(ep, PassContext(method=k)) for k, ep in ringed.items()}
@@ -335,8 +308,8 @@ def test_gemma4_splitk_exactly_at_global_layers_and_parity():
     at_size = SDPADispatch(threshold=24)(ringed["decode"])  # global caches (24) no longer exceed it
     assert SPLITK not in _targets(at_size.ep) and {s["choice"] for s in at_size.stats.sites} == {"sdpa"}
     tokens = torch.randint(0, config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
-    expected = _generate(ringed, tokens, [5, 3])
-    got = _generate({k: r.ep for k, r in results.items()}, tokens, [5, 3])
+    expected = run_steps(ringed, tokens, [5, 3])
+    got = run_steps({k: r.ep for k, r in results.items()}, tokens, [5, 3])
     for step, (e, g) in enumerate(zip(expected, got)):
         # the CPU reference impls call aten SDPA on the same values: identical logits
         torch.testing.assert_close(g, e, rtol=0, atol=0, msg=lambda m: f"step {step}: {m}")
