@@ -7,9 +7,12 @@ One command produces the README table (``make`` not needed)::
 
 Per runtime, in one run:
 
-* speed: prefill of a 128-token prompt, then 64 decode steps (one token per call), on the same
-  random token ids; the runtimes are timed interleaved (A B C A B C ..., ``--reps`` >= 3 rounds
-  after one warm-up round) and the medians printed, with the load average before and after;
+* speed: prefill of a 128-token prompt, then 64 greedy decode steps (one token per call), the
+  prompt the same random token ids (ExecuTorch's runner takes text: English text of 128 ids);
+  fxport's runtime runs its own generate loop (``fxport.runtime.generate``: sampling included,
+  as the runner samples in C++); the runtimes are timed interleaved (A B C A B C ..., ``--reps``
+  >= 3 rounds after one warm-up round) and the medians printed, with the load average before
+  and after, and the decode step in ms;
 * quality (``bench/quality.py``): perplexity on text A / text B, mean KL to the fp32 reference
   and top-1 agreement (cached per program under ``build/quality/``);
 * bytes read per decode token, file size, peak RSS of one ``fxport run`` (resp. a llama.cpp
@@ -84,18 +87,12 @@ class FxportRuntime:
         self.backend = PteBackend(pte, num_threads=threads)
 
     def run(self, ids: list[int], prompt_len: int) -> tuple[float, float]:
-        b = self.backend
-        b.reset()
-        toks = torch.tensor([ids])
-        t0 = time.perf_counter()
-        for s in range(0, prompt_len, b.max_prefill_chunk):
-            e = min(s + b.max_prefill_chunk, prompt_len)
-            b.prefill(toks[:, s:e], torch.arange(s, e))
-        t1 = time.perf_counter()
-        for p in range(prompt_len, len(ids)):
-            b.decode(toks[:, p:p + 1], torch.tensor([p]))
-        t2 = time.perf_counter()
-        return t1 - t0, t2 - t1
+        """fxport's generate loop, greedy: (prefill s, decode s scaled to ``len(ids) - prompt_len`` steps)."""
+        from fxport.runtime.generate import generate
+
+        steps = len(ids) - prompt_len
+        g = generate(self.backend, None, ids[:prompt_len], steps + 1)  # the first new token comes from prefill
+        return g.prefill_s, g.decode_s * steps / max(g.decode_steps, 1)  # an end id may stop it early
 
 
 class StockRunnerRuntime:
@@ -193,6 +190,7 @@ _RSS_RUNNER = """
 import sys
 from fxport.runtime.stock_runner import StockRunner, bench_prompt
 r = StockRunner(sys.argv[1])
+print("TOKENIZER", r.rss_delta())  # the runner reads its tokenizer when created, the program at its first generate
 r.generate(bench_prompt(r.tokenizer, 128), 65)
 print("DELTA", r.rss_delta())
 """
@@ -211,12 +209,13 @@ print("DELTA", rss_bytes() - before)
 """
 
 
-def peak_rss(cmd: list[str]) -> tuple[float, float | None] | None:
-    """(peak resident set, RSS the program added) in MB of ``cmd`` run to completion; None if it failed.
+def peak_rss(cmd: list[str]) -> tuple[float, float | None, float | None] | None:
+    """(peak resident set, RSS the program added, RSS its tokenizer added) in MB of ``cmd`` run
+    to completion; None if it failed.
 
     The second figure is what ``cmd`` prints as ``DELTA <bytes>``: RSS after loading the program
     and generating minus RSS before loading it (the interpreter, torch and the runtime's own
-    libraries not counted).
+    libraries not counted); the third what it prints as ``TOKENIZER <bytes>`` (None: nothing).
 
     Launched through a small Python wrapper: a child forked from this (large) process would
     count this process's pages in its ``ru_maxrss`` before its exec.
@@ -229,8 +228,11 @@ def peak_rss(cmd: list[str]) -> tuple[float, float | None] | None:
     if kib < 0:
         print(f"peak RSS run failed ({' '.join(cmd[:4])} ...): {out.stderr[-300:]}", file=sys.stderr)
         return None
-    delta = [int(line.split()[1]) / 2**20 for line in lines if line.startswith("DELTA ")]
-    return kib / 1024, (delta[-1] if delta else None)  # KiB -> MiB
+    def printed(tag: str) -> float | None:
+        values = [int(line.split()[1]) / 2**20 for line in lines if line.startswith(tag + " ")]
+        return values[-1] if values else None
+
+    return kib / 1024, printed("DELTA"), printed("TOKENIZER")  # KiB -> MiB
 
 
 def quality_of(name: str, key_file: Path | None, corpus, ref, logits_fn) -> Q.Score:
@@ -380,10 +382,13 @@ def main(argv=None) -> int:
         else:
             speed = ("—", "—", "—")
         size = f"{sizes[k] / 1e6:.0f} MB" if k in sizes else "—"
-        peak, added = rss.get(k) or (None, None)
+        peak, added, _ = rss.get(k) or (None, None, None)
         cols = [labels[k], *qcols, f"{nb / 1e6:.0f} MB" if nb else "—", size, f"{peak:.0f} MB" if peak else "—",
                 f"{added:.0f} MB" if added is not None else "—", *speed]
         print("| " + " | ".join(cols) + " |")
+    steps = ", ".join(f"{k} {1e3 * statistics.median(t[1] for t in times[k]) / args.new_tokens:.2f}"
+                      for k in times)
+    print(f"decode ms per step (median): {steps}")
     if "llamacpp" in times:
         base = [statistics.median(args.prompt_len / t[0] for t in times["llamacpp"]),
                 statistics.median(args.new_tokens / t[1] for t in times["llamacpp"])]
@@ -399,7 +404,12 @@ def main(argv=None) -> int:
     print(f"peak RSS: one process loading the program and generating {args.new_tokens} tokens after a "
           f"{args.prompt_len}-token prompt (python + runtime), from os.wait4; RSS added: RSS after that minus "
           "RSS before loading the program (interpreter, torch and runtime libraries not counted)")
-    print("ExecuTorch's TextLLMRunner: its own threadpool (cores the runtime sees), times from its Stats")
+    tok = [f"{k} {rss[k][2]:.0f} MB" for k in rss if rss[k] and rss[k][2] is not None]
+    if tok:
+        print(f"of the runner's RSS added, its tokenizer (ExecuTorch's HFTokenizer of tokenizer.json, read when the "
+              f"runner is created): {', '.join(tok)}")
+    print("ExecuTorch's TextLLMRunner: ExecuTorch's threadpool (shared with fxport's runtime in this process: "
+          f"{args.threads} threads), times from its Stats; fxport's runtime: its generate loop, greedy")
     return 0
 
 
