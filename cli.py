@@ -224,22 +224,55 @@ def _stock_runner_for(args: argparse.Namespace):
 
 
 def _run_stock(args: argparse.Namespace) -> int:
-    """``fxport run --runner executorch``: greedy or sampled generation by ExecuTorch's own runner."""
-    unsupported = [flag for flag, value in (("--prompt-ids", args.prompt_ids), ("--image", args.image),
-                                            ("--audio", args.audio), ("--chat", args.chat),
+    """``fxport run --runner executorch``: greedy or sampled generation by ExecuTorch's own runner:
+    ``TextLLMRunner``, or ``MultimodalRunner`` for a program in its layout (a ``text_decoder``
+    method: what ``fxport export`` writes for a multimodal checkpoint)."""
+    from fxport import contract
+    from fxport.runtime.backend import program_methods
+
+    names = program_methods(args.model) or set()
+    layout = contract.TEXT_DECODER in names
+    unsupported = [flag for flag, value in (("--prompt-ids", args.prompt_ids), ("--image", args.image and not layout),
+                                            ("--audio", args.audio and not layout),
                                             ("--chunk", args.chunk), ("--top-k", args.top_k), ("--top-p", args.top_p),
                                             ("--seed", args.seed), ("--threads", args.threads),
                                             ("--max-soft-tokens", args.max_soft_tokens)) if value]
     if unsupported:
-        raise UsageError(f"--runner executorch takes a text --prompt and --temperature only; drop {', '.join(unsupported)} "
-                         "(or use --runner fxport)")
+        merged = {"image_encoder", "audio_encoder"} & names and (args.image or args.audio)
+        takes = "a text --prompt (--image, --audio, --chat)" if layout else "a text --prompt"
+        raise UsageError(f"--runner executorch takes {takes} and --temperature only; drop {', '.join(unsupported)} "
+                         + ("(this program is in fxport's merged layout, image_encoder / prefill with features, which "
+                            "only fxport's runtime runs: use --runner fxport, or re-export it with fxport export)"
+                            if merged else "(or use --runner fxport)"))
     if args.prompt is None:
         raise UsageError("give --prompt TEXT")
-    runner = _stock_runner_for(args)
+    explicit = args.tokenizer
+    tokenizer = _load_tokenizer_for(args.model, explicit.parent if explicit is not None and explicit.suffix == ".json"
+                                    else explicit)
+    if tokenizer is None and (layout or args.chat):
+        raise UsageError(f"--runner executorch{' --chat' if args.chat else ''} needs the program's tokenizer directory "
+                         f"{tokenizer_sidecar(args.model)} (written by fxport export), or --tokenizer DIR")
     stream = None if args.no_stream else (lambda s: print(s, end="", flush=True))
-    g = runner.generate(args.prompt, args.max_new_tokens, temperature=args.temperature, on_piece=stream)
+    if layout:  # the prompt as segments: fxport's ids for the text, the images and clips between
+        from fxport.runtime.multimodal import stock_segments
+        from fxport.runtime.stock_multimodal_runner import StockMultimodalRunner
+
+        json_path = explicit / "tokenizer.json" if explicit is not None and explicit.is_dir() else explicit
+        runner = StockMultimodalRunner(args.model, json_path, verbose=args.verbose)
+        segments = stock_segments(tokenizer, runner, args.prompt, args.image or [], args.audio or [], chat=args.chat)
+        g = runner.generate(segments, args.max_new_tokens, temperature=args.temperature, on_piece=stream)
+        name = "MultimodalRunner"
+    else:
+        from fxport.runtime.multimodal import chat_default, chat_text
+
+        runner = _stock_runner_for(args)
+        prompt = args.prompt
+        if tokenizer is not None and (args.chat or (args.chat is None and chat_default(tokenizer))):
+            prompt = chat_text(tokenizer, prompt)  # the runner adds BOS (num_bos=1)
+        g = runner.generate(prompt, args.max_new_tokens, temperature=args.temperature, on_piece=stream)
+        name = "TextLLMRunner"
     print(g.text if stream is None else "")
-    print(f"[ExecuTorch TextLLMRunner: {g.prompt_tokens} prompt tokens: {g.prefill_tok_s:.1f} tok/s prefill; "
+    print(f"[ExecuTorch {name}: {g.prompt_tokens} prompt tokens: {g.prefill_tok_s:.1f} tok/s prefill; "
           f"{len(g.pieces)} generated: {g.decode_tok_s:.1f} tok/s decode; RSS +{runner.rss_delta() / 1e6:.0f} MB]",
           file=sys.stderr)
     return 0

@@ -580,3 +580,80 @@ def prompt_ids(tokenizer: Any, backend: Any, prompt: str, images: int = 0, audio
             raise MultimodalError(f"the prompt has {marks} <{kind}> marker(s) but {given} --{kind} file(s) were given; "
                                   f"put one <{kind}> per --{kind}, or none ({kind}s then go after BOS).")
     return tk.encode_segments(tokenizer, segments, image_id, audio_id, bos=tokenizer.add_bos)
+
+
+def chat_text(tokenizer: Any, prompt: str, system: str | None = None) -> str:
+    """A text-only chat prompt as text, without BOS (ExecuTorch's ``TextLLMRunner`` adds it with
+    ``num_bos=1``): what ``fxport run --runner executorch --chat`` hands the runner."""
+    from fxport.models.gemma4 import tokenizer as tk
+
+    fmt = tk.chat_format_of(tokenizer)
+    if fmt is None:
+        raise ValueError("chat: the tokenizer has neither <|turn> (Gemma 4) nor <start_of_turn> (Gemma 3); "
+                         "it is not a Gemma chat tokenizer: drop --chat.")
+    messages = ([{"role": "system", "content": system}] if system else []) + [tk.user_message(prompt)]
+    template = getattr(tokenizer, "chat_template", None) or ""
+    segments = tk.render_chat(messages, fmt, empty_thought="'<|channel>thought\\n<channel|>'" in template)
+    if not all(isinstance(s, str) for s in segments):
+        raise ValueError("chat: a text-only program takes no <image> / <audio>; drop the markers.")
+    return "".join(segments)
+
+
+def stock_segments(tokenizer: Any, runner: Any, prompt: str, images: Sequence[Any] = (),
+                   clips: Sequence[Any] = (), chat: bool | None = None, system: str | None = None) -> list:
+    """The prompt as ExecuTorch ``MultimodalRunner`` segments for ``runner`` (a
+    :class:`fxport.runtime.stock_multimodal_runner.StockMultimodalRunner`): fxport's token ids for
+    the text (``Tokens``, BOS first), ``("image", image)`` and ``("audio", real log-mel frames)``
+    in the order :func:`prompt_ids` lays them out (chat turns, markers, or media after BOS), so
+    both runtimes see the same positions."""
+    from fxport import contract
+    from fxport.models.gemma4 import tokenizer as tk
+    from fxport.runtime.stock_multimodal_runner import Tokens
+
+    images, clips = list(images), list(clips)
+    if chat is None:
+        chat = chat_default(tokenizer)
+    if chat:
+        fmt = tk.chat_format_of(tokenizer)
+        if fmt is None:
+            raise ValueError("chat: the tokenizer has neither <|turn> (Gemma 4) nor <start_of_turn> (Gemma 3); "
+                             "it is not a Gemma chat tokenizer: drop --chat.")
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            tk.user_message(prompt, images=len(images), audio=len(clips))]
+        template = getattr(tokenizer, "chat_template", None) or ""
+        parts = tk.render_chat(messages, fmt, empty_thought="'<|channel>thought\\n<channel|>'" in template)
+    else:  # markers in place; media without markers right after BOS (images, then clips), as _place
+        parts = tk.split_media_markers(prompt)
+        head: list[Any] = []
+        for kind, given in (("image", len(images)), ("audio", len(clips))):
+            marks = sum(1 for s in parts if isinstance(s, dict) and s["type"] == kind)
+            if marks and marks != given:
+                raise MultimodalError(f"the prompt has {marks} <{kind}> marker(s) but {given} --{kind} file(s) were "
+                                      f"given; put one <{kind}> per --{kind}, or none ({kind}s then go after BOS).")
+            head += [] if marks else [{"type": kind}] * given
+        parts = head + parts
+    mm = {"max_audio_frames": runner.constants.get(contract.MAX_AUDIO_FRAMES)}
+    if clips and contract.AUDIO_ENCODER in runner.methods:  # features (1, F, n_mels): the method table says n_mels
+        from executorch.runtime import Runtime
+
+        meta = Runtime.get().load_program(runner.pte).metadata(contract.AUDIO_ENCODER).input_tensor_meta(0)
+        mm["n_mels"] = int(meta.sizes()[-1])
+    media = {"image": iter(images), "audio": iter(clips)}
+    out: list = []
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None and (chat or tokenizer.add_bos) else []
+    for part in parts:
+        if isinstance(part, str):
+            ids = tokenizer.encode(part, add_bos=False)
+            if ids or bos:
+                out.append(Tokens(bos + ids))
+                bos = []
+        else:
+            if bos:
+                out.append(Tokens(bos))
+                bos = []
+            item = next(media[part["type"]])
+            out.append(("image", item) if part["type"] == "image" else ("audio", _clip_frames(item, mm)))
+    if bos:
+        out.append(Tokens(bos))
+    return out
+

@@ -21,7 +21,7 @@ from fxport.models.gemma4.tokenizer import (
     user_message,
 )
 
-from .stock_runner_helpers import SPECIALS, tiny_tokenizer
+from fxport.tests.runtime.stock_runner_helpers import SPECIALS, tiny_tokenizer
 
 GEMMA4 = ["<|turn>", "<turn|>", "<|image|>", "<|audio|>", "<|channel>", "<channel|>", "<|image>", "<image|>",
           "<|audio>", "<audio|>"]

@@ -99,7 +99,7 @@ def test_marker_count_and_clip_length_errors_come_before_any_encoder_call():
 
 
 def test_prompt_markers_without_chat():
-    from tests.runtime.stock_runner_helpers import tiny_tokenizer
+    from fxport.tests.runtime.stock_runner_helpers import tiny_tokenizer
 
     tok = tiny_tokenizer()
     be = FakeRunner()
