@@ -9,6 +9,9 @@ into the token embeddings plus the placeholder-count check around it (``nonzero`
 so the program has no data-dependent op left for a backend to refuse.
 
     .venv/bin/python examples/hf_llava.py [--image-size 32 --patch 8]
+
+The wrapper (``ImageTextPrefill``) is also the one tests/foreign/test_hf_llava.py exports Llava
+and PaliGemma with.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """FixedSlotFusion on transformers' Llava and PaliGemma image+text prefill (tiny random, 5.23).
 
 Each model is wrapped the way ``transformers.integrations.executorch`` wraps decoders (static
-cache registered as buffers) with ``pixel_values`` passed through, so the image merge
+cache registered as buffers) with ``pixel_values`` passed through (examples/hf_llava.py's
+``ImageTextPrefill``), so the image merge
 (``masked_scatter`` of the projected image features into the token embeddings, and transformers'
 placeholder-count check around it) is in the graph, and exported non-strict. Reference: the same
 program without the pass, and the eager model.
@@ -17,7 +18,7 @@ from fxport.passes.match import is_op
 
 transformers = pytest.importorskip("transformers")
 
-from transformers.integrations.executorch import TorchExportableModuleWithStaticCache  # noqa: E402
+from fxport.examples.hf_llava import ImageTextPrefill  # noqa: E402  (the example's wrapper, tested as written)
 
 aten = torch.ops.aten
 TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -43,16 +44,6 @@ def paligemma():
     return transformers.PaliGemmaForConditionalGeneration(cfg), 16  # SigLIP: one feature per patch
 
 
-class ImageTextWithCache(TorchExportableModuleWithStaticCache):
-    """transformers' static-cache export wrapper with pixel_values passed through (the merge)."""
-
-    def forward(self, input_ids, pixel_values, cache_position):
-        for layer in self.static_cache.layers:
-            layer.cumulative_length.copy_(cache_position[0])
-        return self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=None,
-                          past_key_values=self.static_cache, use_cache=True).logits
-
-
 @pytest.mark.parametrize("make", [llava, paligemma], ids=lambda f: f.__name__)
 def test_image_text_prefill_fused(make):
     torch.manual_seed(0)
@@ -61,7 +52,7 @@ def test_image_text_prefill_fused(make):
     model.generation_config.cache_implementation = "static"
     ids = torch.tensor([[1] + [IMAGE_ID] * n_image + [5, 6, 7]])
     pixels, pos = torch.randn(1, 3, 16, 16), torch.arange(ids.shape[1])
-    wrapper = ImageTextWithCache(model, batch_size=1, max_cache_len=32)
+    wrapper = ImageTextPrefill(model, batch_size=1, max_cache_len=32)
     with torch.no_grad():
         ep = torch.export.export(wrapper, (ids, pixels, pos), strict=False)
     reference = apply(ep, [], dump=False).ep
@@ -78,7 +69,7 @@ def test_image_text_prefill_fused(make):
         assert torch.equal(res.ep.module()(tokens, pixels, pos), expected)  # bit-identical
     if make is llava:  # the unrewritten export equals transformers' eager forward (sanity of the setup)
         with torch.no_grad():
-            eager = ImageTextWithCache(model, batch_size=1, max_cache_len=32)(ids, pixels, pos)
+            eager = ImageTextPrefill(model, batch_size=1, max_cache_len=32)(ids, pixels, pos)
         torch.testing.assert_close(reference.module()(ids, pixels, pos), eager, rtol=1e-5, atol=1e-5)
     # PaliGemma: torch.export of transformers' own forward already differs from eager (max abs 0.058
     # on these logits, raw ``ep.module()`` before any fxport step), so only the fused-vs-unfused
