@@ -310,3 +310,26 @@ def test_incremental_refresh_sees_edited_size_args():
     assert tuple(mul.meta["val"].shape) == (4, 3)  # downstream of the edited node
     x = torch.randn(3, 4)
     torch.testing.assert_close(result.ep.module()(x), x.reshape(4, 3) * 2, rtol=0, atol=0)
+
+
+def test_node_readers():
+    """The vocabulary passes read nodes with: values, shapes compared by expression, arguments by
+    position or keyword, op names, where a node came from."""
+    ep = _export()
+    nodes = {n.name: n for n in ep.graph.nodes}
+    x, sdpa = nodes["x"], next(n for n in ep.graph.nodes if n.target is aten.scaled_dot_product_attention.default)
+    L = G.shape(x)[2]  # the symbolic length
+    assert isinstance(L, torch.SymInt) and G.plain_shape(G.shape(x)) == (1, 2, str(L), 4)
+    assert G.val(x) is x.meta["val"] and G.val(7) is None and G.meta_val("x") is None
+    assert G.shapes_equal(G.shape(sdpa), (1, 2, L, 4)) and not G.shapes_equal(G.shape(sdpa), (1, 2, 3, 4))
+    assert G.dims_equal(L, L) and not G.dims_equal(L, 3) and G.dims_equal(3, 3) and not G.shapes_equal(None, ())
+    assert G.arg(sdpa, 1, "key") is sdpa.args[1] and G.arg(sdpa, 5, "is_causal", False) is False
+    assert G.target_name(sdpa) == "aten.scaled_dot_product_attention.default" and G.target_name(x) == "placeholder"
+    assert G.op_name(sdpa) == "scaled_dot_product_attention.default" and G.op_name(x) == ""
+    linear = next(n for n in ep.graph.nodes if n.target is aten.linear.default)
+    assert G.module_path(linear) == "proj" and G.module_path(x) is None
+    with ep.graph.inserting_after(linear):
+        twin = G.call(ep.graph, aten.relu.default, linear)
+    G.copy_meta(linear, twin)
+    assert twin.meta["nn_module_stack"] is linear.meta["nn_module_stack"] and twin.meta["val"] is linear.meta["val"]
+    assert G.bounds(ep, L) == (2, 8) and G.upper_bound(ep, x.meta["val"].numel()) == 64  # 1 * 2 * L * 4
