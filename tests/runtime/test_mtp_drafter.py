@@ -17,7 +17,7 @@ from fxport.runtime.samplers import Sampler
 
 PROMPT = [2, 17, 40, 33, 9, 17, 40]
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/runtime/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
