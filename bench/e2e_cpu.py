@@ -186,12 +186,14 @@ for p in range(128, 192):
 print("DELTA", rss_bytes() - before)
 """
 
+# The prompt text comes from argv: fxport's Python tokenizer (bench_prompt) would add ~290 MB to this process
+# (and free it for the runner to reuse).
 _RSS_RUNNER = """
 import sys
-from fxport.runtime.stock_runner import StockRunner, bench_prompt
+from fxport.runtime.stock_runner import StockRunner
 r = StockRunner(sys.argv[1])
 print("TOKENIZER", r.rss_delta())  # the runner reads its tokenizer when created, the program at its first generate
-r.generate(bench_prompt(r.tokenizer, 128), 65)
+r.generate(sys.argv[2], 65)
 print("DELTA", r.rss_delta())
 """
 
@@ -341,7 +343,10 @@ def main(argv=None) -> int:
         for r, pte in ptes.items():
             rss[r] = peak_rss([sys.executable, "-c", _RSS_FXPORT, str(pte), str(args.threads)])
             if "runner" not in args.skip:
-                rss[f"runner-{r}"] = peak_rss([sys.executable, "-c", _RSS_RUNNER, str(pte)])
+                from fxport.runtime.stock_runner import bench_prompt, default_tokenizer
+
+                prompt = bench_prompt(default_tokenizer(pte), args.prompt_len)
+                rss[f"runner-{r}"] = peak_rss([sys.executable, "-c", _RSS_RUNNER, str(pte), prompt])
         if "llamacpp" not in args.skip:
             rss["llamacpp"] = peak_rss([sys.executable, "-c", _RSS_LLAMA, str(gguf), str(args.threads)])
 

@@ -140,11 +140,12 @@ class StockRunner:
                     "; ExecuTorch's runner needs the tokenizer.json fxport export writes beside the .pte "
                     "(pass --tokenizer)" if what == "tokenizer" else ""))
         self.pte, self.tokenizer, self.data, self.verbose = pte, tokenizer, data, verbose
-        self.rss_before = rss_bytes()
         with _native_output(verbose):  # the bindings log from static initializers at import too
             import executorch.kernels.quantized  # noqa: F401  (embedding_byte & co. for the runner's kernel registry)
             from executorch.extension.llm.runner import TextLLMRunner
 
+            # after the imports: rss_delta counts the tokenizer and the program, not the libraries
+            self.rss_before = rss_bytes()
             try:
                 self._runner = TextLLMRunner(str(pte), str(tokenizer), None if data is None else str(data))
             except Exception as exc:  # the bindings raise RuntimeError with the runner's status
@@ -188,7 +189,9 @@ class StockRunner:
                                 s["prefill_s"], s["decode_s"], s["load_s"])
 
     def rss_delta(self) -> int:
-        """Bytes of RSS this runner added: RSS now minus RSS before it was created."""
+        """Bytes of RSS this runner added: RSS now minus RSS just before ``TextLLMRunner`` was created
+        (its tokenizer, and the program once the first ``generate`` loaded it; the bindings' own
+        libraries not counted)."""
         return rss_bytes() - self.rss_before
 
 
