@@ -12,9 +12,9 @@ produce the same program (same tokens, same file digest).
     python bench/export_time.py --rounds 2 --versus-legacy   # current and legacy interleaved, A B A B
     python bench/export_time.py --cuda-31b           # the 31B-shaped meta-device CUDA dry run
 
-``--legacy`` builds the way fxport did before the compile-time work: ExecuTorch's own lowering
-path (``fxport.lowering.xnnpack.lower_to_xnnpack(..., legacy=True)``) and none of the builder's
-tracing tools (``fxport.builder.FAST_TRACING = False``), for the before/after table. With
+``--legacy`` builds the way fxport did before the compile-time work: ExecuTorch's own path, none
+of the builder's compile-time patches (``BuildOptions(speedups=False)``, ``fxport export
+--no-speedups``), for the before/after table. With
 ``--rounds`` each build runs in a fresh process (imports and caches cold, as ``fxport export``
 runs) and the table gives the median of each stage; every build must write the same bytes.
 """
@@ -41,14 +41,7 @@ def export_270m(args: argparse.Namespace) -> None:
 
     gguf = gemma3_270m_gguf()
     options = BuildOptions(backend="xnnpack", quant=args.quant, max_seq_len=args.max_seq_len,
-                           max_prefill_chunk=args.max_prefill_chunk)
-    if args.legacy:
-        import fxport.builder
-        import fxport.lowering.xnnpack as xnnpack
-
-        fxport.builder.FAST_TRACING = False
-        real = xnnpack.lower_to_xnnpack
-        xnnpack.lower_to_xnnpack = lambda programs, **kw: real(programs, legacy=True, **kw)
+                           max_prefill_chunk=args.max_prefill_chunk, speedups=not args.legacy)
     t0 = time.perf_counter()
     result = build(Source(gguf=gguf), args.out, options, progress=args.json is None)
     wall = time.perf_counter() - t0

@@ -19,15 +19,16 @@ source digest) equal those recorded in the manifest beside the program (``model.
 is skipped and the existing program returned.
 
 Compile time (the 270M ``balanced`` export: 223 s -> 53-60 s on 2 cores): the stages run with the
-collector paused between stage boundaries (:class:`StageGC`), torchao's quant ops answering fake
-propagation from shapes (from export on) and GraphModules generating code lazily (from the passes
-on); the lowering adds its own (:mod:`fxport.builder.speedups.fewer_retraces`,
-:mod:`fxport.builder.speedups.faster_partitioner`). None changes the program: the bytes written are the
-same with and without them.
+collector paused between stage boundaries (:class:`StageGC`) and under the compile-time patches
+of :mod:`fxport.builder.speedups` (each probed first, with ExecuTorch's plain path when an
+upstream name changed). One switch, ``BuildOptions(speedups=False)`` / ``fxport export
+--no-speedups``, turns all of them off. None changes the program: the bytes written are the same
+with and without them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -55,9 +56,10 @@ class BuildError(ValueError):
 class Source:
     """Where the model comes from: exactly one of ``preset``, ``gguf``, ``hf`` or ``model``.
 
-    preset: a built-in config with random weights (``seed``; ``layers`` keeps the first N);
+    preset: a built-in config with random weights (``seed``);
     gguf / hf: a checkpoint file / Hugging Face directory (its tokenizer comes along);
     model: an already-built eager model (``tokenizer`` optional); it is quantized in place.
+    ``layers``: keep the first N layers of a preset or checkpoint (quick trials and tests).
     """
 
     preset: str | None = None
@@ -84,11 +86,12 @@ class Source:
         """What identifies this source's weights, for the reuse decision."""
         if self.preset is not None:
             return {"preset": self.preset, "seed": self.seed, "layers": self.layers}
+        cut = {"layers": self.layers} if self.layers else {}  # (absent for a whole checkpoint: older manifests match)
         if self.gguf is not None:
-            return {"gguf_sha256": file_sha256(Path(self.gguf))}
+            return {"gguf_sha256": file_sha256(Path(self.gguf)), **cut}
         if self.hf is not None:
             files = sorted(p for p in Path(self.hf).iterdir() if p.is_file())
-            return {"hf": {p.name: file_sha256(p) for p in files}}
+            return {"hf": {p.name: file_sha256(p) for p in files}, **cut}
         raise BuildError("an eager model source has no digest; reuse needs a preset, gguf or hf source")
 
 
@@ -106,10 +109,14 @@ class BuildOptions:
     # xnnpack: add the ``target_verify`` method (every token's logits, prefill's KV buffers) that
     # speculative decoding runs (fxport.runtime.speculative); off: the program is unchanged
     verify: bool = False
+    # the compile-time patches of fxport.builder.speedups (and the paused collector): the same
+    # program either way, ~4x faster with them
+    speedups: bool = True
 
     def key(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("dump")
+        d.pop("speedups")  # the same bytes either way: not an input of the program
         if not d["verify"]:  # the manifests of programs built before the option still match
             d.pop("verify")
         return d
@@ -202,6 +209,8 @@ class BuildResult:
     metadata: dict[str, int] = field(default_factory=dict)
     tokenizer_dir: Path | None = None
     model: Any = None  # the (quantized) eager model, when the build loaded one
+    # speedups that were off ({name: probe mismatch}) and what the lowering skipped; {} when switched off
+    speedups: dict = field(default_factory=dict)
 
     @property
     def path(self) -> Path | None:  # the name ``export_model``'s report used
@@ -343,15 +352,33 @@ def load_source(source: Source, max_seq_len: int, progress: bool = False, meta: 
             with torch.device("meta"):
                 return Gemma4ForCausalLM(config, max_seq_len=max_seq_len).eval(), None
         return Gemma4ForCausalLM(config, max_seq_len=max_seq_len).eval(), None
-    from fxport.models.gemma4.load import load_model
+    from fxport.models.gemma4.load import build_model, load_checkpoint
     from fxport.models.gemma4.tokenizer import load_tokenizer
 
-    model, tok_source = load_model(source.gguf or source.hf, max_seq_len=max_seq_len, progress=progress)
+    path = source.gguf or source.hf
+    checkpoint = load_checkpoint(path, progress=progress)
+    if source.layers:
+        checkpoint = _first_layers(checkpoint, source.layers, str(path))
+    model, tok_source = build_model(checkpoint, max_seq_len, source=str(path)), checkpoint.tokenizer
     try:
         tokenizer = load_tokenizer(tok_source)
     except Exception:  # a checkpoint without a usable tokenizer still exports
         tokenizer = None
     return model, tokenizer
+
+
+def _first_layers(checkpoint: Any, n: int, source: str) -> Any:
+    """``checkpoint`` cut to its first ``n`` layers (config and weights), for ``Source(layers=n)``."""
+    config, state_dict, tokenizer = checkpoint
+    if n > config.num_hidden_layers:
+        raise BuildError(f"--layers {n} exceeds the {config.num_hidden_layers} layers of {source}")
+    if not _layers_fit(config, n):
+        raise BuildError(f"--layers {n}: {source} shares the KV caches of its last layers with earlier layers; "
+                         "keep more layers")
+    config = config.replace(num_hidden_layers=n, layer_types=config.layer_types[:n])
+    kept = {k: v for k, v in state_dict.items()
+            if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= n)}
+    return type(checkpoint)(config, kept, tokenizer)
 
 
 def export_programs(model: Any, options: BuildOptions,
@@ -514,11 +541,6 @@ def update_manifest(out: str | Path, **entries: Any) -> None:
 
 # ----------------------------------------------------------------------------- build
 
-# Compile-time tools the graph stages run under (bench/export_time.py --legacy turns them off, for
-# the before/after table); none changes the program written.
-FAST_TRACING = True
-
-
 class StageGC:
     """Python's cyclic garbage collector paused during a build's stages (load to serialization),
     one full collection at each stage boundary (:meth:`boundary`) and at the end.
@@ -527,15 +549,17 @@ class StageGC:
     tensors, symbolic expressions); the collector's automatic full collections walk all of them
     again and again and find little to free: in the 270M build, 16 full collections took 4.3 s.
     One collection per stage frees what the stage left behind (the same peak memory, 3.7 GB).
-    A collector the caller had disabled stays disabled (and nothing is collected)."""
+    A collector the caller had disabled stays disabled (and nothing is collected); ``on=False``
+    (``BuildOptions(speedups=False)``) leaves the collector alone."""
 
-    def __init__(self) -> None:
+    def __init__(self, on: bool = True) -> None:
+        self._on = on
         self._enabled = False
 
     def __enter__(self) -> "StageGC":
         import gc
 
-        self._enabled = FAST_TRACING and gc.isenabled()
+        self._enabled = self._on and gc.isenabled()
         if self._enabled:
             gc.disable()
         return self
@@ -555,28 +579,9 @@ class StageGC:
             gc.enable()
 
 
-def fast_fake_propagation():
-    """From export to lowering: torchao's quant ops answer fake-tensor propagation from shapes
-    (:class:`fxport.builder.speedups.quant_shape_rules.quant_shape_rules`)."""
-    import contextlib
-
-    if not FAST_TRACING:
-        return contextlib.nullcontext()
-    from fxport.builder.speedups.quant_shape_rules import quant_shape_rules
-
-    return quant_shape_rules()
-
-
-def lazy_codegen():
-    """From the passes to lowering: GraphModules generate their code only when run or read
-    (:class:`fxport.builder.speedups.lazy_recompile.lazy_recompile`; torch.export's own modules are left alone)."""
-    import contextlib
-
-    if not FAST_TRACING:
-        return contextlib.nullcontext()
-    from fxport.builder.speedups.lazy_recompile import lazy_recompile
-
-    return lazy_recompile()
+# Which backend calls run under the lowering speedups (fewer_retraces, faster_partitioner): where
+# the same bytes / the same report were checked. CUDA's AOTInductor lowering runs plain.
+LOWERING_SPEEDUPS = {"xnnpack": ("lower",), "cuda": ("dry_run",)}
 
 
 def build(source: Source, out: str | Path | None, options: BuildOptions = BuildOptions(), *,
@@ -607,7 +612,10 @@ def build(source: Source, out: str | Path | None, options: BuildOptions = BuildO
                    and not (options.dry_run and s in ("serialize", "save")))
     times = StageTimes(stages, progress=progress, on_stage=on_stage)
     try:
-        with StageGC() as gc_pause:
+        from fxport.builder import speedups
+
+        lowering_fast = LOWERING_SPEEDUPS.get(options.backend, ())
+        with StageGC(options.speedups) as gc_pause, speedups.enabled(options.speedups) as fast:
             times.start("load")
             # A dry run needs shapes only: a preset is built on the meta device (a 31B-shaped
             # model without 120 GB of random weights).
@@ -621,21 +629,24 @@ def build(source: Source, out: str | Path | None, options: BuildOptions = BuildO
                 result.quant_report = backend.quantize(model, options.quant, tokenizer=tokenizer)
             result.metadata = model_metadata(model, options.max_prefill_chunk, tokenizer)
             gc_pause.boundary()
-            with fast_fake_propagation():
+            with fast.fake_propagation():
                 times.start("export")
                 methods = tuple(backend.METHODS) + ((VERIFY,) if options.verify else ())
                 programs = export_programs(model, options, methods)
                 gc_pause.boundary()
-                with lazy_codegen():
+                with fast.codegen():
                     times.start("passes")
                     programs, result.pass_results = backend.run_passes(model, programs, options)
                     gc_pause.boundary()
                     times.start("lower")
                     if options.dry_run:
-                        result.report = backend.dry_run(programs)
+                        with fast.lowering() if "dry_run" in lowering_fast else contextlib.nullcontext():
+                            result.report = backend.dry_run(programs)
                         return result
-                    lowered = backend.lower(programs, constant_methods=result.metadata,
-                                            on_serialize=lambda: (gc_pause.boundary(), times.start("serialize")))
+                    with fast.lowering() if "lower" in lowering_fast else contextlib.nullcontext():
+                        lowered = backend.lower(programs, constant_methods=result.metadata,
+                                                on_serialize=lambda: (gc_pause.boundary(), times.start("serialize")))
+                    result.speedups = {"off": dict(fast.off), "skipped": dict(fast.skipped)} if options.speedups else {}
         result.report = lowered.report
         times.start("save")
         out = Path(out)

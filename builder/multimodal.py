@@ -165,13 +165,14 @@ def rewrite_runner_programs(model: torch.nn.Module, programs: dict[str, Exported
 def export_runner_multimodal_pte(model: torch.nn.Module, out, *, max_prefill_chunk: int | None = None,
                                  max_soft_tokens: int = 280, max_image_cells: int | None = None,
                                  max_audio_frames: int | None = None, ring_size: int | None = None,
-                                 dump=None, on_stage=None):
+                                 dump=None, on_stage=None, speedups: bool = True):
     """Multimodal Gemma 4 -> one XNNPACK ``.pte`` in the runner layout (see the module docstring):
     ``token_embedding``, ``text_decoder`` [, ``vision_encoder``] [, ``audio_encoder``].
 
     max_prefill_chunk: C, the most rows of one segment (default: ``max_soft_tokens + 2`` with a
-    vision tower, else 64, at most the model's ``max_seq_len``). Returns the lowered program
-    (``XnnpackProgram``; ``.methods`` lists what it wrote)."""
+    vision tower, else 64, at most the model's ``max_seq_len``). ``out`` None: lower, write nothing
+    (the caller publishes ``lowered.write``). Returns the lowered program (``XnnpackProgram``;
+    ``.methods`` lists what it wrote; ``.pass_results`` and ``.metadata`` are added)."""
     from fxport.lowering.xnnpack import lower_to_xnnpack
 
     cfg = model.config
@@ -186,17 +187,25 @@ def export_runner_multimodal_pte(model: torch.nn.Module, out, *, max_prefill_chu
         # the longest clip whose rows fit one segment
         max_audio_frames = max(f for f in range(1, 4 * max_prefill_chunk + 1)
                                if audio_output_length(f) + 2 <= max_prefill_chunk)
+    from fxport.builder import speedups as fast_paths
+
     stage = on_stage or (lambda name: None)
-    stage("export")
-    with torch.no_grad():
-        programs = export_runner_methods(model, max_prefill_chunk, max_soft_tokens=max_soft_tokens,
-                                         max_image_cells=max_image_cells, max_audio_frames=max_audio_frames)
-    stage("passes")
-    programs, _ = rewrite_runner_programs(model, programs, max_prefill_chunk, ring_size, dump)
-    stage("lower")
     meta = runner_metadata(model, max_prefill_chunk, max_soft_tokens=max_soft_tokens,
                            max_image_cells=max_image_cells, max_audio_frames=max_audio_frames)
-    lowered = lower_to_xnnpack(programs, constant_methods=meta, on_stage=on_stage)
-    stage("save")
-    lowered.save(out)
+    # the builder's compile-time speedups, scoped as fxport.builder.build scopes them (same bytes)
+    with fast_paths.enabled(speedups) as fast, fast.fake_propagation():
+        stage("export")
+        with torch.no_grad():
+            programs = export_runner_methods(model, max_prefill_chunk, max_soft_tokens=max_soft_tokens,
+                                             max_image_cells=max_image_cells, max_audio_frames=max_audio_frames)
+        with fast.codegen():
+            stage("passes")
+            programs, results = rewrite_runner_programs(model, programs, max_prefill_chunk, ring_size, dump)
+            stage("lower")
+            with fast.lowering():
+                lowered = lower_to_xnnpack(programs, constant_methods=meta, on_stage=on_stage)
+    lowered.pass_results, lowered.metadata = results, meta
+    if out is not None:
+        stage("save")
+        lowered.save(out)
     return lowered

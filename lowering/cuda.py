@@ -219,18 +219,15 @@ def partition_report(programs: Mapping[str, ExportedProgram]) -> CudaDryRunRepor
     """Run ``CudaPartitioner.partition`` on the edge form of each method (no compilation)."""
     from executorch.exir import EdgeCompileConfig, to_edge
 
-    from fxport.builder.speedups.fewer_retraces import fewer_retraces
-
     delegation = DelegationReport()
     fallback: dict[str, dict[str, str]] = {}
     for method, ep in programs.items():
         partitioner = cuda_partitioner(method)
         keep, _ = partitioner.ops_to_not_decompose(ep)
-        with fewer_retraces():  # no re-trace of a program with nothing to decompose
-            edge = to_edge(
-                {method: ep},
-                compile_config=EdgeCompileConfig(_check_ir_validity=False, preserve_ops=keep),
-            )
+        edge = to_edge(
+            {method: ep},
+            compile_config=EdgeCompileConfig(_check_ir_validity=False, preserve_ops=keep),
+        )
         edge_ep = edge.exported_program(method)
         result = partitioner.partition(edge_ep)
         tagged = result.tagged_exported_program

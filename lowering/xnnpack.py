@@ -122,9 +122,6 @@ class XnnpackProgram:
     executorch_program: Any = None  # the serialized schema (execution plans), for inspection
     manager: Any = None  # the ExecutorchProgramManager, when the weights go to a .ptd file
     shared: list[str] = field(default_factory=list)  # tables stored once in the .ptd (shared_tables)
-    # re-traces lowering skipped ({"retrace": n, "run_decompositions": n}), and the node counts of
-    # the graphs whose decompositions it ran ({"run_decompositions ran": [...]})
-    skipped: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
         """Write the program (and its ``.ptd`` weights, when it has them) atomically."""
@@ -216,7 +213,6 @@ def lower_to_xnnpack(
     *,
     constant_methods: Mapping[str, Any] | None = None,
     on_stage=None,
-    legacy: bool = False,
     weights_file: bool | None = None,
 ) -> XnnpackProgram:
     """Lower ``{method: ExportedProgram}`` to one XNNPACK ``.pte`` (see the module docstring).
@@ -224,8 +220,7 @@ def lower_to_xnnpack(
     All methods must mutate the same buffers (same FQNs, shapes, dtypes): that is what lets
     them share one KV-cache allocation. Raises ValueError naming the method and buffers that
     differ. ``on_stage("serialize")`` is called between ``to_edge_transform_and_lower`` and
-    ``to_executorch`` when given. ``legacy=True`` lowers without :class:`fxport.builder.speedups.fewer_retraces.fewer_retraces` (the
-    path before the compile-time work; bench/export_time.py --legacy). ``weights_file``: put
+    ``to_executorch`` when given. ``weights_file``: put
     the weights in a ``.ptd`` (True), keep them in the ``.pte`` (False), or decide by
     :func:`shared_tables` (None: a ``.ptd`` when a table would otherwise be stored twice).
     """
@@ -236,39 +231,31 @@ def lower_to_xnnpack(
     if not programs:
         raise ValueError("lower_to_xnnpack: no methods given; pass {'prefill': ep, 'decode': ep}")
     _check_shared_buffers(programs)
-    import contextlib
-
-    from fxport.builder.speedups.faster_partitioner import faster_partitioner
-    from fxport.builder.speedups.fewer_retraces import fewer_retraces
-
     shared = shared_tables(programs)
     external = bool(shared) if weights_file is None else weights_file
-    fewer = None if legacy else fewer_retraces()
-    with fewer or contextlib.nullcontext(), contextlib.nullcontext() if legacy else faster_partitioner():
-        edge = to_edge_transform_and_lower(
-            dict(programs),
-            partitioner=[_tagging_partitioner() if external else XnnpackPartitioner()],
-            constant_methods=dict(constant_methods or {}),
-            # fxport's passes emit plain ATen ops; torchao's quant ops are not core ATen.
-            compile_config=EdgeCompileConfig(_check_ir_validity=False),
+    edge = to_edge_transform_and_lower(
+        dict(programs),
+        partitioner=[_tagging_partitioner() if external else XnnpackPartitioner()],
+        constant_methods=dict(constant_methods or {}),
+        # fxport's passes emit plain ATen ops; torchao's quant ops are not core ATen.
+        compile_config=EdgeCompileConfig(_check_ir_validity=False),
+    )
+    report = delegation_report({m: edge.exported_program(m) for m in programs})
+    caches = {name for m in programs for name in _mutable_placeholders(edge.exported_program(m))}
+    if on_stage is not None:
+        on_stage("serialize")
+    et = edge.to_executorch(
+        ExecutorchBackendConfig(
+            memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
+            emit_mutable_buffer_names=True,
+            run_reinplace_pass=True,
+            # the constants left outside XNNPACK (the lookup's table) join the weights file
+            external_constants=(lambda node: None if node.name in caches else WEIGHTS_TAG) if external else False,
         )
-        report = delegation_report({m: edge.exported_program(m) for m in programs})
-        caches = {name for m in programs for name in _mutable_placeholders(edge.exported_program(m))}
-        if on_stage is not None:
-            on_stage("serialize")
-        et = edge.to_executorch(
-            ExecutorchBackendConfig(
-                memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
-                emit_mutable_buffer_names=True,
-                run_reinplace_pass=True,
-                # the constants left outside XNNPACK (the lookup's table) join the weights file
-                external_constants=(lambda node: None if node.name in caches else WEIGHTS_TAG) if external else False,
-            )
-        )
+    )
     first = next((ep for ep in programs.values() if ep.graph_signature.buffers_to_mutate), next(iter(programs.values())))
     return XnnpackProgram(et.buffer, report, _mutable_buffers(first), list(programs), et.executorch_program,
-                          manager=et if external else None, shared=shared,
-                          skipped=dict(fewer.skipped) if fewer else {})
+                          manager=et if external else None, shared=shared)
 
 
 def _buffer_shapes(ep: ExportedProgram) -> dict[str, tuple]:

@@ -12,11 +12,35 @@ with ``set.isdisjoint`` (a C loop over the smaller set) over the distinct extern
 runs the same final ``validate_partition`` check; the answer is the same boolean, so the same
 partitions are proposed and the program written is byte-identical (``tests/lowering/
 test_xnnpack.py`` compares the bytes with ExecuTorch's own path).
+
+What it patches (:func:`patched`): ``GroupBasedPartitioner._can_merge_partitions``, checked first
+by :func:`probe` (its parameters, the dependency viewer's ``downstreams_of`` and torch's
+``validate_partition``); restored when the context exits, also on an exception.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from fxport.builder.speedups.probe import require
+
+NAME = "faster_partitioner"
+_GROUP = "executorch.exir.backend.canonical_partitioners.group_partitioner"
+
+
+def probe() -> None:
+    """Raise :class:`fxport.builder.speedups.probe.Mismatch` unless the merge check this module
+    replaces, and what its replacement reads, are there as written against."""
+    require(f"{_GROUP}:GroupBasedPartitioner._can_merge_partitions", ("self", "p1", "p2", "partitions_by_id"))
+    require(f"{_GROUP}:_DependencyViewer.downstreams_of", ("self", "node"))
+    require("torch.fx.passes.utils.fuser_utils:validate_partition", ("partition",))
+
+
+def patched() -> list[tuple[Any, str]]:
+    """``(owner, attribute)`` of everything the context replaces while open."""
+    from executorch.exir.backend.canonical_partitioners.group_partitioner import GroupBasedPartitioner
+
+    return [(GroupBasedPartitioner, "_can_merge_partitions")]
 
 
 def can_merge_partitions(partitioner: Any, p1: int, p2: int, partitions_by_id: dict) -> bool:

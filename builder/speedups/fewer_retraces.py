@@ -27,16 +27,28 @@ cannot change the program:
    DimOrderOpsRevert and ConstProp re-trace every delegate just before a pure one) would
    reproduce it: skipped. So is a transforming pass shown to have nothing to do on the graph
    (ConstProp without a node of constant inputs, DimOrderOpsRevert without a dim-order op).
-3. **Decompositions with nothing to do.** ``run_decompositions(table)`` of a program with no
-   mutating op, no composite op it must decompose and no op in ``table`` (size reads such as
-   ``sym_size.int`` aside: they decompose into themselves): skipped, as upstream itself skips it
-   on its other path (``contains_any_call_fn_target_op``).
+3. **Decompositions with nothing to do.** ``run_decompositions(table)`` of a program that a
+   ``run_decompositions`` already produced, with no mutating op, no composite op it must
+   decompose and no op in ``table`` (size reads such as ``sym_size.int`` aside: they decompose
+   into themselves): skipped, as upstream itself skips it on its other path
+   (``contains_any_call_fn_target_op``). The first one always runs: its re-export also puts the
+   program's constants in the order a re-export gives them (fxport's passes add constants
+   elsewhere), and the order is what the serialized program lists; a re-export of a re-exported
+   program keeps it. So a lowering runs one whole-program re-export per method instead of three,
+   and writes the bytes ExecuTorch's own path writes.
 
 Passes that transform in place, or while re-tracing with hooks other than ``call_operator``,
-always run. The program written is the same: ``tests/lowering/test_xnnpack.py`` compares the
-bytes with ExecuTorch's own path (``lower_to_xnnpack(..., legacy=True)``). On the 270M balanced
-program: lowering 89.6 -> ~42 s with ``EdgeDecompositions``; 69.2 -> ~42 s from this module's
-fusions alone, byte-identical ``.pte``.
+always run. The program written is the same: ``tests/builder/test_speedups.py`` and
+``tests/lowering/test_xnnpack.py`` compare the bytes with ExecuTorch's own path (speedups off). On
+the 270M balanced program: lowering 89.6 -> ~42 s with ``EdgeDecompositions``; 69.2 -> ~42 s from
+this module's fusions alone, byte-identical ``.pte``.
+
+What it patches (:func:`patched`), each checked first by :func:`probe` (presence, parameters, and
+the exact method set of ExecuTorch's pass base classes: a new re-trace hook would make a "pure"
+re-trace impure): ``_ExportPassBase.call``, ``ExportedProgram.run_decompositions`` and, in
+``executorch.exir.program._program``, ``_get_aten_to_edge_passes``, ``OpReplacePass``,
+``MemoryFormatOpsPass`` and ``ReplaceViewOpsWithViewCopyOpsPass`` (read by
+``_generate_edge_program``). All are restored when the context exits, also on an exception.
 """
 
 from __future__ import annotations
@@ -47,6 +59,58 @@ from typing import Any
 
 import torch
 from torch.export import ExportedProgram
+
+from fxport.builder.speedups.probe import require, require_members, require_reads
+
+NAME = "fewer_retraces"
+_PASS_BASE = "executorch.exir.pass_base:_ExportPassBase"
+_PROGRAM = "executorch.exir.program._program"
+_EDGE_NAMES = ("_get_aten_to_edge_passes", "OpReplacePass", "MemoryFormatOpsPass", "ReplaceViewOpsWithViewCopyOpsPass")
+# ExecuTorch 1.5's pass base classes, method by method: the re-trace hooks this module reasons about
+# (_RETRACE_HOOKS) and their helpers. A method added upstream may be a new hook: then it is off.
+_BASE_METHODS = ("ExportInterpreter", "ExportTracer", "_capture_symbolic_input_snapshots",
+                 "_create_dummy_node_metadata", "_fx", "_validate_symbolic_input_snapshots", "call", "call_cond",
+                 "call_getitem", "call_map", "call_operator", "call_scan", "call_size_operator",
+                 "call_size_operator_all", "call_submodule", "call_sym", "call_while", "inputs", "on_attr", "output",
+                 "placeholder", "should_preserve_symbolic_input_metadata")
+_PASS_METHODS = ("ExportInterpreter", "ExportTracer", "call_delegate", "call_submodule")
+
+
+def probe() -> None:
+    """Raise :class:`fxport.builder.speedups.probe.Mismatch` unless every upstream name this
+    module patches or relies on is there, shaped as it was written against."""
+    require(f"{_PASS_BASE}.call", ("self", "graph_module"))
+    require(f"{_PASS_BASE}._fx", ("self", "kind", "target", "args", "kwargs", "meta"))
+    require(f"{_PASS_BASE}.call_operator", ("self", "op", "args", "kwargs", "meta"))
+    require(f"{_PASS_BASE}.call_getitem", ("self", "value", "key", "meta"))
+    require(f"{_PASS_BASE}.call_sym", ("self", "target", "args", "meta"))
+    require_members(_PASS_BASE, _BASE_METHODS)
+    require_members("executorch.exir.pass_base:ExportPass", _PASS_METHODS)
+    require("torch.export:ExportedProgram.run_decompositions", ("self", "decomp_table", "decompose_custom_triton_ops"))
+    require("executorch.exir.graph_module:contains_any_call_fn_target_op")
+    for name in _EDGE_NAMES:
+        require(f"{_PROGRAM}:{name}")
+    require(f"{_PROGRAM}:_get_aten_to_edge_passes", ("config",))
+    require_reads(f"{_PROGRAM}:_generate_edge_program", _EDGE_NAMES)
+    require("torch._export.passes.replace_view_ops_with_view_copy_ops_pass:_NON_FUNCTIONAL_OPS_TO_FUNCTIONAL_OPS")
+    require("torch._export.passes.replace_view_ops_with_view_copy_ops_pass:get_view_copy_of_view_op", ("schema",))
+    require_reads("executorch.exir.passes.scalar_to_tensor_pass:ScalarToTensorPass.call", ("_modified",))
+    require("executorch.exir.passes.const_prop_pass:ConstPropPass")
+    require("executorch.exir.passes.memory_format_ops_pass:DimOrderOpsRevertPass")
+    require("executorch.exir.passes.dim_order_ops_registry:MemoryFormatOpsMap")
+    require("torch._export.utils:_is_cia_op")
+    require("torch._export.utils:_is_preservable_cia_op")
+    require("executorch.exir.dialects.edge._ops:EdgeOpOverload")
+
+
+def patched() -> list[tuple[Any, str]]:
+    """``(owner, attribute)`` of everything the context replaces while open."""
+    import executorch.exir.program._program as program
+    from executorch.exir.pass_base import _ExportPassBase
+
+    return [(_ExportPassBase, "call"), (ExportedProgram, "run_decompositions"),
+            *((program, name) for name in _EDGE_NAMES)]
+
 
 # ----------------------------------------------------------------------------- what a re-trace reads
 
@@ -344,13 +408,15 @@ class fewer_retraces:
             return result
 
         def fewer_decompositions(ep, decomp_table=None, *args, **kwargs):
-            if (decomp_table is not None and not args and not kwargs and not _has_mutation(ep.graph_module)
-                    and not _has_composite(ep.graph_module)
+            if (getattr(ep, "_fxport_reexported", False) and decomp_table is not None and not args and not kwargs
+                    and not _has_mutation(ep.graph_module) and not _has_composite(ep.graph_module)
                     and not contains_any_call_fn_target_op(ep.graph_module, set(decomp_table) - _SIZE_QUERIES)):
                 skipped["run_decompositions"] += 1
                 return ep
             skipped["run_decompositions ran"].append(len(ep.graph.nodes))  # graph sizes, for tests and profiling
-            return decomp(ep, decomp_table, *args, **kwargs)
+            out = decomp(ep, decomp_table, *args, **kwargs)
+            out._fxport_reexported = True
+            return out
 
         _ExportPassBase.call = fewer_call
         ExportedProgram.run_decompositions = fewer_decompositions

@@ -15,7 +15,12 @@ is the code of the graph as it is at that moment, which is what an eager recompi
 last edit gives; a module still stale when the context exits is compiled then, so nothing
 outside it ever sees stale code. The patch is process-wide while the context is open (graph work
 in other threads sees it too, with the same results). The program written is byte-identical
-(``tests/lowering/test_xnnpack.py``; the mechanism: ``tests/builder/speedups/test_lazy_recompile.py``).
+(``tests/builder/test_speedups.py``; the mechanism: ``tests/builder/speedups/test_lazy_recompile.py``).
+
+What it patches (:func:`patched`): ``GraphModule.recompile``, ``.code``, ``__str__``,
+``__reduce__`` and ``__reduce_package__``, checked first by :func:`probe` (parameters, the spec
+fields the eager recompile keeps current, torch's own lazy module class); restored when the
+context exits, also on an exception.
 """
 
 from __future__ import annotations
@@ -25,10 +30,30 @@ import weakref
 from typing import Any
 
 from torch.fx import GraphModule
-from torch.fx._lazy_graph_module import _LazyGraphModule
-from torch.fx.graph import _PyTreeCodeGen
 
+from fxport.builder.speedups.probe import Mismatch, require, require_reads
+
+NAME = "lazy_recompile"
 _PATCHED = ("recompile", "code", "__str__", "__reduce__", "__reduce_package__")
+
+
+def probe() -> None:
+    """Raise :class:`fxport.builder.speedups.probe.Mismatch` unless GraphModule's code generation
+    is shaped as this module was written against."""
+    require("torch.fx:GraphModule.recompile", ("self",))
+    require_reads("torch.fx:GraphModule.recompile", ("_PyTreeCodeGen", "_in_spec", "_out_spec", "forward"))
+    if not isinstance(require("torch.fx:GraphModule.code"), property):
+        raise Mismatch("torch.fx:GraphModule.code is not a property")
+    require("torch.fx:GraphModule.__str__", ("self",))
+    require("torch.fx:GraphModule.__reduce__", ("self",))
+    require("torch.fx:GraphModule.__reduce_package__", ("self", "exporter"))
+    require("torch.fx._lazy_graph_module:_LazyGraphModule")
+    require("torch.fx.graph:_PyTreeCodeGen")
+
+
+def patched() -> list[tuple[Any, str]]:
+    """``(owner, attribute)`` of everything the context replaces while open."""
+    return [(GraphModule, name) for name in _PATCHED]
 _eager = threading.local()  # depth of calls that need recompile()'s PythonCode (pickling)
 
 
@@ -62,6 +87,9 @@ class lazy_recompile:
     and the stale modules compiled at exit."""
 
     def __enter__(self) -> "lazy_recompile":
+        from torch.fx._lazy_graph_module import _LazyGraphModule
+        from torch.fx.graph import _PyTreeCodeGen
+
         self._saved = {name: GraphModule.__dict__[name] for name in _PATCHED}
         self._stale: weakref.WeakSet = weakref.WeakSet()
         self.deferred = 0

@@ -22,8 +22,15 @@ all blocks of size 1 (torch.amin over no dimension reduces over all of them); an
 outside the context.
 
 The program written is byte-identical (``tests/builder/speedups/test_quant_shape_rules.py`` checks the
-rules against torchao's implementation over recipes' shapes, ``tests/lowering/test_xnnpack.py``
-compares the bytes of a lowering with and without).
+rules against torchao's implementation over recipes' shapes, ``tests/builder/test_speedups.py``
+compares the bytes of a build with and without).
+
+What it patches: the ``CompositeImplicitAutograd`` kernels of the three ops, registered when the
+outermost context opens and removed when it closes (also on an exception), so outside a context
+the dispatcher holds torchao's registration alone. :func:`probe` checks first that torchao is
+the 0.18 series the rules restate (its output shapes and dtypes are implementation, not schema),
+that the ops' schemas are the ones the kernels take, and that their Python implementations are
+where this module falls back to.
 """
 
 from __future__ import annotations
@@ -33,7 +40,47 @@ from typing import Any, Callable
 
 import torch
 
+from fxport.builder.speedups.probe import Mismatch, require, require_version
+
+NAME = "quant_shape_rules"
 _OPS = ("choose_qparams_affine", "quantize_affine", "dequantize_affine")
+_SCHEMAS = {
+    "choose_qparams_affine": "torchao::choose_qparams_affine(Tensor? input, str mapping_type, SymInt[] block_size, "
+                             "ScalarType target_dtype, Scalar? quant_min=None, Scalar? quant_max=None, float? eps=None, "
+                             "ScalarType? scale_dtype=None, ScalarType? zero_point_dtype=None, bool keepdim=False) "
+                             "-> (Tensor, Tensor)",
+    "quantize_affine": "torchao::quantize_affine(Tensor input, SymInt[] block_size, Tensor scale, Tensor? zero_point, "
+                       "ScalarType output_dtype, Scalar? quant_min=None, Scalar? quant_max=None) -> Tensor",
+    "dequantize_affine": "torchao::dequantize_affine(Tensor input, SymInt[] block_size, Tensor scale, "
+                         "Tensor? zero_point, ScalarType input_dtype, Scalar? quant_min=None, Scalar? quant_max=None, "
+                         "ScalarType output_dtype=6) -> Tensor",
+}
+
+
+def probe() -> None:
+    """Raise :class:`fxport.builder.speedups.probe.Mismatch` unless torchao's ops are the ones
+    the rules were checked against (see the module docstring)."""
+    require_version("torchao", "0.18")
+    require("torchao.quantization.quant_primitives:quantize_affine")  # defines the ops
+    for name, schema in _SCHEMAS.items():
+        op = getattr(getattr(torch.ops.torchao, name, None), "default", None)
+        if op is None:
+            raise Mismatch(f"torch.ops.torchao.{name} is missing")
+        if str(op._schema) != schema:
+            raise Mismatch(f"torch.ops.torchao.{name} has schema {op._schema}, expected {schema}")
+        try:
+            _original(name)
+        except LookupError as exc:
+            raise Mismatch(str(exc)) from None
+    require("torch.fx.experimental.proxy_tensor:get_proxy_mode")
+    require("torch._C:_TorchDispatchModeKey.FUNCTIONAL")
+    require("torch._prims_common:is_contiguous_or_false")
+    require("torch._subclasses.fake_tensor:FakeTensor")
+
+
+def registered() -> bool:
+    """Whether the shape-rule kernels are registered now (only while a context is open)."""
+    return _state["library"] is not None
 # torchao's uintx dtypes (torch.uint1 ... uint7) quantize into uint8 storage
 _SUB_BYTE_UINTS = tuple(getattr(torch, f"uint{b}") for b in range(1, 8) if hasattr(torch, f"uint{b}"))
 
@@ -126,41 +173,48 @@ _RULES = {"choose_qparams_affine": _choose_qparams_affine, "quantize_affine": _q
           "dequantize_affine": _dequantize_affine}
 
 
-_state = {"active": 0, "library": None}  # open contexts; the Library holding the kernels (once per process)
+_state = {"active": 0, "library": None}  # open contexts; the Library holding the kernels while one is
 
 
-def _install() -> bool:
-    """Register the kernels over torchao's (once per process); False without torchao's ops.
-
-    They stay registered: outside a :class:`quant_shape_rules` context each one only calls
-    torchao's implementation. (Destroying the Library on exit brings torchao's registration back
-    in the dispatcher's dump, but torch 2.13 keeps calling the removed Python kernel.)"""
-    if _state["library"] is not None:
-        return True
-    try:
-        import torchao.quantization.quant_primitives  # noqa: F401  (defines the ops)
-
-        originals = {name: _original(name) for name in _OPS}
-    except (ImportError, AttributeError, LookupError):
-        return False
+def _register(kernels: dict[str, Callable]) -> Any:
+    """A Library with ``kernels`` as the ops' CompositeImplicitAutograd kernels (over torchao's)."""
     lib = torch.library.Library("torchao", "IMPL")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "overriding a previously registered kernel": on purpose
-        for name in _OPS:
-            lib.impl(name, _RULES[name](originals[name]), "CompositeImplicitAutograd")
-    _state["library"] = lib
-    return True
+        for name, kernel in kernels.items():
+            lib.impl(name, kernel, "CompositeImplicitAutograd")
+    return lib
+
+
+def _install() -> None:
+    """Register the kernels over torchao's (the outermost context opening)."""
+    import torchao.quantization.quant_primitives  # noqa: F401  (defines the ops)
+
+    _state["library"] = _register({name: _RULES[name](_original(name)) for name in _OPS})
+
+
+def _uninstall() -> None:
+    """Remove the kernels (the outermost context closing): the dispatcher's table is torchao's
+    again. torch 2.13 also keeps, per op and key, the last Python kernel registered, which it
+    calls while a dispatch mode (a fake mode) is active, and removing a registration leaves that
+    entry pointing at the removed kernel: registering torchao's own implementation once more and
+    removing it at once puts the entry back to torchao's (what it was before the context)."""
+    lib, _state["library"] = _state["library"], None
+    lib._destroy()
+    _register({name: _original(name) for name in _OPS})._destroy()
 
 
 class quant_shape_rules:
     """Context manager: torchao's affine quant ops answer fake propagation from shapes (see the
-    module docstring). A torchao without these ops (or without their implementations where this
-    module looks for them) leaves everything as it is."""
+    module docstring). Nested contexts share one registration (made by the outermost)."""
 
     def __enter__(self) -> "quant_shape_rules":
-        self.installed = _install()
+        if _state["active"] == 0:
+            _install()
         _state["active"] += 1
         return self
 
     def __exit__(self, *exc) -> None:
         _state["active"] -= 1
+        if _state["active"] == 0:
+            _uninstall()

@@ -8,8 +8,6 @@ tests/cli/test_cli.py (``fxport export --quant 8da4w`` then ``fxport run``).
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
@@ -21,7 +19,9 @@ from fxport.lowering.xnnpack import (
     lower_to_xnnpack,
     quantize_for_xnnpack,
 )
+from fxport.builder import speedups
 from fxport.models.gemma4.export import export_methods
+from fxport.models.gemma4.model import sliding_window_buffers
 
 
 CACHES = [f"model.layers.{i}.self_attn.{kv}_cache" for i in (0, 1) for kv in ("k", "v")]
@@ -30,10 +30,9 @@ CACHES = [f"model.layers.{i}.self_attn.{kv}_cache" for i in (0, 1) for kv in ("k
 def _lower(tiny, model, tmp_path_factory, name):
     with torch.no_grad():
         programs = export_methods(model, max_prefill_chunk=tiny.max_chunk)
-    programs, results = apply_method_passes(programs, cpu_passes(model))
-    lowered = lower_to_xnnpack(
-        programs, constant_methods=tiny.metadata()
-    )
+    programs, results = apply_method_passes(programs, cpu_passes(windows=sliding_window_buffers(model)))
+    with speedups.enabled(True) as fast, fast.lowering():  # as builder.build lowers (the same bytes, faster)
+        lowered = lower_to_xnnpack(programs, constant_methods=tiny.metadata())
     path = lowered.save(tmp_path_factory.mktemp(name) / f"{name}.pte")
     return lowered, results, path
 
@@ -86,15 +85,6 @@ def test_passes_applied_per_method(fp32):
     # The sliding layer's two caches become rings of 2 * window = 8 slots; the full layer keeps 16.
     assert results["prefill"]["ring_buffer_kv_cache"].stats.rewritten == 2
     assert results["prefill"]["last_token_logits"].stats.rewritten == 1
-
-
-def test_lowering_skips_the_whole_program_decompositions(fp32):
-    """EdgeDecompositions (the last CPU pass) leaves no op for ExecuTorch's decomposition table:
-    per method the functionalization and both decomposition re-exports are skipped."""
-    lowered, _, _ = fp32
-    # what ran: XNNPACK's own SDPA pattern graphs (6 nodes each), never the program (hundreds)
-    assert max(lowered.skipped["run_decompositions ran"], default=0) < 10
-    assert lowered.skipped["run_decompositions"] >= 3 * 2  # prefill and decode: functionalize, decompose twice
 
 
 def test_mutable_buffer_names_and_shared_planning(fp32):
@@ -194,7 +184,7 @@ def test_methods_with_different_caches_are_rejected(tiny):
     model = tiny.model()
     with torch.no_grad():
         programs = export_methods(model, max_prefill_chunk=tiny.max_chunk)
-    ringed, _ = apply_method_passes({"decode": programs["decode"]}, cpu_passes(model))
+    ringed, _ = apply_method_passes({"decode": programs["decode"]}, cpu_passes(windows=sliding_window_buffers(model)))
     with pytest.raises(ValueError, match=r"buffer model\.layers\.0\.self_attn\.k_cache has shape \(1, 1, 8, 16\) in 'decode' but \(1, 1, 16, 16\) in 'prefill'"):
         lower_to_xnnpack({"prefill": programs["prefill"], "decode": ringed["decode"]})
 
@@ -215,7 +205,7 @@ def test_cpu_passes_keep_eager_numerics(tiny):
     model = tiny.model()
     with torch.no_grad():
         programs = export_methods(model, max_prefill_chunk=tiny.max_chunk)
-    programs, _ = apply_method_passes(programs, cpu_passes(model))
+    programs, _ = apply_method_passes(programs, cpu_passes(windows=sliding_window_buffers(model)))
     backend = ExportedBackend(programs, max_seq_len=tiny.max_seq_len, max_prefill_chunk=tiny.max_chunk)
     torch.manual_seed(4)
     tokens = torch.randint(0, model.config.vocab_size, (1, 13))
@@ -225,53 +215,6 @@ def test_cpu_passes_keep_eager_numerics(tiny):
         # fp32; the mean of RMSNorm is a dot product with 1/D, attention a matmul/softmax chain.
         err = (g - w).abs().max().item()
         assert err <= 1e-5 * w.abs().max().item(), f"step {step}: max abs error {err}"
-
-
-def test_fewer_retraces_write_the_same_program(tiny, tmp_path):
-    """The compile-time cuts write the program the full path writes (8da4w: the dq-linear passes
-    run). Skipping re-traces that cannot change the graph, generating code lazily and shape rules for
-    torchao's quant ops: byte for byte. EdgeDecompositions
-    (the decompositions written node by node instead of two whole-program re-exports): the same
-    logits, bit for bit, over prefill chunks and decode steps."""
-    from fxport.models.gemma4.config import SLIDING
-    from fxport.models.gemma4.model import Gemma4ForCausalLM
-    from fxport.builder.speedups.lazy_recompile import lazy_recompile
-    from fxport.builder.speedups.quant_shape_rules import quant_shape_rules
-    from fxport.passes.edge_decompositions import EdgeDecompositions
-
-    config = tiny.config().replace(num_hidden_layers=1, layer_types=[SLIDING])  # 1 layer: the test's cost
-
-    def lower(legacy, edge_decompositions=True, fast_tracing=False):
-        torch.manual_seed(0)
-        model = Gemma4ForCausalLM(config, max_seq_len=tiny.max_seq_len).eval()
-        quantize_for_xnnpack(model, "8da4w")
-        with quant_shape_rules() if fast_tracing else contextlib.nullcontext():  # as builder.build runs them
-            with torch.no_grad():
-                programs = export_methods(model, max_prefill_chunk=tiny.max_chunk)
-            passes = {m: [p for p in ps if edge_decompositions or not isinstance(p, EdgeDecompositions)]
-                      for m, ps in cpu_passes(model).items()}
-            with lazy_recompile() if fast_tracing else contextlib.nullcontext():
-                programs, _ = apply_method_passes(programs, passes)
-                return lower_to_xnnpack(programs, constant_methods=tiny.metadata(),
-                                        legacy=legacy)
-
-    full = lower(True, edge_decompositions=False)  # ExecuTorch's path, as it is
-    fewer = lower(False, edge_decompositions=False)
-    assert fewer.report.summary() == full.report.summary()
-    assert fewer.buffer == full.buffer
-    # torchao's quant ops answering fake propagation from shapes, code generated lazily: the same bytes
-    assert lower(False, edge_decompositions=False, fast_tracing=True).buffer == full.buffer
-    assert fewer.skipped["run_decompositions ran"]  # without the pass the program is decomposed
-
-    fast = lower(False, fast_tracing=True)  # what builder.build runs
-    assert max(fast.skipped["run_decompositions ran"], default=0) < 10  # at most XNNPACK's 6-node pattern graphs
-    assert fast.report.summary() == full.report.summary()
-    tokens = torch.randint(0, config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
-    logits = []
-    for name, program in (("full", full), ("fast", fast)):
-        backend = PteBackend(program.save(tmp_path / f"{name}.pte"))
-        logits.append(torch.stack(_pte_steps(backend, tokens, [5, 3])))
-    assert torch.equal(logits[0], logits[1])
 
 
 def test_a_foreign_tied_table_is_stored_once(tmp_path):
