@@ -182,7 +182,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     options = BuildOptions(backend=args.backend, quant=args.quant, max_seq_len=args.max_seq_len,
                            max_prefill_chunk=args.max_prefill_chunk, ring_size=args.ring_size,
-                           dump=args.dump, dry_run=args.dry_run, verify=args.verify_method)
+                           dump=args.dump, dry_run=args.dry_run, verify=args.verify_method,
+                           speedups=not args.no_speedups)
     result = build(_source(args), args.out, options, progress=not args.quiet)
     contract_ok = True
     if args.dry_run and hasattr(result.report, "check_contract"):  # the report prints the outcome
@@ -540,13 +541,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ring-buffer slots of sliding-window caches (default max(2 x window, window + max prefill chunk - 1))")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights of --preset (default 0)")
     p.add_argument("--layers", type=_positive, metavar="N",
-                   help="--preset only: keep the first N layers (quick trials and tests)")
+                   help="keep the first N layers of the model (quick trials and tests)")
     p.add_argument("--dump", metavar="DIR", help="write per-pass graph dumps (before/after/diff/stats) into DIR")
     p.add_argument("--dry-run", action="store_true",
                    help="cuda: only partition and report nodes not delegated (works without a GPU)")
     p.add_argument("--verify-method", action="store_true",
                    help="xnnpack: add the target_verify method (logits of every token, the same KV cache) "
                         "that fxport run --speculative needs")
+    p.add_argument("--no-speedups", action="store_true",
+                   help="build without fxport's compile-time patches of ExecuTorch/torch/torchao internals "
+                        "(the same program, ~4x slower)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_export)
 
