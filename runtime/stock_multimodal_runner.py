@@ -118,16 +118,47 @@ class StockMultimodalRunner:
                 c = self.constants
                 img = image_segment(seg[1], c[contract.PATCH_SIZE], c[contract.POOLING_KERNEL_SIZE],
                                     c[contract.MAX_SOFT_TOKENS])
+                self._check_image(img)
                 out.append(make_image_input(img.contiguous()))
             elif isinstance(seg, tuple) and len(seg) == 2 and seg[0] == "audio":
                 if contract.AUDIO_ENCODER not in self.methods:
                     raise StockRunnerError(f"{self.pte} has no audio_encoder method; it takes no audio")
                 feats = torch.as_tensor(seg[1], dtype=torch.float32)
-                out.append(make_audio_input((feats[None] if feats.dim() == 2 else feats).contiguous()))
+                feats = feats[None] if feats.dim() == 2 else feats
+                self._check_audio(feats)
+                out.append(make_audio_input(feats.contiguous()))
             else:
                 raise StockRunnerError(f"prompt segment {type(seg).__name__} {seg!r:.60}: pass text, Tokens([...]), "
                                        "('image', image) or ('audio', features)")
         return out
+
+    def _check_image(self, img: torch.Tensor) -> None:
+        """The program's image contract, checked before the runner (which checks only upper bounds:
+        the graph drops pixels past whole cells, so a wrong size would be a silently cropped image)."""
+        from fxport import contract
+
+        c = self.constants
+        side = c[contract.PATCH_SIZE] * c[contract.POOLING_KERNEL_SIZE]
+        cells = c[contract.MAX_IMAGE_CELLS]
+        if img.dtype != torch.uint8 or img.dim() != 3 or img.shape[0] != 3:
+            raise StockRunnerError(f"image tensor {img.dtype} {tuple(img.shape)}: the vision_encoder takes uint8 (3, H, W)")
+        h, w = img.shape[1], img.shape[2]
+        if h % side or w % side or not (2 <= h // side <= cells and 2 <= w // side <= cells):
+            raise StockRunnerError(f"image of {h}x{w} pixels: the vision_encoder takes sides that are multiples of {side} "
+                                   f"pixels, 2 to {cells} cells each; resize it with fxport.runtime.image.target_size "
+                                   "(pass a path or PIL image and it is done for you)")
+        if (h // side) * (w // side) + 2 > c[contract.MAX_SEQ_LEN]:
+            raise StockRunnerError(f"image of {h}x{w} pixels gives {(h // side) * (w // side)} soft tokens + boi/eoi, "
+                                   f"more than the {c[contract.MAX_SEQ_LEN]} rows one text_decoder call takes; resize it smaller")
+
+    def _check_audio(self, feats: torch.Tensor) -> None:
+        from fxport import contract
+        from fxport.models.gemma4.runner_methods import MIN_AUDIO_FRAMES
+
+        top = self.constants.get(contract.MAX_AUDIO_FRAMES, 0)
+        if feats.dim() != 3 or feats.shape[0] != 1 or not MIN_AUDIO_FRAMES <= feats.shape[1] <= top:
+            raise StockRunnerError(f"audio features {tuple(feats.shape)}: the audio_encoder takes (1, F, n_mels) with F in "
+                                   f"[{MIN_AUDIO_FRAMES}, {top}] frames (the real frames of one clip; split a longer clip)")
 
     def generate(self, prompt: Sequence[Any], max_new_tokens: int, *, temperature: float = 0.0, num_bos: int = 0,
                  on_piece: Callable[[str], None] | None = None, warmup: bool = False) -> RunnerGeneration:

@@ -144,11 +144,17 @@ class VisionEncoder(_Columns):
         self.register_buffer("boi_eoi", rows.detach().clone(), persistent=False)
 
     def forward(self, image: Tensor) -> Tensor:
-        p = self.p
-        _, Hh, Ww = image.shape
+        p, s = self.p, self.p * self.k
+        # whole cells only: pixels past the last whole cell are dropped (a resized image has none;
+        # ExecuTorch checks only a size's upper bound, so the graph itself must define the rest)
+        Hh, Ww = image.shape[1] // s * s, image.shape[2] // s * s
         rows, cols = Hh // p, Ww // p
         dtype = self.boi_eoi.dtype
-        x = image.to(torch.float32) / 255.0  # (3, H, W) in [0, 1]
+        # index_select, not a slice: a slice that keeps every row traces as a no-op, which would
+        # tie the graph to sizes that are (or are not) whole cells
+        x = image.index_select(1, torch.arange(Hh, device=image.device))
+        x = x.index_select(2, torch.arange(Ww, device=image.device))
+        x = x.to(torch.float32) / 255.0  # (3, H, W) in [0, 1]
         patches = x.reshape(3, rows, p, cols, p).permute(1, 3, 2, 4, 0).reshape(1, rows * cols, 3 * p * p)
         r = torch.arange(rows, device=image.device)[:, None].expand(rows, cols)
         c = torch.arange(cols, device=image.device)[None, :].expand(rows, cols)
@@ -237,9 +243,12 @@ def export_runner_methods(model: nn.Module, max_prefill_chunk: int, *, max_soft_
         cells = int(max_image_cells or max_soft_tokens)
         if cells < 2:
             raise ValueError(f"export_runner_methods: max_image_cells={cells} must be >= 2 (an image of one cell on a side is refused: a size-1 dimension traces apart)")
-        h, w = Dim("h_cells", min=2, max=cells), Dim("w_cells", min=2, max=cells)  # 1 would trace apart
-        img = torch.zeros(3, 2 * side, 3 * side, dtype=torch.uint8, device=dev)
-        out[contract.VISION_ENCODER] = run(VisionEncoder(model), (img,), ({1: side * h, 2: side * w},))
+        # any size from 2 cells up to max_image_cells + 1 cells - 1 pixel a side (1 cell would trace apart);
+        # guards like Eq(Mod(H, s), ...) hold for every size but are checked at run time instead of refused
+        h = Dim("height", min=2 * side, max=(cells + 1) * side - 1)
+        w = Dim("width", min=2 * side, max=(cells + 1) * side - 1)
+        img = torch.zeros(3, 2 * side + 1, 3 * side + 2, dtype=torch.uint8, device=dev)  # not whole cells: the crop traced
+        out[contract.VISION_ENCODER] = run(VisionEncoder(model), (img,), ({1: h, 2: w},), deferred=True)
     if cfg.audio is not None:
         if not max_audio_frames:
             raise ValueError("export_runner_methods: the model has an audio tower; pass max_audio_frames= "
