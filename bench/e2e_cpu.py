@@ -64,14 +64,15 @@ def ensure_pte(recipe: str, gguf: Path, force: bool = False) -> Path:
     out = pte_path(recipe)
     if out.is_file() and out.with_suffix(".bytes").is_file() and not force:
         return out
-    from fxport.lowering.xnnpack import export_model
+    from fxport.builder import BuildOptions, Source, build
     from fxport.models.gemma4.load import load_model
     from fxport.models.gemma4.tokenizer import load_tokenizer
 
     print(f"exporting {out} (recipe {recipe}) ...", file=sys.stderr, flush=True)
     model, tok_src = load_model(gguf, max_seq_len=Q.WINDOW, progress=False)
     t0 = time.perf_counter()
-    export_model(model, out, max_prefill_chunk=128, quant=recipe, tokenizer=load_tokenizer(tok_src))
+    build(Source(model=model, tokenizer=load_tokenizer(tok_src)), out,
+          BuildOptions(quant=recipe, max_seq_len=int(model.max_seq_len), max_prefill_chunk=128))
     out.with_suffix(".bytes").write_text(str(Q.linear_bytes(model)))
     print(f"exported {out} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return out
