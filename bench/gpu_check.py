@@ -633,13 +633,14 @@ def decode_program(model, device, splitk_threshold: int):
     """The decode method exported and rewritten by the CUDA pass set; returns (module, {kernel
     choice: number of sites})."""
     from fxport.lowering.cuda import cuda_passes
+    from fxport.models.gemma4.model import sliding_window_buffers
     from fxport.passes.pipeline import apply
 
     tokens = torch.zeros(1, 1, dtype=torch.long, device=device)
     pos = torch.zeros(1, dtype=torch.long, device=device)
     with torch.no_grad():
         ep = torch.export.export(model, (tokens, pos)).run_decompositions({})
-    result = apply(ep, cuda_passes(model, splitk_threshold=splitk_threshold)["decode"], method="decode", dump=False)
+    result = apply(ep, cuda_passes(windows=sliding_window_buffers(model), splitk_threshold=splitk_threshold)["decode"], method="decode", dump=False)
     choices: dict[str, int] = {}
     for rec in result.records:
         for site in rec.stats.sites:
@@ -837,18 +838,18 @@ def stage_executorch(chk: Check, budget: float) -> None:
 
     torch.manual_seed(0)
     model = Gemma4ForCausalLM(get_preset("tiny"), max_seq_len=64).eval()
-    if chk.device.type != "cuda":
-        from fxport.lowering.cuda import cuda_dry_run
+    from fxport.builder import BuildOptions, Source, build
 
-        report = cuda_dry_run(model, max_prefill_chunk=8)
+    if chk.device.type != "cuda":
+        report = build(Source(model=model), None, BuildOptions(backend="cuda", max_seq_len=int(model.max_seq_len),
+                                                               max_prefill_chunk=8, dry_run=True)).report
         ok = report.fully_delegated
         chk.add(f"tiny model, CUDA partition dry run (no GPU: no AOTInductor compile): "
                 f"{'every node delegated' if ok else report.summary()[:200]}", "fully delegated",
                 "ok" if ok else "failed", time.perf_counter() - t0)
         return
-    from fxport.lowering.cuda import export_cuda
-
-    result = export_cuda(model.to("cuda"), chk.out / "tiny-cuda.pte", max_prefill_chunk=8)
+    result = build(Source(model=model.to("cuda")), chk.out / "tiny-cuda.pte",
+                   BuildOptions(backend="cuda", max_seq_len=int(model.max_seq_len), max_prefill_chunk=8))
     chk.add(f"tiny model CUDA .pte + .ptd written: {result.summary()[:200]}", ".pte compiles", "ok",
             time.perf_counter() - t0)
 
