@@ -32,6 +32,7 @@ def _tensors(programs):
 
 def test_cpu_pass_set_on_a_meta_program():
     from fxport.lowering.xnnpack import apply_method_passes, cpu_passes
+    from fxport.models.gemma4.model import sliding_window_buffers
 
     config = get_preset("tiny-gemma3").replace(num_hidden_layers=2, layer_types=[SLIDING, FULL])
     out = {}
@@ -41,7 +42,7 @@ def test_cpu_pass_set_on_a_meta_program():
             model = Gemma4ForCausalLM(config, max_seq_len=MAX_SEQ_LEN).eval()
         with torch.no_grad():
             programs = export_methods(model, max_prefill_chunk=CHUNK, methods=("prefill",))
-        out[device] = apply_method_passes(programs, cpu_passes(model, max_prefill_chunk=CHUNK))
+        out[device] = apply_method_passes(programs, cpu_passes(windows=sliding_window_buffers(model), max_prefill_chunk=CHUNK))
     (real, real_res), (meta, meta_res) = out["cpu"], out["meta"]
     assert _stats(meta_res) == _stats(real_res)
     assert [r.name for r in meta_res["prefill"].records if r.changed] == [
