@@ -94,11 +94,12 @@ def rewrite_multimodal_programs(model: torch.nn.Module, programs: dict[str, Expo
     ``max(2 W, W + max_prefill_chunk - 1)`` so that a chunk holding a whole image fits the ring.
     Returns (programs, {method: PipelineResult})."""
     from fxport.lowering.xnnpack import apply_method_passes, cpu_passes
+    from fxport.models.gemma4.model import sliding_window_buffers
 
     text = model.config.text
     if ring_size is None and "sliding_attention" in text.layer_types:
         ring_size = max(2 * text.sliding_window, text.sliding_window + max_prefill_chunk - 1)
-    passes = cpu_passes(model, ring_size=ring_size)
+    passes = cpu_passes(windows=sliding_window_buffers(model), ring_size=ring_size)
     passes["prefill"] = multimodal_passes(model) + passes["prefill"]
     if "audio_encoder" in programs:
         passes["audio_encoder"] = audio_encoder_passes()
@@ -152,10 +153,12 @@ def rewrite_runner_programs(model: torch.nn.Module, programs: dict[str, Exported
     GeluTanhAsTanh (and the audio tower's RMSNormAsLinear), ``token_embedding`` nothing.
     Returns (programs, {method: PipelineResult})."""
     from fxport.lowering.xnnpack import apply_method_passes, cpu_passes
+    from fxport.models.gemma4.model import sliding_window_buffers
     from fxport.passes.xnnpack.gelu_tanh_as_tanh import GeluTanhAsTanh
 
     ring = ring_size if ring_size is not None else ring_size_for(model, max_prefill_chunk)
-    text = cpu_passes(model, ring_size=ring, max_prefill_chunk=max_prefill_chunk)["prefill"]
+    text = cpu_passes(windows=sliding_window_buffers(model), ring_size=ring,
+                      max_prefill_chunk=max_prefill_chunk)["prefill"]
     passes = {contract.TEXT_DECODER: text, contract.TOKEN_EMBEDDING: [],
               contract.VISION_ENCODER: [GeluTanhAsTanh()],
               contract.AUDIO_ENCODER: [GeluTanhAsTanh()] + audio_encoder_passes()}
