@@ -13,8 +13,9 @@ of ``(1, 1)``, then ``text_decoder`` with ``cache_position = [pos]`` (shape ``(1
     token_embedding  tokens int64 (1, T), T in [1, C]              (1, T, E) float32
     text_decoder     embeddings float32 (1, T, E), T in [1, C];    logits float32 (1, 1, V) (last row)
                      cache_position int64 (T,) = pos .. pos+T-1
-    vision_encoder   image uint8 (3, h*s, w*s), s = patch*pool,    (1, h*w + 2, E): boi, the h*w soft
-                     h, w in [2, get_max_image_cells]              tokens (row-major), eoi
+    vision_encoder   image uint8 (3, H, W); h = H // s, w = W // s  (1, h*w + 2, E): boi, the h*w soft
+                     in [2, get_max_image_cells], s = patch*pool    tokens (row-major cells), eoi;
+                                                                   pixels past whole cells dropped
     audio_encoder    features float32 (1, F, n_mels),              (1, ceil(ceil(F/2)/2) + 2, E): boa,
                      F in [5, get_max_audio_frames]                soft tokens, eoa
 
@@ -41,7 +42,8 @@ of ``(1, 1)``, then ``text_decoder`` with ``cache_position = [pos]`` (shape ``(1
 What the caller does before ``make_image_input``: convert to RGB (alpha over white) and resize
 (bicubic) to :func:`fxport.runtime.image.target_size` (height, width) for
 ``get_max_soft_tokens`` -- transformers' aspect-preserving resize, sides multiples of
-``patch * pool`` -- then pass the uint8 (H, W, 3) tensor; rescaling, patches and position ids
+``patch * pool`` -- then pass it as a uint8 (3, H, W) tensor (channels first: ExecuTorch 1.5.1's
+``make_image_input`` reads every 3-D tensor as (C, H, W)); rescaling, patches and position ids
 are in the graph. Before ``make_audio_input``: the log-mel features
 (:func:`fxport.runtime.audio.log_mel_features`, transformers' extractor) of the real frames only
 (``features[mask]``), as float32 (1, F, n_mels). Keep each segment within C =
@@ -56,7 +58,10 @@ token embeddings inside the graph (``masked_scatter``, rewritten by FixedSlotFus
 * :func:`multimodal_passes`: FixedSlotFusion for the merged prefill's ``masked_scatter`` merge;
 * :func:`audio_encoder_passes`: the CPU rewrite the audio tower needs before XNNPACK;
 * :func:`rewrite_multimodal_programs` / :func:`rewrite_runner_programs`: the CPU pass set per method;
-* :func:`export_multimodal_pte` / :func:`export_runner_multimodal_pte`: model -> one XNNPACK ``.pte``.
+* :func:`export_multimodal_pte` / :func:`export_runner_multimodal_pte`: model -> one XNNPACK ``.pte``;
+* :func:`is_multimodal_checkpoint` / :func:`build_multimodal`: what ``fxport export`` calls for a
+  Hugging Face Gemma 4 directory with a vision / audio config (the runner layout, its tokenizer
+  beside it, stage times), the multimodal counterpart of :func:`fxport.builder.build`.
 """
 
 from __future__ import annotations
@@ -168,12 +173,13 @@ def rewrite_runner_programs(model: torch.nn.Module, programs: dict[str, Exported
 def export_runner_multimodal_pte(model: torch.nn.Module, out, *, max_prefill_chunk: int | None = None,
                                  max_soft_tokens: int = 280, max_image_cells: int | None = None,
                                  max_audio_frames: int | None = None, ring_size: int | None = None,
-                                 dump=None, on_stage=None, speedups: bool = True):
+                                 dump=None, on_stage=None, speedups: bool = True, extra_eos=()):
     """Multimodal Gemma 4 -> one XNNPACK ``.pte`` in the runner layout (see the module docstring):
     ``token_embedding``, ``text_decoder`` [, ``vision_encoder``] [, ``audio_encoder``].
 
     max_prefill_chunk: C, the most rows of one segment (default: ``max_soft_tokens + 2`` with a
-    vision tower, else 64, at most the model's ``max_seq_len``). ``out`` None: lower, write nothing
+    vision tower, else 64, at most the model's ``max_seq_len``). ``extra_eos``: more ids that end
+    generation (the tokenizer's ``<end_of_turn>``). ``out`` None: lower, write nothing
     (the caller publishes ``lowered.write``). Returns the lowered program (``XnnpackProgram``;
     ``.methods`` lists what it wrote; ``.pass_results`` and ``.metadata`` are added)."""
     from fxport.lowering.xnnpack import lower_to_xnnpack
@@ -194,7 +200,7 @@ def export_runner_multimodal_pte(model: torch.nn.Module, out, *, max_prefill_chu
 
     stage = on_stage or (lambda name: None)
     meta = runner_metadata(model, max_prefill_chunk, max_soft_tokens=max_soft_tokens,
-                           max_image_cells=max_image_cells, max_audio_frames=max_audio_frames)
+                           max_image_cells=max_image_cells, max_audio_frames=max_audio_frames, extra_eos=extra_eos)
     # the builder's compile-time speedups, scoped as fxport.builder.build scopes them (same bytes)
     with fast_paths.enabled(speedups) as fast, fast.fake_propagation():
         stage("export")
@@ -212,3 +218,107 @@ def export_runner_multimodal_pte(model: torch.nn.Module, out, *, max_prefill_chu
         stage("save")
         lowered.save(out)
     return lowered
+
+
+def is_multimodal_checkpoint(path) -> bool:
+    """Whether ``path`` is a Hugging Face Gemma 4 directory whose ``config.json`` has a vision or
+    audio config (``fxport export`` then writes the multimodal program unless told ``--text-only``)."""
+    import json
+    from pathlib import Path
+
+    config = Path(path) / "config.json"
+    try:
+        cfg = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+    return cfg.get("model_type") == "gemma4" and bool(cfg.get("vision_config") or cfg.get("audio_config"))
+
+
+MULTIMODAL_STAGES = ("load", "export", "passes", "lower", "serialize", "save")
+
+
+def build_multimodal(source, out, options=None, *, max_soft_tokens: int = 280, max_audio_frames: int | None = None,
+                     progress: bool = False, on_stage=None):
+    """Build the runner-layout program (module docstring) for ``source`` and publish it at ``out``
+    with its weights file and tokenizer folder, as :func:`fxport.builder.build` publishes a text
+    program. Returns a :class:`fxport.builder.BuildResult` (``metadata``: the constant methods;
+    ``report``: the delegation report; ``pass_results`` per method).
+
+    source: :class:`fxport.builder.Source` with ``hf`` (a Gemma 4 directory with a vision / audio
+    config) or ``model`` (a :class:`~fxport.models.gemma4.multimodal.Gemma4ForConditionalGeneration`).
+    options: :class:`fxport.builder.BuildOptions`; ``max_prefill_chunk`` is raised to
+    ``max_soft_tokens + 2`` when smaller (one image is one text_decoder call: the runner does not
+    chunk); ``max_seq_len`` is the context. Refused (one line): another backend, ``quant``,
+    ``verify``, ``dry_run``, a preset / GGUF source, ``layers``.
+    """
+    from fxport.builder import BuildError, BuildOptions, BuildResult, StageTimes, fill_tokenizer_dir, tokenizer_sidecar
+    from fxport.builder import validate as validate_build
+
+    options = options or BuildOptions()
+    refused = [name for name, on in (("--backend " + options.backend, options.backend != "xnnpack"),
+                                     ("--quant", bool(options.quant)), ("--verify-method", options.verify),
+                                     ("--dry-run", options.dry_run), ("--layers", bool(source.layers)),
+                                     ("--preset", source.preset is not None), ("--gguf", source.gguf is not None))
+               if on]
+    if refused:
+        raise BuildError(f"a multimodal program is built for XNNPACK in float32 from --hf DIR: {', '.join(refused)} "
+                         "not supported with it (pass --text-only for the text decoder alone)")
+    if source.hf is not None and not is_multimodal_checkpoint(source.hf):
+        raise BuildError(f"{source.hf} has no vision or audio config (not a Gemma 4 multimodal checkpoint); "
+                         "drop --multimodal to export its text decoder")
+    if max_soft_tokens < 1:
+        raise BuildError(f"--max-soft-tokens {max_soft_tokens} must be positive")
+    validate_build(out, options)
+    times = StageTimes(MULTIMODAL_STAGES, progress=progress, on_stage=on_stage)
+    times.start("load")
+    if source.model is not None:
+        model, tokenizer = source.model, source.tokenizer
+    else:
+        from fxport.models.gemma4.multimodal import load_hf_multimodal
+        from fxport.models.gemma4.tokenizer import load_tokenizer
+
+        model = load_hf_multimodal(source.hf, max_seq_len=options.max_seq_len)
+        try:
+            tokenizer = load_tokenizer(source.hf)
+        except Exception:  # a checkpoint without a usable tokenizer still exports
+            tokenizer = None
+    cfg = model.config
+    if cfg.vision is None and cfg.audio is None:
+        raise BuildError(f"{source.describe()} has no vision or audio tower; export it without --multimodal")
+    chunk = options.max_prefill_chunk
+    if cfg.vision is not None:
+        chunk = max(chunk, max_soft_tokens + 2)
+    if chunk > model.max_seq_len:
+        raise BuildError(f"an image of --max-soft-tokens {max_soft_tokens} needs {chunk} positions in one call, more than "
+                         f"--max-seq-len {model.max_seq_len}; raise --max-seq-len or lower --max-soft-tokens")
+    extra_eos = list(getattr(tokenizer, "eos_ids", ()) or ()) if tokenizer is not None else []
+    lowered = export_runner_multimodal_pte(
+        model, None, max_prefill_chunk=chunk, max_soft_tokens=max_soft_tokens, max_audio_frames=max_audio_frames,
+        ring_size=options.ring_size, dump=options.dump, speedups=options.speedups, extra_eos=extra_eos,
+        on_stage=lambda name: times.start(name) if name in MULTIMODAL_STAGES else None)
+    times.start("save")
+    fill = None if tokenizer is None else (lambda d: fill_tokenizer_dir(tokenizer, d))
+    extra = lowered.write(out, sidecar=tokenizer_sidecar(out), fill_sidecar=fill)
+    times.close()
+    from pathlib import Path
+
+    return BuildResult(Path(out), options, times, pass_results=lowered.pass_results, report=lowered.report,
+                       extra_files=extra, metadata=lowered.metadata,
+                       tokenizer_dir=tokenizer_sidecar(out) if tokenizer is not None else None, model=model)
+
+
+def describe_methods(metadata: dict, methods) -> str:
+    """One line per method the runner-layout program holds (what ``fxport export`` prints)."""
+    c = metadata
+    E, C = c[contract.EMBEDDING_DIM], c[contract.MAX_SEQ_LEN]
+    lines = [f"{contract.TOKEN_EMBEDDING}: tokens int64 (1, T<={C}) -> (1, T, {E}) embedding columns",
+             f"{contract.TEXT_DECODER}: (1, T<={C}, {E}) + cache_position (T,) -> logits (1, 1, {c.get(contract.VOCAB_SIZE)})"]
+    if contract.VISION_ENCODER in methods:
+        side = c[contract.PATCH_SIZE] * c[contract.POOLING_KERNEL_SIZE]
+        lines.append(f"{contract.VISION_ENCODER}: image uint8 (3, H, W), H and W multiples of {side} px up to "
+                     f"{c[contract.MAX_IMAGE_CELLS]} cells (resize to <= {c[contract.MAX_SOFT_TOKENS]} soft tokens) "
+                     f"-> (1, cells + 2, {E})")
+    if contract.AUDIO_ENCODER in methods:
+        lines.append(f"{contract.AUDIO_ENCODER}: log-mel float32 (1, F, n_mels), F <= {c[contract.MAX_AUDIO_FRAMES]} "
+                     f"frames -> (1, ceil(F / 4) + 2, {E})")
+    return "\n".join(["methods (ExecuTorch MultimodalRunner layout):"] + ["  " + line for line in lines])

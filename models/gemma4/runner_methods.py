@@ -25,16 +25,16 @@ The encoders return ``boi, soft tokens, eoi`` (``boa, ..., eoa``): one image inp
 positions transformers' processor gives ``<image>``, so ``[text, image, text]`` is the prompt
 ``text + boi + image_token * n + eoi + text``.
 
-Methods (B = 1; all float tensors in the model's dtype, float32 by default):
-    token_embedding(tokens int64 (1, T)) -> (1, T, E)                           T in [1, C]
+Methods (B = 1; float tensors in the model's dtype, float32 by default; s = patch * pooling):
+    token_embedding(tokens int64 (1, T)) -> (1, T, E)                              T in [1, C]
     text_decoder(embeddings (1, T, E), cache_position int64 (T,)) -> logits float32 (1, T, V)
-                                                                                T in [1, C]
-    vision_encoder(image uint8 (3, h * s, w * s)) -> (1, h * w / k^2 ... see below)
-        s = patch_size * pooling_kernel_size; the image already resized (the caller's step);
-        output (1, (h * w) + 2, E): boi, h * w soft tokens (row-major cells), eoi; h, w <= max_cells
-    audio_encoder(features float (1, F, n_mels)) -> (1, ceil(ceil(F / 2) / 2) + 2, E)   F in [min, max_audio_frames]
-        the clip's real log-mel frames only (transformers' feature extractor output where the
-        mask is true).
+                                                                   (LastTokenLogits: (1, 1, V))
+    vision_encoder(image uint8 (3, H, W)) -> (1, h * w + 2, E)    h = H // s, w = W // s in
+        [2, max_image_cells]: boi, the h * w soft tokens (row-major cells), eoi. Pixels past the
+        last whole cell are dropped (a resized image has none); the caller resizes.
+    audio_encoder(features (1, F, n_mels)) -> (1, ceil(ceil(F / 2) / 2) + 2, E)   F in [5, max]
+        boa, soft tokens, eoa; the clip's real log-mel frames only (the extractor's output
+        where its mask is true).
 C = ``max_prefill_chunk`` (the runner's ``get_max_seq_len``) bounds every segment: split longer
 text into several segments; C >= max soft tokens + 2.
 """
@@ -52,6 +52,12 @@ from .model import _cast, _f32
 # The method names are contract.py's; repeated here would be a second spelling.
 from fxport import contract
 
+
+# Pooled cells per image side the vision_encoder accepts by default: transformers' resize to 280
+# soft tokens gives up to 32 x 8 cells (aspect ratios to ~3.5 : 1). ExecuTorch plans the memory
+# of every tensor outside XNNPACK at its upper bound (h_max * w_max cells; the uint8 image alone is
+# 3 * (48 * 33)^2 bytes at 32), so the bound is a memory cost, not only a limit.
+DEFAULT_MAX_IMAGE_CELLS = 32
 
 # A clip shorter than this (2 soft tokens; 50 ms at 10 ms per frame) is refused: one soft token
 # would be a size-1 dimension, which torch.export traces as a different graph.
@@ -205,8 +211,8 @@ def export_runner_methods(model: nn.Module, max_prefill_chunk: int, *, max_soft_
     max_prefill_chunk: C, the most rows one ``text_decoder`` call takes: at least
         ``max_soft_tokens + 2`` (an image) and a clip's rows + 2.
     max_soft_tokens: the image budget the caller resizes to (:func:`fxport.runtime.image.target_size`).
-    max_image_cells: the most pooled cells per image side (h, w <= it); default ``max_soft_tokens``
-        (every aspect ratio transformers' resize gives, down to 1 x max_soft_tokens).
+    max_image_cells: the most pooled cells per image side (h, w <= it); default
+        ``min(max_soft_tokens, DEFAULT_MAX_IMAGE_CELLS)`` (see there).
     max_audio_frames: the most mel frames per clip (required with an audio tower).
     """
     cfg = model.config
@@ -240,7 +246,7 @@ def export_runner_methods(model: nn.Module, max_prefill_chunk: int, *, max_soft_
             raise ValueError(f"export_runner_methods: an image of max_soft_tokens={max_soft_tokens} takes "
                              f"{max_soft_tokens + 2} rows (boi, soft tokens, eoi), more than max_prefill_chunk={C}; "
                              "raise max_prefill_chunk or lower max_soft_tokens")
-        cells = int(max_image_cells or max_soft_tokens)
+        cells = int(max_image_cells or min(max_soft_tokens, DEFAULT_MAX_IMAGE_CELLS))
         if cells < 2:
             raise ValueError(f"export_runner_methods: max_image_cells={cells} must be >= 2 (an image of one cell on a side is refused: a size-1 dimension traces apart)")
         # any size from 2 cells up to max_image_cells + 1 cells - 1 pixel a side (1 cell would trace apart);
@@ -269,13 +275,15 @@ def export_runner_methods(model: nn.Module, max_prefill_chunk: int, *, max_soft_
 
 
 def runner_metadata(model: nn.Module, max_prefill_chunk: int, *, max_soft_tokens: int,
-                    max_image_cells: int | None = None, max_audio_frames: int | None = None) -> dict:
+                    max_image_cells: int | None = None, max_audio_frames: int | None = None,
+                    extra_eos=()) -> dict:
     """Constant methods of the runner layout: the text contract's (``get_max_seq_len`` = C,
     ``get_max_context_len`` = KV positions, eos / bos / vocab) and the layout's own
-    (:data:`fxport.contract.MULTIMODAL_CONSTANTS`)."""
+    (:data:`fxport.contract.MULTIMODAL_CONSTANTS`). ``extra_eos``: the tokenizer's end ids too."""
     cfg = model.config
     t = cfg.text
     eos = list(t.eos_token_id) if isinstance(t.eos_token_id, (list, tuple)) else [t.eos_token_id]
+    eos += [int(i) for i in extra_eos]
     meta = contract.runner_metadata(max_prefill_chunk=max_prefill_chunk, max_context_len=int(model.max_seq_len),
                                     eos_ids=eos, vocab_size=int(t.vocab_size), bos_id=int(t.bos_token_id),
                                     logits="last")
@@ -293,7 +301,7 @@ def runner_metadata(model: nn.Module, max_prefill_chunk: int, *, max_soft_tokens
         meta.update({contract.PATCH_SIZE: int(cfg.vision.patch_size),
                      contract.POOLING_KERNEL_SIZE: int(cfg.vision.pooling_kernel_size),
                      contract.MAX_SOFT_TOKENS: int(max_soft_tokens),
-                     contract.MAX_IMAGE_CELLS: int(max_image_cells or max_soft_tokens)})
+                     contract.MAX_IMAGE_CELLS: int(max_image_cells or min(max_soft_tokens, DEFAULT_MAX_IMAGE_CELLS))})
     if cfg.audio is not None and t.audio_token_id is not None:
         meta.update({contract.AUDIO_TOKEN_ID: int(t.audio_token_id), contract.BOA_TOKEN_ID: int(cfg.boa_token_id),
                      contract.EOA_TOKEN_ID: int(cfg.eoa_token_id),

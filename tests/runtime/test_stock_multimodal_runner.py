@@ -5,9 +5,12 @@ Two tiny random Gemma 4 models, each with a vision tower (patch 2, pooling 2) an
   * "e-model": E2B / E4B-like: per-layer embeddings (PLE 4 per layer), causal image tokens;
   * "31b-like": no PLE, k_eq_v global layers with their own KV head count, bidirectional
     attention inside an image (``use_bidirectional_attention="vision"``).
-Each is written by :func:`fxport.builder.multimodal.export_runner_multimodal_pte` (the runner
-layout: token_embedding / text_decoder / vision_encoder / audio_encoder, XNNPACK) and run by the
-runner in a fresh process on [tokens, image, text] and [tokens, audio, text]
+The e-model is saved as a transformers checkpoint directory and built from it by
+:func:`fxport.builder.multimodal.build_multimodal` (what ``fxport export --hf DIR`` runs: program,
+weights and tokenizer folder published together); the 31b-like by
+:func:`~fxport.builder.multimodal.export_runner_multimodal_pte` from the eager model. Both are in the
+runner layout (token_embedding / text_decoder / vision_encoder / audio_encoder, XNNPACK) and run by
+the runner in a fresh process on [tokens, image, text] and [tokens, audio, text]
 (``make_token_input``, ``make_image_input`` of the uint8 (3, H, W) image,
 ``make_audio_input`` of the (1, F, 8) log-mel frames, ``make_text_input``). Pass criterion
 (exact): the runner's greedy tokens == fxport's eager ``generate(images=[...])`` /
@@ -29,7 +32,8 @@ import torch
 from transformers import Gemma4TextConfig
 
 from fxport import contract
-from fxport.builder.multimodal import export_runner_multimodal_pte
+from fxport.builder import BuildOptions, Source
+from fxport.builder.multimodal import build_multimodal, export_runner_multimodal_pte
 from fxport.runtime.generate import generate
 from fxport.runtime.multimodal import MultimodalEagerBackend
 from fxport.tests.models.multimodal_helpers import (
@@ -70,8 +74,8 @@ def _text_config(ple: int, bidir: str | None, k_eq_v: bool) -> Gemma4TextConfig:
 
 
 CONFIGS = {
-    "e-model": dict(ple=4, bidir=None, k_eq_v=False, seed=15),
-    "31b-like": dict(ple=0, bidir="vision", k_eq_v=True, seed=13),
+    "e-model": dict(ple=4, bidir=None, k_eq_v=False, seed=15, via="checkpoint"),
+    "31b-like": dict(ple=0, bidir="vision", k_eq_v=True, seed=13, via="model"),
 }
 
 
@@ -130,11 +134,20 @@ def case(request, tmp_path_factory):
     hf_cfg = hf_multimodal_config(text, hf_vision_config(pooling=2), audio=audio_hf_config())
     hf, ours = pair(hf_cfg, seed=spec["seed"], max_seq_len=POSITIONS)
     d = tmp_path_factory.mktemp(request.param)
-    lowered = export_runner_multimodal_pte(ours, d / "mm.pte", max_prefill_chunk=CHUNK, max_soft_tokens=SOFT,
-                                           max_audio_frames=FRAMES)
     tokenizer = tiny_tokenizer(VOCAB)
-    (d / "mm.tokenizer").mkdir()
-    tokenizer.save(d / "mm.tokenizer" / "tokenizer.json")
+    if spec["via"] == "checkpoint":  # what `fxport export --hf DIR` does: transformers' files in, program + tokenizer out
+        hf.save_pretrained(d / "ckpt")
+        tokenizer.save(d / "ckpt" / "tokenizer.json")
+        result = build_multimodal(Source(hf=d / "ckpt"), d / "mm.pte",
+                                  BuildOptions(max_seq_len=POSITIONS, max_prefill_chunk=CHUNK),
+                                  max_soft_tokens=SOFT, max_audio_frames=FRAMES)
+        methods = list(result.report.methods)
+    else:
+        lowered = export_runner_multimodal_pte(ours, d / "mm.pte", max_prefill_chunk=CHUNK, max_soft_tokens=SOFT,
+                                               max_audio_frames=FRAMES)
+        methods = lowered.methods
+        (d / "mm.tokenizer").mkdir()
+        tokenizer.save(d / "mm.tokenizer" / "tokenizer.json")
     image, clip = _image(spec["seed"]), _clip(spec["seed"])
     torch.save((image, clip), d / "inputs.pt")
     args = {"pte": str(d / "mm.pte"), "tokenizer": str(d / "mm.tokenizer" / "tokenizer.json"),
@@ -143,7 +156,7 @@ def case(request, tmp_path_factory):
                           timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"runner process failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-    return dict(name=request.param, hf=hf, ours=ours, lowered=lowered, tokenizer=tokenizer, image=image, clip=clip,
+    return dict(name=request.param, hf=hf, ours=ours, methods=methods, tokenizer=tokenizer, image=image, clip=clip,
                 runner=json.loads(lines[-1][len("RESULT "):]))
 
 
@@ -153,8 +166,8 @@ def _runner_ids(case, name: str) -> list[int]:
 
 
 def test_methods_and_constants(case):
-    assert case["lowered"].methods == [contract.TOKEN_EMBEDDING, contract.TEXT_DECODER, contract.VISION_ENCODER,
-                                       contract.AUDIO_ENCODER]
+    assert case["methods"] == [contract.TOKEN_EMBEDDING, contract.TEXT_DECODER, contract.VISION_ENCODER,
+                               contract.AUDIO_ENCODER]
     assert case["runner"]["methods"] == sorted(contract.MULTIMODAL_METHODS)
     c = case["runner"]["constants"]  # as the runner's process read them from the program
     ple = 2 * CONFIGS[case["name"]]["ple"]  # 2 layers x PLE width
