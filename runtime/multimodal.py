@@ -657,3 +657,63 @@ def stock_segments(tokenizer: Any, runner: Any, prompt: str, images: Sequence[An
         out.append(Tokens(bos))
     return out
 
+
+
+def bench_multimodal(backend: Any, images: Sequence[Any] = (), clips: Sequence[Any] = (), prompt_len: int = 32,
+                     new_tokens: int = 16, reps: int = 3) -> dict[str, float]:
+    """Timings of a program in MultimodalRunner's layout on real inputs (``fxport bench --image /
+    --audio``): medians over ``reps`` rounds after a warm-up of the encoders (ms per image / clip),
+    the prefill of BOS + the media + ``prompt_len`` text tokens (tok/s over every position, the
+    encoders not included) and ``new_tokens`` decode steps (tok/s)."""
+    import statistics
+    import time
+
+    if not getattr(backend, "segmented", False):
+        raise MultimodalError(f"{getattr(backend, 'path', 'this program')} is not in MultimodalRunner's layout "
+                              "(no text_decoder method); bench --image / --audio times that layout: re-export it "
+                              "with fxport export")
+    mm = backend.multimodal
+    reserved = {mm.get(k) for k in ("image_token_id", "audio_token_id", "boi_token_id", "eoi_token_id",
+                                    "boa_token_id", "eoa_token_id")}
+    top = int(backend.vocab_size or 1000)
+    g = torch.Generator().manual_seed(0)
+    allowed = torch.tensor([i for i in range(10, max(11, min(top, 30_000))) if i not in reserved])
+    text = allowed[torch.randint(0, len(allowed), (prompt_len,), generator=g)].tolist()
+    bos = backend.bos_id if backend.bos_id is not None else 2
+    prompt = build_prompt(backend, [bos] + text, list(images), list(clips) or None, bos_id=bos)
+    if prompt.ids and backend.max_seq_len is not None and len(prompt.ids) + new_tokens > backend.max_seq_len:
+        raise MultimodalError(f"bench: {len(prompt.ids)} prompt positions + {new_tokens} new tokens exceed the "
+                              f"program's {backend.max_seq_len}; lower --prompt-len / --new-tokens")
+    from .image import resize_image
+
+    resized = [resize_image(im, mm["patch_size"], mm["pooling_kernel_size"], mm["max_soft_tokens"])[0] for im in images]
+    frames = [_clip_frames(c, mm) for c in clips]
+    t_img, t_aud, t_pre, t_dec = [], [], [], []
+    ids = torch.tensor([prompt.ids])
+    for rep in range(reps + 1):
+        t0 = time.perf_counter()
+        for im in resized:
+            backend.encode_image(im)
+        t1 = time.perf_counter()
+        for f in frames:
+            backend.encode_audio(f)
+        t2 = time.perf_counter()
+        backend.reset()
+        for s, e in prompt.chunks(backend.max_prefill_chunk):
+            logits = backend.prefill(ids[:, s:e], torch.arange(s, e), **prompt.features(s, e))
+        t3 = time.perf_counter()
+        pos, nxt = len(prompt.ids), int(logits.reshape(-1, logits.shape[-1])[-1].argmax())
+        for _ in range(new_tokens):
+            logits = backend.decode(torch.tensor([[nxt]]), torch.tensor([pos]))
+            nxt, pos = int(logits.reshape(-1, logits.shape[-1])[-1].argmax()), pos + 1
+        t4 = time.perf_counter()
+        if rep:
+            t_img.append((t1 - t0) / max(len(resized), 1))
+            t_aud.append((t2 - t1) / max(len(frames), 1))
+            t_pre.append(t3 - t2)
+            t_dec.append(t4 - t3)
+    med = statistics.median
+    return dict(positions=len(prompt.ids), encode_image_ms=med(t_img) * 1e3 if resized else float("nan"),
+                encode_audio_ms=med(t_aud) * 1e3 if frames else float("nan"),
+                prefill_tok_s=len(prompt.ids) / med(t_pre), decode_tok_s=new_tokens / med(t_dec) if new_tokens else float("nan"))
+

@@ -127,3 +127,17 @@ def test_cli_errors(program, capsys):
     assert capsys.readouterr().err == (f"fxport run: error: {program['img']} is not a WAV file (no RIFF/WAVE header); "
                                        f"fxport reads WAV only: convert it first, e.g. ffmpeg -i {program['img']} "
                                        "-ac 1 -ar 16000 -c:a pcm_s16le out.wav\n")
+
+
+def test_cli_bench_with_image_and_audio(program, capsys):
+    argv = ["bench", str(program["pte"]), "--image", str(program["img"]), "--audio", str(program["wav"]),
+            "--prompt-len", "8", "--new-tokens", "4"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["program", "encode", "image", "ms", "encode", "audio", "ms", "prefill", "tok/s",
+                                "decode", "tok/s"]
+    row = lines[1].split()
+    assert row[0] == str(program["pte"]) and all(float(x) > 0 for x in row[1:])
+    # BOS + boi, 6 soft tokens, eoi + boa, 5 soft tokens, eoa + 8 text tokens
+    assert lines[2].startswith("(prompt 24 positions: BOS, 1 image(s), 1 clip(s), 8 text tokens;")
+    assert main(argv + ["--runner", "executorch"]) == 2
