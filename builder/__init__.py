@@ -235,12 +235,20 @@ class BuildResult:
 
 
 def backend_module(name: str):
-    """The lowering module of backend ``name`` (imported lazily)."""
+    """The lowering module of backend ``name`` (imported lazily), a
+    :class:`fxport.lowering.backend.Backend`."""
     import importlib
+
+    from fxport.lowering.backend import Backend
 
     if name not in BACKENDS:
         raise BuildError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
-    return importlib.import_module(BACKENDS[name])
+    module = importlib.import_module(BACKENDS[name])
+    if not isinstance(module, Backend):
+        missing = [m for m in ("NAME", "PROGRAM_SUFFIX", "METHODS", "validate", "quantize", "run_passes", "dry_run",
+                               "lower") if not hasattr(module, m)]
+        raise TypeError(f"{BACKENDS[name]} is not a fxport.lowering.backend.Backend: it lacks {', '.join(missing)}")
+    return module
 
 
 def tokenizer_sidecar(out: str | Path) -> Path:
@@ -392,6 +400,14 @@ def export_programs(model: Any, options: BuildOptions,
 
     with torch.no_grad():
         return export_methods(model, max_prefill_chunk=options.max_prefill_chunk, methods=methods)
+
+
+def sliding_windows(model: Any) -> dict[str, int]:
+    """{KV-cache buffer FQN: window} of ``model``'s sliding-window layers (what a backend's
+    ring-buffer pass needs; empty for a model that is not fxport's Gemma)."""
+    from fxport.models.gemma4.model import sliding_window_buffers
+
+    return sliding_window_buffers(model)
 
 
 def model_metadata(model: Any, max_prefill_chunk: int, tokenizer: Any = None) -> dict[str, Any]:
@@ -636,12 +652,16 @@ def build(source: Source, out: str | Path | None, options: BuildOptions = BuildO
                 gc_pause.boundary()
                 with fast.codegen():
                     times.start("passes")
-                    programs, result.pass_results = backend.run_passes(model, programs, options)
+                    programs, result.pass_results = backend.run_passes(programs, options,
+                                                                       windows=sliding_windows(model))
                     gc_pause.boundary()
                     times.start("lower")
                     if options.dry_run:
                         with fast.lowering() if "dry_run" in lowering_fast else contextlib.nullcontext():
                             result.report = backend.dry_run(programs)
+                        if hasattr(result.report, "check_contract"):  # the report prints what it found
+                            result.report.pass_results = result.pass_results
+                            result.report.check_contract(result.metadata)  # ExecuTorch's LLM-runner contract
                         return result
                     with fast.lowering() if "lower" in lowering_fast else contextlib.nullcontext():
                         lowered = backend.lower(programs, constant_methods=result.metadata,

@@ -14,7 +14,8 @@ Flow:
    one ``CudaPartitioner`` per method (its method-name compile spec), ``to_executorch`` with
    shared mutable buffers and buffer names, weights written to a ``.ptd`` next to the ``.pte``.
 
-Without a GPU, :func:`cuda_dry_run` runs steps 1-2, converts each method to the edge dialect
+Without a GPU, the dry run (``build(..., BuildOptions(backend="cuda", dry_run=True))``, ``fxport
+export --backend cuda --dry-run``) runs steps 1-2, then :func:`dry_run` converts each method to the edge dialect
 the way ``to_edge_transform_and_lower`` does for this partitioner (no core-ATen
 decomposition of ops the partitioner keeps), runs ``CudaPartitioner.partition`` and reports
 (a) every compute node left untagged (the goal: none) and (b) every tagged op AOTInductor
@@ -80,19 +81,16 @@ def quantize_for_cuda(model: nn.Module, recipe: str, *, group_size: int = 32) ->
     return out
 
 
-def cuda_passes(model: nn.Module | None = None, *, windows: Mapping[str, int] | None = None,
+def cuda_passes(*, windows: Mapping[str, int] | None = None,
                 ring_size: int | None = None, splitk_threshold: int = 2048,
                 max_prefill_chunk: int | None = None) -> dict[str, list]:
-    """The CUDA pass set per method: ring buffers, SDPA dispatch, int4 dispatch, last-token logits."""
+    """The CUDA pass set per method: ring buffers (``windows``: {cache buffer FQN: window}), SDPA
+    dispatch, int4 dispatch, last-token logits."""
     from fxport.passes.int4_dispatch import Int4Dispatch
     from fxport.passes.last_token_logits import LastTokenLogits
     from fxport.passes.sdpa_dispatch import SDPADispatch
 
     common: list = []
-    if windows is None and model is not None:
-        from fxport.models.gemma4.model import sliding_window_buffers
-
-        windows = sliding_window_buffers(model)
     if windows:
         from fxport.passes.ring_buffer_kv_cache import RingBufferKVCache
 
@@ -170,7 +168,7 @@ class CudaDryRunReport:
 
     def check_contract(self, constant_methods: Mapping[str, Any]) -> list[str]:
         """Check the program these methods and ``constant_methods`` (what the lowering stores,
-        :func:`fxport.builder.model_metadata`) make against ExecuTorch's LLM-runner contract
+        the builder's runner metadata) make against ExecuTorch's LLM-runner contract
         (:func:`fxport.contract.contract_problems`); the summary prints the result."""
         from fxport.contract import contract_problems
 
@@ -248,23 +246,9 @@ def partition_report(programs: Mapping[str, ExportedProgram]) -> CudaDryRunRepor
                             state=state_bytes(programs), io={m: io_max_sizes(ep) for m, ep in programs.items()})
 
 
-def cuda_dry_run(model: nn.Module, *, max_prefill_chunk: int = 128, quant: str | None = None,
-                 ring_size: int | None = None) -> CudaDryRunReport:
-    """Quantize (optional), export, CUDA passes, partition: the CUDA lowering minus compilation."""
-    from fxport.builder import BuildOptions, Source, build
-
-    result = build(Source(model=model), None, BuildOptions(
-        backend="cuda", quant=quant, max_seq_len=int(model.max_seq_len), max_prefill_chunk=max_prefill_chunk,
-        ring_size=ring_size, dry_run=True))
-    report = result.report
-    report.pass_results = result.pass_results
-    report.check_contract(result.metadata)
-    return report
-
-
 # ----------------------------------------------------------------------------- backend entry points
-# What :func:`fxport.builder.build` calls: validate (before any work), quantize, then (after the
-# builder's backend-independent export) run_passes, then dry_run (no GPU) or lower.
+# The Backend contract (fxport.lowering.backend): validate (before any work), quantize, then (after
+# the builder's backend-independent export) run_passes, then dry_run (no GPU) or lower.
 
 NAME = "cuda"
 PROGRAM_SUFFIX = ".pte"
@@ -298,11 +282,12 @@ def quantize(model: nn.Module, recipe: str, tokenizer: Any = None) -> dict[str, 
     return quantize_for_cuda(model, recipe)
 
 
-def run_passes(model: nn.Module, programs: Mapping[str, ExportedProgram], options: Any):
+def run_passes(programs: Mapping[str, ExportedProgram], options: Any, *, windows: Mapping[str, int]):
+    """The CUDA pass set (:func:`cuda_passes`) over each method: ``(programs, {method: result})``."""
     from fxport.lowering.xnnpack import apply_method_passes
 
-    return apply_method_passes(programs, cuda_passes(model, ring_size=options.ring_size,
-                                                            max_prefill_chunk=options.max_prefill_chunk), dump=options.dump)
+    return apply_method_passes(programs, cuda_passes(windows=windows, ring_size=options.ring_size,
+                                                     max_prefill_chunk=options.max_prefill_chunk), dump=options.dump)
 
 
 def dry_run(programs: Mapping[str, ExportedProgram]) -> "CudaDryRunReport":
@@ -365,12 +350,3 @@ def lower_to_cuda(programs: Mapping[str, ExportedProgram], out: str | Path, *,
     out = Path(out)
     ptd = lower(programs, constant_methods=constant_methods).write(out)
     return out, ptd
-
-
-def export_cuda(model: nn.Module, out: str | Path, *, max_prefill_chunk: int = 128, quant: str | None = None,
-                ring_size: int | None = None):
-    """Eager model -> CUDA ``.pte`` + ``.ptd`` via :func:`fxport.builder.build`. Needs a GPU."""
-    from fxport.builder import BuildOptions, Source, build
-
-    return build(Source(model=model), out, BuildOptions(backend="cuda", quant=quant, max_seq_len=int(model.max_seq_len),
-                                                        max_prefill_chunk=max_prefill_chunk, ring_size=ring_size))

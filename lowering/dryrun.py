@@ -9,7 +9,7 @@ say exactly what was not delegated:
 * XNNPACK (:mod:`fxport.lowering.xnnpack`): cache writes (``index_put``), the embedding
   gather and mask construction are expected to stay outside the delegate.
 * CUDA (:mod:`fxport.lowering.cuda`): the goal is *nothing* outside the delegate; the CUDA
-  dry run (:func:`fxport.lowering.cuda.cuda_dry_run`) partitions on a machine without a GPU
+  dry run (:func:`fxport.lowering.cuda.dry_run`) partitions on a machine without a GPU
   and reports the leftovers with this module.
 
 Not counted as compute: placeholders, outputs, ``getitem`` on a delegate's tuple, the

@@ -27,8 +27,9 @@ Flow (each step usable alone):
    lookup (outside XNNPACK) needs the table too; inside one ``.pte`` those are two copies, in the
    weights file ExecuTorch's named-data store keeps identical bytes once.
 
-:func:`fxport.builder.build` drives these steps through this module's backend entry points
-(:func:`validate`, :func:`quantize`, :func:`export`, :func:`run_passes`, :func:`lower`).
+:func:`fxport.builder.build` drives these steps through this module's backend entry points, the
+:class:`fxport.lowering.backend.Backend` contract (:func:`validate`, :func:`quantize`,
+:func:`run_passes`, :func:`dry_run`, :func:`lower`, then ``XnnpackProgram.write``).
 
 Recipes (the names ``quant=`` accepts) live in :mod:`fxport.lowering.xnnpack_quant`.
 """
@@ -55,14 +56,15 @@ from fxport.lowering.xnnpack_quant import (  # noqa: F401  (re-exported: the bac
 # ----------------------------------------------------------------------------- passes
 
 
-def cpu_passes(model: nn.Module | None = None, *, windows: Mapping[str, int] | None = None,
+def cpu_passes(*, windows: Mapping[str, int] | None = None,
                ring_size: int | None = None, last_token_logits: bool = True,
                xnnpack_rewrites: bool = True, max_prefill_chunk: int | None = None,
                verify: bool = False) -> dict[str, list]:
     """The CPU pass set per method: ``{"prefill": [...], "decode": [...]}``.
 
-    * ``RingBufferKVCache`` when the model has sliding-window caches (windows from
-      ``fxport.models.gemma4.model.sliding_window_buffers(model)`` or ``windows=``);
+    * ``RingBufferKVCache`` when there are sliding-window caches: ``windows`` maps each cache
+      buffer FQN to its window (for fxport's Gemma,
+      ``fxport.models.gemma4.model.sliding_window_buffers(model)``);
     * ``GeluTanhAsTanh`` (XNNPACK serializes every GELU as the erf form), ``AdditiveAttentionMask``,
       ``SDPAAsMatmul``, ``RMSNormAsLinear`` and ``SymbolicViewAsInferred``
       (:mod:`fxport.passes.xnnpack`) when ``xnnpack_rewrites``: patterns XNNPACK would
@@ -75,7 +77,7 @@ def cpu_passes(model: nn.Module | None = None, *, windows: Mapping[str, int] | N
     No Triton dispatch: XNNPACK cannot run fxport's Triton ops; the multimodal fusion is only
     needed for programs exported with ``multimodal=True`` and is added by the caller then.
     ``verify``: also ``"target_verify"`` (speculative decoding's verify method,
-    :data:`fxport.models.gemma4.export.VERIFY`): prefill's set without ``LastTokenLogits``, the
+    :data:`fxport.contract.VERIFY`): prefill's set without ``LastTokenLogits``, the
     same pass objects (so its ring buffers get prefill's ring size and share its caches).
     """
     from fxport.passes.edge_decompositions import EdgeDecompositions
@@ -90,10 +92,6 @@ def cpu_passes(model: nn.Module | None = None, *, windows: Mapping[str, int] | N
     )
 
     common: list = []
-    if windows is None and model is not None:
-        from fxport.models.gemma4.model import sliding_window_buffers
-
-        windows = sliding_window_buffers(model)
     if windows:
         from fxport.passes.ring_buffer_kv_cache import RingBufferKVCache
 
@@ -309,8 +307,8 @@ def apply_method_passes(programs: Mapping[str, ExportedProgram], passes: Mapping
 
 
 # ----------------------------------------------------------------------------- backend entry points
-# What :func:`fxport.builder.build` calls, in order: validate (before any work), quantize,
-# then (after the builder's backend-independent export) run_passes, lower.
+# The Backend contract (fxport.lowering.backend): validate (before any work), quantize, then
+# (after the builder's backend-independent export) run_passes, lower (dry_run: not offered here).
 
 NAME = "xnnpack"
 PROGRAM_SUFFIX = ".pte"
@@ -326,7 +324,7 @@ METHODS = ("prefill",)
 def validate(options: Any) -> None:
     """Refuse options this backend cannot build, before any work (ValueError, one line).
 
-    ``options``: a :class:`fxport.builder.BuildOptions` (``quant``, ``dry_run`` ...).
+    ``options``: any :class:`fxport.lowering.backend.BackendOptions` (``quant``, ``dry_run`` ...).
     """
     names = recipe_names()
     if options.quant is not None and options.quant not in names:
@@ -341,11 +339,16 @@ def quantize(model: nn.Module, recipe: str, tokenizer: Any = None) -> QuantRepor
     return quantize_for_xnnpack(model, recipe, tokenizer=tokenizer)
 
 
-def run_passes(model: nn.Module, programs: Mapping[str, ExportedProgram], options: Any):
+def run_passes(programs: Mapping[str, ExportedProgram], options: Any, *, windows: Mapping[str, int]):
     """The CPU pass set (:func:`cpu_passes`) over each method: ``(programs, {method: result})``."""
-    return apply_method_passes(programs, cpu_passes(model, ring_size=options.ring_size,
-                                                           max_prefill_chunk=options.max_prefill_chunk,
-                                                           verify=VERIFY in programs), dump=options.dump)
+    return apply_method_passes(programs, cpu_passes(windows=windows, ring_size=options.ring_size,
+                                                    max_prefill_chunk=options.max_prefill_chunk,
+                                                    verify=VERIFY in programs), dump=options.dump)
+
+
+def dry_run(programs: Mapping[str, ExportedProgram]):
+    """Not offered: :func:`validate` refuses ``dry_run`` before any work (this backend builds on the CPU)."""
+    raise ValueError("--dry-run is a --backend cuda option; --backend xnnpack builds on this CPU: drop --dry-run")
 
 
 def lower(programs: Mapping[str, ExportedProgram], *, constant_methods: Mapping[str, Any] | None = None,
@@ -353,40 +356,3 @@ def lower(programs: Mapping[str, ExportedProgram], *, constant_methods: Mapping[
     """:func:`lower_to_xnnpack`; ``on_serialize()`` is called when serialization starts."""
     return lower_to_xnnpack(programs, constant_methods=constant_methods,
                             on_stage=None if on_serialize is None else (lambda name: on_serialize()))
-
-
-# ----------------------------------------------------------------------------- one call
-
-
-def model_metadata(model: nn.Module, max_prefill_chunk: int) -> dict[str, int]:
-    """Constant methods stored in the ``.pte``; see :func:`fxport.builder.model_metadata`."""
-    from fxport.builder import model_metadata as _metadata
-
-    return _metadata(model, max_prefill_chunk)
-
-
-def export_model(
-    model: nn.Module,
-    out: str | Path,
-    *,
-    max_prefill_chunk: int = 128,
-    quant: str | None = None,
-    ring_size: int | None = None,
-    dump: str | Path | None = None,
-    on_stage=None,
-    tokenizer: Any = None,
-):
-    """Eager Gemma model -> XNNPACK ``.pte`` at ``out``: a thin wrapper over
-    :func:`fxport.builder.build` (kept for existing callers; new code calls ``build``).
-
-    Returns the :class:`fxport.builder.BuildResult` (``.out``, ``.quant_report``,
-    ``.pass_results``, ``.report``, ``.metadata``, ``.summary()``). ``model`` is quantized in
-    place when ``quant`` is given; ``tokenizer`` encodes the calibration text of recipes that
-    smooth activations (and is written beside the program).
-    """
-    from fxport.builder import BuildOptions, Source, build
-
-    options = BuildOptions(backend="xnnpack", quant=quant, max_seq_len=int(model.max_seq_len),
-                           max_prefill_chunk=max_prefill_chunk, ring_size=ring_size,
-                           dump=None if dump is None else str(dump))
-    return build(Source(model=model, tokenizer=tokenizer), out, options, on_stage=on_stage)

@@ -25,6 +25,7 @@ PROGRAM = b"ET12-fake-program"
 class FakeBackend:
     """Records the calls build() makes; writes PROGRAM (+ the sidecar) through fileio."""
 
+    NAME = "fake"
     PROGRAM_SUFFIX = ".pte"
 
     def __init__(self):
@@ -46,8 +47,10 @@ class FakeBackend:
         assert methods == self.METHODS
         return {m: f"ep-{m}" for m in methods}
 
-    def run_passes(self, model, programs, options):
+    def run_passes(self, programs, options, *, windows):
         self.calls.append("passes")
+        # the builder reads the windows off the model: the one-layer tiny preset's sliding layer
+        assert windows == {f"model.layers.0.self_attn.{kv}_cache": 4 for kv in "kv"}
         return programs, {}
 
     def dry_run(self, programs):

@@ -9,12 +9,20 @@ import torch
 
 import fxport.kernels.attention_ops  # noqa: F401  (registers fxport::sdpa*)
 import fxport.kernels.int4_ops  # noqa: F401  (registers fxport::int4_*)
-from fxport.lowering.cuda import cuda_dry_run, inductor_coverage
+from fxport.builder import BuildOptions, Source, build
+from fxport.lowering.cuda import inductor_coverage
+
+
+def cuda_dry_run(model, max_prefill_chunk):
+    """The builder's CUDA dry run of an eager model (int4): its partition report."""
+    options = BuildOptions(backend="cuda", quant="int4", max_seq_len=int(model.max_seq_len),
+                           max_prefill_chunk=max_prefill_chunk, dry_run=True)
+    return build(Source(model=model), None, options).report
 
 
 @pytest.fixture(scope="module")
 def report(tiny):
-    return cuda_dry_run(tiny.model(), max_prefill_chunk=tiny.max_chunk, quant="int4")
+    return cuda_dry_run(tiny.model(), max_prefill_chunk=tiny.max_chunk)
 
 
 def test_cuda_passes_rewrite_every_site(report):
@@ -59,7 +67,7 @@ def meta_report(tiny):
 
     with torch.device("meta"):
         model = Gemma4ForCausalLM(tiny.config(), max_seq_len=tiny.max_seq_len).eval()
-    return cuda_dry_run(model, max_prefill_chunk=tiny.max_chunk, quant="int4")
+    return cuda_dry_run(model, max_prefill_chunk=tiny.max_chunk)
 
 
 def _device_free(graph) -> str:

@@ -19,9 +19,9 @@ from fxport.lowering.xnnpack import (
     lower_to_xnnpack,
     quantize_for_xnnpack,
 )
-from fxport.builder import speedups
 from fxport.models.gemma4.export import export_methods
 from fxport.models.gemma4.model import sliding_window_buffers
+from fxport.tests.lowering.helpers import lower_fast
 
 
 CACHES = [f"model.layers.{i}.self_attn.{kv}_cache" for i in (0, 1) for kv in ("k", "v")]
@@ -31,8 +31,7 @@ def _lower(tiny, model, tmp_path_factory, name):
     with torch.no_grad():
         programs = export_methods(model, max_prefill_chunk=tiny.max_chunk)
     programs, results = apply_method_passes(programs, cpu_passes(windows=sliding_window_buffers(model)))
-    with speedups.enabled(True) as fast, fast.lowering():  # as builder.build lowers (the same bytes, faster)
-        lowered = lower_to_xnnpack(programs, constant_methods=tiny.metadata())
+    lowered = lower_fast(programs, constant_methods=tiny.metadata())
     path = lowered.save(tmp_path_factory.mktemp(name) / f"{name}.pte")
     return lowered, results, path
 

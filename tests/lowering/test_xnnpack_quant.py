@@ -22,6 +22,8 @@ from fxport.lowering.xnnpack_quant import (
     quantize_for_xnnpack,
     recipe_names,
 )
+from fxport.models.gemma4.model import sliding_window_buffers
+from fxport.tests.lowering.helpers import lower_fast
 from fxport.quant.embedding import QuantizedEmbedding
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -97,7 +99,7 @@ def test_fast_pte_matches_eager(tiny, tmp_path):
     bit-equal; the weight-only int8 config DESIGN notes returns errors ~1000x the logits, far
     outside this bound.
     """
-    from fxport.lowering.xnnpack import apply_method_passes, cpu_passes, lower_to_xnnpack
+    from fxport.lowering.xnnpack import apply_method_passes, cpu_passes
     from fxport.models.gemma4.export import export_methods
     from fxport.runtime.pte_backend import PteBackend
 
@@ -105,8 +107,8 @@ def test_fast_pte_matches_eager(tiny, tmp_path):
     quantize_for_xnnpack(model, "fast")
     with torch.no_grad():
         programs = export_methods(model, max_prefill_chunk=tiny.max_chunk)
-    programs, _ = apply_method_passes(programs, cpu_passes(model))
-    lowered = lower_to_xnnpack(programs, constant_methods=tiny.metadata())
+    programs, _ = apply_method_passes(programs, cpu_passes(windows=sliding_window_buffers(model)))
+    lowered = lower_fast(programs, constant_methods=tiny.metadata())
     ops = {str(n.target) for n in _nodes(lowered)}
     assert any("embedding_byte" in t for t in ops), sorted(ops)
     assert lowered.shared  # the lookup reads the head's table: weights in a .ptd
@@ -146,7 +148,7 @@ def test_balanced_pte_stores_the_shared_table_once(tiny, tmp_path):
     difference 2.4e-7 on the 2-layer model; bound 1e-3). Without its ``.ptd`` the program is
     refused with a message naming the file; a program without shared tables written to the same
     path removes the stale ``.ptd``."""
-    from fxport.lowering.xnnpack import apply_method_passes, cpu_passes, lower_to_xnnpack
+    from fxport.lowering.xnnpack import apply_method_passes, cpu_passes
     from fxport.models.gemma4.export import export_methods
     from fxport.runtime.pte_backend import PteBackend, PteError, program_bytes
 
@@ -159,16 +161,16 @@ def test_balanced_pte_stores_the_shared_table_once(tiny, tmp_path):
     def programs():  # lowering consumes the programs: each lowering gets its own export
         with torch.no_grad():
             eps = export_methods(model, max_prefill_chunk=tiny.max_chunk)
-        return apply_method_passes(eps, cpu_passes(model))[0]
+        return apply_method_passes(eps, cpu_passes(windows=sliding_window_buffers(model)))[0]
 
-    lowered = lower_to_xnnpack(programs(), constant_methods=tiny.metadata())
+    lowered = lower_fast(programs(), constant_methods=tiny.metadata())
     assert lowered.shared == ["prefill: b_model_embed_tokens_codes", "decode: b_model_embed_tokens_codes"]
     out = tmp_path / "b.pte"
     assert lowered.write(out) == [tmp_path / "b.ptd"]
     pte, ptd = out.read_bytes(), (tmp_path / "b.ptd").read_bytes()
     assert (pte.count(table), ptd.count(table)) == (0, 1)
     assert program_bytes(out) == len(pte) + len(ptd)
-    inline = lower_to_xnnpack(programs(), constant_methods=tiny.metadata(), weights_file=False)
+    inline = lower_fast(programs(), constant_methods=tiny.metadata(), weights_file=False)
     assert inline.buffer.count(table) == 2
 
     backend = PteBackend(out)
