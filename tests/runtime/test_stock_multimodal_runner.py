@@ -1,24 +1,25 @@
 """ExecuTorch's stock ``MultimodalRunner`` runs fxport's multimodal Gemma 4 program exactly.
 
-Two tiny random Gemma 4 models, each with a vision tower (patch 2, pooling 2) and an audio tower
-(1 conformer layer, 8 mel bins):
-  * "e-model": E2B / E4B-like: per-layer embeddings (PLE 4 per layer), causal image tokens;
+Two tiny random Gemma 4 models with a vision tower (patch 2, pooling 2):
+  * "e-model": E2B / E4B-like: per-layer embeddings (PLE 4 per layer), causal image tokens, and an
+    audio tower (1 conformer layer, 8 mel bins);
   * "31b-like": no PLE, k_eq_v global layers with their own KV head count, bidirectional
-    attention inside an image (``use_bidirectional_attention="vision"``).
+    attention inside an image (``use_bidirectional_attention="vision"``), no audio tower (as the
+    26B / 31B checkpoints; the wrapper refuses audio for it).
 The e-model is saved as a transformers checkpoint directory and built from it by
 :func:`fxport.builder.multimodal.build_multimodal` (what ``fxport export --hf DIR`` runs: program,
 weights and tokenizer folder published together); the 31b-like by
 :func:`~fxport.builder.multimodal.export_runner_multimodal_pte` from the eager model. Both are in the
 runner layout (token_embedding / text_decoder / vision_encoder / audio_encoder, XNNPACK) and run by
-the runner in a fresh process on [tokens, image, text] and [tokens, audio, text]
+the runner in one fresh process on [tokens, image, text] and [tokens, audio, text]
 (``make_token_input``, ``make_image_input`` of the uint8 (3, H, W) image,
 ``make_audio_input`` of the (1, F, 8) log-mel frames, ``make_text_input``). Pass criterion
 (exact): the runner's greedy tokens == fxport's eager ``generate(images=[...])`` /
 ``generate(audio=...)`` tokens == transformers' ``Gemma4ForConditionalGeneration`` greedy
 tokens (full-sequence recompute each step) on the same prompt, and the runner's prompt length ==
 the prompt transformers sees (``boi + image * n + eoi``, ``boa + audio * n + eoa``). The
-sliding window (3) is smaller than the ring (3 + 24 - 1 = 26 slots) and the sequence (~30
-positions) passes the ring, so the ring caches wrap.
+sliding window (3) is smaller than the ring (3 + 20 - 1 = 22 slots) and the sequences (32 and 25
+positions) pass the ring, so the ring caches wrap.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from fxport.tests.models.multimodal_helpers import (
 )
 from fxport.tests.runtime.stock_runner_helpers import tiny_tokenizer
 
-CHUNK, SOFT, FRAMES, POSITIONS, NEW = 24, 16, 40, 64, 6
+CHUNK, SOFT, FRAMES, POSITIONS, NEW = 20, 16, 40, 64, 12
 IMAGE_HW = (16, 12)  # pixels: 4 x 3 cells of 4 px -> 12 soft tokens (transformers' resize keeps this size)
 CLIP_FRAMES = 17  # -> ceil(ceil(17 / 2) / 2) = 5 soft tokens
 PRE = [2, 5, 9]  # BOS + two ids, given as make_token_input
@@ -74,8 +75,8 @@ def _text_config(ple: int, bidir: str | None, k_eq_v: bool) -> Gemma4TextConfig:
 
 
 CONFIGS = {
-    "e-model": dict(ple=4, bidir=None, k_eq_v=False, seed=15, via="checkpoint"),
-    "31b-like": dict(ple=0, bidir="vision", k_eq_v=True, seed=13, via="model"),
+    "e-model": dict(ple=4, bidir=None, k_eq_v=False, audio=True, seed=15, via="checkpoint"),
+    "31b-like": dict(ple=0, bidir="vision", k_eq_v=True, audio=False, seed=15, via="model"),
 }
 
 
@@ -91,28 +92,32 @@ def _clip(seed: int) -> torch.Tensor:
 
 _RUNNER_SCRIPT = r"""
 import json, sys, torch
-from fxport.runtime.stock_multimodal_runner import StockMultimodalRunner, Tokens
-args = json.loads(sys.argv[1])
-runner = StockMultimodalRunner(args["pte"], args["tokenizer"])
-image, clip = torch.load(args["inputs"])
-out = {"methods": runner.methods, "constants": runner.constants}
-for name, middle in (("image", ("image", image)), ("audio", ("audio", clip))):
-    g = runner.generate([Tokens(args["pre"]), middle, args["post"]], args["new"])
-    out[name] = {"pieces": g.pieces, "prompt_tokens": g.prompt_tokens}
-try:  # fxport's wrapper refuses a size that is not whole cells
-    runner.generate([Tokens(args["pre"]), ("image", image[:, :14])], args["new"])
-except Exception as exc:
-    out["bad_image"] = str(exc)
-# the runner itself takes it: the graph drops the pixels past the last whole cell
 from executorch.extension.llm.runner import GenerationConfig, make_image_input, make_text_input, make_token_input
-big = torch.randint(0, 256, (3, image.shape[1] + 3, image.shape[2] + 2), dtype=torch.uint8)
-big[:, : image.shape[1], : image.shape[2]] = image
-pieces = []
-runner._runner.reset()
-runner._runner.generate([make_token_input(args["pre"]), make_image_input(big), make_text_input(args["post"])],
-                        GenerationConfig(echo=False, max_new_tokens=args["new"], temperature=0.0), pieces.append)
-out["padded_image"] = pieces
-print("RESULT " + json.dumps(out))
+from fxport.runtime.stock_multimodal_runner import StockMultimodalRunner, Tokens
+results = {}
+for name, args in json.loads(sys.argv[1]).items():
+    runner = StockMultimodalRunner(args["pte"], args["tokenizer"])
+    image, clip = torch.load(args["inputs"])
+    out = results[name] = {"methods": runner.methods, "constants": runner.constants}
+    for kind, middle in (("image", image), ("audio", clip)):
+        try:
+            g = runner.generate([Tokens(args["pre"]), (kind, middle), args["post"]], args["new"])
+            out[kind] = {"pieces": g.pieces, "prompt_tokens": g.prompt_tokens}
+        except Exception as exc:
+            out[kind] = {"error": str(exc)}
+    try:  # fxport's wrapper refuses a size that is not whole cells
+        runner.generate([Tokens(args["pre"]), ("image", image[:, :14])], args["new"])
+    except Exception as exc:
+        out["bad_image"] = str(exc)
+    # the runner itself takes it: the graph drops the pixels past the last whole cell
+    big = torch.randint(0, 256, (3, image.shape[1] + 3, image.shape[2] + 2), dtype=torch.uint8)
+    big[:, : image.shape[1], : image.shape[2]] = image
+    pieces = []
+    runner._runner.reset()
+    runner._runner.generate([make_token_input(args["pre"]), make_image_input(big), make_text_input(args["post"])],
+                            GenerationConfig(echo=False, max_new_tokens=args["new"], temperature=0.0), pieces.append)
+    out["padded_image"] = pieces
+print("RESULT " + json.dumps(results))
 """
 
 
@@ -127,13 +132,11 @@ def _hf_greedy(hf, ids: list[int], steps: int, **media) -> list[int]:
     return out
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
-def case(request, tmp_path_factory):
-    spec = CONFIGS[request.param]
+def _build(name: str, d) -> dict:
+    spec = CONFIGS[name]
     text = _text_config(spec["ple"], spec["bidir"], spec["k_eq_v"])
-    hf_cfg = hf_multimodal_config(text, hf_vision_config(pooling=2), audio=audio_hf_config())
+    hf_cfg = hf_multimodal_config(text, hf_vision_config(pooling=2), audio=audio_hf_config() if spec["audio"] else None)
     hf, ours = pair(hf_cfg, seed=spec["seed"], max_seq_len=POSITIONS)
-    d = tmp_path_factory.mktemp(request.param)
     tokenizer = tiny_tokenizer(VOCAB)
     if spec["via"] == "checkpoint":  # what `fxport export --hf DIR` does: transformers' files in, program + tokenizer out
         hf.save_pretrained(d / "ckpt")
@@ -143,8 +146,7 @@ def case(request, tmp_path_factory):
                                   max_soft_tokens=SOFT, max_audio_frames=FRAMES)
         methods = list(result.report.methods)
     else:
-        lowered = export_runner_multimodal_pte(ours, d / "mm.pte", max_prefill_chunk=CHUNK, max_soft_tokens=SOFT,
-                                               max_audio_frames=FRAMES)
+        lowered = export_runner_multimodal_pte(ours, d / "mm.pte", max_prefill_chunk=CHUNK, max_soft_tokens=SOFT)
         methods = lowered.methods
         (d / "mm.tokenizer").mkdir()
         tokenizer.save(d / "mm.tokenizer" / "tokenizer.json")
@@ -152,12 +154,26 @@ def case(request, tmp_path_factory):
     torch.save((image, clip), d / "inputs.pt")
     args = {"pte": str(d / "mm.pte"), "tokenizer": str(d / "mm.tokenizer" / "tokenizer.json"),
             "inputs": str(d / "inputs.pt"), "pre": PRE, "post": POST, "new": NEW}
+    return dict(name=name, hf=hf, ours=ours, methods=methods, tokenizer=tokenizer, image=image, clip=clip, args=args)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Both programs, then one fresh process running the stock runner on each."""
+    cases = {name: _build(name, tmp_path_factory.mktemp(name)) for name in sorted(CONFIGS)}
+    args = {name: c["args"] for name, c in cases.items()}
     proc = subprocess.run([sys.executable, "-c", _RUNNER_SCRIPT, json.dumps(args)], capture_output=True, text=True,
                           timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"runner process failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-    return dict(name=request.param, hf=hf, ours=ours, methods=methods, tokenizer=tokenizer, image=image, clip=clip,
-                runner=json.loads(lines[-1][len("RESULT "):]))
+    for name, out in json.loads(lines[-1][len("RESULT "):]).items():
+        cases[name]["runner"] = out
+    return cases
+
+
+@pytest.fixture(params=sorted(CONFIGS))
+def case(request, built):
+    return built[request.param]
 
 
 def _runner_ids(case, name: str) -> list[int]:
@@ -166,16 +182,21 @@ def _runner_ids(case, name: str) -> list[int]:
 
 
 def test_methods_and_constants(case):
-    assert case["methods"] == [contract.TOKEN_EMBEDDING, contract.TEXT_DECODER, contract.VISION_ENCODER,
-                               contract.AUDIO_ENCODER]
-    assert case["runner"]["methods"] == sorted(contract.MULTIMODAL_METHODS)
+    audio = CONFIGS[case["name"]]["audio"]
+    written = [contract.TOKEN_EMBEDDING, contract.TEXT_DECODER, contract.VISION_ENCODER] + [contract.AUDIO_ENCODER] * audio
+    assert case["methods"] == written
+    assert case["runner"]["methods"] == sorted(written)
     c = case["runner"]["constants"]  # as the runner's process read them from the program
     ple = 2 * CONFIGS[case["name"]]["ple"]  # 2 layers x PLE width
     assert (c[contract.HIDDEN_SIZE], c[contract.PER_LAYER_COLUMNS], c[contract.EMBEDDING_DIM]) == (32, ple, 33 + ple)
     assert c[contract.BIDIRECTIONAL_VISION] == int(CONFIGS[case["name"]]["bidir"] == "vision")
     assert (c[contract.MAX_SEQ_LEN], c[contract.MAX_CONTEXT_LEN], c[contract.MAX_SOFT_TOKENS]) == (CHUNK, POSITIONS, SOFT)
     assert (c[contract.BOI_TOKEN_ID], c[contract.EOI_TOKEN_ID], c[contract.IMAGE_TOKEN_ID]) == (BOI, EOI, IMG)
-    assert (c[contract.BOA_TOKEN_ID], c[contract.EOA_TOKEN_ID], c[contract.MAX_AUDIO_FRAMES]) == (BOA, EOA, FRAMES)
+    if audio:
+        assert (c[contract.BOA_TOKEN_ID], c[contract.EOA_TOKEN_ID], c[contract.MAX_AUDIO_FRAMES]) == (BOA, EOA, FRAMES)
+    else:
+        assert contract.MAX_AUDIO_FRAMES not in c
+        assert case["runner"]["audio"] == {"error": f"{case['args']['pte']} has no audio_encoder method; it takes no audio"}
     assert (c[contract.PATCH_SIZE], c[contract.POOLING_KERNEL_SIZE], c[contract.MAX_IMAGE_CELLS]) == (2, 2, SOFT)
 
 
@@ -201,7 +222,8 @@ def test_image_tokens_equal_eager_and_transformers(case):
     assert case["runner"]["image"]["prompt_tokens"] == len(eager.prompt_tokens)
 
 
-def test_audio_tokens_equal_eager_and_transformers(case):
+def test_audio_tokens_equal_eager_and_transformers(built):
+    case = built["e-model"]  # the 26B / 31B checkpoints have no audio tower
     clip = case["clip"]
     mask = torch.ones(1, CLIP_FRAMES, dtype=torch.bool)
     post = case["tokenizer"].encode(POST, add_bos=False)
