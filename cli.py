@@ -184,6 +184,20 @@ def cmd_export(args: argparse.Namespace) -> int:
                            max_prefill_chunk=args.max_prefill_chunk, ring_size=args.ring_size,
                            dump=args.dump, dry_run=args.dry_run, verify=args.verify_method,
                            speedups=not args.no_speedups)
+    if args.multimodal and args.text_only:
+        raise UsageError("--multimodal and --text-only exclude each other; give one")
+    from fxport.builder.multimodal import build_multimodal, describe_methods, is_multimodal_checkpoint
+
+    if args.multimodal or (args.hf is not None and not args.text_only and is_multimodal_checkpoint(args.hf)):
+        # ExecuTorch MultimodalRunner's layout (fxport.builder.multimodal): token_embedding, text_decoder, encoders
+        result = build_multimodal(_source(args), args.out, options, max_soft_tokens=args.max_soft_tokens,
+                                  max_audio_frames=args.max_audio_frames, progress=not args.quiet)
+        print(result.summary())
+        print(describe_methods(result.metadata, result.report.methods))
+        if result.tokenizer_dir is not None:
+            print(f"tokenizer: {result.tokenizer_dir}")
+        print(result.times.table())
+        return 0
     result = build(_source(args), args.out, options, progress=not args.quiet)
     contract_ok = True
     if args.dry_run and hasattr(result.report, "check_contract"):  # the report prints the outcome
@@ -572,6 +586,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-speedups", action="store_true",
                    help="build without fxport's compile-time patches of ExecuTorch/torch/torchao internals "
                         "(the same program, ~4x slower)")
+    mm = p.add_argument_group("multimodal (a Gemma 4 checkpoint with a vision / audio config: the program runs in "
+                              "ExecuTorch's MultimodalRunner and in fxport run --image / --audio)")
+    mm.add_argument("--multimodal", action="store_true",
+                    help="write the multimodal program (token_embedding, text_decoder, vision_encoder, audio_encoder); "
+                         "the default for --hf DIR whose config.json has a vision or audio config")
+    mm.add_argument("--text-only", action="store_true",
+                    help="from a multimodal checkpoint, export the text decoder alone (the text program)")
+    mm.add_argument("--max-soft-tokens", type=_positive, default=280, metavar="N",
+                    help="image budget: images are resized to at most N soft tokens (default 280, transformers'); "
+                         "--max-prefill-chunk is raised to N + 2 (an image goes into one text_decoder call)")
+    mm.add_argument("--max-audio-frames", type=_positive, metavar="F",
+                    help="longest audio clip in 10 ms log-mel frames (default: the longest whose soft tokens fit "
+                         "--max-prefill-chunk)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_export)
 
