@@ -16,7 +16,7 @@ time is the steadier figure on a shared machine), next to a ``balanced`` decode 
 
 * ``int8 head``: what ``balanced`` runs (8da8w, XNNPACK ``QC8W``);
 * ``int4 g32 head`` / ``int4 per-channel head``: the cheap ranker alone (XNNPACK ``QB4W``);
-* ``shortlist kK``: int4 per-channel ranker + top-k (flat ``topk`` over 262144, or two-level:
+* ``shortlist kK``: int4 ranker (per-channel or g32) + top-k (flat ``topk`` over 262144, or two-level:
   block maxima, the top k blocks, ``topk`` inside them: the same indices) + k int8 rows
   dequantized, dotted with the activations and scattered;
 * ``topk kK``: ExecuTorch's portable top-k over 262144 logits alone.
@@ -88,10 +88,10 @@ def topk_two_level(scores: torch.Tensor, k: int, block: int = BLOCK) -> torch.Te
 class ShortlistHead(nn.Module):
     """cheap = int4 head(x); the top k of cheap rescored from the int8 table; scattered back."""
 
-    def __init__(self, w: torch.Tensor, k: int, two_level: bool):
+    def __init__(self, w: torch.Tensor, k: int, two_level: bool, group: int | None):
         super().__init__()
         self.k, self.two_level = k, two_level
-        self.cheap = int4_linear(w, None)
+        self.cheap = int4_linear(w, group)
         codes, scales = int8_table(w)
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
@@ -141,8 +141,11 @@ def speed(ks: list[int], rounds: int, threads: int) -> None:
              "int4 g32 head": lower(int4_linear(w, 32), x, OUT / "head_int4_g32.pte"),
              "int4 per-channel head": lower(int4_linear(w, None), x, OUT / "head_int4_pc.pte")}
     for k in ks:
-        progs[f"shortlist k{k}, flat topk"] = lower(ShortlistHead(w, k, False), x, OUT / f"shortlist_k{k}_flat.pte")
-        progs[f"shortlist k{k}, two-level topk"] = lower(ShortlistHead(w, k, True), x, OUT / f"shortlist_k{k}_two.pte")
+        for group, g in ((None, "per-channel"), (32, "g32")):
+            progs[f"shortlist k{k}, int4 {g}, two-level topk"] = lower(ShortlistHead(w, k, True, group), x,
+                                                                        OUT / f"shortlist_k{k}_{g}_two.pte")
+        progs[f"shortlist k{k}, int4 per-channel, flat topk"] = lower(ShortlistHead(w, k, False, None), x,
+                                                                       OUT / f"shortlist_k{k}_per-channel_flat.pte")
         progs[f"topk k{k} over {V}"] = lower(TopK(k), torch.randn(1, V), OUT / f"topk_k{k}.pte")
     set_num_threads(threads)
     torch.set_num_threads(1)
