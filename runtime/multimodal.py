@@ -1,25 +1,38 @@
-"""Multimodal prompts for :func:`fxport.runtime.generate.generate`: images (and audio) -> features
-merged by the program's ``prefill``.
+"""Multimodal prompts for :func:`fxport.runtime.generate.generate`: images and audio clips in a
+prompt, on either multimodal program layout.
 
-A multimodal backend adds to the text :class:`~fxport.runtime.generate.Backend` protocol:
+**ExecuTorch MultimodalRunner's layout** (``token_embedding`` / ``text_decoder`` /
+``vision_encoder`` / ``audio_encoder``; ``fxport.builder.multimodal``'s docstring states it):
+:class:`RunnerLayoutBackend` runs it the way the runner does. The prompt is prefilled segment by
+segment, each one ``text_decoder`` call at the running position: text in chunks of at most
+``get_max_seq_len`` tokens (``token_embedding`` first), each image's ``vision_encoder`` output
+(boi, soft tokens, eoi) whole, each clip's ``audio_encoder`` output (boa, soft tokens, eoa)
+whole; decoding is ``token_embedding`` of one token, then ``text_decoder``. Images are resized on
+the host (:func:`fxport.runtime.image.resize_image`), clips turned into their real log-mel frames
+(:func:`fxport.runtime.audio.prepare_audio`: a WAV path, a waveform or the extractor's output).
+
+**fxport's merged layout** (``image_encoder`` [/ ``audio_encoder``], ``prefill`` taking the
+feature rows of its chunk's placeholders, ``decode``): :class:`MultimodalPteBackend`, and
+:class:`MultimodalEagerBackend` for an eager ``Gemma4ForConditionalGeneration``:
 
     backend.multimodal               # dict: image_token_id, boi/eoi ids, patch_size,
                                      #   pooling_kernel_size, max_soft_tokens, bidirectional,
-                                     #   and (audio) audio_token_id, boa/eoa ids, max_audio_frames
+                                     #   and (audio) audio_token_id, boa/eoa ids, max_audio_frames, n_mels
     backend.encode_image(pixel_values (P, 3p^2), position_ids (P, 2)) -> (P / k^2, hidden)
     backend.encode_audio(features (1, T, M), mask (1, T)) -> ((1, T', hidden), (1, T'))   # optional
     backend.prefill(tokens, input_pos, image_features=None, audio_features=None)
 
-Backends: :class:`MultimodalEagerBackend` (an eager ``Gemma4ForConditionalGeneration``) and
-:class:`MultimodalPteBackend` (a ``.pte`` with an ``image_encoder`` method, as
-``fxport.builder.multimodal.export_multimodal_pte`` writes it).
-
 Prompt layout (as the HF processor): each image becomes ``boi + image_token * n + eoi`` (n = its
-soft tokens), each clip ``boa + audio_token * n + eoa``. Where the prompt ids already hold one
-``image_token_id`` per image, each is expanded in place; otherwise all images go right after
-BOS (or first), then the audio clips, then the prompt. Prefill chunks never split a run of
-placeholders when the program attends bidirectionally inside images (a run longer than the
-chunk is an error then); each chunk gets the feature rows of its own placeholders.
+soft tokens), each clip ``boa + audio_token * n + eoa``. Where the prompt ids hold one
+``image_token_id`` per image (one ``audio_token_id`` per clip), each is expanded in place (the
+chat template's ``<|image|>`` / ``<|audio|>``, a user's ``<image>`` / ``<audio>`` marker);
+otherwise the images go right after BOS, then the clips. In the merged layout, prefill chunks
+never split a run of image placeholders when the program attends bidirectionally inside images.
+
+Text prompts: :func:`prompt_ids` (``fxport run --prompt``: Gemma's chat format when asked or
+when the tokenizer came with a chat template, markers), :func:`stock_segments` (the same prompt
+as ExecuTorch ``MultimodalRunner`` segments), :func:`chat_text`; :func:`bench_multimodal` times a
+program on real inputs (``fxport bench --image / --audio``).
 """
 
 from __future__ import annotations
