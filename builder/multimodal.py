@@ -255,14 +255,15 @@ def build_multimodal(source, out, options=None, *, max_soft_tokens: int = 280, m
     from fxport.builder import validate as validate_build
 
     options = options or BuildOptions()
+    if source.preset is not None or source.gguf is not None:
+        raise BuildError(f"a multimodal program is built from --hf DIR (a Gemma 4 checkpoint with a vision / audio "
+                         f"config), not from {source.describe()}; drop --multimodal")
     refused = [name for name, on in (("--backend " + options.backend, options.backend != "xnnpack"),
                                      ("--quant", bool(options.quant)), ("--verify-method", options.verify),
-                                     ("--dry-run", options.dry_run), ("--layers", bool(source.layers)),
-                                     ("--preset", source.preset is not None), ("--gguf", source.gguf is not None))
-               if on]
+                                     ("--dry-run", options.dry_run), ("--layers", bool(source.layers))) if on]
     if refused:
-        raise BuildError(f"a multimodal program is built for XNNPACK in float32 from --hf DIR: {', '.join(refused)} "
-                         "not supported with it (pass --text-only for the text decoder alone)")
+        raise BuildError(f"a multimodal program is built for XNNPACK in float32: {', '.join(refused)} is not "
+                         "supported with it; drop it, or pass --text-only for the text decoder alone")
     if source.hf is not None and not is_multimodal_checkpoint(source.hf):
         raise BuildError(f"{source.hf} has no vision or audio config (not a Gemma 4 multimodal checkpoint); "
                          "drop --multimodal to export its text decoder")

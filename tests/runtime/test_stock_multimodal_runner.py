@@ -6,9 +6,9 @@ Two tiny random Gemma 4 models with a vision tower (patch 2, pooling 2):
   * "31b-like": no PLE, k_eq_v global layers with their own KV head count, bidirectional
     attention inside an image (``use_bidirectional_attention="vision"``), no audio tower (as the
     26B / 31B checkpoints; the wrapper refuses audio for it).
-The e-model is saved as a transformers checkpoint directory and built from it by
-:func:`fxport.builder.multimodal.build_multimodal` (what ``fxport export --hf DIR`` runs: program,
-weights and tokenizer folder published together); the 31b-like by
+The e-model is saved as a transformers checkpoint directory and built from it by ``fxport export
+--hf DIR`` (:func:`fxport.builder.multimodal.build_multimodal`: program, weights and tokenizer
+folder published together; it prints the methods it wrote); the 31b-like by
 :func:`~fxport.builder.multimodal.export_runner_multimodal_pte` from the eager model. Both are in the
 runner layout (token_embedding / text_decoder / vision_encoder / audio_encoder, XNNPACK) and run by
 the runner in one fresh process on [tokens, image, text] and [tokens, audio, text]
@@ -24,6 +24,9 @@ positions) pass the ring, so the ring caches wrap.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import itertools
 import json
 import subprocess
 import sys
@@ -33,8 +36,8 @@ import torch
 from transformers import Gemma4TextConfig
 
 from fxport import contract
-from fxport.builder import BuildOptions, Source
-from fxport.builder.multimodal import build_multimodal, export_runner_multimodal_pte
+from fxport.builder.multimodal import export_runner_multimodal_pte
+from fxport.cli import main
 from fxport.runtime.generate import generate
 from fxport.runtime.multimodal import MultimodalEagerBackend
 from fxport.tests.models.multimodal_helpers import (
@@ -138,13 +141,19 @@ def _build(name: str, d) -> dict:
     hf_cfg = hf_multimodal_config(text, hf_vision_config(pooling=2), audio=audio_hf_config() if spec["audio"] else None)
     hf, ours = pair(hf_cfg, seed=spec["seed"], max_seq_len=POSITIONS)
     tokenizer = tiny_tokenizer(VOCAB)
-    if spec["via"] == "checkpoint":  # what `fxport export --hf DIR` does: transformers' files in, program + tokenizer out
+    printed = ""
+    if spec["via"] == "checkpoint":  # `fxport export --hf DIR`: transformers' files in, program + tokenizer out
         hf.save_pretrained(d / "ckpt")
         tokenizer.save(d / "ckpt" / "tokenizer.json")
-        result = build_multimodal(Source(hf=d / "ckpt"), d / "mm.pte",
-                                  BuildOptions(max_seq_len=POSITIONS, max_prefill_chunk=CHUNK),
-                                  max_soft_tokens=SOFT, max_audio_frames=FRAMES)
-        methods = list(result.report.methods)
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = main(["export", "--hf", str(d / "ckpt"), "--out", str(d / "mm.pte"), "--max-seq-len", str(POSITIONS),
+                       "--max-prefill-chunk", str(CHUNK), "--max-soft-tokens", str(SOFT),
+                       "--max-audio-frames", str(FRAMES), "--quiet"])
+        assert rc == 0, buf.getvalue()
+        printed = buf.getvalue()
+        listed = printed.split("methods (ExecuTorch MultimodalRunner layout):\n")[1].splitlines()
+        methods = [line.split(":")[0].strip() for line in itertools.takewhile(lambda x: x.startswith("  "), listed)]
     else:
         lowered = export_runner_multimodal_pte(ours, d / "mm.pte", max_prefill_chunk=CHUNK, max_soft_tokens=SOFT)
         methods = lowered.methods
@@ -154,7 +163,8 @@ def _build(name: str, d) -> dict:
     torch.save((image, clip), d / "inputs.pt")
     args = {"pte": str(d / "mm.pte"), "tokenizer": str(d / "mm.tokenizer" / "tokenizer.json"),
             "inputs": str(d / "inputs.pt"), "pre": PRE, "post": POST, "new": NEW}
-    return dict(name=name, hf=hf, ours=ours, methods=methods, tokenizer=tokenizer, image=image, clip=clip, args=args)
+    return dict(name=name, hf=hf, ours=ours, methods=methods, tokenizer=tokenizer, image=image, clip=clip, args=args,
+                printed=printed)
 
 
 @pytest.fixture(scope="module")
@@ -245,3 +255,24 @@ def test_image_not_in_whole_cells(case):
         "image of 14x12 pixels: the vision_encoder takes sides that are multiples of 4 pixels, 2 to 16 cells each; "
         "resize it with fxport.runtime.image.target_size (pass a path or PIL image and it is done for you)")
     assert case["runner"]["padded_image"] == case["runner"]["image"]["pieces"]
+
+
+def test_export_prints_the_methods(built):
+    printed = built["e-model"]["printed"]
+    assert ("methods (ExecuTorch MultimodalRunner layout):\n"
+            "  token_embedding: tokens int64 (1, T<=20) -> (1, T, 41) embedding columns\n"
+            "  text_decoder: (1, T<=20, 41) + cache_position (T,) -> logits (1, 1, 96)\n"
+            "  vision_encoder: image uint8 (3, H, W), H and W multiples of 4 px up to 16 cells (resize to <= 16 soft "
+            "tokens) -> (1, cells + 2, 41)\n"
+            "  audio_encoder: log-mel float32 (1, F, n_mels), F <= 40 frames -> (1, ceil(F / 4) + 2, 41)\n") in printed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "tiny", "--multimodal"], "a multimodal program is built from --hf DIR (a Gemma 4 checkpoint with a "
+     "vision / audio config), not from preset tiny; drop --multimodal"),
+    (["--preset", "tiny", "--multimodal", "--text-only"], "--multimodal and --text-only exclude each other; give one"),
+])
+def test_export_refusals(argv, message, tmp_path, capsys):
+    assert main(["export", *argv, "--out", str(tmp_path / "x.pte")]) == 2
+    assert capsys.readouterr().err.strip().endswith(message)
+    assert not (tmp_path / "x.pte").exists()
