@@ -365,3 +365,17 @@ def test_layers_inside_the_kv_shared_tail_are_refused_with_the_smallest_that_fit
         assert str(err.value) == (f"--layers {layers}: preset 'tiny' shares the KV caches of its last 2 layers with "
                                   "earlier layers of their type; pass --layers 5 / 6")
     check_source(Source(preset="tiny", layers=5))
+
+
+@pytest.mark.parametrize("argv, on", [([], True), (["--no-speedups"], False)])
+def test_fxport_export_no_speedups_switches_them_off(argv, on, tmp_path, monkeypatch):
+    seen = []
+
+    def stop(source, out, options, **kwargs):
+        seen.append(options.speedups)
+        raise BuildError("stopped before any work")
+
+    monkeypatch.setattr(builder, "build", stop)
+    assert main(["export", "--preset", "tiny-gemma3", "--out", str(tmp_path / "m.pte"), *argv]) == 2
+    assert seen == [on]
+    assert BuildOptions().speedups is True and "speedups" not in BuildOptions(speedups=False).key()
