@@ -623,8 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true",
                    help="show the ExecuTorch runtime's log lines (hidden by default; FXPORT_VERBOSE=1 too)")
     p.add_argument("--image", action="append", type=Path, metavar="FILE",
-                   help="an image for a multimodal program (repeatable; placed after BOS unless the prompt "
-                        "holds one image token per image)")
+                   help="an image for a multimodal program (repeatable; placed where the prompt says <image>, "
+                        "else after BOS; with --chat: before the text)")
     p.add_argument("--max-soft-tokens", type=_positive, metavar="N",
                    help="soft tokens per image (default: the program's maximum, 280 for a default export)")
     p.add_argument("--audio", action="append", type=Path, metavar="FILE.wav",
