@@ -30,6 +30,12 @@ tokenizer
 
 Programs written before this contract (constant method ``get_max_prefill_chunk``, no
 ``get_max_context_len``) are refused with :data:`REEXPORT_HINT`.
+
+Multimodal programs follow ExecuTorch's ``MultimodalRunner`` (``multimodal_prefiller.cpp``,
+``multimodal_decoder_runner.h``): methods :data:`TOKEN_EMBEDDING`, :data:`TEXT_DECODER`,
+:data:`VISION_ENCODER`, :data:`AUDIO_ENCODER`, the same constant methods, and fxport's
+:data:`MULTIMODAL_CONSTANTS`; the layout (embedding columns, shapes) is stated in
+``fxport.builder.multimodal``; :func:`multimodal_problems` checks it.
 """
 
 from __future__ import annotations
@@ -154,6 +160,8 @@ def contract_problems(method_names: Iterable[str], constants: Mapping[str, Any],
         or ExecuTorch's ScalarType number, as ``MethodMeta`` reports it).
     """
     names = set(method_names)
+    if TEXT_DECODER in names or TOKEN_EMBEDDING in names:
+        return multimodal_problems(names, constants, inputs, outputs)
     problems = []
     main = text_method(names)
     if main is None:
@@ -187,4 +195,33 @@ def contract_problems(method_names: Iterable[str], constants: Mapping[str, Any],
     context = constants.get(MAX_CONTEXT_LEN)
     if context is not None and chunk is not None and int(context) < int(chunk):
         problems.append(f"{MAX_CONTEXT_LEN} = {context} is below {MAX_SEQ_LEN} = {chunk}")
+    return problems
+
+
+def multimodal_problems(method_names: Iterable[str], constants: Mapping[str, Any],
+                        inputs: Mapping[str, Sequence[tuple[torch.dtype, Sequence[int]]]],
+                        outputs: Mapping[str, Sequence[tuple[torch.dtype, Sequence[int]]]] | None = None) -> list[str]:
+    """What keeps ExecuTorch's stock ``MultimodalRunner`` from running a program; ``[]`` when
+    nothing does (``multimodal_prefiller.cpp`` / ``multimodal_decoder_runner.h``: token_embedding
+    of (1, T) int64 ids, text_decoder of (embeddings, cache_position), one tensor per encoder).
+    Methods missing from ``inputs`` are checked by name only."""
+    names = set(method_names)
+    problems = [f"method {m} is missing (the runner loads it)" for m in (TOKEN_EMBEDDING, TEXT_DECODER) if m not in names]
+    problems += [f"constant method {key} is missing" for key in (MAX_SEQ_LEN, MAX_CONTEXT_LEN) if key not in names]
+    dtype = lambda d: _FROM_SCALAR_TYPE.get(d, d)  # noqa: E731
+    if TOKEN_EMBEDDING in inputs:
+        ins = list(inputs[TOKEN_EMBEDDING])
+        if len(ins) != 1 or dtype(ins[0][0]) != torch.long or len(ins[0][1]) != 2 or ins[0][1][0] != 1:
+            problems.append(f"{TOKEN_EMBEDDING} takes {[(str(dtype(d)), tuple(z)) for d, z in ins]}; the runner passes "
+                            "one int64 (1, T) token tensor")
+    if TEXT_DECODER in inputs:
+        ins = list(inputs[TEXT_DECODER])
+        if len(ins) != 2 or len(ins[0][1]) != 3 or dtype(ins[1][0]) != torch.long or len(ins[1][1]) != 1:
+            problems.append(f"{TEXT_DECODER} takes {[(str(dtype(d)), tuple(z)) for d, z in ins]}; the runner passes "
+                            "(embeddings (1, T, E), cache_position int64 (T,))")
+        if outputs is not None and TEXT_DECODER in outputs and len(outputs[TEXT_DECODER]) != 1:
+            problems.append(f"{TEXT_DECODER} returns {len(outputs[TEXT_DECODER])} outputs; the runner reads exactly 1 (logits)")
+    for method in (VISION_ENCODER, AUDIO_ENCODER):
+        if method in inputs and len(list(inputs[method])) != 1:
+            problems.append(f"{method} takes {len(list(inputs[method]))} inputs; the runner passes exactly 1")
     return problems

@@ -98,8 +98,9 @@ class StockMultimodalRunner:
                                    "the runner layout; re-export it with `fxport export` (a multimodal checkpoint)")
 
     def segments(self, prompt: Sequence[Any]) -> list:
-        """The runner's inputs for ``prompt``: ``str`` -> ``make_text_input``, :class:`Tokens` ->
-        ``make_token_input``, ``("image", x)`` -> ``make_image_input`` (x: a path, PIL image or uint8
+        """The runner's inputs for ``prompt``: ``str`` -> ``make_text_input`` (keep it within
+        ``get_max_seq_len`` tokens), :class:`Tokens` -> ``make_token_input`` per ``get_max_seq_len``
+        ids (each segment is one text_decoder call: a chunked prefill), ``("image", x)`` -> ``make_image_input`` (x: a path, PIL image or uint8
         tensor; see :func:`image_segment`), ``("audio", features)`` -> ``make_audio_input``
         (float32 (1, F, n_mels) or (F, n_mels) log-mel frames, the real ones only)."""
         from executorch.extension.llm.runner import make_audio_input, make_image_input, make_text_input, make_token_input
@@ -107,9 +108,11 @@ class StockMultimodalRunner:
         from fxport import contract
 
         out = []
+        chunk = int(self.constants[contract.MAX_SEQ_LEN])
         for seg in prompt:
-            if isinstance(seg, Tokens):
-                out.append(make_token_input([int(t) for t in seg]))
+            if isinstance(seg, Tokens):  # the runner puts a segment in one text_decoder call: split at its bound
+                ids = [int(t) for t in seg]
+                out += [make_token_input(ids[i:i + chunk]) for i in range(0, len(ids), chunk)]
             elif isinstance(seg, str):
                 out.append(make_text_input(seg))
             elif isinstance(seg, tuple) and len(seg) == 2 and seg[0] == "image":

@@ -62,6 +62,7 @@ CHUNK, SOFT, FRAMES, POSITIONS, NEW = 20, 16, 40, 64, 12
 IMAGE_HW = (16, 12)  # pixels: 4 x 3 cells of 4 px -> 12 soft tokens (transformers' resize keeps this size)
 CLIP_FRAMES = 17  # -> ceil(ceil(17 / 2) / 2) = 5 soft tokens
 PRE = [2, 5, 9]  # BOS + two ids, given as make_token_input
+LONG = [2] + [(7 * i) % 80 + 5 for i in range(26)]  # 27 ids: two text_decoder calls (20 + 7)
 POST = "dab"  # make_text_input: the runner's tokenizer encodes it (no BOS: not the first segment)
 
 
@@ -120,6 +121,8 @@ for name, args in json.loads(sys.argv[1]).items():
     runner._runner.generate([make_token_input(args["pre"]), make_image_input(big), make_text_input(args["post"])],
                             GenerationConfig(echo=False, max_new_tokens=args["new"], temperature=0.0), pieces.append)
     out["padded_image"] = pieces
+    g = runner.generate([Tokens(args["long"])], args["new"])  # more ids than one text_decoder call takes
+    out["long"] = {"pieces": g.pieces, "prompt_tokens": g.prompt_tokens}
 print("RESULT " + json.dumps(results))
 """
 
@@ -162,7 +165,7 @@ def _build(name: str, d) -> dict:
     image, clip = _image(spec["seed"]), _clip(spec["seed"])
     torch.save((image, clip), d / "inputs.pt")
     args = {"pte": str(d / "mm.pte"), "tokenizer": str(d / "mm.tokenizer" / "tokenizer.json"),
-            "inputs": str(d / "inputs.pt"), "pre": PRE, "post": POST, "new": NEW}
+            "inputs": str(d / "inputs.pt"), "pre": PRE, "post": POST, "new": NEW, "long": LONG}
     return dict(name=name, hf=hf, ours=ours, methods=methods, tokenizer=tokenizer, image=image, clip=clip, args=args,
                 printed=printed)
 
@@ -276,3 +279,12 @@ def test_export_refusals(argv, message, tmp_path, capsys):
     assert main(["export", *argv, "--out", str(tmp_path / "x.pte")]) == 2
     assert capsys.readouterr().err.strip().endswith(message)
     assert not (tmp_path / "x.pte").exists()
+
+
+def test_text_longer_than_one_call_is_a_chunked_prefill(case):
+    """Token ids past ``get_max_seq_len`` go in as several segments (one call each): the runner's
+    tokens equal fxport's eager greedy tokens on the same ids."""
+    eager = generate(MultimodalEagerBackend(case["ours"], max_soft_tokens=SOFT, max_audio_frames=FRAMES), None, LONG, NEW)
+    assert case["runner"]["long"]["prompt_tokens"] == len(LONG) > CHUNK
+    assert _runner_ids(case, "long") == eager.tokens[: len(case["runner"]["long"]["pieces"])]
+    assert len(case["runner"]["long"]["pieces"]) == len(eager.tokens)
