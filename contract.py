@@ -220,7 +220,8 @@ def multimodal_problems(method_names: Iterable[str], constants: Mapping[str, Any
             problems.append(f"{TEXT_DECODER} takes {[(str(dtype(d)), tuple(z)) for d, z in ins]}; the runner passes "
                             "(embeddings (1, T, E), cache_position int64 (T,))")
         if outputs is not None and TEXT_DECODER in outputs and len(outputs[TEXT_DECODER]) != 1:
-            problems.append(f"{TEXT_DECODER} returns {len(outputs[TEXT_DECODER])} outputs; the runner reads exactly 1 (logits)")
+            problems.append(f"{TEXT_DECODER} returns {len(outputs[TEXT_DECODER])} outputs; "
+                            "the runner reads exactly 1 (logits)")
     for method in (VISION_ENCODER, AUDIO_ENCODER):
         if method in inputs and len(list(inputs[method])) != 1:
             problems.append(f"{method} takes {len(list(inputs[method]))} inputs; the runner passes exactly 1")

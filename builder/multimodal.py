@@ -313,7 +313,8 @@ def describe_methods(metadata: dict, methods) -> str:
     c = metadata
     E, C = c[contract.EMBEDDING_DIM], c[contract.MAX_SEQ_LEN]
     lines = [f"{contract.TOKEN_EMBEDDING}: tokens int64 (1, T<={C}) -> (1, T, {E}) embedding columns",
-             f"{contract.TEXT_DECODER}: (1, T<={C}, {E}) + cache_position (T,) -> logits (1, 1, {c.get(contract.VOCAB_SIZE)})"]
+             f"{contract.TEXT_DECODER}: (1, T<={C}, {E}) + cache_position (T,) -> "
+             f"logits (1, 1, {c.get(contract.VOCAB_SIZE)})"]
     if contract.VISION_ENCODER in methods:
         side = c[contract.PATCH_SIZE] * c[contract.POOLING_KERNEL_SIZE]
         lines.append(f"{contract.VISION_ENCODER}: image uint8 (3, H, W), H and W multiples of {side} px up to "

@@ -85,7 +85,8 @@ class StockMultimodalRunner:
             try:
                 program = Runtime.get().load_program(str(pte))
                 names = set(program.method_names)
-                self.constants = {name: _constant(program, name) for name in names if name.startswith(("get_", "use_", "enable_"))}
+                self.constants = {name: _constant(program, name) for name in names
+                                  if name.startswith(("get_", "use_", "enable_"))}
                 self.methods = sorted(n for n in names if n not in self.constants)
                 self._runner = MultimodalRunner(str(pte), str(tokenizer), None if data is None else str(data))
             except Exception as exc:  # the bindings raise RuntimeError with the runner's status
@@ -100,8 +101,8 @@ class StockMultimodalRunner:
     def segments(self, prompt: Sequence[Any]) -> list:
         """The runner's inputs for ``prompt``: ``str`` -> ``make_text_input`` (keep it within
         ``get_max_seq_len`` tokens), :class:`Tokens` -> ``make_token_input`` per ``get_max_seq_len``
-        ids (each segment is one text_decoder call: a chunked prefill), ``("image", x)`` -> ``make_image_input`` (x: a path, PIL image or uint8
-        tensor; see :func:`image_segment`), ``("audio", features)`` -> ``make_audio_input``
+        ids (each segment is one text_decoder call: a chunked prefill), ``("image", x)`` ->
+        ``make_image_input`` (x: a path, PIL image or uint8 tensor; see :func:`image_segment`), ``("audio", features)`` -> ``make_audio_input``
         (float32 (1, F, n_mels) or (F, n_mels) log-mel frames, the real ones only)."""
         from executorch.extension.llm.runner import make_audio_input, make_image_input, make_text_input, make_token_input
 
@@ -152,7 +153,8 @@ class StockMultimodalRunner:
                                    "(pass a path or PIL image and it is done for you)")
         if (h // side) * (w // side) + 2 > c[contract.MAX_SEQ_LEN]:
             raise StockRunnerError(f"image of {h}x{w} pixels gives {(h // side) * (w // side)} soft tokens + boi/eoi, "
-                                   f"more than the {c[contract.MAX_SEQ_LEN]} rows one text_decoder call takes; resize it smaller")
+                                   f"more than the {c[contract.MAX_SEQ_LEN]} rows one text_decoder call takes; "
+                                   "resize it smaller")
 
     def _check_audio(self, feats: torch.Tensor) -> None:
         from fxport import contract

@@ -46,15 +46,14 @@ import torch.nn as nn
 from torch import Tensor
 from torch.export import Dim, ExportedProgram
 
+from fxport import contract  # the method and constant names, spelled once
+
 from .audio import audio_output_length
 from .model import _cast, _f32
 
-# The method names are contract.py's; repeated here would be a second spelling.
-from fxport import contract
 
-
-# Pooled cells per image side the vision_encoder accepts by default: transformers' resize to 280
-# soft tokens gives up to 32 x 8 cells (aspect ratios to ~3.5 : 1). ExecuTorch plans the memory
+# Pooled cells per image side the vision_encoder accepts by default: with transformers' resize to
+# 280 soft tokens, images up to about 3.5 : 1 (31 x 8 cells) fit. ExecuTorch plans the memory
 # of every tensor outside XNNPACK at its upper bound (h_max * w_max cells; the uint8 image alone is
 # 3 * (48 * 33)^2 bytes at 32), so the bound is a memory cost, not only a limit.
 DEFAULT_MAX_IMAGE_CELLS = 32
@@ -119,7 +118,6 @@ class TextDecoder(_Columns):
 
     def forward(self, embeddings: Tensor, cache_position: Tensor) -> Tensor:
         cfg = self.model.config.text
-        B, T, _ = embeddings.shape
         embeds = embeddings[..., : self.H]
         ident = embeddings[..., self.H: self.H + self.PL] if self.PL else None
         vision = embeddings[..., -1] > 0.5  # (1, T)
@@ -137,8 +135,8 @@ class VisionEncoder(_Columns):
 
     In the graph, as transformers' image processor after its resize: ``/ 255`` (rescale; Gemma 4
     does not normalize), patches row-major each flattened (row, column, channel), (column, row)
-    position ids; then the vision tower, ``embed_vision``. H and W must be multiples of p * k
-    (the resize :func:`fxport.runtime.image.target_size` gives them)."""
+    position ids; then the vision tower, ``embed_vision``. Pixels past the last whole p * k cell
+    are dropped (the resize :func:`fxport.runtime.image.target_size` gives whole cells)."""
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -248,7 +246,8 @@ def export_runner_methods(model: nn.Module, max_prefill_chunk: int, *, max_soft_
                              "raise max_prefill_chunk or lower max_soft_tokens")
         cells = int(max_image_cells or min(max_soft_tokens, DEFAULT_MAX_IMAGE_CELLS))
         if cells < 2:
-            raise ValueError(f"export_runner_methods: max_image_cells={cells} must be >= 2 (an image of one cell on a side is refused: a size-1 dimension traces apart)")
+            raise ValueError(f"export_runner_methods: max_image_cells={cells} must be >= 2 (one cell on a side "
+                             "would be a size-1 dimension, which traces as another graph)")
         # any size from 2 cells up to max_image_cells + 1 cells - 1 pixel a side (1 cell would trace apart);
         # guards like Eq(Mod(H, s), ...) hold for every size but are checked at run time instead of refused
         h = Dim("height", min=2 * side, max=(cells + 1) * side - 1)
