@@ -107,7 +107,7 @@ def test_a_full_disk_while_the_ptd_is_written_exits_2_naming_it(capfd, tmp_path,
     from fxport.lowering import xnnpack
 
     monkeypatch.setattr(builder, "export_programs", lambda model, options, methods: {})  # no export, no passes:
-    monkeypatch.setattr(xnnpack, "run_passes", lambda model, programs, options: ({}, {}))  # only the save matters
+    monkeypatch.setattr(xnnpack, "run_passes", lambda programs, options, windows: ({}, {}))  # only the save matters
 
     def full(folder):
         raise OSError(errno.ENOSPC, "No space left on device")
