@@ -16,8 +16,8 @@ XNNPACK reports operator times in whole microseconds: operators under 1 µs show
 the step time with ``bench/e2e_cpu.py``'s decode figure (which runs without the profiler).
 
 Then, without the profiler, where a step of fxport's Python loop goes outside the method
-(``--loop-rounds``, 0 skips it): blocks of decode steps interleaved A B C A B C after a
-128-token prefill, medians per step:
+(``--loop-rounds``, 0 skips it): blocks of decode steps interleaved A B C, B C A, C A B ..
+after a 128-token prefill, medians per step:
 
 * the method call alone (``Method.execute``: the bindings' input conversion and logits copy);
 * ``PteBackend.decode`` + greedy sampling inside ``step_context()``: the generate loop now;
@@ -125,7 +125,9 @@ def loop_breakdown(pte: Path, threads: int, rounds: int, block: int = 16) -> str
     for rnd in range(rounds + 1):  # round 0: warm-up
         backend.prefill(prompt, torch.arange(128))
         pos = 128
-        for name, step in loops.items():
+        names = list(loops)
+        for name in names[rnd % 3:] + names[:rnd % 3]:  # the order rotates: no loop always follows another
+            step = loops[name]
             for i in range(block):
                 tok, p = torch.tensor([[100 + pos]]), torch.tensor([pos])
                 t0 = time.perf_counter()
