@@ -321,6 +321,8 @@ def describe_methods(metadata: dict, methods) -> str:
                      f"{c[contract.MAX_IMAGE_CELLS]} cells (resize to <= {c[contract.MAX_SOFT_TOKENS]} soft tokens) "
                      f"-> (1, cells + 2, {E})")
     if contract.AUDIO_ENCODER in methods:
-        lines.append(f"{contract.AUDIO_ENCODER}: log-mel float32 (1, F, n_mels), F <= {c[contract.MAX_AUDIO_FRAMES]} "
-                     f"frames -> (1, ceil(F / 4) + 2, {E})")
+        from fxport.models.gemma4.runner_methods import MIN_AUDIO_FRAMES
+
+        lines.append(f"{contract.AUDIO_ENCODER}: log-mel float32 (1, F, n_mels), F in [{MIN_AUDIO_FRAMES}, "
+                     f"{c[contract.MAX_AUDIO_FRAMES]}] real frames -> (1, ceil(F / 4) + 2, {E})")
     return "\n".join(["methods (ExecuTorch MultimodalRunner layout):"] + ["  " + line for line in lines])

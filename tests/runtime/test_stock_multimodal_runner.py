@@ -267,7 +267,8 @@ def test_export_prints_the_methods(built):
             "  text_decoder: (1, T<=20, 41) + cache_position (T,) -> logits (1, 1, 96)\n"
             "  vision_encoder: image uint8 (3, H, W), H and W multiples of 4 px up to 16 cells (resize to <= 16 soft "
             "tokens) -> (1, cells + 2, 41)\n"
-            "  audio_encoder: log-mel float32 (1, F, n_mels), F <= 40 frames -> (1, ceil(F / 4) + 2, 41)\n") in printed
+            "  audio_encoder: log-mel float32 (1, F, n_mels), F in [5, 40] real frames -> (1, ceil(F / 4) + 2, 41)\n"
+            ) in printed
 
 
 @pytest.mark.parametrize("argv, message", [
