@@ -15,6 +15,7 @@ from fxport.runtime.samplers import (
     gumbel_max_sample,
     top_k_filter,
     top_p_filter,
+    top_p_filter_fast,
 )
 
 
@@ -165,3 +166,15 @@ def test_gumbel_noise_is_standard_gumbel():
     g = gumbel_noise(torch.rand(500_000, generator=torch.Generator().manual_seed(0)).double())
     assert abs(float(g.mean()) - 0.5772156649) < 0.01
     assert abs(float(g.var()) - math.pi**2 / 6) < 0.02
+
+
+@given(seed=st.integers(0, 10_000), p=st.floats(0.05, 1.0), candidates=st.sampled_from([1, 4, 16, 1000]),
+       scale=st.sampled_from([0.5, 3.0, 12.0]))
+@settings(max_examples=40, deadline=None)
+def test_top_p_filter_fast_keeps_the_same_set(seed, p, candidates, scale):
+    """The candidate prefilter keeps exactly top_p_filter's set, whether the candidates hold the
+    nucleus (peaked logits) or the row falls back to the full sort (flat logits, few candidates)."""
+    x = _logits(seed) * scale  # (3, V)
+    fast = top_p_filter_fast(x, p, candidates=candidates)
+    assert torch.equal(torch.isfinite(fast), torch.isfinite(top_p_filter(x, p)))
+    assert torch.equal(fast[torch.isfinite(fast)], x[torch.isfinite(fast)])  # kept logits unchanged
