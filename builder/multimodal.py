@@ -128,16 +128,21 @@ def export_multimodal_pte(model: torch.nn.Module, out, *, max_prefill_chunk: int
         raise ValueError(f"export_multimodal_pte: {type(model).__name__} has no vision or audio tower (a text-only "
                          "model); export it with fxport.builder.build (fxport export), or pass a "
                          "Gemma4ForConditionalGeneration built from a config with a vision or audio part")
+    from fxport.builder import speedups as fast_paths
+
     stage = on_stage or (lambda name: None)
-    stage("export")
-    with torch.no_grad():
-        programs = export_multimodal_methods(model, max_prefill_chunk, max_soft_tokens=max_soft_tokens,
-                                             max_audio_frames=max_audio_frames)
-    stage("passes")
-    programs, _ = rewrite_multimodal_programs(model, programs, max_prefill_chunk, ring_size, dump)
-    stage("lower")
-    meta = multimodal_metadata(model, max_prefill_chunk, max_soft_tokens, max_audio_frames)
-    lowered = lower_to_xnnpack(programs, constant_methods=meta, on_stage=on_stage)
+    with fast_paths.enabled(True) as fast, fast.fake_propagation():  # the builder's speedups (same bytes)
+        stage("export")
+        with torch.no_grad():
+            programs = export_multimodal_methods(model, max_prefill_chunk, max_soft_tokens=max_soft_tokens,
+                                                 max_audio_frames=max_audio_frames)
+        with fast.codegen():
+            stage("passes")
+            programs, _ = rewrite_multimodal_programs(model, programs, max_prefill_chunk, ring_size, dump)
+            stage("lower")
+            meta = multimodal_metadata(model, max_prefill_chunk, max_soft_tokens, max_audio_frames)
+            with fast.lowering():
+                lowered = lower_to_xnnpack(programs, constant_methods=meta, on_stage=on_stage)
     stage("save")
     lowered.save(out)
     return lowered

@@ -44,7 +44,8 @@ import torch
 from torch.export import Dim
 
 from fxport import contract
-from fxport.lowering.xnnpack import apply_method_passes, cpu_passes, lower_to_xnnpack
+from fxport.lowering.xnnpack import apply_method_passes, cpu_passes
+from fxport.tests.lowering.helpers import lower_fast
 from fxport.tests.runtime.stock_runner_helpers import runner_in_fresh_process, tiny_tokenizer
 
 pytest.importorskip("executorch")
@@ -91,7 +92,7 @@ def lower_both(tmp: Path, export, passes: list, metadata: dict) -> dict:
     programs, results = apply_method_passes({"forward": export()}, {"forward": passes}, dump=False)
     out = {"results": results["forward"], "tokenizer": tmp / "tokenizer.json", "reports": {}, "metadata": metadata}
     for name, progs in ((PASSES, programs), (PLAIN, {"forward": export()})):
-        lowered = lower_to_xnnpack(progs, constant_methods=metadata)
+        lowered = lower_fast(progs, constant_methods=metadata)
         out[name], out["reports"][name] = tmp / f"{name}.pte", lowered.report
         out[name].write_bytes(lowered.buffer)
     return out

@@ -15,7 +15,7 @@ import types
 import pytest
 import torch
 
-from fxport.lowering.xnnpack import lower_to_xnnpack
+from fxport.tests.lowering.helpers import lower_fast
 from fxport.builder.multimodal import rewrite_multimodal_programs
 from fxport.models.gemma4.export import export_methods, multimodal_metadata
 from fxport.runtime.generate import generate
@@ -35,7 +35,7 @@ def built(tmp_path_factory):
     with torch.no_grad():
         raw = export_methods(model, max_prefill_chunk=CHUNK, multimodal=True, max_audio_frames=FRAMES)
         programs, _ = rewrite_multimodal_programs(model, raw, CHUNK)
-        lowered = lower_to_xnnpack(programs, constant_methods=multimodal_metadata(model, CHUNK, 4, FRAMES))
+        lowered = lower_fast(programs, constant_methods=multimodal_metadata(model, CHUNK, 4, FRAMES))
     path = lowered.save(tmp_path_factory.mktemp("audio") / "tiny-audio.pte")
     return dict(model=model, programs=programs, lowered=lowered, path=path)
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from fxport.cli import main
-from fxport.lowering.xnnpack import lower_to_xnnpack
+from fxport.tests.lowering.helpers import lower_fast
 from fxport.lowering.xnnpack import apply_method_passes
 from fxport.builder.multimodal import multimodal_passes, rewrite_multimodal_programs
 from fxport.models.gemma4.export import export_methods, multimodal_metadata
@@ -52,7 +52,7 @@ def built(tmp_path_factory):
         raw = export_methods(ours, max_prefill_chunk=CHUNK, multimodal=True, max_soft_tokens=SOFT,
                              max_audio_frames=FRAMES)
         programs, results = rewrite_multimodal_programs(ours, raw, CHUNK)
-        lowered = lower_to_xnnpack(programs, constant_methods=multimodal_metadata(ours, CHUNK, SOFT, FRAMES))
+        lowered = lower_fast(programs, constant_methods=multimodal_metadata(ours, CHUNK, SOFT, FRAMES))
     path = lowered.save(tmp_path_factory.mktemp("mm") / "tiny-mm.pte")
     return dict(model=ours, raw=raw, programs=programs, results=results, lowered=lowered, path=path,
                 audio_config=hf.config.audio_config)

@@ -88,7 +88,7 @@ def test_runner_generates_fxport_tokens(program, runner_out, index, prompt):
 
 def test_program_from_before_the_contract_is_refused(tmp_path):
     """A .pte with the pre-contract metadata (get_max_prefill_chunk, no get_max_context_len)."""
-    from fxport.lowering.xnnpack import lower_to_xnnpack
+    from fxport.tests.lowering.helpers import lower_fast
     from fxport.models.gemma4.export import export_methods
 
     model = Gemma4ForCausalLM(get_preset("tiny-gemma3").replace(num_hidden_layers=1, layer_types=[FULL]), max_seq_len=16)
@@ -96,7 +96,7 @@ def test_program_from_before_the_contract_is_refused(tmp_path):
         programs = export_methods(model, max_prefill_chunk=CHUNK, methods=("prefill",))
     old = {"get_max_seq_len": 16, "get_max_prefill_chunk": CHUNK, "get_vocab_size": 256, "get_bos_id": 2,
            "get_eos_id": 1}
-    path = lower_to_xnnpack(programs, constant_methods=old).save(tmp_path / "old.pte")
+    path = lower_fast(programs, constant_methods=old).save(tmp_path / "old.pte")
     with pytest.raises(PteError) as err:
         PteBackend(path)
     assert str(err.value) == f"{path} {contract.REEXPORT_HINT}"
