@@ -151,10 +151,10 @@ class StockMultimodalRunner:
             raise StockRunnerError(f"image of {h}x{w} pixels: the vision_encoder takes sides that are multiples of {side} "
                                    f"pixels, 2 to {cells} cells each; resize it with fxport.runtime.image.target_size "
                                    "(pass a path or PIL image and it is done for you)")
-        if (h // side) * (w // side) + 2 > c[contract.MAX_SEQ_LEN]:
-            raise StockRunnerError(f"image of {h}x{w} pixels gives {(h // side) * (w // side)} soft tokens + boi/eoi, "
-                                   f"more than the {c[contract.MAX_SEQ_LEN]} rows one text_decoder call takes; "
-                                   "resize it smaller")
+        if (h // side) * (w // side) > c[contract.MAX_SOFT_TOKENS]:
+            raise StockRunnerError(f"image of {h}x{w} pixels gives {(h // side) * (w // side)} soft tokens, more than the "
+                                   f"program's {c[contract.MAX_SOFT_TOKENS]}; resize it with "
+                                   "fxport.runtime.image.target_size")
 
     def _check_audio(self, feats: torch.Tensor) -> None:
         from fxport import contract

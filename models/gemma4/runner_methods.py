@@ -136,12 +136,20 @@ class VisionEncoder(_Columns):
     In the graph, as transformers' image processor after its resize: ``/ 255`` (rescale; Gemma 4
     does not normalize), patches row-major each flattened (row, column, channel), (column, row)
     position ids; then the vision tower, ``embed_vision``. Pixels past the last whole p * k cell
-    are dropped (the resize :func:`fxport.runtime.image.target_size` gives whole cells)."""
+    are dropped (the resize :func:`fxport.runtime.image.target_size` gives whole cells).
 
-    def __init__(self, model: nn.Module):
+    The tower runs at a fixed ``max_soft_tokens * k^2`` patches, the image's first and padding
+    after them (position (-1, -1), masked: transformers' processor pads the same way), so only the
+    pixel tensors before it depend on H and W: ExecuTorch plans every tensor outside XNNPACK at
+    its upper bound, and a tower sized by the largest H x W would plan gigabytes. An image of
+    more than ``max_soft_tokens`` cells keeps its first ``max_soft_tokens * k^2`` patches
+    (row-major) and that many soft tokens: resize it first (fxport's wrapper refuses it)."""
+
+    def __init__(self, model: nn.Module, max_soft_tokens: int):
         super().__init__(model)
         c = model.config
         self.p, self.k = c.vision.patch_size, c.vision.pooling_kernel_size
+        self.max_patches = int(max_soft_tokens) * self.k * self.k
         with torch.no_grad():
             ids = torch.tensor([[c.boi_token_id, c.eoi_token_id]], device=_device(model))
             rows = self.token_rows(ids)  # (1, 2, E)
@@ -163,8 +171,16 @@ class VisionEncoder(_Columns):
         r = torch.arange(rows, device=image.device)[:, None].expand(rows, cols)
         c = torch.arange(cols, device=image.device)[None, :].expand(rows, cols)
         pos = torch.stack([c, r], dim=-1).reshape(1, rows * cols, 2)  # (column, row)
-        feats, _ = self.model.encode_images(_cast(patches, dtype), pos)  # (1, P / k^2, H): all valid
-        body = self.soft_rows(_cast(feats, dtype), 1.0)
+        # to the fixed patch count: gather (indices clamped into the image), then mark padding
+        P, M = rows * cols, self.max_patches
+        slot = torch.arange(M, device=image.device)
+        take = slot.clamp(max=P - 1)  # (M,)
+        real = (slot < P)[None, :, None]  # (1, M, 1)
+        pv = torch.where(real, patches.index_select(1, take), 0.0)  # (1, M, 3 p^2)
+        pos = torch.where(real, pos.index_select(1, take), -1)  # (1, M, 2); (-1, -1) on padding
+        feats, _ = self.model.encode_images(_cast(pv, dtype), pos)  # (1, M / k^2, H): the valid rows first
+        n = (rows // self.k) * (cols // self.k)  # the image's soft tokens
+        body = self.soft_rows(_cast(feats[:, :n], dtype), 1.0)
         return torch.cat([self.boi_eoi[:, :1], body, self.boi_eoi[:, 1:]], dim=1)
 
 
@@ -253,7 +269,7 @@ def export_runner_methods(model: nn.Module, max_prefill_chunk: int, *, max_soft_
         h = Dim("height", min=2 * side, max=(cells + 1) * side - 1)
         w = Dim("width", min=2 * side, max=(cells + 1) * side - 1)
         img = torch.zeros(3, 2 * side + 1, 3 * side + 2, dtype=torch.uint8, device=dev)  # not whole cells: the crop traced
-        out[contract.VISION_ENCODER] = run(VisionEncoder(model), (img,), ({1: h, 2: w},), deferred=True)
+        out[contract.VISION_ENCODER] = run(VisionEncoder(model, max_soft_tokens), (img,), ({1: h, 2: w},), deferred=True)
     if cfg.audio is not None:
         if not max_audio_frames:
             raise ValueError("export_runner_methods: the model has an audio tower; pass max_audio_frames= "

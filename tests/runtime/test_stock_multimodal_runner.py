@@ -121,6 +121,13 @@ for name, args in json.loads(sys.argv[1]).items():
     runner._runner.generate([make_token_input(args["pre"]), make_image_input(big), make_text_input(args["post"])],
                             GenerationConfig(echo=False, max_new_tokens=args["new"], temperature=0.0), pieces.append)
     out["padded_image"] = pieces
+    try:  # more cells than max_soft_tokens (5 x 4 > 16): the program fails, never a truncated image
+        runner._runner.reset()
+        runner._runner.generate([make_token_input(args["pre"]), make_image_input(torch.zeros(3, 20, 16, dtype=torch.uint8))],
+                                GenerationConfig(echo=False, max_new_tokens=2, temperature=0.0))
+        out["oversize"] = "generated"
+    except Exception as exc:
+        out["oversize"] = type(exc).__name__
     g = runner.generate([Tokens(args["long"])], args["new"])  # more ids than one text_decoder call takes
     out["long"] = {"pieces": g.pieces, "prompt_tokens": g.prompt_tokens}
 print("RESULT " + json.dumps(results))
@@ -258,6 +265,7 @@ def test_image_not_in_whole_cells(case):
         "image of 14x12 pixels: the vision_encoder takes sides that are multiples of 4 pixels, 2 to 16 cells each; "
         "resize it with fxport.runtime.image.target_size (pass a path or PIL image and it is done for you)")
     assert case["runner"]["padded_image"] == case["runner"]["image"]["pieces"]
+    assert case["runner"]["oversize"] == "RuntimeError"  # 20 cells > 16 soft tokens: the runner reports a failure
 
 
 def test_export_prints_the_methods(built):
