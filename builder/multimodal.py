@@ -14,8 +14,8 @@ of ``(1, 1)``, then ``text_decoder`` with ``cache_position = [pos]`` (shape ``(1
     text_decoder     embeddings float32 (1, T, E), T in [1, C];    logits float32 (1, 1, V) (last row)
                      cache_position int64 (T,) = pos .. pos+T-1
     vision_encoder   image uint8 (3, H, W); h = H // s, w = W // s  (1, h*w + 2, E): boi, the h*w soft
-                     in [2, get_max_image_cells], s = patch*pool    tokens (row-major cells), eoi;
-                                                                   pixels past whole cells dropped
+                     in [2, get_max_image_cells], s = patch*pool,   tokens (row-major cells), eoi;
+                     h*w <= get_max_soft_tokens (more: fails)       pixels past whole cells dropped
     audio_encoder    features float32 (1, F, n_mels),              (1, ceil(ceil(F/2)/2) + 2, E): boa,
                      F in [5, get_max_audio_frames]                soft tokens, eoa
 

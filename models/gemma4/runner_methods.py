@@ -30,8 +30,9 @@ Methods (B = 1; float tensors in the model's dtype, float32 by default; s = patc
     text_decoder(embeddings (1, T, E), cache_position int64 (T,)) -> logits float32 (1, T, V)
                                                                    (LastTokenLogits: (1, 1, V))
     vision_encoder(image uint8 (3, H, W)) -> (1, h * w + 2, E)    h = H // s, w = W // s in
-        [2, max_image_cells]: boi, the h * w soft tokens (row-major cells), eoi. Pixels past the
-        last whole cell are dropped (a resized image has none); the caller resizes.
+        [2, max_image_cells], h * w <= max_soft_tokens: boi, the h * w soft tokens (row-major
+        cells), eoi. Pixels past the last whole cell are dropped (a resized image has none); the
+        caller resizes. The tower runs at max_soft_tokens * k^2 patches, padded as transformers pads.
     audio_encoder(features (1, F, n_mels)) -> (1, ceil(ceil(F / 2) / 2) + 2, E)   F in [5, max]
         boa, soft tokens, eoa; the clip's real log-mel frames only (the extractor's output
         where its mask is true).
