@@ -83,7 +83,7 @@ def top_p_filter_fast(logits: Tensor, p: float, candidates: int = 1024) -> Tenso
     while True:  # 1024, 16384, ... candidates: a flat row needs more before the full sort
         top, order = torch.topk(logits, k, dim=-1)  # (B, k), descending
         probs = torch.exp(top.float() - log_z)  # (B, k)
-        if bool((probs.sum(dim=-1) >= p).all()):
+        if bool((probs.sum(dim=-1) >= p + 1e-5).all()):  # a margin over fp32 rounding of the sums
             break
         if k * 16 >= logits.shape[-1]:
             return top_p_filter(logits, p)
