@@ -92,6 +92,15 @@ def audio_encoder_passes() -> list:
     return [RMSNormAsLinear()]
 
 
+def vision_encoder_passes() -> list:
+    """CPU passes for the runner layout's ``vision_encoder`` before XNNPACK: RMSNorm as a linear
+    mean, the boolean key mask as an additive one and SDPA as matmuls (each otherwise splits the
+    delegate and runs in portable kernels)."""
+    from fxport.passes.xnnpack import AdditiveAttentionMask, RMSNormAsLinear, SDPAAsMatmul, SymbolicViewAsInferred
+
+    return [RMSNormAsLinear(), AdditiveAttentionMask(), SDPAAsMatmul(), SymbolicViewAsInferred()]
+
+
 def rewrite_multimodal_programs(model: torch.nn.Module, programs: dict[str, ExportedProgram],
                                 max_prefill_chunk: int, ring_size: int | None = None, dump=None):
     """The CPU pass set on each method (FixedSlotFusion first on prefill, the text CPU set on
@@ -170,7 +179,7 @@ def rewrite_runner_programs(model: torch.nn.Module, programs: dict[str, Exported
     text = cpu_passes(windows=sliding_window_buffers(model), ring_size=ring,
                       max_prefill_chunk=max_prefill_chunk)["prefill"]
     passes = {contract.TEXT_DECODER: text, contract.TOKEN_EMBEDDING: [],
-              contract.VISION_ENCODER: [GeluTanhAsTanh()],
+              contract.VISION_ENCODER: [GeluTanhAsTanh()] + vision_encoder_passes(),
               contract.AUDIO_ENCODER: [GeluTanhAsTanh()] + audio_encoder_passes()}
     return apply_method_passes(programs, {m: passes[m] for m in programs}, dump=dump)
 
