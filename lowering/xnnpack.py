@@ -196,6 +196,13 @@ def _tagging_partitioner():
     return WeightsFilePartitioner()
 
 
+def _cache_views_partitioner(partitioner, cache_views: bool):
+    """``partitioner``, leaving the K/V cache views outside XNNPACK when ``cache_views``."""
+    from fxport.lowering.cache_views import cache_view_partitioner
+
+    return cache_view_partitioner(partitioner) if cache_views else partitioner
+
+
 def _mutable_placeholders(ep: ExportedProgram) -> set[str]:
     """Placeholder names of the buffers ``ep`` mutates (the KV caches: never weights-file data)."""
     mutated = set(ep.graph_signature.buffers_to_mutate.values())
@@ -212,6 +219,7 @@ def lower_to_xnnpack(
     constant_methods: Mapping[str, Any] | None = None,
     on_stage=None,
     weights_file: bool | None = None,
+    cache_views: bool = False,
 ) -> XnnpackProgram:
     """Lower ``{method: ExportedProgram}`` to one XNNPACK ``.pte`` (see the module docstring).
 
@@ -221,10 +229,16 @@ def lower_to_xnnpack(
     ``to_executorch`` when given. ``weights_file``: put
     the weights in a ``.ptd`` (True), keep them in the ``.pte`` (False), or decide by
     :func:`shared_tables` (None: a ``.ptd`` when a table would otherwise be stored twice).
+    ``cache_views``: attention reads the K/V caches through zero-copy views outside XNNPACK
+    instead of XNNPACK's ``Static Reshape`` copies (:mod:`fxport.lowering.cache_views`; same
+    logits to the bit; off by default: on the 270M ``balanced`` step the copies' time moves to
+    the attention ``bmm`` reading the cache, decode 1.00x).
     """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
+
+    from fxport.lowering.cache_views import CacheViewMemoryPlanning
 
     if not programs:
         raise ValueError("lower_to_xnnpack: no methods given; pass {'prefill': ep, 'decode': ep}")
@@ -233,7 +247,7 @@ def lower_to_xnnpack(
     external = bool(shared) if weights_file is None else weights_file
     edge = to_edge_transform_and_lower(
         dict(programs),
-        partitioner=[_tagging_partitioner() if external else XnnpackPartitioner()],
+        partitioner=[_cache_views_partitioner(_tagging_partitioner() if external else XnnpackPartitioner(), cache_views)],
         constant_methods=dict(constant_methods or {}),
         # fxport's passes emit plain ATen ops; torchao's quant ops are not core ATen.
         compile_config=EdgeCompileConfig(_check_ir_validity=False),
@@ -244,7 +258,7 @@ def lower_to_xnnpack(
         on_stage("serialize")
     et = edge.to_executorch(
         ExecutorchBackendConfig(
-            memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
+            memory_planning_pass=(CacheViewMemoryPlanning if cache_views else MemoryPlanningPass)(share_mutable_buffers=True),
             emit_mutable_buffer_names=True,
             run_reinplace_pass=True,
             # the constants left outside XNNPACK (the lookup's table) join the weights file
