@@ -108,3 +108,45 @@ def test_prompt_markers_without_chat():
     assert prompt_ids(tok, be, "plain text", chat=False) == "plain text"  # generate encodes it
     with pytest.raises(MultimodalError, match=r"the prompt has 2 <image> marker\(s\) but 1 --image file\(s\)"):
         prompt_ids(tok, be, "<image><image>", images=1, chat=False)
+
+
+def _turn_tokenizer():
+    from fxport.tests.runtime.stock_runner_helpers import SPECIALS, tiny_tokenizer
+    from tokenizers import AddedToken
+
+    tok = tiny_tokenizer(vocab_size=120, specials=SPECIALS + ["<|turn>", "<turn|>"])
+    tok.backend.add_tokens([AddedToken("\n", normalized=False, special=False)])
+    return tok
+
+
+def test_stock_segments_hold_the_ids_fxport_lays_out():
+    """The MultimodalRunner's segments, flattened with each image / clip as its one marker id, are
+    the ids fxport's runtime expands (chat and markers); text stays fxport's token ids."""
+    from fxport.runtime.multimodal import stock_segments
+    from fxport.runtime.stock_multimodal_runner import Tokens
+
+    tok = _turn_tokenizer()
+
+    class Runner:  # what stock_segments reads of StockMultimodalRunner
+        constants = {"get_max_audio_frames": 40}
+        methods = ["text_decoder", "token_embedding", "vision_encoder"]
+        pte = None
+
+    be = FakeRunner()
+    for prompt, chat in (("see <image> here", True), ("see <image> here", False), ("plain", False), ("plain", True)):
+        segs = stock_segments(tok, Runner(), prompt, images=["img.png"], chat=chat)
+        flat = [t for s in segs for t in (s if isinstance(s, Tokens) else [IMG])]
+        want = prompt_ids(tok, be, prompt, images=1, chat=chat)
+        if isinstance(want, str):  # generate encodes it with BOS; the image then goes after BOS
+            want = [2, IMG] + tok.encode(want, add_bos=False)
+        assert flat == want, (prompt, chat)
+        assert [s for s in segs if not isinstance(s, Tokens)] == [("image", "img.png")]
+
+
+def test_chat_text_for_the_text_runner():
+    from fxport.runtime.multimodal import chat_text
+
+    tok = _turn_tokenizer()
+    assert chat_text(tok, " hi ") == "<|turn>user\nhi<turn|>\n<|turn>model\n"  # the runner adds BOS
+    with pytest.raises(ValueError, match=r"chat: the prompt has 1 <image> marker\(s\) but 0 image input\(s\)"):
+        chat_text(tok, "<image> hi")  # TextLLMRunner takes no images
