@@ -606,10 +606,8 @@ def chat_text(tokenizer: Any, prompt: str, system: str | None = None) -> str:
                          "it is not a Gemma chat tokenizer: drop --chat.")
     messages = ([{"role": "system", "content": system}] if system else []) + [tk.user_message(prompt)]
     template = getattr(tokenizer, "chat_template", None) or ""
-    segments = tk.render_chat(messages, fmt, empty_thought="'<|channel>thought\\n<channel|>'" in template)
-    if not all(isinstance(s, str) for s in segments):
-        raise ValueError("chat: a text-only program takes no <image> / <audio>; drop the markers.")
-    return "".join(segments)
+    # a <image> / <audio> marker is refused by user_message (no media given): every segment is text
+    return "".join(tk.render_chat(messages, fmt, empty_thought="'<|channel>thought\\n<channel|>'" in template))
 
 
 def stock_segments(tokenizer: Any, runner: Any, prompt: str, images: Sequence[Any] = (),
