@@ -446,9 +446,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_dump(args: argparse.Namespace) -> int:
     path: Path = args.program
     if path.suffix == ".pte":
-        from fxport.runtime.pte_backend import describe_pte
+        from fxport.debug.dump import describe_pte_file  # MultimodalRunner's layout or the text contract
 
-        print(describe_pte(path))
+        print(describe_pte_file(path))
         return 0
     from fxport.debug.dump import dump_program
 

@@ -239,3 +239,105 @@ def dump_program(program: Union[str, Path, ExportedProgram], *, graph: bool = Tr
     if graph:
         parts.append("\n## graph\n" + graph_text(ep))
     return "".join(parts)
+
+
+# ----------------------------------------------------------------------------- fxport dump X.pte
+
+# ExecuTorch's ScalarType numbers (c10's) -> the names dump prints
+_SCALAR_NAMES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16", 6: "float32",
+                 7: "float64", 11: "bool", 15: "bfloat16"}
+
+
+def _tensor_text(dtype: Any, sizes: Any) -> str:
+    name = _SCALAR_NAMES.get(int(dtype), f"ScalarType {int(dtype)}")
+    return f"{name} ({', '.join(str(int(s)) for s in sizes)}{',' if len(sizes) == 1 else ''})"
+
+
+def is_runner_multimodal(method_names: Any) -> bool:
+    """A program in ExecuTorch ``MultimodalRunner``'s layout (a ``token_embedding`` or
+    ``text_decoder`` method, or encoders without a text method); the merged multimodal layout
+    (``prefill`` taking features) is a text program to ``fxport dump``."""
+    from fxport import contract
+
+    names = set(method_names)
+    return bool({contract.TOKEN_EMBEDDING, contract.TEXT_DECODER} & names) or (
+        contract.text_method(names) is None and bool(set(contract.MULTIMODAL_METHODS) & names))
+
+
+def describe_multimodal_pte(path: Union[str, Path], data_path: Union[str, Path, None] = None) -> str:
+    """``fxport dump`` of a ``.pte`` in ExecuTorch ``MultimodalRunner``'s layout
+    (:mod:`fxport.builder.multimodal`): every method with its inputs and outputs (dtype, max
+    sizes), the constant methods (the text contract's, then :data:`fxport.contract.MULTIMODAL_CONSTANTS`,
+    "missing" for absent ones), and the verdict of :func:`fxport.contract.multimodal_problems`.
+
+    The program is read without loading its compute methods, so a program the runner refuses is
+    still described. Raises PteError (one line) for a file ExecuTorch cannot load.
+    """
+    from executorch.runtime import Runtime
+
+    from fxport import contract
+    from fxport.fileio import weights_file
+    from fxport.runtime.backend import PteError
+    from fxport.runtime.native_log import capture_native_stderr
+
+    path = Path(path)
+    if data_path is None and weights_file(path).is_file():
+        data_path = weights_file(path)
+    with capture_native_stderr() as native:
+        try:
+            prog = Runtime.get().load_program(path, data_path=data_path)
+            failure = None
+        except Exception as exc:  # the runtime raises RuntimeError with a status code
+            failure = exc
+    if failure is not None:
+        lines = [line for line in native.lines() if "cpuinfo" not in line]
+        raise PteError(f"{path} is not a loadable ExecuTorch program ({' '.join(lines[-2:]) or failure})") from None
+    names = set(prog.method_names)
+    known = (*contract.CONSTANT_METHODS, *contract.MULTIMODAL_CONSTANTS)
+    order = [m for m in contract.MULTIMODAL_METHODS if m in names]
+    # a method with no inputs is a constant method (to_edge's constant_methods)
+    order += sorted(m for m in names - set(order) - set(known) if prog.metadata(m).num_inputs() > 0)
+    inputs, outputs = {}, {}
+    out = [f"# {path}", f"methods: {', '.join(sorted(names))}", "methods (ExecuTorch MultimodalRunner layout; max sizes):"]
+    for name in order:
+        meta = prog.metadata(name)
+        inputs[name] = [(meta.input_tensor_meta(i).dtype(), tuple(meta.input_tensor_meta(i).sizes()))
+                        for i in range(meta.num_inputs())]
+        outputs[name] = [(meta.output_tensor_meta(i).dtype(), tuple(meta.output_tensor_meta(i).sizes()))
+                         for i in range(meta.num_outputs())]
+        ins = ", ".join(_tensor_text(d, s) for d, s in inputs[name])
+        outs = ", ".join(_tensor_text(d, s) for d, s in outputs[name])
+        out.append(f"  {name}: {ins} -> {outs}")
+    constants: dict[str, Any] = {}
+    for title, keys in (("constant methods (text contract):", contract.CONSTANT_METHODS),
+                        ("constant methods (multimodal):", contract.MULTIMODAL_CONSTANTS)):
+        out.append(title)
+        for key in keys:
+            if key not in names:
+                out.append(f"  {key}: missing")
+                continue
+            with capture_native_stderr():
+                values = prog.load_method(key).execute([])
+            values = [v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v for v in values]
+            constants[key] = values if key == contract.EOS_IDS else values[0]
+            out.append(f"  {key}: {constants[key]}")
+    others = sorted(names - set(order) - set(known))
+    if others:
+        out.append(f"other constant methods: {', '.join(others)}")
+    problems = contract.multimodal_problems(names, constants, inputs, outputs)
+    out.append("ExecuTorch MultimodalRunner contract: " + ("ok" if not problems else "; ".join(problems)))
+    return "\n".join(out)
+
+
+def describe_pte_file(path: Union[str, Path]) -> str:
+    """``fxport dump X.pte``: :func:`describe_multimodal_pte` for a program in
+    ``MultimodalRunner``'s layout, else :func:`fxport.runtime.pte_backend.describe_pte` (the
+    text contract; it raises PteError for a file that is not a fxport program)."""
+    from fxport.runtime.backend import program_methods
+
+    names = program_methods(path)
+    if names is not None and is_runner_multimodal(names):
+        return describe_multimodal_pte(path)
+    from fxport.runtime.pte_backend import describe_pte
+
+    return describe_pte(path)
