@@ -13,7 +13,8 @@ No real Gemma 4 weights are reachable here (no model hub offline), so the model 
   post-norm weights at 3 (:data:`POST_NORM`) so that greedy decoding moves on.
 
 Two programs in ExecuTorch MultimodalRunner's layout (fxport.builder.multimodal.
-export_runner_multimodal_pte), both with the ``balanced`` recipe on the text decoder (int8
+quantize_multimodal, then export_runner_multimodal_pte: what ``fxport export --hf DIR --quant
+balanced [--encoder-precision float]`` runs), both with the ``balanced`` recipe on the text decoder (int8
 linears and head, activations smoothed on the calibration text, the embedding lookup reading the
 head's int8 codes):
   * ``enc-float``: vision and audio encoders float32;
@@ -106,24 +107,6 @@ def float_model(max_seq_len: int):
     return model
 
 
-class _TextView(torch.nn.Module):
-    """The text decoder of a multimodal model as the recipes see a text model (``.model`` the
-    decoder stack, ``.lm_head``, ``.config`` the text config); calling it runs the whole model on
-    token ids. Quantizing it quantizes the shared modules in place."""
-
-    def __init__(self, mm: torch.nn.Module):
-        super().__init__()
-        self.model, self.lm_head, self.config = mm.model.language_model, mm.lm_head, mm.config.text
-        self.max_seq_len = mm.max_seq_len
-        self._mm = [mm]  # not a submodule: the towers stay out of the recipe's reach
-
-    def forward(self, tokens, input_pos):
-        return self._mm[0](tokens, input_pos)
-
-    def reset_caches(self):
-        self._mm[0].reset_caches()
-
-
 class _ModuloTokenizer:
     """Gemma 3's tokenizer with ids folded into the bench's vocabulary (calibration text only)."""
 
@@ -136,8 +119,9 @@ class _ModuloTokenizer:
 
 def quantize(model, encoders_int8: bool) -> str:
     """``balanced`` on the text decoder (calibrated on the Gemma 3 270M tokenizer's encoding of the
-    recipe's calibration text, ids folded into the vocabulary); INT8_PC on both towers if asked."""
-    from fxport.lowering.xnnpack_quant import INT8_PC, XnnpackRecipe, quantize_for_xnnpack
+    recipe's calibration text, ids folded into the vocabulary); INT8_PC on both towers if asked:
+    fxport.builder.multimodal.quantize_multimodal, what ``fxport export --quant`` runs."""
+    from fxport.builder.multimodal import quantize_multimodal
     from fxport.models.gemma4.tokenizer import load_tokenizer
 
     gguf = Path.home() / ".cache/fxport/gemma-3-270m-q4_k_m.gguf"
@@ -146,14 +130,9 @@ def quantize(model, encoders_int8: bool) -> str:
 
         gguf.parent.mkdir(parents=True, exist_ok=True)
         assemble(gguf)
-    report = quantize_for_xnnpack(_TextView(model), "balanced", tokenizer=_ModuloTokenizer(load_tokenizer(gguf)))
-    lines = [f"text decoder: {report.summary()}"]
-    if encoders_int8:
-        enc = XnnpackRecipe("encoders-int8", ((r".*", INT8_PC),))
-        for name in ("vision_tower", "embed_vision", "audio_tower", "embed_audio"):
-            r = quantize_for_xnnpack(getattr(model.model, name), enc)
-            lines.append(f"{name}: {len(r.quantized)} linear(s) int8, {len(r.kept_float)} float")
-    return "; ".join(lines)
+    report = quantize_multimodal(model, "balanced", tokenizer=_ModuloTokenizer(load_tokenizer(gguf)),
+                                 encoder_precision="int8" if encoders_int8 else "float")
+    return report.summary().replace("\n", "; ")
 
 
 def build(out: Path, encoders_int8: bool, max_seq_len: int) -> tuple[Path, str, float]:
