@@ -39,9 +39,10 @@ _CACHE_WRITES = ("index_put", "index_copy")
 
 
 def _op_name(node: torch.fx.Node) -> str:
-    """``aten.view_copy.default`` -> ``view_copy``; the edge dialect's ops name the same way."""
-    name = getattr(node.target, "__name__", str(node.target))  # "view_copy.default"
-    return name.split(".")[0]
+    """``aten.view_copy.default`` (ATen or edge dialect) -> ``view_copy``; ``""`` for other targets."""
+    op = getattr(node.target, "_op", node.target)  # an edge op wraps its ATen OpOverload
+    schema = getattr(op, "_schema", None)
+    return schema.name.split("::")[-1] if schema is not None else ""
 
 
 def _mutable_placeholders(ep: ExportedProgram) -> set[str]:
