@@ -359,7 +359,7 @@ def _bench_speculative(args: argparse.Namespace) -> int:
     """``fxport bench --speculative``: plain vs speculative greedy decoding of a passage to
     repeat, interleaved; the grounded tasks and llama.cpp are in bench/speculative.py."""
     from fxport.runtime.pte_backend import PteBackend
-    from fxport.runtime.speculative import BENCH_PROMPT, compare_with_plain, comparison_table
+    from fxport.runtime.speculative_bench import BENCH_PROMPT, compare_with_plain, comparison_table
 
     backend = PteBackend(args.model, num_threads=args.threads, verbose=args.verbose or None)
     drafter = _speculative(args, backend)
@@ -447,9 +447,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_dump(args: argparse.Namespace) -> int:
     path: Path = args.program
     if path.suffix == ".pte":
-        from fxport.debug.dump import describe_pte_file  # MultimodalRunner's layout or the text contract
+        from fxport.debug.dump import describe_multimodal_pte, is_runner_multimodal
+        from fxport.runtime.backend import program_methods
+        from fxport.runtime.pte_backend import describe_pte
 
-        print(describe_pte_file(path))
+        names = program_methods(path)  # None: describe_pte says why it cannot read the file
+        print(describe_multimodal_pte(path) if names and is_runner_multimodal(names) else describe_pte(path))
         return 0
     from fxport.debug.dump import dump_program
 

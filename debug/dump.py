@@ -270,28 +270,22 @@ def describe_multimodal_pte(path: Union[str, Path], data_path: Union[str, Path, 
     sizes), the constant methods (the text contract's, then :data:`fxport.contract.MULTIMODAL_CONSTANTS`,
     "missing" for absent ones), and the verdict of :func:`fxport.contract.multimodal_problems`.
 
-    The program is read without loading its compute methods, so a program the runner refuses is
-    still described. Raises PteError (one line) for a file ExecuTorch cannot load.
+    data_path: its ``.ptd`` (default: ``<stem>.ptd`` beside it when that exists). The program is
+    read without loading its compute methods, so a program the runner refuses is still described.
+    Raises ValueError (one line) for a file ExecuTorch cannot load (``fxport dump`` checks that
+    first, with :func:`fxport.runtime.backend.program_methods`).
     """
     from executorch.runtime import Runtime
 
     from fxport import contract
-    from fxport.fileio import weights_file
-    from fxport.runtime.backend import PteError
-    from fxport.runtime.native_log import capture_native_stderr
 
     path = Path(path)
-    if data_path is None and weights_file(path).is_file():
-        data_path = weights_file(path)
-    with capture_native_stderr() as native:
-        try:
-            prog = Runtime.get().load_program(path, data_path=data_path)
-            failure = None
-        except Exception as exc:  # the runtime raises RuntimeError with a status code
-            failure = exc
-    if failure is not None:
-        lines = [line for line in native.lines() if "cpuinfo" not in line]
-        raise PteError(f"{path} is not a loadable ExecuTorch program ({' '.join(lines[-2:]) or failure})") from None
+    if data_path is None and fileio.weights_file(path).is_file():
+        data_path = fileio.weights_file(path)
+    try:
+        prog = Runtime.get().load_program(path, data_path=data_path)
+    except Exception as exc:  # the runtime raises RuntimeError with a status code
+        raise ValueError(f"{path} is not a loadable ExecuTorch program ({exc})") from None
     names = set(prog.method_names)
     known = (*contract.CONSTANT_METHODS, *contract.MULTIMODAL_CONSTANTS)
     order = [m for m in contract.MULTIMODAL_METHODS if m in names]
@@ -316,10 +310,9 @@ def describe_multimodal_pte(path: Union[str, Path], data_path: Union[str, Path, 
             if key not in names:
                 out.append(f"  {key}: missing")
                 continue
-            with capture_native_stderr():
-                values = prog.load_method(key).execute([])
-            values = [v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v for v in values]
-            constants[key] = values if key == contract.EOS_IDS else values[0]
+            values = [v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+                      for v in prog.load_method(key).execute([])]
+            constants[key] = values if key == contract.EOS_IDS else values[0]  # get_eos_ids returns a list
             out.append(f"  {key}: {constants[key]}")
     others = sorted(names - set(order) - set(known))
     if others:
@@ -327,17 +320,3 @@ def describe_multimodal_pte(path: Union[str, Path], data_path: Union[str, Path, 
     problems = contract.multimodal_problems(names, constants, inputs, outputs)
     out.append("ExecuTorch MultimodalRunner contract: " + ("ok" if not problems else "; ".join(problems)))
     return "\n".join(out)
-
-
-def describe_pte_file(path: Union[str, Path]) -> str:
-    """``fxport dump X.pte``: :func:`describe_multimodal_pte` for a program in
-    ``MultimodalRunner``'s layout, else :func:`fxport.runtime.pte_backend.describe_pte` (the
-    text contract; it raises PteError for a file that is not a fxport program)."""
-    from fxport.runtime.backend import program_methods
-
-    names = program_methods(path)
-    if names is not None and is_runner_multimodal(names):
-        return describe_multimodal_pte(path)
-    from fxport.runtime.pte_backend import describe_pte
-
-    return describe_pte(path)

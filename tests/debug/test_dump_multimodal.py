@@ -9,13 +9,15 @@ delegate: dump reads the layout, not the model (~2 s).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from executorch.exir import to_edge
 
 from fxport import contract
 from fxport.cli import main
-from fxport.debug.dump import describe_multimodal_pte, describe_pte_file
+from fxport.debug.dump import describe_multimodal_pte, is_runner_multimodal
 
 E, C, V = 9, 4, 16
 
@@ -102,10 +104,24 @@ def test_dump_runner_layout(programs, capsys):
     assert lines[-1] == "ExecuTorch MultimodalRunner contract: ok"
 
 
-def test_dump_names_a_missing_constant(programs):
+def test_dump_names_a_missing_constant(programs, capsys):
     _, path = programs
-    text = describe_pte_file(path)
-    assert text == describe_multimodal_pte(path)
-    lines = text.splitlines()
+    assert main(["dump", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == describe_multimodal_pte(path).splitlines()
     assert "  get_max_context_len: missing" in lines and "  get_patch_size: missing" in lines
     assert lines[-1] == "ExecuTorch MultimodalRunner contract: constant method get_max_context_len is missing"
+
+
+def test_which_programs_are_runner_layout():
+    assert is_runner_multimodal({"token_embedding", "text_decoder", "get_max_seq_len"})
+    assert is_runner_multimodal({"vision_encoder", "get_max_seq_len"})  # no text method: described, refused
+    assert not is_runner_multimodal({"prefill", "decode", "image_encoder", "audio_encoder"})  # merged layout
+    assert not is_runner_multimodal({"prefill", "get_max_seq_len"})
+
+
+def test_dump_refuses_an_unloadable_file(tmp_path):
+    bad = tmp_path / "bad.pte"
+    bad.write_bytes(b"not a program")
+    with pytest.raises(ValueError, match="^" + re.escape(f"{bad} is not a loadable ExecuTorch program (")):
+        describe_multimodal_pte(bad)
