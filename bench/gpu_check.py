@@ -945,7 +945,7 @@ def generate_aoti(chk: Check, why_not_runner: str) -> None:
     vs the eager model under the same tokens. The smoke runs the rewritten program eagerly."""
     import copy
 
-    from fxport.builder import BuildOptions, export_programs
+    from fxport.builder import BuildOptions, export_programs, sliding_windows
     from fxport.lowering import cuda as cuda_backend
 
     t0 = time.perf_counter()
@@ -953,7 +953,7 @@ def generate_aoti(chk: Check, why_not_runner: str) -> None:
     eager = copy.deepcopy(model)  # its own KV cache: the program's run leaves it untouched
     options = BuildOptions(backend="cuda", quant="int4", max_seq_len=int(model.max_seq_len), max_prefill_chunk=8)
     programs = export_programs(model, options, ("decode",))
-    programs, results = cuda_backend.run_passes(model, programs, options)
+    programs, results = cuda_backend.run_passes(programs, options, windows=sliding_windows(model))
     kernels = sorted({s["choice"] for r in results["decode"].records for s in r.stats.sites if "choice" in s})
     if chk.device.type == "cuda":
         if chk.left() < 20:
@@ -1124,7 +1124,8 @@ def main(argv: list[str] | None = None) -> int:
                          "CLI's int4 through torchao) instead of taking the GPU machine's 'not installed' path")
     ap.add_argument("--budget-scale", type=float, default=1.0, help="multiply every stage budget")
     ap.add_argument("--require", default="",
-                    help="comma-separated substrings: exit 1 unless a row whose stage or figure contains each is ok")
+                    help="comma-separated substrings: exit 1 unless a row whose stage or figure contains each is ok "
+                         "(--smoke also exits 1 on any failed row)")
     args = ap.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device; run `make gpu-smoke` (--smoke) for the CPU code-path check")
@@ -1162,6 +1163,10 @@ def main(argv: list[str] | None = None) -> int:
             missing.append(want)
     if missing:
         print(f"gpu_check: no ok row for {missing}", file=sys.stderr)
+        return 1
+    failed = [f"{r.stage}: {r.figure[:120]}" for r in chk.rows if r.status == "failed"]
+    if args.smoke and failed:  # on the CPU every stage's code path must run (a GPU run reports and goes on)
+        print("gpu_check --smoke: failed rows:\n  " + "\n  ".join(failed), file=sys.stderr)
         return 1
     return 0
 
