@@ -27,9 +27,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from fxport.fileio import weights_file
 
-from .stock_runner import RunnerGeneration, StockRunnerError, _copy_stats, _native_output, default_tokenizer, rss_bytes
+from .stock_runner import RunnerGeneration, StockRunnerError, _native_output, rss_bytes, run_generation, runner_files
 
 
 class Tokens(list):
@@ -68,13 +67,7 @@ class StockMultimodalRunner:
 
     def __init__(self, pte: str | Path, tokenizer: str | Path | None = None, data: str | Path | None = None,
                  *, verbose: bool = False):
-        pte = Path(pte)
-        tokenizer = Path(tokenizer) if tokenizer is not None else default_tokenizer(pte)
-        if data is None and weights_file(pte).is_file():
-            data = weights_file(pte)
-        for what, path in (("program", pte), ("tokenizer", tokenizer), ("weights file", data)):
-            if path is not None and not Path(path).is_file():
-                raise StockRunnerError(f"no such {what}: {path}")
+        pte, tokenizer, data = runner_files(pte, tokenizer, data)
         self.pte, self.tokenizer, self.data, self.verbose = pte, tokenizer, data, verbose
         self.rss_before = rss_bytes()
         with _native_output(verbose):
@@ -170,35 +163,9 @@ class StockMultimodalRunner:
         """Greedy (``temperature=0``) generation of up to ``max_new_tokens`` after the segments of
         ``prompt`` (see :meth:`segments`). Every call starts a new sequence (the runner is reset).
         ``num_bos=1`` makes the runner's tokenizer prepend BOS to a first text segment."""
-        from executorch.extension.llm.runner import GenerationConfig
-
-        inputs = self.segments(prompt)
-        self._runner.reset()
-        pieces: list[str] = []
-        stats: list = []
-
-        def piece(text: str) -> None:
-            pieces.append(text)
-            if on_piece is not None:
-                on_piece(text)
-
-        config = GenerationConfig(echo=False, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                                  num_bos=int(num_bos), warming=warmup)
-        with _native_output(self.verbose) as captured:
-            try:
-                self._runner.generate(inputs, config, piece, lambda s: stats.append(_copy_stats(s)))
-            except Exception as exc:
-                failure = exc
-            else:
-                failure = None
-        if failure is not None or not stats:
-            log = captured[1].splitlines() if len(captured) > 1 else []
-            reasons = [line.split("] ", 1)[-1] for line in log if "rror" in line or "Check failed" in line][-2:]
-            raise StockRunnerError(f"ExecuTorch's MultimodalRunner failed on {self.pte}: {failure or 'no stats'}"
-                                   + (f": {' / '.join(reasons)}" if reasons else ""))
-        s = stats[0]
-        return RunnerGeneration("".join(pieces), pieces, s["prompt_tokens"], s["generated_tokens"],
-                                s["prefill_s"], s["decode_s"], s["load_s"])
+        return run_generation(self._runner, "MultimodalRunner", self.pte, self.verbose, self.segments(prompt),
+                              max_new_tokens, temperature=temperature, num_bos=num_bos, on_piece=on_piece,
+                              warmup=warmup, reason=_error_lines)
 
     def rss_delta(self) -> int:
         """Bytes of RSS this runner added: RSS now minus RSS before it was created."""
@@ -208,3 +175,8 @@ class StockMultimodalRunner:
 def _constant(program, name: str):
     value = program.load_method(name).execute([])[0]
     return value.tolist() if isinstance(value, torch.Tensor) else value
+
+
+def _error_lines(log: list[str]) -> str:
+    """MultimodalRunner's failure in its log: its last two error / "Check failed" lines."""
+    return " / ".join([line.split("] ", 1)[-1] for line in log if "rror" in line or "Check failed" in line][-2:])

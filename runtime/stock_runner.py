@@ -130,15 +130,7 @@ class StockRunner:
 
     def __init__(self, pte: str | Path, tokenizer: str | Path | None = None, data: str | Path | None = None,
                  *, verbose: bool = False):
-        pte = Path(pte)
-        tokenizer = Path(tokenizer) if tokenizer is not None else default_tokenizer(pte)
-        if data is None and weights_file(pte).is_file():
-            data = weights_file(pte)
-        for what, path in (("program", pte), ("tokenizer", tokenizer), ("weights file", data)):
-            if path is not None and not Path(path).is_file():
-                raise StockRunnerError(f"no such {what}: {path}" + (
-                    "; ExecuTorch's runner needs the tokenizer.json fxport export writes beside the .pte "
-                    "(pass --tokenizer)" if what == "tokenizer" else ""))
+        pte, tokenizer, data = runner_files(pte, tokenizer, data)
         self.pte, self.tokenizer, self.data, self.verbose = pte, tokenizer, data, verbose
         with _native_output(verbose):  # the bindings log from static initializers at import too
             import executorch.kernels.quantized  # noqa: F401  (embedding_byte & co. for the runner's kernel registry)
@@ -158,41 +150,72 @@ class StockRunner:
         The runner's KV position is reset first, so every call starts a new sequence.
         ``on_piece(text)`` gets each new piece as the runner decodes it.
         """
-        from executorch.extension.llm.runner import GenerationConfig
-
-        self._runner.reset()
-        pieces: list[str] = []
-        stats: list = []
-
-        def piece(text: str) -> None:
-            pieces.append(text)
-            if on_piece is not None:
-                on_piece(text)
-
-        config = GenerationConfig(echo=False, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                                  num_bos=int(num_bos), warming=warmup)
-        with _native_output(self.verbose) as captured:
-            try:
-                self._runner.generate(prompt, config, piece, lambda s: stats.append(_copy_stats(s)))
-            except Exception as exc:
-                failure = exc
-            else:
-                failure = None
-        if failure is not None or not stats:
-            log = captured[1].splitlines() if len(captured) > 1 else []
-            checks = [line.split("] ", 1)[-1] for line in log if "Check failed" in line][:1]  # the kernel's reason
-            reason = " ".join(checks + log[-1:])
-            raise StockRunnerError(f"ExecuTorch's TextLLMRunner failed on {self.pte}: {failure or 'no stats'}"
-                                   + (f": {reason}" if reason else ""))
-        s = stats[0]
-        return RunnerGeneration("".join(pieces), pieces, s["prompt_tokens"], s["generated_tokens"],
-                                s["prefill_s"], s["decode_s"], s["load_s"])
+        return run_generation(self._runner, "TextLLMRunner", self.pte, self.verbose, prompt, max_new_tokens,
+                              temperature=temperature, num_bos=num_bos, on_piece=on_piece, warmup=warmup,
+                              reason=_check_failed_reason)
 
     def rss_delta(self) -> int:
         """Bytes of RSS this runner added: RSS now minus RSS just before ``TextLLMRunner`` was created
         (its tokenizer, and the program once the first ``generate`` loaded it; the bindings' own
         libraries not counted)."""
         return rss_bytes() - self.rss_before
+
+
+def runner_files(pte: str | Path, tokenizer: str | Path | None, data: str | Path | None) -> tuple[Path, Path, Path | None]:
+    """The program, its ``tokenizer.json`` (default: :func:`default_tokenizer`) and its ``.ptd``
+    (default: ``<stem>.ptd`` when it exists) an ExecuTorch runner loads; a missing one raises
+    :class:`StockRunnerError` naming it."""
+    pte = Path(pte)
+    tokenizer = Path(tokenizer) if tokenizer is not None else default_tokenizer(pte)
+    if data is None and weights_file(pte).is_file():
+        data = weights_file(pte)
+    for what, path in (("program", pte), ("tokenizer", tokenizer), ("weights file", data)):
+        if path is not None and not Path(path).is_file():
+            raise StockRunnerError(f"no such {what}: {path}" + (
+                "; ExecuTorch's runner needs the tokenizer.json fxport export writes beside the .pte "
+                "(pass --tokenizer)" if what == "tokenizer" else ""))
+    return pte, tokenizer, None if data is None else Path(data)
+
+
+def _check_failed_reason(log: list[str]) -> str:
+    """TextLLMRunner's failure in its log: the kernel's first "Check failed" line and the last line."""
+    checks = [line.split("] ", 1)[-1] for line in log if "Check failed" in line][:1]
+    return " ".join(checks + log[-1:])
+
+
+def run_generation(runner, name: str, pte, verbose: bool, prompt, max_new_tokens: int, *, temperature: float,
+                   num_bos: int, on_piece: Callable[[str], None] | None, warmup: bool,
+                   reason: Callable[[list[str]], str]) -> RunnerGeneration:
+    """One ``generate`` call of an ExecuTorch LLM runner (``TextLLMRunner`` or ``MultimodalRunner``,
+    called ``name`` in errors) from a fresh sequence: its pieces, ``Stats`` times, and on failure a
+    :class:`StockRunnerError` with ``reason(stderr lines)`` (the runner's own log, captured)."""
+    from executorch.extension.llm.runner import GenerationConfig
+
+    runner.reset()
+    pieces: list[str] = []
+    stats: list = []
+
+    def piece(text: str) -> None:
+        pieces.append(text)
+        if on_piece is not None:
+            on_piece(text)
+
+    config = GenerationConfig(echo=False, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                              num_bos=int(num_bos), warming=warmup)
+    with _native_output(verbose) as captured:
+        try:
+            runner.generate(prompt, config, piece, lambda s: stats.append(_copy_stats(s)))
+        except Exception as exc:
+            failure = exc
+        else:
+            failure = None
+    if failure is not None or not stats:
+        why = reason(captured[1].splitlines() if len(captured) > 1 else [])
+        raise StockRunnerError(f"ExecuTorch's {name} failed on {pte}: {failure or 'no stats'}"
+                               + (f": {why}" if why else ""))
+    s = stats[0]
+    return RunnerGeneration("".join(pieces), pieces, s["prompt_tokens"], s["generated_tokens"],
+                            s["prefill_s"], s["decode_s"], s["load_s"])
 
 
 def _copy_stats(stats) -> dict:
