@@ -58,6 +58,8 @@ def check_token_ids(ids: Sequence[int] | Tensor, vocab_size: int | None, fix: st
     if vocab_size is None:
         return
     vocab_size = int(vocab_size)
+    if isinstance(ids, Tensor) and (not ids.numel() or (int(ids.min()) >= 0 and int(ids.max()) < vocab_size)):
+        return  # a step's ids: two reductions, no Python list
     flat = ids.reshape(-1).tolist() if isinstance(ids, Tensor) else [int(i) for i in ids]
     for pos, i in enumerate(flat):
         if not 0 <= i < vocab_size:

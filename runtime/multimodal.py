@@ -44,7 +44,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from .backend import check_token_ids
 from .image import DEFAULT_MAX_SOFT_TOKENS, preprocess_image
+from .pte_backend import torch_ops_inline
 
 
 class MultimodalError(ValueError):
@@ -243,24 +245,28 @@ class RunnerLayoutBackend:
         values = [o.item() if isinstance(o, torch.Tensor) and o.numel() == 1 else o for o in outs]
         return values if name == contract.EOS_IDS else values[0]
 
-    def _check(self, tokens: Tensor) -> None:
-        if self.vocab_size is not None and tokens.numel() and not (
-                int(tokens.min()) >= 0 and int(tokens.max()) < self.vocab_size):
-            from fxport.runtime.backend import check_token_ids
+    @staticmethod
+    def _execute(method: Any, args: list) -> Tensor:
+        """``method``'s first output, torch's ops on this thread meanwhile (as PteBackend runs a
+        method: :func:`fxport.runtime.pte_backend.torch_ops_inline`)."""
+        with torch_ops_inline():
+            return method.execute(args)[0]
 
-            check_token_ids(tokens, self.vocab_size, f"{self.path} was exported for {self.vocab_size} ids.")
+    def step_context(self) -> Any:
+        """What a generate loop holds around its decode steps and their sampling (as PteBackend)."""
+        return torch_ops_inline()
 
     def embed(self, tokens: Tensor) -> Tensor:
         """``token_embedding``: tokens (1, T) -> (1, T, E)."""
-        self._check(tokens)
-        return self._embed.execute([tokens.to(torch.long).reshape(1, -1).contiguous()])[0]
+        check_token_ids(tokens, self.vocab_size, f"{self.path} was exported for {self.vocab_size} ids.")
+        return self._execute(self._embed, [tokens.to(torch.long).reshape(1, -1).contiguous()])
 
     def decode_embeddings(self, embeddings: Tensor, input_pos: Tensor) -> Tensor:
         """``text_decoder``: (1, T, E) at positions (T,) -> logits."""
         T = embeddings.shape[1]
         if not 1 <= T <= self.max_prefill_chunk:
             raise ValueError(f"text_decoder call of {T} rows; this .pte accepts 1..{self.max_prefill_chunk} per call")
-        return self._decoder.execute([embeddings.contiguous(), input_pos.to(torch.long).contiguous()])[0]
+        return self._execute(self._decoder, [embeddings.contiguous(), input_pos.to(torch.long).contiguous()])
 
     def prefill(self, tokens: Tensor, input_pos: Tensor, embeddings: Tensor | None = None) -> Tensor:
         """One segment: a text chunk (embedded here) or an encoder's rows (``embeddings``)."""
@@ -271,11 +277,11 @@ class RunnerLayoutBackend:
 
     def encode_image(self, image: Tensor) -> Tensor:
         """``vision_encoder``: uint8 (3, H, W) resized -> (1, n + 2, E): boi, soft tokens, eoi."""
-        return self._vision.execute([image.to(torch.uint8).contiguous()])[0]
+        return self._execute(self._vision, [image.to(torch.uint8).contiguous()])
 
     def encode_audio(self, features: Tensor) -> Tensor:
         """``audio_encoder``: the clip's real frames (1, F, n_mels) -> (1, n + 2, E): boa, soft tokens, eoa."""
-        return self._audio.execute([features.float().contiguous()])[0]
+        return self._execute(self._audio, [features.float().contiguous()])
 
     def reset(self) -> None:
         """Nothing to clear: every position a query sees is written first."""
