@@ -112,9 +112,8 @@ def rewrite_multimodal_programs(model: torch.nn.Module, programs: dict[str, Expo
     from fxport.lowering.xnnpack import apply_method_passes, cpu_passes
     from fxport.models.gemma4.model import sliding_window_buffers
 
-    text = model.config.text
-    if ring_size is None and "sliding_attention" in text.layer_types:
-        ring_size = max(2 * text.sliding_window, text.sliding_window + max_prefill_chunk - 1)
+    if ring_size is None:
+        ring_size = ring_size_for(model, max_prefill_chunk)
     passes = cpu_passes(windows=sliding_window_buffers(model), ring_size=ring_size)
     passes["prefill"] = multimodal_passes(model) + passes["prefill"]
     if "audio_encoder" in programs:
@@ -161,10 +160,12 @@ def export_multimodal_pte(model: torch.nn.Module, out, *, max_prefill_chunk: int
 
 def ring_size_for(model: torch.nn.Module, max_prefill_chunk: int) -> int | None:
     """``max(2 W, W + C - 1)``: a chunk of C rows (a whole image) fits the sliding layers' ring."""
+    from fxport.passes.ring_buffer_kv_cache import default_ring_size
+
     text = model.config.text
     if "sliding_attention" not in text.layer_types:
         return None
-    return max(2 * text.sliding_window, text.sliding_window + max_prefill_chunk - 1)
+    return default_ring_size(text.sliding_window, max_prefill_chunk)
 
 
 def rewrite_runner_programs(model: torch.nn.Module, programs: dict[str, ExportedProgram], max_prefill_chunk: int,
