@@ -15,7 +15,7 @@ constant methods (scalars unless said)
     ``get_max_seq_len``        the largest ``T`` one call accepts (the prefill chunk). Required.
     ``get_max_context_len``    KV positions: a prompt plus its generation fits below it.
     ``use_kv_cache``           1: the program keeps its own KV cache between calls.
-    ``use_sdpa_with_kv_cache`` 0: no ExecuTorch custom-SDPA op is needed.
+    ``use_sdpa_with_kv_cache`` 0 (informational: ExecuTorch 1.5.1's runner does not read it).
     ``enable_dynamic_shape``   1: a prompt goes in chunks of up to ``get_max_seq_len`` tokens
                                (0 would make the runner feed it one token per call).
     ``get_eos_ids``            list of ids that end generation (``<eos>``, ``<end_of_turn>``).
@@ -27,6 +27,13 @@ tokenizer
     ``tokenizer.json`` in the program's tokenizer folder. Its post-processor prepends BOS;
     ExecuTorch's ``HFTokenizer`` runs it only when the runner asks for BOS
     (``GenerationConfig(num_bos=1)``), and then the prompt ids equal ``fxport run``'s.
+
+kernels
+    XNNPACK programs call ExecuTorch's ``llama::custom_sdpa`` for causal KV-cache attention
+    (:class:`fxport.passes.xnnpack.CustomSDPA`; ``fxport export --no-custom-sdpa`` leaves it out).
+    Its kernel is in ExecuTorch's LLM custom ops (``extension/llm/custom_ops``): linked into
+    ``llama_main`` and the Android / iOS LLM apps; in Python, :func:`load_llm_kernels` registers
+    them (the wheel's ``libcustom_ops_aot_lib``) before a program is loaded.
 
 Programs written before this contract (constant method ``get_max_prefill_chunk``, no
 ``get_max_context_len``) are refused with :data:`REEXPORT_HINT`.
@@ -98,6 +105,36 @@ MULTIMODAL_CONSTANTS = (HIDDEN_SIZE, PER_LAYER_COLUMNS, EMBEDDING_DIM, BIDIRECTI
 LEGACY_MARKER = "get_max_prefill_chunk"
 REEXPORT_HINT = ("was written by an older fxport (before ExecuTorch's LLM-runner contract: no "
                  "get_max_context_len); re-export it with `fxport export` (or `make demo`)")
+
+
+def load_llm_kernels() -> None:
+    """Register ExecuTorch's LLM custom-op kernels (``llama::custom_sdpa`` ...) in this process, once.
+
+    A program that calls them fails to load its method without them ("Missing operator"). The
+    wheel ships them in ``executorch/extension/llm/custom_ops/libcustom_ops_aot_lib``; loading it
+    registers the ExecuTorch kernels (for the runtime and the LLM runner's bindings) and the torch
+    ops. Raises ImportError naming the file when the wheel lacks it.
+    """
+    global _LLM_KERNELS_LOADED
+    if _LLM_KERNELS_LOADED:
+        return
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("executorch.extension.llm.custom_ops")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    libs = sorted(p for d in folders for p in Path(d).glob("libcustom_ops_aot_lib.*"))
+    if not libs:
+        raise ImportError("ExecuTorch's LLM custom ops (executorch/extension/llm/custom_ops/libcustom_ops_aot_lib.so) "
+                          "are not installed; reinstall executorch==1.5.1, or re-export with --no-custom-sdpa")
+    from executorch.extension.pybindings import portable_lib  # noqa: F401  (the runtime the kernels register into)
+
+    if not hasattr(torch.ops.llama, "custom_sdpa"):
+        torch.ops.load_library(str(libs[0]))
+    _LLM_KERNELS_LOADED = True
+
+
+_LLM_KERNELS_LOADED = False
 
 
 class ContractError(ValueError):

@@ -112,6 +112,9 @@ class BuildOptions:
     # the compile-time patches of fxport.builder.speedups (and the paused collector): the same
     # program either way, ~4x faster with them
     speedups: bool = True
+    # xnnpack: causal KV-cache attention through ExecuTorch's llama::custom_sdpa kernel
+    # (fxport.passes.xnnpack.CustomSDPA); off: attention stays in XNNPACK over the whole cache
+    custom_sdpa: bool = True
 
     def key(self) -> dict[str, Any]:
         d = asdict(self)

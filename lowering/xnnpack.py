@@ -59,12 +59,15 @@ from fxport.lowering.xnnpack_quant import (  # noqa: F401  (re-exported: the bac
 def cpu_passes(*, windows: Mapping[str, int] | None = None,
                ring_size: int | None = None, last_token_logits: bool = True,
                xnnpack_rewrites: bool = True, max_prefill_chunk: int | None = None,
-               verify: bool = False) -> dict[str, list]:
+               verify: bool = False, custom_sdpa: bool = True) -> dict[str, list]:
     """The CPU pass set per method: ``{"prefill": [...], "decode": [...]}``.
 
     * ``RingBufferKVCache`` when there are sliding-window caches: ``windows`` maps each cache
       buffer FQN to its window (for fxport's Gemma,
       ``fxport.models.gemma4.model.sliding_window_buffers(model)``);
+    * ``CustomSDPA`` when ``custom_sdpa``: causal KV-cache attention as ExecuTorch's
+      ``llama::custom_sdpa`` (reads the written prefix of the cache in place; the program then
+      needs ExecuTorch's LLM custom-op kernels, see :mod:`fxport.contract`);
     * ``GeluTanhAsTanh`` (XNNPACK serializes every GELU as the erf form), ``AdditiveAttentionMask``,
       ``SDPAAsMatmul``, ``RMSNormAsLinear`` and ``SymbolicViewAsInferred``
       (:mod:`fxport.passes.xnnpack`) when ``xnnpack_rewrites``: patterns XNNPACK would
@@ -96,6 +99,10 @@ def cpu_passes(*, windows: Mapping[str, int] | None = None,
         from fxport.passes.ring_buffer_kv_cache import RingBufferKVCache
 
         common.append(RingBufferKVCache(windows=windows, ring_size=ring_size, max_prefill_chunk=max_prefill_chunk))
+    if custom_sdpa:
+        from fxport.passes.xnnpack.custom_sdpa import CustomSDPA
+
+        common.append(CustomSDPA())
     if xnnpack_rewrites:
         common += [GeluTanhAsTanh(), AdditiveAttentionMask(), SDPAAsMatmul(), RMSNormAsLinear(), SymbolicViewAsInferred()]
     prefill_only = [RotateHalfAsLinear()] if xnnpack_rewrites else []
@@ -357,7 +364,9 @@ def run_passes(programs: Mapping[str, ExportedProgram], options: Any, *, windows
     """The CPU pass set (:func:`cpu_passes`) over each method: ``(programs, {method: result})``."""
     return apply_method_passes(programs, cpu_passes(windows=windows, ring_size=options.ring_size,
                                                     max_prefill_chunk=options.max_prefill_chunk,
-                                                    verify=VERIFY in programs), dump=options.dump)
+                                                    verify=VERIFY in programs,
+                                                    custom_sdpa=getattr(options, "custom_sdpa", True)),
+                              dump=options.dump)
 
 
 def dry_run(programs: Mapping[str, ExportedProgram]):

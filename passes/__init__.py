@@ -22,6 +22,7 @@ _LAZY_PASSES = {
     "LastTokenLogits": "fxport.passes.last_token_logits",
     "EdgeDecompositions": "fxport.passes.edge_decompositions",
     "AdditiveAttentionMask": "fxport.passes.xnnpack",
+    "CustomSDPA": "fxport.passes.xnnpack",
     "GeluTanhAsTanh": "fxport.passes.xnnpack",
     "RMSNormAsLinear": "fxport.passes.xnnpack",
     "RotateHalfAsLinear": "fxport.passes.xnnpack",

@@ -196,6 +196,7 @@ class RunnerLayoutBackend:
 
                 set_num_threads(num_threads)
             try:
+                contract.load_llm_kernels()  # llama::custom_sdpa (fxport.passes.xnnpack.CustomSDPA)
                 self.program = Runtime.get().load_program(path, data_path=data_path)
                 names = set(self.program.method_names)
                 missing = [m for m in (contract.TOKEN_EMBEDDING, contract.TEXT_DECODER) if m not in names]

@@ -120,6 +120,7 @@ class PteBackend:
             log = io.StringIO()
             missing = []
             try:
+                contract.load_llm_kernels()  # llama::custom_sdpa (fxport.passes.xnnpack.CustomSDPA)
                 with contextlib.redirect_stderr(log):
                     self.program = Runtime.get().load_program(path, data_path=data_path)
                     names = self.program.method_names

@@ -72,6 +72,9 @@ class StockMultimodalRunner:
         self.rss_before = rss_bytes()
         with _native_output(verbose):
             import executorch.kernels.quantized  # noqa: F401  (quantized ops for the runner's kernel registry)
+            from fxport.contract import load_llm_kernels
+
+            load_llm_kernels()  # llama::custom_sdpa for the runner's kernel registry
             from executorch.extension.llm.runner import MultimodalRunner
             from executorch.runtime import Runtime
 

@@ -134,6 +134,9 @@ class StockRunner:
         self.pte, self.tokenizer, self.data, self.verbose = pte, tokenizer, data, verbose
         with _native_output(verbose):  # the bindings log from static initializers at import too
             import executorch.kernels.quantized  # noqa: F401  (embedding_byte & co. for the runner's kernel registry)
+            from fxport.contract import load_llm_kernels
+
+            load_llm_kernels()  # llama::custom_sdpa for the runner's kernel registry
             from executorch.extension.llm.runner import TextLLMRunner
 
             # after the imports: rss_delta counts the tokenizer and the program, not the libraries

@@ -11,16 +11,20 @@ numbers (one pass per module, each with its contract docstring):
 * :class:`SDPAAsMatmul` — SDPA as matmul / softmax / matmul, GQA folded (no K/V copies);
 * :class:`RMSNormAsLinear` — ``rms_norm``'s mean as a linear;
 * :class:`SymbolicViewAsInferred` — a view's one symbolic size as ``-1``;
-* :class:`RotateHalfAsLinear` — RoPE's ``rotate_half`` as a linear with a signed permutation.
+* :class:`RotateHalfAsLinear` — RoPE's ``rotate_half`` as a linear with a signed permutation;
+* :class:`CustomSDPA` — causal KV-cache attention as ExecuTorch's ``llama::custom_sdpa`` (in
+  place, over the written prefix only: not an XNNPACK op, but it replaces the cache copies and
+  the whole-cache attention XNNPACK would run).
 """
 
 from __future__ import annotations
 
 from fxport.passes.xnnpack.additive_attention_mask import AdditiveAttentionMask
+from fxport.passes.xnnpack.custom_sdpa import CustomSDPA
 from fxport.passes.xnnpack.gelu_tanh_as_tanh import GeluTanhAsTanh
 from fxport.passes.xnnpack.rms_norm_as_linear import RMSNormAsLinear
 from fxport.passes.xnnpack.rotate_half_as_linear import RotateHalfAsLinear
 from fxport.passes.xnnpack.sdpa_as_matmul import SDPAAsMatmul
 from fxport.passes.xnnpack.symbolic_view_as_inferred import SymbolicViewAsInferred
 
-__all__ = ["AdditiveAttentionMask", "GeluTanhAsTanh", "RMSNormAsLinear", "RotateHalfAsLinear", "SDPAAsMatmul", "SymbolicViewAsInferred"]
+__all__ = ["AdditiveAttentionMask", "CustomSDPA", "GeluTanhAsTanh", "RMSNormAsLinear", "RotateHalfAsLinear", "SDPAAsMatmul", "SymbolicViewAsInferred"]

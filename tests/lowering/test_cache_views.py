@@ -28,7 +28,7 @@ def lowered(tiny, tmp_path_factory):
     for name, views in (("copies", False), ("views", True)):  # lowering consumes its programs
         with torch.no_grad():
             programs = export_methods(model, max_prefill_chunk=tiny.max_chunk, methods=("prefill",))
-        programs, _ = apply_method_passes(programs, cpu_passes(windows=sliding_window_buffers(model)))
+        programs, _ = apply_method_passes(programs, cpu_passes(windows=sliding_window_buffers(model), custom_sdpa=False))
         low = lower_fast(programs, constant_methods=tiny.metadata(), cache_views=views)
         out[name] = (low, low.save(tmp_path_factory.mktemp(name) / f"{name}.pte"))
     return out
