@@ -14,9 +14,12 @@ are caches written in this program by their one write
 ``index_put(cache, [None, None, pos], new)`` on a buffer of shape (B, H_kv, S, D), S static,
 ``pos`` a (L,) int64 input of the program (absolute positions: the runner contract's
 ``input_pos``), key and value written at the same ``pos``, with
-  * ``dropout_p == 0``, ``is_causal=False``, a query of the caches' float dtype;
+  * ``dropout_p == 0``, ``is_causal=False``, a query of the caches' dtype (float32, bfloat16
+    or float16: the kernel's);
   * a mask (bool, or additive float with only 0 / -inf) computed from ``pos`` and constants
-    alone that never lets query i see a slot past ``pos[i]`` and lets it see at least one.
+    alone (a size equal to ``pos``'s length counts as ``pos``'s, whichever input export read
+    it from: ``zeros(mask.shape)`` with L taken off the tokens) that never lets query i see a
+    slot past ``pos[i]`` and lets it see at least one.
     It is checked by evaluating the mask's subgraph for every start position 0 .. S - 1 at
     L = 1 and, at the largest chunk L, for starts 0, 1, S - L and a stride in between
     (S <= 65536; above, a stride of S / 4096 at L = 1). Exactly causal (row i sees slot s iff
@@ -34,7 +37,7 @@ in the prefix case the kernel gets ``k_cache[:, :start + L]`` / ``v_cache[:, :st
 mask node), with ``is_causal=False``, and ``start + L <= S`` is asserted.
 Leaves alone (skip reasons): masks that let a query see unwritten slots, ring buffers (their
 positions are computed), masks that read other inputs (e.g. vision runs), prefix-case masks
-with batch / head dims other than 1,
+with batch / head dims other than 1, caches of other dtypes (float64),
 caches with other readers, SDPAs without a mask, causal / dropout SDPAs, and caches already
 (B, S, H, D) (so the pass is idempotent: a rewritten program has no SDPA on a cache left).
 Rejects (PassError): a buffer that another method's rewrite by this pass object re-laid out but
@@ -63,8 +66,10 @@ from fxport.passes.base import Pass, PassContext, PassError, PassResult, PassSta
 from fxport.passes.graph import (
     buffer_placeholders,
     call,
+    dims_equal,
     input_spec,
     mark_mutated,
+    meta_val,
     mutated_buffers,
     resize_buffer,
     shape,
@@ -211,6 +216,8 @@ class CustomSDPA(Pass):
             raise _Skip("symbolic or unequal cache lengths")
         if qval is None or qval.dtype != cval.dtype or not cval.dtype.is_floating_point:
             raise _Skip("query dtype differs from the caches'")
+        if cval.dtype not in (torch.float32, torch.bfloat16, torch.float16):  # the kernel's dtypes
+            raise _Skip("cache dtype other than float32 / bfloat16 / float16")
         if val(writes[0].positions).dtype != torch.int64:
             raise _Skip("positions are not int64")
         chunk = upper_bound(ep, shape(writes[0].positions)[0])
@@ -256,7 +263,7 @@ class CustomSDPA(Pass):
         for other, theirs in self.layouts.items():
             if other == method:
                 continue
-            for b in set(layout) & set(theirs):
+            for b in sorted(set(layout) & set(theirs)):  # the same buffer named every run
                 if (layout[b] is None) != (theirs[b] is None):
                     mine_done, why = (other, method), theirs[b] if theirs[b] is not None else layout[b]
                     done_in, not_in = mine_done if theirs[b] is None else mine_done[::-1]
@@ -278,7 +285,13 @@ class CustomSDPA(Pass):
         placeholder = resize_buffer(ep, name, torch.zeros(B, S, H, D, dtype=old.dtype, device=old.device))
         g = ep.graph
         with g.inserting_before(write.node):
-            rows = call(g, aten.permute.default, write.value, [0, 2, 1, 3])  # (B, L, H, D)
+            value, dims = write.value, shape(write.value)  # index_put broadcasts it: (H, L, D) for B = 1
+            for _ in range(4 - len(dims)):
+                value = call(g, aten.unsqueeze.default, value, 0)
+            dims = (1,) * (4 - len(dims)) + tuple(dims)
+            if (dims[0], dims[1], dims[3]) != (B, H, D):
+                value = call(g, aten.expand.default, value, [B, H, -1, D])  # (B, H, L, D)
+            rows = call(g, aten.permute.default, value, [0, 2, 1, 3])  # (B, L, H, D)
             new = call(g, aten.index_copy.default, placeholder, 1, write.positions, rows)  # (B, S, H, D)
         new.meta.update({k: v for k, v in write.node.meta.items() if k in ("nn_module_stack", "stack_trace")})
         mark_mutated(ep, name, new)
@@ -318,7 +331,11 @@ def _mask_kind(ep: ExportedProgram, mask: Node, pos: Node, S: int, chunk: int) -
     mval = val(mask)
     if mval is None or mval.shape[-1] != S:
         return "mask last dim is not the cache length"
-    nodes = ancestors([mask]) | {mask}
+    # a size equal to pos's length stands for L (export may read it off another input: the tokens)
+    length = shape(pos)[0]
+    sizes = set() if isinstance(length, int) else {
+        n for n in ancestors([mask]) if n.target is aten.sym_size.int and dims_equal(meta_val(n), length)}
+    nodes = ancestors([mask], stop=sizes) | sizes | {mask}
     consts: dict[Node, Any] = {}
     for n in nodes:
         if n.op != "placeholder" or n is pos:
@@ -331,7 +348,7 @@ def _mask_kind(ep: ExportedProgram, mask: Node, pos: Node, S: int, chunk: int) -
     order = [n for n in ep.graph.nodes if n in nodes]
 
     def evaluate(p: torch.Tensor) -> torch.Tensor:
-        env: dict[Node, Any] = {pos: p, **consts}
+        env: dict[Node, Any] = {pos: p, **consts, **{n: len(p) for n in sizes}}
         for n in order:
             if n in env:
                 continue
