@@ -24,7 +24,10 @@ Runtimes: fxport ``.pte`` per recipe in fxport's Python runtime and in ExecuTorc
 ``TextLLMRunner`` (``--skip runner`` leaves it out) (``build/gemma3-270m-<recipe>.pte``, exported here when
 missing: ``--force-export`` rebuilds), llama.cpp through llama-cpp-python on the same GGUF (see
 ``bench/quality.py LLAMACPP_INSTALL`` for the install command that works on AMX CPUs),
-transformers 5 eager fp32 (``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)``).
+transformers 5 eager fp32 (``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)``), and
+optimum-executorch 1.1.0's program for the same GGUF (8da8w, custom SDPA / KV cache) in the same
+``TextLLMRunner`` when ``build/optimum/model.pte`` exists (``--optimum-pte``; its own virtualenv builds it:
+``bench/optimum_peer.py --venv /work/oe-venv``, whose docstring has the recipe).
 
 The process re-executes itself with glibc's transparent huge pages for large allocations
 (``--huge-pages on``, the default, as ``fxport run`` does: :mod:`fxport.runtime.huge_pages`);
@@ -157,6 +160,79 @@ class TransformersRuntime:
             return self.model(torch.tensor([window])).logits[0].float()
 
 
+# ----------------------------------------------------------------------------- optimum-executorch peer (issue 24)
+
+OPTIMUM_PTE = BUILD / "optimum" / "model.pte"  # bench/optimum_peer.py writes it (with its tokenizer in hf/)
+
+
+def optimum_tokenizer(pte: Path) -> Path:
+    """The ``tokenizer.json`` of ``bench/optimum_peer.py``'s checkpoint beside its program."""
+    return pte.parent / "hf" / "tokenizer.json"
+
+
+class OptimumRuntime(StockRunnerRuntime):
+    """optimum-executorch 1.1.0's program (``bench/optimum_peer.py``: XNNPACK 8da8w, custom SDPA and KV
+    cache) in ExecuTorch's ``TextLLMRunner``, timed exactly as the ``runner-*`` rows; its tokenizer is
+    the checkpoint's ``tokenizer.json`` (same vocabulary as fxport's), its weights inside the ``.pte``."""
+
+    def __init__(self, pte: Path, prompt_len: int):
+        from fxport.runtime.stock_runner import StockRunner, bench_prompt
+
+        self.runner = StockRunner(pte, optimum_tokenizer(pte))
+        self.prompt = bench_prompt(self.runner.tokenizer, prompt_len)
+
+
+class OptimumLogits:
+    """Teacher-forced logits of optimum-executorch's program through ``executorch.runtime``. Its
+    contract: method ``forward(input_ids (1, L) int64, cache_position (L,) int64) -> logits (1, L, V)``
+    for every position, ``L <= max_seq_len - 1``, KV caches inside. A window is fed ``chunk`` tokens
+    per call from position 0 (the caches' stale entries lie at later positions, which the causal and
+    ring-buffer masks exclude, as when its runner starts a new sequence). Default 1, as the fxport
+    rows are scored and as its runner decodes (XNNPACK's kernels differ slightly with the row count:
+    on 64 Apache-2.0 tokens KL to transformers fp32 is 0.047 one token per call, 0.050 in one call)."""
+
+    def __init__(self, pte: Path, chunk: int = 1):
+        import executorch.kernels.quantized  # noqa: F401  (quantized_decomposed embedding ops)
+        from executorch.runtime import Runtime
+
+        from fxport.contract import load_llm_kernels
+
+        load_llm_kernels()  # llama::custom_sdpa / update_cache
+        self.program = Runtime.get().load_program(str(pte))
+        self.method = self.program.load_method("forward")
+        self.chunk = chunk
+
+    def __call__(self, window: list[int]) -> torch.Tensor:
+        rows = []
+        for s in range(0, len(window), self.chunk):
+            part = window[s:s + self.chunk]
+            out = self.method.execute([torch.tensor([part]), torch.arange(s, s + len(part))])[0]
+            rows.append(out[0].float().clone())  # (L, V)
+        return torch.cat(rows)
+
+
+def optimum_bytes(pte: Path) -> int | None:
+    """Bytes one decode step of the 8da8w program reads, from its checkpoint's shapes: every linear
+    weight (the tied head too) at 1 byte + a float32 scale per output channel, and one int8 row of
+    the embedding table with its scale."""
+    from safetensors import safe_open
+
+    st = pte.parent / "hf" / "model.safetensors"
+    if not st.is_file():
+        return None
+    total = 0
+    with safe_open(str(st), "pt") as f:
+        for name in f.keys():
+            shape = f.get_slice(name).get_shape()
+            if len(shape) != 2:
+                continue
+            if name.endswith("embed_tokens.weight"):
+                total += shape[0] * shape[1] + 4 * shape[0] + shape[1] + 4  # head (tied) + one embedding row
+            else:
+                total += shape[0] * shape[1] + 4 * shape[0]
+    return total
+
+
 # ----------------------------------------------------------------------------- measurements
 
 
@@ -192,7 +268,7 @@ print("DELTA", rss_bytes() - before)
 _RSS_RUNNER = """
 import sys
 from fxport.runtime.stock_runner import StockRunner
-r = StockRunner(sys.argv[1])
+r = StockRunner(sys.argv[1], *sys.argv[3:4])  # argv[3]: a tokenizer.json not beside the program
 print("TOKENIZER", r.rss_delta())  # the runner reads its tokenizer when created, the program at its first generate
 r.generate(sys.argv[2], 65)
 print("DELTA", r.rss_delta())
@@ -274,6 +350,9 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--skip", nargs="*", default=[], choices=["transformers", "llamacpp", "quality", "rss", "runner"])
     p.add_argument("--force-export", action="store_true")
+    p.add_argument("--optimum-pte", type=Path, default=OPTIMUM_PTE if OPTIMUM_PTE.is_file() else None,
+                   help="optimum-executorch's program for a peer row (bench/optimum_peer.py builds it; default: "
+                        "build/optimum/model.pte if it exists, else no row)")
     p.add_argument("--huge-pages", choices=["on", "off"], default="on",
                    help="run this process (so every runtime in it, llama.cpp too) with glibc's transparent huge "
                         "pages for large allocations (fxport.runtime.huge_pages; default on, as fxport run does)")
@@ -294,6 +373,9 @@ def main(argv=None) -> int:
 
     gguf = gemma3_270m_gguf()
     ptes = {r: ensure_pte(r, gguf, args.force_export) for r in args.recipes}
+    optimum = args.optimum_pte
+    if optimum is not None and not optimum.is_file():
+        p.error(f"--optimum-pte {optimum}: no such file; build it with bench/optimum_peer.py --venv /work/oe-venv")
 
     # ---- quality (cached)
     qual: dict[str, Q.Score | None] = {}
@@ -310,6 +392,10 @@ def main(argv=None) -> int:
             rt = FxportRuntime(pte, args.threads)
             qual[r] = quality_of(f"pte-{r}", pte, corpus, ref, lambda w: Q.pte_logits(rt.backend, w))
             del rt
+        if optimum is not None:
+            om = OptimumLogits(optimum)
+            qual["optimum"] = quality_of("optimum", optimum, corpus, ref, om)
+            del om
         if "llamacpp" not in args.skip:
             llm = Q.load_llamacpp(gguf, Q.WINDOW, args.threads, logits_all=True)
             print(Q.check_tokenizers(tokenizer, llm), file=sys.stderr)
@@ -330,11 +416,15 @@ def main(argv=None) -> int:
 
     sizes = {r: program_bytes(pte) for r, pte in ptes.items()}  # .pte + its .ptd weights
     sizes["llamacpp"] = gguf.stat().st_size
+    if optimum is not None:  # its weights are inside the .pte
+        nbytes["optimum"], sizes["optimum"] = optimum_bytes(optimum), optimum.stat().st_size
 
     # ---- speed, interleaved
     runtimes: dict[str, object] = {r: FxportRuntime(pte, args.threads) for r, pte in ptes.items()}
     if "runner" not in args.skip:
         runtimes.update({f"runner-{r}": StockRunnerRuntime(pte, args.prompt_len) for r, pte in ptes.items()})
+    if optimum is not None:
+        runtimes["optimum"] = OptimumRuntime(optimum, args.prompt_len)
     if "llamacpp" not in args.skip:
         runtimes["llamacpp"] = LlamaCppRuntime(gguf, args.threads, args.prompt_len + args.new_tokens + 8, args.prompt_len)
     if "transformers" not in args.skip:
@@ -370,11 +460,20 @@ def main(argv=None) -> int:
                     rss_nolock[f"runner-{r}"] = peak_rss(nolock + [sys.executable, "-c", _RSS_RUNNER, str(pte), prompt])
         if "llamacpp" not in args.skip:
             rss["llamacpp"] = peak_rss([sys.executable, "-c", _RSS_LLAMA, str(gguf), str(args.threads)])
+        if optimum is not None:
+            from fxport.runtime.stock_runner import bench_prompt
+
+            tok_json = optimum_tokenizer(optimum)
+            cmd = [sys.executable, "-c", _RSS_RUNNER, str(optimum), bench_prompt(tok_json, args.prompt_len), str(tok_json)]
+            rss["optimum"] = peak_rss(cmd)
+            if nolock:
+                rss_nolock["optimum"] = peak_rss(nolock + cmd)
 
     labels = {"reference": "reference fp32 (GGUF dequantized)", "llamacpp": "llama.cpp (llama-cpp-python 0.3.36), same GGUF",
               "transformers": "transformers eager fp32"}
     labels.update({r: f"fxport .pte `{r}`" for r in ptes})
     labels.update({f"runner-{r}": f"same `{r}` .pte in ExecuTorch's TextLLMRunner" for r in ptes})
+    labels["optimum"] = "optimum-executorch 8da8w (TextLLMRunner)"
     for r in ptes:  # the runner reads the same program: same quality, bytes, file
         for table in (qual, nbytes, sizes):
             if r in table:
@@ -388,11 +487,13 @@ def main(argv=None) -> int:
           "(one process: every runtime alike)")
     if qual:
         print(f"quality: texts A = {Q.TEXTS['A']}, B = {Q.TEXTS['B']}, {Q.N_TOKENS} tokens each, "
-              f"{Q.WINDOW}-token windows; fxport .pte scored one token per call, teacher-forced")
+              f"{Q.WINDOW}-token windows; fxport .pte scored one token per call, teacher-forced"
+              + ("; optimum-executorch's program too (its forward, which returns every position's logits)"
+                 if "optimum" in qual else ""))
     print("| runtime | ppl A | ppl B | KL to ref | top-1 agree | bytes/token | file | peak RSS | RSS added | "
           "prefill tok/s | decode tok/s | decode % of BW ceiling |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    order = [x for r in ptes for x in (r, f"runner-{r}")]
+    order = [x for r in ptes for x in (r, f"runner-{r}")] + ["optimum"]
     for k in ["reference", *order, "llamacpp", "transformers"]:
         if k != "reference" and k not in times:
             continue
