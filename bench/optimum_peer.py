@@ -101,6 +101,8 @@ def export(venv: Path, hf_dir: Path = HF_DIR, out_dir: Path = OUT) -> tuple[Path
         raise SystemExit(f"optimum-executorch export failed (exit {rc}, {wall:.0f} s); {log}:\n" + "\n".join(tail))
     pte = out_dir / "model.pte"
     (tmp / "model.pte").replace(pte)
+    if not any(tmp.iterdir()):
+        tmp.rmdir()
     (out_dir / "export.json").write_text(json.dumps({"command": cmd, "wall_s": wall, "bytes": pte.stat().st_size}))
     return pte, wall
 
