@@ -348,7 +348,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--skip", nargs="*", default=[], choices=["transformers", "llamacpp", "quality", "rss", "runner"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["transformers", "llamacpp", "quality", "rss", "runner", "optimum"])
     p.add_argument("--force-export", action="store_true")
     p.add_argument("--optimum-pte", type=Path, default=OPTIMUM_PTE if OPTIMUM_PTE.is_file() else None,
                    help="optimum-executorch's program for a peer row (bench/optimum_peer.py builds it; default: "
@@ -373,7 +373,7 @@ def main(argv=None) -> int:
 
     gguf = gemma3_270m_gguf()
     ptes = {r: ensure_pte(r, gguf, args.force_export) for r in args.recipes}
-    optimum = args.optimum_pte
+    optimum = None if "optimum" in args.skip else args.optimum_pte
     if optimum is not None and not optimum.is_file():
         p.error(f"--optimum-pte {optimum}: no such file; build it with bench/optimum_peer.py --venv /work/oe-venv")
 
