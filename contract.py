@@ -15,7 +15,8 @@ constant methods (scalars unless said)
     ``get_max_seq_len``        the largest ``T`` one call accepts (the prefill chunk). Required.
     ``get_max_context_len``    KV positions: a prompt plus its generation fits below it.
     ``use_kv_cache``           1: the program keeps its own KV cache between calls.
-    ``use_sdpa_with_kv_cache`` 0 (informational: ExecuTorch 1.5.1's runner does not read it).
+    ``use_sdpa_with_kv_cache`` 1 when the program calls ``llama::custom_sdpa`` (see kernels
+                               below), else 0; informational: the 1.5.1 runner does not read it.
     ``enable_dynamic_shape``   1: a prompt goes in chunks of up to ``get_max_seq_len`` tokens
                                (0 would make the runner feed it one token per call).
     ``get_eos_ids``            list of ids that end generation (``<eos>``, ``<end_of_turn>``).
@@ -29,8 +30,8 @@ tokenizer
     (``GenerationConfig(num_bos=1)``), and then the prompt ids equal ``fxport run``'s.
 
 kernels
-    XNNPACK programs call ExecuTorch's ``llama::custom_sdpa`` for causal KV-cache attention
-    (:class:`fxport.passes.xnnpack.CustomSDPA`; ``fxport export --no-custom-sdpa`` leaves it out).
+    XNNPACK programs may call ExecuTorch's ``llama::custom_sdpa`` for causal KV-cache attention
+    when built with ``fxport export --custom-sdpa`` (:class:`fxport.passes.xnnpack.CustomSDPA`).
     Its kernel is in ExecuTorch's LLM custom ops (``extension/llm/custom_ops``): linked into
     ``llama_main`` and the Android / iOS LLM apps; in Python, :func:`load_llm_kernels` registers
     them (the wheel's ``libcustom_ops_aot_lib``) before a program is loaded.
@@ -126,7 +127,7 @@ def load_llm_kernels() -> None:
     libs = sorted(p for d in folders for p in Path(d).glob("libcustom_ops_aot_lib.*"))
     if not libs:
         raise ImportError("ExecuTorch's LLM custom ops (executorch/extension/llm/custom_ops/libcustom_ops_aot_lib.so) "
-                          "are not installed; reinstall executorch==1.5.1, or re-export with --no-custom-sdpa")
+                          "are not installed; reinstall executorch==1.5.1, or re-export without --custom-sdpa")
     from executorch.extension.pybindings import portable_lib  # noqa: F401  (the runtime the kernels register into)
 
     if not hasattr(torch.ops.llama, "custom_sdpa"):

@@ -62,6 +62,9 @@ def pte_path(recipe: str) -> Path:
     return BUILD / f"gemma3-270m-{recipe}.pte"
 
 
+CUSTOM_SDPA = "custom-sdpa"
+
+
 def ensure_pte(recipe: str, gguf: Path, force: bool = False) -> Path:
     """The recipe's .pte (max_seq_len 512, prefill chunk 128) and its ``.bytes`` sidecar."""
     out = pte_path(recipe)
@@ -74,8 +77,12 @@ def ensure_pte(recipe: str, gguf: Path, force: bool = False) -> Path:
     print(f"exporting {out} (recipe {recipe}) ...", file=sys.stderr, flush=True)
     model, tok_src = load_model(gguf, max_seq_len=Q.WINDOW, progress=False)
     t0 = time.perf_counter()
+    quant, _, option = recipe.partition("+")  # "balanced+custom-sdpa": fxport export --custom-sdpa
+    if option not in ("", CUSTOM_SDPA):
+        raise SystemExit(f"--recipes {recipe}: the one option a recipe takes is +{CUSTOM_SDPA}")
     build(Source(model=model, tokenizer=load_tokenizer(tok_src)), out,
-          BuildOptions(quant=recipe, max_seq_len=int(model.max_seq_len), max_prefill_chunk=128))
+          BuildOptions(quant=quant, max_seq_len=int(model.max_seq_len), max_prefill_chunk=128,
+                       custom_sdpa=option == CUSTOM_SDPA))
     out.with_suffix(".bytes").write_text(str(Q.linear_bytes(model)))
     print(f"exported {out} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return out
@@ -343,7 +350,8 @@ def quality_of(name: str, key_file: Path | None, corpus, ref, logits_fn) -> Q.Sc
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--recipes", nargs="*", default=["balanced", "fast"], help="fxport XNNPACK recipes (one .pte each)")
+    p.add_argument("--recipes", nargs="*", default=["balanced", "fast"],
+                   help="fxport XNNPACK recipes (one .pte each); RECIPE+custom-sdpa builds it with --custom-sdpa")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)

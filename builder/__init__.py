@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from fxport.contract import VERIFY
+from fxport.contract import USE_SDPA_WITH_KV_CACHE, VERIFY
 
 STAGES = ("load", "quantize", "export", "passes", "lower", "serialize", "save")
 BACKENDS = {"xnnpack": "fxport.lowering.xnnpack", "cuda": "fxport.lowering.cuda"}
@@ -112,9 +112,15 @@ class BuildOptions:
     # the compile-time patches of fxport.builder.speedups (and the paused collector): the same
     # program either way, ~4x faster with them
     speedups: bool = True
-    # xnnpack: causal KV-cache attention through ExecuTorch's llama::custom_sdpa kernel
-    # (fxport.passes.xnnpack.CustomSDPA); off: attention stays in XNNPACK over the whole cache
-    custom_sdpa: bool = True
+    # xnnpack, opt-in: causal KV-cache attention through ExecuTorch's llama::custom_sdpa kernel
+    # (fxport.passes.xnnpack.CustomSDPA: faster decode, not bit-reproducible on 2+ threads);
+    # off (default): attention stays in XNNPACK over the whole cache
+    custom_sdpa: bool = False
+
+    def __post_init__(self) -> None:
+        if self.custom_sdpa and self.backend != "xnnpack":
+            raise ValueError(f"custom_sdpa is an xnnpack option; --backend {self.backend} has its own attention "
+                             "(drop --custom-sdpa)")
 
     def key(self) -> dict[str, Any]:
         d = asdict(self)
@@ -657,6 +663,9 @@ def build(source: Source, out: str | Path | None, options: BuildOptions = BuildO
                     times.start("passes")
                     programs, result.pass_results = backend.run_passes(programs, options,
                                                                        windows=sliding_windows(model))
+                    if any(r.stats.rewritten for p in result.pass_results.values() for r in p.records
+                           if r.name == "custom_sdpa"):  # the runner must provide llama::custom_sdpa
+                        result.metadata = {**result.metadata, USE_SDPA_WITH_KV_CACHE: 1}
                     gc_pause.boundary()
                     times.start("lower")
                     if options.dry_run:

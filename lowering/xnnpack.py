@@ -59,15 +59,16 @@ from fxport.lowering.xnnpack_quant import (  # noqa: F401  (re-exported: the bac
 def cpu_passes(*, windows: Mapping[str, int] | None = None,
                ring_size: int | None = None, last_token_logits: bool = True,
                xnnpack_rewrites: bool = True, max_prefill_chunk: int | None = None,
-               verify: bool = False, custom_sdpa: bool = True) -> dict[str, list]:
+               verify: bool = False, custom_sdpa: bool = False) -> dict[str, list]:
     """The CPU pass set per method: ``{"prefill": [...], "decode": [...]}``.
 
     * ``RingBufferKVCache`` when there are sliding-window caches: ``windows`` maps each cache
       buffer FQN to its window (for fxport's Gemma,
       ``fxport.models.gemma4.model.sliding_window_buffers(model)``);
-    * ``CustomSDPA`` when ``custom_sdpa``: causal KV-cache attention as ExecuTorch's
-      ``llama::custom_sdpa`` (reads the written prefix of the cache in place; the program then
-      needs ExecuTorch's LLM custom-op kernels, see :mod:`fxport.contract`);
+    * ``CustomSDPA`` when ``custom_sdpa`` (opt-in): causal KV-cache attention as ExecuTorch's
+      ``llama::custom_sdpa`` (in place, no cache copies; the program then needs ExecuTorch's LLM
+      custom-op kernels, see :mod:`fxport.contract`, and its logits are not bit-reproducible
+      across runs on more than one thread: see :mod:`fxport.passes.xnnpack.custom_sdpa`);
     * ``GeluTanhAsTanh`` (XNNPACK serializes every GELU as the erf form), ``AdditiveAttentionMask``,
       ``SDPAAsMatmul``, ``RMSNormAsLinear`` and ``SymbolicViewAsInferred``
       (:mod:`fxport.passes.xnnpack`) when ``xnnpack_rewrites``: patterns XNNPACK would
@@ -365,7 +366,7 @@ def run_passes(programs: Mapping[str, ExportedProgram], options: Any, *, windows
     return apply_method_passes(programs, cpu_passes(windows=windows, ring_size=options.ring_size,
                                                     max_prefill_chunk=options.max_prefill_chunk,
                                                     verify=VERIFY in programs,
-                                                    custom_sdpa=getattr(options, "custom_sdpa", True)),
+                                                    custom_sdpa=getattr(options, "custom_sdpa", False)),
                               dump=options.dump)
 
 

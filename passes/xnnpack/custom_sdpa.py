@@ -46,6 +46,15 @@ names the buffer, both methods and the reason.
 Invariant: the logits equal the SDPA program's up to float summation order (the kernel's
 blocked online softmax over ``start + L`` keys instead of a softmax over S columns), for
 contiguous positions (chunked prefill then decode).
+Opt-in (``fxport export --custom-sdpa``), because its results are not reproducible from run to
+run on more than one thread (measured on the 270M ``balanced`` program in fxport's runtime, 2
+threads, same prompt: the first logits took one of two values, 22.5 apart at most, in 2-4 of 6
+processes; greedy text then differs after a few tokens; perplexity and top-1 agreement
+unchanged, 10.95 / 11.56 and 94.3%). Not seen with 1 thread (6 of 6 equal) nor with torch's
+OpenMP threads left at their default around a step (6 of 6), nor on the fp32 program; fxport's
+runtime sets torch's threads to 1 around a step (``torch_ops_inline``). Where the two values
+come from inside ExecuTorch 1.5.1's kernel (it splits heads over the threadpool and runs a
+GEMM per part) is not pinned down; the XNNPACK attention path is bit-reproducible.
 Runtime: the program then needs ExecuTorch's LLM custom-op kernels (``libcustom_ops_aot_lib``,
 shipped in the executorch wheel and linked into ``llama_main`` and the demo apps);
 :func:`fxport.runtime.kernels.load_llm_kernels` registers them in a Python process.
@@ -91,7 +100,7 @@ def llama_ops():
         import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers llama::* and their fakes)
     except Exception as exc:  # a broken / missing wheel: say what is missing
         raise PassError(f"CustomSDPA needs ExecuTorch's LLM custom ops (executorch.extension.llm.custom_ops): {exc}; "
-                        "reinstall executorch, or build without the pass (fxport export --no-custom-sdpa)") from exc
+                        "reinstall executorch, or build without the pass (drop fxport export --custom-sdpa)") from exc
     return torch.ops.llama
 
 
@@ -182,6 +191,10 @@ class CustomSDPA(Pass):
             y.meta.update({k: v for k, v in a.node.meta.items() if k in ("nn_module_stack", "stack_trace")})
             a.node.replace_all_uses_with(y)
             g.erase_node(a.node)
+            for user in list(y.users):  # the usual transpose(1, 2) back to (B, L, H_q, D) is the kernel's output
+                if _swaps_1_2(user):
+                    user.replace_all_uses_with(out)
+                    g.erase_node(user)
             stats.rewritten += 1
             stats.sites.append({"sdpa": a.node.name, "buffers": list(s["buffers"]), "cache_len": s["S"],
                                 "n_rep": s["site"].n_rep})
@@ -270,7 +283,7 @@ class CustomSDPA(Pass):
                     raise PassError(
                         f"CustomSDPA: cache {b} is shared by methods {other!r} and {method!r}; {done_in!r} moves it "
                         f"to custom_sdpa's (B, S, H, D) layout but {not_in!r} cannot ({why}). Give both methods the "
-                        "same attention, or build without the pass (fxport export --no-custom-sdpa)")
+                        "same attention, or build without the pass (drop fxport export --custom-sdpa)")
         if method is not None:
             self.layouts[method] = layout
 
@@ -291,11 +304,21 @@ class CustomSDPA(Pass):
             dims = (1,) * (4 - len(dims)) + tuple(dims)
             if (dims[0], dims[1], dims[3]) != (B, H, D):
                 value = call(g, aten.expand.default, value, [B, H, -1, D])  # (B, H, L, D)
-            rows = call(g, aten.permute.default, value, [0, 2, 1, 3])  # (B, L, H, D)
+            if _swaps_1_2(value) and len(shape(value.args[0]) or ()) == 4:  # transpose(x, 1, 2): x is the rows
+                rows = value.args[0]  # (B, L, H, D)
+            else:
+                rows = call(g, aten.permute.default, value, [0, 2, 1, 3])  # (B, L, H, D)
             new = call(g, aten.index_copy.default, placeholder, 1, write.positions, rows)  # (B, S, H, D)
         new.meta.update({k: v for k, v in write.node.meta.items() if k in ("nn_module_stack", "stack_trace")})
         mark_mutated(ep, name, new)
         return new
+
+
+def _swaps_1_2(node: Node) -> bool:
+    """``transpose(x, 1, 2)`` / ``permute(x, [0, 2, 1, 3])`` of a rank-4 x."""
+    if node.target is aten.transpose.int:
+        return sorted(d % 4 for d in node.args[1:3]) == [1, 2]
+    return node.target is aten.permute.default and [d % 4 for d in node.args[1]] == [0, 2, 1, 3]
 
 
 def _prefix_mask(g: torch.fx.Graph, mask: Node, pos: Node, start: Node, S: int) -> tuple[Node, Node]:

@@ -140,3 +140,28 @@ def test_runner_past_the_context_length_fails_loudly(program, runner_out):
     assert runner_out[0][2]["error"].endswith(
         "Generation failed: Check failed (index_ptr[i] >= 0 && index_ptr[i] < nonempty_size(in, dim)): "
         "index[0] = 64 is out of range [0, 64) [method.cpp:1493] arg 4 with type id 1")
+
+
+def test_custom_sdpa_program_runs_in_the_runner_with_fxport_tokens(tmp_path):
+    """``--custom-sdpa`` (BuildOptions(custom_sdpa=True)): the global layer's attention becomes
+    ``llama::custom_sdpa`` (the ring-buffer layers stay on XNNPACK); the program says so in
+    ``use_sdpa_with_kv_cache`` and the stock runner, in a fresh process, greedily generates
+    ``fxport run``'s tokens through chunked prefill and decode past the ring."""
+    tokenizer = tiny_tokenizer()
+    out = tmp_path / "tiny-custom-sdpa.pte"
+    result = build(Source(model=varied_tiny_model(max_seq_len=POSITIONS, window=WINDOW), tokenizer=tokenizer), out,
+                   BuildOptions(max_seq_len=POSITIONS, max_prefill_chunk=CHUNK, custom_sdpa=True))
+    cs = result.pass_results["prefill"]["custom_sdpa"].stats
+    assert (cs.matched, cs.rewritten) == (3, 1)
+    assert dict(cs.skipped) == {"cache written at computed positions (e.g. a ring buffer)": 2}
+    backend = PteBackend(out)
+    assert backend.metadata["use_sdpa_with_kv_cache"] == 1 and backend.contract_problems() == []
+    ours = generate(backend, tokenizer, LONG, NEW)
+    assert len(set(ours.tokens)) >= 8
+    theirs = runner_in_fresh_process(out, out.with_suffix(".tokenizer") / "tokenizer.json", [LONG], NEW)[0]
+    assert theirs["text"] == tokenizer.decode(ours.tokens)
+
+
+def test_custom_sdpa_is_an_xnnpack_option():
+    with pytest.raises(ValueError, match="custom_sdpa is an xnnpack option; --backend cuda has its own attention"):
+        BuildOptions(backend="cuda", custom_sdpa=True)
