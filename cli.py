@@ -592,9 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the same program, ~4x slower)")
     p.add_argument("--custom-sdpa", action="store_true",
                    help="xnnpack: causal KV-cache attention through ExecuTorch's llama::custom_sdpa kernel instead "
-                        "of XNNPACK over the whole cache: faster decode (0.86-0.91x a step on Gemma 3 270M), but the "
-                        "runner must link ExecuTorch's LLM custom ops, and on 2+ threads logits are not "
-                        "bit-reproducible from run to run (same quality)")
+                        "of XNNPACK over the whole cache: faster decode (0.86-0.92x a step on Gemma 3 270M); the "
+                        "runner must link ExecuTorch's LLM custom ops, and a native one wants OMP_NUM_THREADS=1 "
+                        "for run-to-run identical logits (fxport's runtime sets the equivalent)")
     mm = p.add_argument_group("multimodal (a Gemma 4 checkpoint with a vision / audio config: the program runs in "
                               "ExecuTorch's MultimodalRunner and in fxport run --image / --audio)")
     mm.add_argument("--multimodal", action="store_true",

@@ -113,7 +113,7 @@ class BuildOptions:
     # program either way, ~4x faster with them
     speedups: bool = True
     # xnnpack, opt-in: causal KV-cache attention through ExecuTorch's llama::custom_sdpa kernel
-    # (fxport.passes.xnnpack.CustomSDPA: faster decode, not bit-reproducible on 2+ threads);
+    # (fxport.passes.xnnpack.CustomSDPA: faster decode; a native runner wants OMP_NUM_THREADS=1);
     # off (default): attention stays in XNNPACK over the whole cache
     custom_sdpa: bool = False
 

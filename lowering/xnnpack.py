@@ -67,8 +67,8 @@ def cpu_passes(*, windows: Mapping[str, int] | None = None,
       ``fxport.models.gemma4.model.sliding_window_buffers(model)``);
     * ``CustomSDPA`` when ``custom_sdpa`` (opt-in): causal KV-cache attention as ExecuTorch's
       ``llama::custom_sdpa`` (in place, no cache copies; the program then needs ExecuTorch's LLM
-      custom-op kernels, see :mod:`fxport.contract`, and its logits are not bit-reproducible
-      across runs on more than one thread: see :mod:`fxport.passes.xnnpack.custom_sdpa`);
+      custom-op kernels, see :mod:`fxport.contract`, and a native runner ``OMP_NUM_THREADS=1``
+      for reproducible logits: see :mod:`fxport.passes.xnnpack.custom_sdpa`);
     * ``GeluTanhAsTanh`` (XNNPACK serializes every GELU as the erf form), ``AdditiveAttentionMask``,
       ``SDPAAsMatmul``, ``RMSNormAsLinear`` and ``SymbolicViewAsInferred``
       (:mod:`fxport.passes.xnnpack`) when ``xnnpack_rewrites``: patterns XNNPACK would

@@ -56,6 +56,48 @@ def set_num_threads(n: int) -> None:
 
 
 @contextlib.contextmanager
+def one_openmp_level() -> Iterator[None]:
+    """Every OpenMP parallel region of the process runs on one thread inside the block
+    (libgomp's process-wide ``max-active-levels`` set to 0, restored after; no-op without libgomp).
+
+    ExecuTorch's ``llama::custom_sdpa`` (programs built with ``--custom-sdpa``) splits heads over
+    ExecuTorch's threadpool and runs a GEMM per part that OpenMP threads inside each worker. The
+    parts then summed in an order that depended on the run: the 270M's first logits took one of
+    two values (22.5 apart) in 2-4 of 6 processes, in fxport's runtime and in the stock runner.
+    With one level the GEMMs run on their own thread: 18 of 18 processes agreed (2 threads, with
+    and without ``torch.set_num_threads(1)`` first). A native runner gets the same with
+    ``OMP_NUM_THREADS=1``. Programs without the kernel run no OpenMP region: no change.
+    """
+    gomp = _libgomp()
+    levels = gomp.omp_get_max_active_levels() if gomp is not None else 0
+    if levels:
+        gomp.omp_set_max_active_levels(0)
+    try:
+        yield
+    finally:
+        if levels:
+            gomp.omp_set_max_active_levels(levels)
+
+
+_GOMP: list = []
+
+
+def _libgomp():
+    """libgomp (the OpenMP runtime torch loads and ExecuTorch's kernels share), or None."""
+    if not _GOMP:
+        import ctypes
+
+        try:
+            lib = ctypes.CDLL("libgomp.so.1")
+            lib.omp_get_max_active_levels.restype = ctypes.c_int
+            lib.omp_set_max_active_levels.argtypes = [ctypes.c_int]
+            _GOMP.append(lib)
+        except (OSError, AttributeError):
+            _GOMP.append(None)
+    return _GOMP[0]
+
+
+@contextlib.contextmanager
 def torch_ops_inline() -> Iterator[None]:
     """torch's CPU ops on the calling thread inside the block (``torch.set_num_threads(1)``,
     restored after; no-op when already 1).
@@ -65,17 +107,19 @@ def torch_ops_inline() -> Iterator[None]:
     from XNNPACK's next operators: on 2 cores the pybindings' copy of the 262144 logits (1 MB,
     one parallel op) and the sampler's argmax made a 7.5 ms decode step of the 270M take
     10.6-18 ms. On one thread those ops cost ~0.1 ms. The setting is process-wide: another
-    Python thread running torch ops meanwhile runs them on one thread too.
+    Python thread running torch ops meanwhile runs them on one thread too. The block also holds
+    :func:`one_openmp_level` (the methods run inside it).
     """
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+    with one_openmp_level():
+        n = torch.get_num_threads()
+        if n == 1:
+            yield
+            return
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(n)
 
 
 class PteBackend:

@@ -205,7 +205,9 @@ def run_generation(runner, name: str, pte, verbose: bool, prompt, max_new_tokens
 
     config = GenerationConfig(echo=False, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                               num_bos=int(num_bos), warming=warmup)
-    with _native_output(verbose) as captured:
+    from fxport.runtime.pte_backend import one_openmp_level
+
+    with _native_output(verbose) as captured, one_openmp_level():  # reproducible --custom-sdpa programs
         try:
             runner.generate(prompt, config, piece, lambda s: stats.append(_copy_stats(s)))
         except Exception as exc:

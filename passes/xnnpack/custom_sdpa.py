@@ -46,15 +46,15 @@ names the buffer, both methods and the reason.
 Invariant: the logits equal the SDPA program's up to float summation order (the kernel's
 blocked online softmax over ``start + L`` keys instead of a softmax over S columns), for
 contiguous positions (chunked prefill then decode).
-Opt-in (``fxport export --custom-sdpa``), because its results are not reproducible from run to
-run on more than one thread (measured on the 270M ``balanced`` program in fxport's runtime, 2
-threads, same prompt: the first logits took one of two values, 22.5 apart at most, in 2-4 of 6
-processes; greedy text then differs after a few tokens; perplexity and top-1 agreement
-unchanged, 10.95 / 11.56 and 94.3%). Not seen with 1 thread (6 of 6 equal) nor with torch's
-OpenMP threads left at their default around a step (6 of 6), nor on the fp32 program; fxport's
-runtime sets torch's threads to 1 around a step (``torch_ops_inline``). Where the two values
-come from inside ExecuTorch 1.5.1's kernel (it splits heads over the threadpool and runs a
-GEMM per part) is not pinned down; the XNNPACK attention path is bit-reproducible.
+Opt-in (``fxport export --custom-sdpa``). The kernel splits heads over ExecuTorch's threadpool and
+runs a GEMM per part that OpenMP threads inside each worker; those sums came out in a
+run-dependent order: the quantized 270M's first logits took one of two values (22.5 apart) in
+2-4 of 6 processes, in fxport's runtime and in the stock runner (greedy text then differs after
+a few tokens; perplexity unchanged). fxport's runtime and its stock-runner wrappers now run the
+methods with every OpenMP region on one thread
+(:func:`fxport.runtime.pte_backend.one_openmp_level`): 18 of 18 processes agreed, and the runner
+generates fxport's text. A native runner needs ``OMP_NUM_THREADS=1`` for the same (ExecuTorch's own
+Llama exports, which use this kernel, share the property).
 Runtime: the program then needs ExecuTorch's LLM custom-op kernels (``libcustom_ops_aot_lib``,
 shipped in the executorch wheel and linked into ``llama_main`` and the demo apps);
 :func:`fxport.runtime.kernels.load_llm_kernels` registers them in a Python process.

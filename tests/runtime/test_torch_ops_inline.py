@@ -79,3 +79,26 @@ def test_generate_samples_and_decodes_inside_step_context(three_threads):
     assert backend.seen == [("prefill", 3)] + [("decode", 1)] * 4  # prefill outside, decode steps inside
     assert threads_in_sampler == [1] * 5  # the first id (from prefill's logits) is sampled inside too
     assert torch.get_num_threads() == 3
+
+
+def test_one_openmp_level_sets_and_restores_libgomps_process_wide_levels():
+    """``one_openmp_level`` (held by torch_ops_inline and the stock runners' generate): libgomp's
+    max-active-levels is 0 inside, for every thread, and back to its value after, also on error."""
+    import threading
+
+    from fxport.runtime.pte_backend import _libgomp, one_openmp_level
+
+    gomp = _libgomp()
+    assert gomp is not None  # torch's CPU wheel ships libgomp.so.1
+    before = gomp.omp_get_max_active_levels()
+    assert before >= 1
+    seen = []
+    with pytest.raises(RuntimeError, match="inside"):
+        with one_openmp_level():
+            seen.append(gomp.omp_get_max_active_levels())
+            t = threading.Thread(target=lambda: seen.append(gomp.omp_get_max_active_levels()))
+            t.start()
+            t.join()
+            raise RuntimeError("inside")
+    assert seen == [0, 0]  # the calling thread and another thread
+    assert gomp.omp_get_max_active_levels() == before
