@@ -26,7 +26,8 @@ from typing import Protocol, Sequence, runtime_checkable
 
 from torch import Tensor
 
-__all__ = ["Backend", "ContextOverflowError", "TokenIdError", "PteError", "check_token_ids", "program_methods"]
+__all__ = ["Backend", "ContextOverflowError", "TokenIdError", "PteError", "check_token_ids", "constant_value",
+           "program_methods"]
 
 
 @runtime_checkable
@@ -89,3 +90,15 @@ def program_methods(path: str | Path, data_path: str | Path | None = None) -> se
             return set(Runtime.get().load_program(path, data_path=data_path).method_names)
     except Exception:  # the runtime raises RuntimeError with a status code
         return None
+
+
+def constant_value(program, name: str):
+    """The value of constant method ``name`` of a loaded ExecuTorch ``program`` (its one output:
+    a scalar as a Python number; ``get_eos_ids`` as a list), or None when the program has none."""
+    from fxport import contract
+
+    if name not in program.method_names:
+        return None
+    outs = program.load_method(name).execute([])
+    values = [o.item() if isinstance(o, Tensor) and o.numel() == 1 else o for o in outs]
+    return values if name == contract.EOS_IDS else values[0]

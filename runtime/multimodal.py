@@ -238,13 +238,9 @@ class RunnerLayoutBackend:
             self.multimodal["n_mels"] = int(meta.sizes()[-1])
 
     def _constant(self, name: str) -> Any:
-        from fxport import contract
+        from fxport.runtime.backend import constant_value
 
-        if name not in self.program.method_names:
-            return None
-        outs = self.program.load_method(name).execute([])
-        values = [o.item() if isinstance(o, torch.Tensor) and o.numel() == 1 else o for o in outs]
-        return values if name == contract.EOS_IDS else values[0]
+        return constant_value(self.program, name)
 
     @staticmethod
     def _execute(method: Any, args: list) -> Tensor:

@@ -42,7 +42,7 @@ import torch
 
 from fxport import contract
 from fxport.fileio import weights_file
-from fxport.runtime.backend import PteError, check_token_ids
+from fxport.runtime.backend import PteError, check_token_ids, constant_value
 
 METADATA_METHODS = contract.CONSTANT_METHODS
 VERIFY = contract.VERIFY
@@ -204,11 +204,7 @@ class PteBackend:
         self.has_verify, self._verify = VERIFY in self.program.method_names, None
 
     def _constant(self, name: str) -> Any:
-        if name not in self.program.method_names:
-            return None
-        outs = self.program.load_method(name).execute([])
-        values = [o.item() if isinstance(o, torch.Tensor) and o.numel() == 1 else o for o in outs]
-        return values if name == contract.EOS_IDS else values[0]  # get_eos_ids returns a list
+        return constant_value(self.program, name)
 
     def contract_problems(self) -> list[str]:
         """What keeps ExecuTorch's stock ``TextLLMRunner`` from running this program
