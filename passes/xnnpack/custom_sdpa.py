@@ -57,7 +57,7 @@ generates fxport's text. A native runner needs ``OMP_NUM_THREADS=1`` for the sam
 Llama exports, which use this kernel, share the property).
 Runtime: the program then needs ExecuTorch's LLM custom-op kernels (``libcustom_ops_aot_lib``,
 shipped in the executorch wheel and linked into ``llama_main`` and the demo apps);
-:func:`fxport.runtime.kernels.load_llm_kernels` registers them in a Python process.
+:func:`fxport.contract.load_llm_kernels` registers them in a Python process.
 """
 
 from __future__ import annotations
@@ -70,11 +70,13 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.fx import Node
 
-from fxport.passes.attention import NotRecognized, attention_sites, find_cache_write
+from fxport.passes.attention import CacheWrite, NotRecognized, attention_sites, find_cache_write
 from fxport.passes.base import Pass, PassContext, PassError, PassResult, PassStats
 from fxport.passes.graph import (
+    PROVENANCE,
     buffer_placeholders,
     call,
+    copy_meta,
     dims_equal,
     input_spec,
     mark_mutated,
@@ -116,20 +118,20 @@ class CustomSDPA(Pass):
 
     def run(self, ep: ExportedProgram, ctx: PassContext) -> PassResult:
         stats = PassStats()
-        buffers = buffer_placeholders(ep)
-        by_write: dict[Node, str] = {}  # write node -> buffer it writes
+        writes: dict[str, CacheWrite] = {}  # buffer -> its one write
         for name in mutated_buffers(ep):
             try:
-                by_write[find_cache_write(ep, name).node] = name
+                writes[name] = find_cache_write(ep, name)
             except NotRecognized:
                 continue
-        sites, reasons = [], {}
+        by_write = {w.node: name for name, w in writes.items()}  # write node -> buffer it writes
+        sites, reasons, kinds = [], {}, {}
         for node, site in attention_sites(ep.graph):
             stats.matched += 1
             try:
                 if isinstance(site, NotRecognized):
                     raise _Skip(f"not recognized: {site}")
-                sites.append(self._check(ep, site, by_write))
+                sites.append(self._check(ep, site, by_write, writes, kinds))
             except _Skip as exc:
                 reasons[node] = str(exc)
                 stats.skip(str(exc))
@@ -141,7 +143,7 @@ class CustomSDPA(Pass):
         while changed:
             changed = False
             for s in list(sites):
-                bad = [b for b in s["buffers"] if b in reasons or not self._only_read_by(ep, buffers[b], by_write, sites, b)]
+                bad = [b for b in s["buffers"] if b in reasons or not _only_read_by(writes[b].node, sites)]
                 if bad:
                     sites.remove(s)
                     reason = reasons.get(bad[0], "cache read by something other than a causal SDPA")
@@ -159,7 +161,7 @@ class CustomSDPA(Pass):
         g = ep.graph
         new_writes: dict[str, Node] = {}
         for name in sorted(chosen):
-            new_writes[name] = self._relayout(ep, name)
+            new_writes[name] = self._relayout(ep, name, writes[name])
         starts: dict[Node, Node] = {}
         prefixes: dict[tuple[Node, Node], tuple[Node, Node]] = {}
         for s in sites:
@@ -188,7 +190,7 @@ class CustomSDPA(Pass):
                     v = k if v_cache is k_cache else call(g, aten.slice.Tensor, v_cache, 1, 0, end)
                     out = call(g, llama.custom_sdpa.default, qt, k, v, starts[pos], mask, 0.0, False, s["scale"])
                 y = call(g, aten.permute.default, out, [0, 2, 1, 3])  # (B, H_q, L, D)
-            y.meta.update({k: v for k, v in a.node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+            copy_meta(a.node, y, PROVENANCE)
             a.node.replace_all_uses_with(y)
             g.erase_node(a.node)
             for user in list(y.users):  # the usual transpose(1, 2) back to (B, L, H_q, D) is the kernel's output
@@ -203,7 +205,10 @@ class CustomSDPA(Pass):
 
     # ------------------------------------------------------------------------ matching
 
-    def _check(self, ep: ExportedProgram, site, by_write: dict[Node, str]) -> dict:
+    def _check(self, ep: ExportedProgram, site, by_write: dict[Node, str], cache_writes: dict[str, CacheWrite],
+               kinds: dict) -> dict:
+        """The site's rewrite plan, or _Skip; ``kinds`` memoizes :func:`_mask_kind` per mask (all
+        layers of one kind share their mask node)."""
         a = site.args
         if a.dropout_p or a.is_causal:
             raise _Skip("dropout or causal SDPA")
@@ -214,7 +219,7 @@ class CustomSDPA(Pass):
             if kv.source not in by_write:
                 raise _Skip("K/V not read from a cache written in this program")
             names.append(by_write[kv.source])
-        writes = [find_cache_write(ep, n) for n in names]
+        writes = [cache_writes[n] for n in names]
         for w in writes:
             if w.kind not in ("index_copy", "index_put") or w.dim != 2:
                 raise _Skip("cache write not an index_copy / index_put on dim 2 of (B, H, S, D)")
@@ -236,7 +241,10 @@ class CustomSDPA(Pass):
         chunk = upper_bound(ep, shape(writes[0].positions)[0])
         if not isinstance(chunk, int) and not (isinstance(chunk, float) and math.isfinite(chunk)):
             raise _Skip("chunk without an upper bound")
-        kind = _mask_kind(ep, a.attn_mask, writes[0].positions, S, min(int(chunk), S))
+        key = (a.attn_mask, writes[0].positions, S, min(int(chunk), S))
+        if key not in kinds:
+            kinds[key] = _mask_kind(ep, *key)
+        kind = kinds[key]
         if kind not in (CAUSAL, PREFIX):
             raise _Skip(kind)
         mval = val(a.attn_mask)
@@ -244,32 +252,6 @@ class CustomSDPA(Pass):
             raise _Skip("mask with batch / head dims (custom_sdpa takes one (L, S) mask)")
         return {"node": a.node, "site": site, "buffers": tuple(names), "pos": writes[0].positions, "S": S,
                 "scale": a.scale_for(int(qval.shape[-1])), "mask": kind}
-
-    @staticmethod
-    def _only_read_by(ep: ExportedProgram, placeholder: Node, by_write, sites, name: str) -> bool:
-        """The buffer's write feeds only the output and K/V chains of ``sites``."""
-        write = next(w for w, b in by_write.items() if b == name)
-        allowed: set[Node] = set()
-        targets: set[Node] = set()
-        for s in sites:
-            for kv in (s["site"].key, s["site"].value):
-                if kv.source is write:
-                    allowed.update(kv.chain)
-                    targets.add(s["node"])
-        stack = [write]
-        while stack:
-            node = stack.pop()
-            for user in node.users:
-                if user.op == "output":
-                    if node is not write:
-                        return False
-                elif user in targets:
-                    continue
-                elif user in allowed:
-                    stack.append(user)
-                else:
-                    return False
-        return True
 
     def _agree(self, method: str | None, layout: dict[str, str | None]) -> None:
         """Every method re-lays out the same buffers (they share them); records this method's choice."""
@@ -290,9 +272,9 @@ class CustomSDPA(Pass):
     # ------------------------------------------------------------------------ rewriting
 
     @staticmethod
-    def _relayout(ep: ExportedProgram, name: str) -> Node:
-        """Buffer ``name`` becomes (B, S, H, D); returns its new write (the value SDPA reads)."""
-        write = find_cache_write(ep, name)
+    def _relayout(ep: ExportedProgram, name: str, write: CacheWrite) -> Node:
+        """Buffer ``name`` (written by ``write``) becomes (B, S, H, D); returns its new write (the
+        value SDPA reads)."""
         old = tensor_of(ep, buffer_placeholders(ep)[name])
         B, H, S, D = old.shape
         placeholder = resize_buffer(ep, name, torch.zeros(B, S, H, D, dtype=old.dtype, device=old.device))
@@ -309,9 +291,34 @@ class CustomSDPA(Pass):
             else:
                 rows = call(g, aten.permute.default, value, [0, 2, 1, 3])  # (B, L, H, D)
             new = call(g, aten.index_copy.default, placeholder, 1, write.positions, rows)  # (B, S, H, D)
-        new.meta.update({k: v for k, v in write.node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        copy_meta(write.node, new, PROVENANCE)
         mark_mutated(ep, name, new)
         return new
+
+
+def _only_read_by(write: Node, sites: list[dict]) -> bool:
+    """The cache ``write`` feeds only the output and the K/V chains of ``sites``."""
+    allowed: set[Node] = set()
+    targets: set[Node] = set()
+    for s in sites:
+        for kv in (s["site"].key, s["site"].value):
+            if kv.source is write:
+                allowed.update(kv.chain)
+                targets.add(s["node"])
+    stack = [write]
+    while stack:
+        node = stack.pop()
+        for user in node.users:
+            if user.op == "output":
+                if node is not write:
+                    return False
+            elif user in targets:
+                continue
+            elif user in allowed:
+                stack.append(user)
+            else:
+                return False
+    return True
 
 
 def _swaps_1_2(node: Node) -> bool:
@@ -360,12 +367,13 @@ def _mask_kind(ep: ExportedProgram, mask: Node, pos: Node, S: int, chunk: int) -
         n for n in ancestors([mask]) if n.target is aten.sym_size.int and dims_equal(meta_val(n), length)}
     nodes = ancestors([mask], stop=sizes) | sizes | {mask}
     consts: dict[Node, Any] = {}
+    mutated = mutated_buffers(ep)
     for n in nodes:
         if n.op != "placeholder" or n is pos:
             continue
         spec = input_spec(ep, n)
         if spec.kind not in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR, InputKind.PARAMETER) or \
-                spec.target in mutated_buffers(ep):
+                spec.target in mutated:
             return "mask depends on another input"
         consts[n] = tensor_of(ep, n)
     order = [n for n in ep.graph.nodes if n in nodes]
