@@ -109,12 +109,13 @@ class FxportRuntime:
 class StockRunnerRuntime:
     """ExecuTorch's own C++ ``TextLLMRunner`` (the runner apps ship) on a fxport ``.pte``: it takes
     text, so the prompt is English text of about ``prompt_len`` ids; times come from its ``Stats``
-    (ms clock) and are scaled to exactly ``prompt_len`` prompt ids and ``new_tokens`` decode steps."""
+    (ms clock) and are scaled to exactly ``prompt_len`` prompt ids and ``new_tokens`` decode steps.
+    ``tokenizer``: a ``tokenizer.json`` not beside the program (optimum-executorch's: :func:`optimum_tokenizer`)."""
 
-    def __init__(self, pte: Path, prompt_len: int):
+    def __init__(self, pte: Path, prompt_len: int, tokenizer: Path | None = None):
         from fxport.runtime.stock_runner import StockRunner, bench_prompt
 
-        self.runner = StockRunner(pte)
+        self.runner = StockRunner(pte, tokenizer)
         self.prompt = bench_prompt(self.runner.tokenizer, prompt_len)
 
     def run(self, ids: list[int], prompt_len: int) -> tuple[float, float]:
@@ -175,18 +176,6 @@ OPTIMUM_PTE = BUILD / "optimum" / "model.pte"  # bench/optimum_peer.py writes it
 def optimum_tokenizer(pte: Path) -> Path:
     """The ``tokenizer.json`` of ``bench/optimum_peer.py``'s checkpoint beside its program."""
     return pte.parent / "hf" / "tokenizer.json"
-
-
-class OptimumRuntime(StockRunnerRuntime):
-    """optimum-executorch 1.1.0's program (``bench/optimum_peer.py``: XNNPACK 8da8w, custom SDPA and KV
-    cache) in ExecuTorch's ``TextLLMRunner``, timed exactly as the ``runner-*`` rows; its tokenizer is
-    the checkpoint's ``tokenizer.json`` (same vocabulary as fxport's), its weights inside the ``.pte``."""
-
-    def __init__(self, pte: Path, prompt_len: int):
-        from fxport.runtime.stock_runner import StockRunner, bench_prompt
-
-        self.runner = StockRunner(pte, optimum_tokenizer(pte))
-        self.prompt = bench_prompt(self.runner.tokenizer, prompt_len)
 
 
 class OptimumLogits:
@@ -432,7 +421,9 @@ def main(argv=None) -> int:
     if "runner" not in args.skip:
         runtimes.update({f"runner-{r}": StockRunnerRuntime(pte, args.prompt_len) for r, pte in ptes.items()})
     if optimum is not None:
-        runtimes["optimum"] = OptimumRuntime(optimum, args.prompt_len)
+        # optimum-executorch 1.1.0's program (bench/optimum_peer.py: XNNPACK 8da8w, custom SDPA and KV cache),
+        # timed exactly as the runner-* rows; its checkpoint's tokenizer.json has fxport's vocabulary
+        runtimes["optimum"] = StockRunnerRuntime(optimum, args.prompt_len, optimum_tokenizer(optimum))
     if "llamacpp" not in args.skip:
         runtimes["llamacpp"] = LlamaCppRuntime(gguf, args.threads, args.prompt_len + args.new_tokens + 8, args.prompt_len)
     if "transformers" not in args.skip:
