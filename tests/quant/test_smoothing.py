@@ -171,8 +171,8 @@ def test_balanced_recipe_smooths_with_a_tokenizer_and_says_when_it_cannot():
     m2 = _gemma3()
     rep2 = quantize_for_xnnpack(m2, "balanced")
     assert rep2.smoothing is None
-    assert rep2.calibration == "skipped: no tokenizer to encode the calibration text (no smoothing, no GPTQ)"
-    assert rep2.summary().endswith("; calibration skipped: no tokenizer to encode the calibration text (no smoothing, no GPTQ)")
+    assert rep2.calibration == "skipped: no tokenizer to encode the calibration text (no smoothing, no outlier split, no GPTQ)"
+    assert rep2.summary().endswith("; calibration skipped: no tokenizer to encode the calibration text (no smoothing, no outlier split, no GPTQ)")
     assert quantize_for_xnnpack(_gemma3(), "8da8w").smoothing is None
 
 
