@@ -590,11 +590,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-speedups", action="store_true",
                    help="build without fxport's compile-time patches of ExecuTorch/torch/torchao internals "
                         "(the same program, ~4x slower)")
-    p.add_argument("--custom-sdpa", action="store_true",
-                   help="xnnpack: causal KV-cache attention through ExecuTorch's llama::custom_sdpa kernel instead "
-                        "of XNNPACK over the whole cache: faster decode (0.86-0.92x a step on Gemma 3 270M); the "
-                        "runner must link ExecuTorch's LLM custom ops, and a native one wants OMP_NUM_THREADS=1 "
-                        "for run-to-run identical logits (fxport's runtime sets the equivalent)")
+    p.add_argument("--custom-sdpa", action=argparse.BooleanOptionalAction, default=None,
+                   help="xnnpack (on by default): causal KV-cache attention through ExecuTorch's llama::custom_sdpa "
+                        "kernel instead of XNNPACK over the whole cache: faster decode and prefill (0.86-0.93x a "
+                        "decode step on Gemma 3 270M); the runner must link ExecuTorch's LLM custom ops (llama_main "
+                        "does; Python: import executorch.extension.llm.custom_ops.custom_ops), and a native one "
+                        "wants OMP_NUM_THREADS=1 for run-to-run identical logits (fxport's runtime sets the "
+                        "equivalent). --no-custom-sdpa: attention inside XNNPACK, portable kernels only")
     mm = p.add_argument_group("multimodal (a Gemma 4 checkpoint with a vision / audio config: the program runs in "
                               "ExecuTorch's MultimodalRunner and in fxport run --image / --audio)")
     mm.add_argument("--multimodal", action="store_true",

@@ -31,7 +31,8 @@ tokenizer
 
 kernels
     XNNPACK programs may call ExecuTorch's ``llama::custom_sdpa`` for causal KV-cache attention
-    when built with ``fxport export --custom-sdpa`` (:class:`fxport.passes.xnnpack.CustomSDPA`).
+    as ``fxport export`` builds them by default (:class:`fxport.passes.xnnpack.CustomSDPA`; not with
+    ``--no-custom-sdpa``).
     Its kernel is in ExecuTorch's LLM custom ops (``extension/llm/custom_ops``): linked into
     ``llama_main`` and the Android / iOS LLM apps; in Python, :func:`load_llm_kernels` registers
     them (the wheel's ``libcustom_ops_aot_lib``) before a program is loaded.
@@ -127,7 +128,7 @@ def load_llm_kernels() -> None:
     libs = sorted(p for d in folders for p in Path(d).glob("libcustom_ops_aot_lib.*"))
     if not libs:
         raise ImportError("ExecuTorch's LLM custom ops (executorch/extension/llm/custom_ops/libcustom_ops_aot_lib.so) "
-                          "are not installed; reinstall executorch==1.5.1, or re-export without --custom-sdpa")
+                          "are not installed; reinstall executorch==1.5.1, or re-export with --no-custom-sdpa")
     from executorch.extension.pybindings import portable_lib  # noqa: F401  (the runtime the kernels register into)
 
     if not hasattr(torch.ops.llama, "custom_sdpa"):

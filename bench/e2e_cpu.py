@@ -62,27 +62,36 @@ def pte_path(recipe: str) -> Path:
     return BUILD / f"gemma3-270m-{recipe}.pte"
 
 
-CUSTOM_SDPA = "custom-sdpa"
+#: the options a recipe name takes after "+": fxport export --custom-sdpa (the default) / --no-custom-sdpa
+ATTENTION_OPTIONS = {"": None, "custom-sdpa": True, "no-custom-sdpa": False}
 
 
 def ensure_pte(recipe: str, gguf: Path, force: bool = False) -> Path:
-    """The recipe's .pte (max_seq_len 512, prefill chunk 128) and its ``.bytes`` sidecar."""
+    """The recipe's .pte (max_seq_len 512, prefill chunk 128) and its ``.bytes`` sidecar, rebuilt
+    when its build manifest's inputs (fxport's code, the GGUF, the options) changed, or ``force``."""
     out = pte_path(recipe)
-    if out.is_file() and out.with_suffix(".bytes").is_file() and not force:
+    quant, _, option = recipe.partition("+")  # "balanced+no-custom-sdpa": fxport export --no-custom-sdpa
+    if option not in ATTENTION_OPTIONS:
+        raise SystemExit(f"--recipes {recipe}: a recipe takes one of the options "
+                         f"{', '.join('+' + o for o in ATTENTION_OPTIONS if o)}")
+    from fxport.builder import BuildOptions, Source, build, build_inputs, reuse_decision
+
+    options = BuildOptions(quant=quant, max_seq_len=Q.WINDOW, max_prefill_chunk=128, custom_sdpa=ATTENTION_OPTIONS[option])
+    source = Source(gguf=gguf)
+    if not force and out.with_suffix(".bytes").is_file() and reuse_decision(out, build_inputs(source, options))[0]:
         return out
-    from fxport.builder import BuildOptions, Source, build
     from fxport.models.gemma4.load import load_model
-    from fxport.models.gemma4.tokenizer import load_tokenizer
 
     print(f"exporting {out} (recipe {recipe}) ...", file=sys.stderr, flush=True)
-    model, tok_src = load_model(gguf, max_seq_len=Q.WINDOW, progress=False)
     t0 = time.perf_counter()
-    quant, _, option = recipe.partition("+")  # "balanced+custom-sdpa": fxport export --custom-sdpa
-    if option not in ("", CUSTOM_SDPA):
-        raise SystemExit(f"--recipes {recipe}: the one option a recipe takes is +{CUSTOM_SDPA}")
-    build(Source(model=model, tokenizer=load_tokenizer(tok_src)), out,
-          BuildOptions(quant=quant, max_seq_len=int(model.max_seq_len), max_prefill_chunk=128,
-                       custom_sdpa=option == CUSTOM_SDPA))
+    build(source, out, options, reuse=True)
+    # the bytes a token reads, as bench/quality.py counts them: the same recipe on an eager copy
+    from fxport.lowering.xnnpack_quant import quantize_for_xnnpack
+    from fxport.models.gemma4.tokenizer import load_tokenizer
+
+    model, tok_src = load_model(gguf, max_seq_len=Q.WINDOW, progress=False)
+    if quant:
+        quantize_for_xnnpack(model, quant, tokenizer=load_tokenizer(tok_src))
     out.with_suffix(".bytes").write_text(str(Q.linear_bytes(model)))
     print(f"exported {out} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return out
@@ -340,7 +349,8 @@ def quality_of(name: str, key_file: Path | None, corpus, ref, logits_fn) -> Q.Sc
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipes", nargs="*", default=["balanced", "fast"],
-                   help="fxport XNNPACK recipes (one .pte each); RECIPE+custom-sdpa builds it with --custom-sdpa")
+                   help="fxport XNNPACK recipes (one .pte each); RECIPE+no-custom-sdpa builds it with --no-custom-sdpa "
+                        "(attention inside XNNPACK; the default is --custom-sdpa)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)

@@ -112,15 +112,18 @@ class BuildOptions:
     # the compile-time patches of fxport.builder.speedups (and the paused collector): the same
     # program either way, ~4x faster with them
     speedups: bool = True
-    # xnnpack, opt-in: causal KV-cache attention through ExecuTorch's llama::custom_sdpa kernel
-    # (fxport.passes.xnnpack.CustomSDPA: faster decode; a native runner wants OMP_NUM_THREADS=1);
-    # off (default): attention stays in XNNPACK over the whole cache
-    custom_sdpa: bool = False
+    # xnnpack: causal KV-cache attention through ExecuTorch's llama::custom_sdpa kernel
+    # (fxport.passes.xnnpack.CustomSDPA: faster decode and prefill; the runner links ExecuTorch's
+    # LLM custom ops, as llama_main does; a native one wants OMP_NUM_THREADS=1). None (default):
+    # on for xnnpack, off for other backends; False: attention stays in XNNPACK over the whole cache
+    custom_sdpa: bool | None = None
 
     def __post_init__(self) -> None:
         if self.custom_sdpa and self.backend != "xnnpack":
             raise ValueError(f"custom_sdpa is an xnnpack option; --backend {self.backend} has its own attention "
                              "(drop --custom-sdpa)")
+        if self.custom_sdpa is None:
+            object.__setattr__(self, "custom_sdpa", self.backend == "xnnpack")
 
     def key(self) -> dict[str, Any]:
         d = asdict(self)

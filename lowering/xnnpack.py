@@ -65,7 +65,7 @@ def cpu_passes(*, windows: Mapping[str, int] | None = None,
     * ``RingBufferKVCache`` when there are sliding-window caches: ``windows`` maps each cache
       buffer FQN to its window (for fxport's Gemma,
       ``fxport.models.gemma4.model.sliding_window_buffers(model)``);
-    * ``CustomSDPA`` when ``custom_sdpa`` (opt-in): causal KV-cache attention as ExecuTorch's
+    * ``CustomSDPA`` when ``custom_sdpa`` (the builder's default for XNNPACK, off here): causal KV-cache attention as ExecuTorch's
       ``llama::custom_sdpa`` (in place, no cache copies; the program then needs ExecuTorch's LLM
       custom-op kernels, see :mod:`fxport.contract`, and a native runner ``OMP_NUM_THREADS=1``
       for reproducible logits: see :mod:`fxport.passes.xnnpack.custom_sdpa`);

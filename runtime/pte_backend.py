@@ -60,7 +60,7 @@ def one_openmp_level() -> Iterator[None]:
     """Every OpenMP parallel region of the process runs on one thread inside the block
     (libgomp's process-wide ``max-active-levels`` set to 0, restored after; no-op without libgomp).
 
-    ExecuTorch's ``llama::custom_sdpa`` (programs built with ``--custom-sdpa``) splits heads over
+    ExecuTorch's ``llama::custom_sdpa`` (programs fxport builds for XNNPACK by default) splits heads over
     ExecuTorch's threadpool and runs a GEMM per part that OpenMP threads inside each worker. The
     parts then summed in an order that depended on the run: the 270M's first logits took one of
     two values (22.5 apart) in 2-4 of 6 processes, in fxport's runtime and in the stock runner.

@@ -46,7 +46,7 @@ names the buffer, both methods and the reason.
 Invariant: the logits equal the SDPA program's up to float summation order (the kernel's
 blocked online softmax over ``start + L`` keys instead of a softmax over S columns), for
 contiguous positions (chunked prefill then decode).
-Opt-in (``fxport export --custom-sdpa``). The kernel splits heads over ExecuTorch's threadpool and
+On by default in ``fxport export`` for XNNPACK (``--no-custom-sdpa`` leaves the attention in XNNPACK). The kernel splits heads over ExecuTorch's threadpool and
 runs a GEMM per part that OpenMP threads inside each worker; those sums came out in a
 run-dependent order: the quantized 270M's first logits took one of two values (22.5 apart) in
 2-4 of 6 processes, in fxport's runtime and in the stock runner (greedy text then differs after
@@ -102,7 +102,7 @@ def llama_ops():
         import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers llama::* and their fakes)
     except Exception as exc:  # a broken / missing wheel: say what is missing
         raise PassError(f"CustomSDPA needs ExecuTorch's LLM custom ops (executorch.extension.llm.custom_ops): {exc}; "
-                        "reinstall executorch, or build without the pass (drop fxport export --custom-sdpa)") from exc
+                        "reinstall executorch, or build without the pass (fxport export --no-custom-sdpa)") from exc
     return torch.ops.llama
 
 
@@ -265,7 +265,7 @@ class CustomSDPA(Pass):
                     raise PassError(
                         f"CustomSDPA: cache {b} is shared by methods {other!r} and {method!r}; {done_in!r} moves it "
                         f"to custom_sdpa's (B, S, H, D) layout but {not_in!r} cannot ({why}). Give both methods the "
-                        "same attention, or build without the pass (drop fxport export --custom-sdpa)")
+                        "same attention, or build without the pass (fxport export --no-custom-sdpa)")
         if method is not None:
             self.layouts[method] = layout
 

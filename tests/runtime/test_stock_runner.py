@@ -28,12 +28,18 @@ NEAR_END = LONG + ", and then the dog sat on it"  # 44 ids: 30 new tokens would 
 
 
 @pytest.fixture(scope="module")
-def program(tmp_path_factory):
+def program_build(tmp_path_factory):
+    """The tiny program with default options: (path, tokenizer, BuildResult)."""
     tokenizer = tiny_tokenizer()
     out = tmp_path_factory.mktemp("runner") / "tiny.pte"
-    build(Source(model=varied_tiny_model(max_seq_len=POSITIONS, window=WINDOW), tokenizer=tokenizer), out,
-          BuildOptions(max_seq_len=POSITIONS, max_prefill_chunk=CHUNK))
-    return out, tokenizer
+    result = build(Source(model=varied_tiny_model(max_seq_len=POSITIONS, window=WINDOW), tokenizer=tokenizer), out,
+                   BuildOptions(max_seq_len=POSITIONS, max_prefill_chunk=CHUNK))
+    return out, tokenizer, result
+
+
+@pytest.fixture(scope="module")
+def program(program_build):
+    return program_build[:2]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +55,7 @@ def test_program_carries_the_runner_contract(program):
     backend = PteBackend(program[0])
     assert backend.contract_problems() == []
     assert backend.metadata == {
-        "get_max_seq_len": CHUNK, "get_max_context_len": POSITIONS, "use_kv_cache": 1, "use_sdpa_with_kv_cache": 0,
+        "get_max_seq_len": CHUNK, "get_max_context_len": POSITIONS, "use_kv_cache": 1, "use_sdpa_with_kv_cache": 1,
         "enable_dynamic_shape": 1, "get_eos_ids": [1], "get_vocab_size": 256, "get_bos_id": 2,
         "get_activation_dtype": 6, "get_logits_to_keep_mode": 1}
     assert (backend.max_prefill_chunk, backend.max_seq_len, backend.eos_ids) == (CHUNK, POSITIONS, (1,))
@@ -142,26 +148,36 @@ def test_runner_past_the_context_length_fails_loudly(program, runner_out):
         "index[0] = 64 is out of range [0, 64) [method.cpp:1493] arg 4 with type id 1")
 
 
-def test_custom_sdpa_program_runs_in_the_runner_with_fxport_tokens(tmp_path):
-    """``--custom-sdpa`` (BuildOptions(custom_sdpa=True)): the global layer's attention becomes
-    ``llama::custom_sdpa`` (the ring-buffer layers stay on XNNPACK); the program says so in
-    ``use_sdpa_with_kv_cache`` and the stock runner, in a fresh process, greedily generates
-    ``fxport run``'s tokens through chunked prefill and decode past the ring."""
-    tokenizer = tiny_tokenizer()
-    out = tmp_path / "tiny-custom-sdpa.pte"
-    result = build(Source(model=varied_tiny_model(max_seq_len=POSITIONS, window=WINDOW), tokenizer=tokenizer), out,
-                   BuildOptions(max_seq_len=POSITIONS, max_prefill_chunk=CHUNK, custom_sdpa=True))
-    cs = result.pass_results["prefill"]["custom_sdpa"].stats
+def test_the_default_uses_custom_sdpa_and_no_custom_sdpa_runs_in_the_runner_too(program_build, tmp_path):
+    """The default program (the module's ``program``, whose runner tests are above) calls
+    ``llama::custom_sdpa`` for the global layer (the ring-buffer layers stay on XNNPACK) and says
+    so in ``use_sdpa_with_kv_cache``; ``--no-custom-sdpa`` (``BuildOptions(custom_sdpa=False)``)
+    keeps every attention in XNNPACK, says 0, and the stock runner, in a fresh process, greedily
+    generates ``fxport run``'s tokens through chunked prefill and decode past the ring."""
+    cs = program_build[2].pass_results["prefill"]["custom_sdpa"].stats
     assert (cs.matched, cs.rewritten) == (3, 1)
     assert dict(cs.skipped) == {"cache written at computed positions (e.g. a ring buffer)": 2}
+    tokenizer = tiny_tokenizer()
+    out = tmp_path / "tiny-no-custom-sdpa.pte"
+    result = build(Source(model=varied_tiny_model(max_seq_len=POSITIONS, window=WINDOW), tokenizer=tokenizer), out,
+                   BuildOptions(max_seq_len=POSITIONS, max_prefill_chunk=CHUNK, custom_sdpa=False))
+    assert "custom_sdpa" not in [r.name for r in result.pass_results["prefill"].records]
     backend = PteBackend(out)
-    assert backend.metadata["use_sdpa_with_kv_cache"] == 1 and backend.contract_problems() == []
+    assert backend.metadata["use_sdpa_with_kv_cache"] == 0 and backend.contract_problems() == []
     ours = generate(backend, tokenizer, LONG, NEW)
     assert len(set(ours.tokens)) >= 8
     theirs = runner_in_fresh_process(out, out.with_suffix(".tokenizer") / "tokenizer.json", [LONG], NEW)[0]
     assert theirs["text"] == tokenizer.decode(ours.tokens)
 
 
-def test_custom_sdpa_is_an_xnnpack_option():
+def test_custom_sdpa_is_an_xnnpack_option_on_by_default():
     with pytest.raises(ValueError, match="custom_sdpa is an xnnpack option; --backend cuda has its own attention"):
         BuildOptions(backend="cuda", custom_sdpa=True)
+    assert BuildOptions().custom_sdpa is True and BuildOptions(backend="cuda").custom_sdpa is False
+    assert BuildOptions(custom_sdpa=False).custom_sdpa is False
+    # the CLI: on unless --no-custom-sdpa
+    from fxport.cli import build_parser
+
+    export = lambda *a: build_parser().parse_args(["export", "--preset", "tiny-gemma3", *a])  # noqa: E731
+    assert [export().custom_sdpa, export("--custom-sdpa").custom_sdpa, export("--no-custom-sdpa").custom_sdpa] == [
+        None, True, False]

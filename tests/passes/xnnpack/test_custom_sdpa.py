@@ -302,7 +302,7 @@ def test_methods_that_disagree_on_a_shared_cache_are_rejected(order):
         f"CustomSDPA: cache model.layers.0.self_attn.k_cache is shared by methods {first!r} and {second!r}; "
         "'prefill' moves it to custom_sdpa's (B, S, H, D) layout but 'decode' cannot (mask lets a query see slots "
         "not written yet). Give both methods the same attention, or build without the pass "
-        "(drop fxport export --custom-sdpa)")
+        "(fxport export --no-custom-sdpa)")
 
 
 def test_separate_pass_objects_do_not_compare_methods():
