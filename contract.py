@@ -110,18 +110,22 @@ REEXPORT_HINT = ("was written by an older fxport (before ExecuTorch's LLM-runner
 
 
 def load_llm_kernels() -> None:
-    """Register ExecuTorch's LLM custom-op kernels (``llama::custom_sdpa`` ...) in this process, once.
+    """Register, once per process, the kernels fxport's CPU programs call outside XNNPACK:
+    ExecuTorch's quantized ops (``quantized_decomposed::embedding_byte`` ..., the ``balanced``
+    lookup; ``executorch.kernels.quantized``) and its LLM custom ops (``llama::custom_sdpa`` ...).
 
     A program that calls them fails to load its method without them ("Missing operator"). The
-    wheel ships them in ``executorch/extension/llm/custom_ops/libcustom_ops_aot_lib``; loading it
-    registers the ExecuTorch kernels (for the runtime and the LLM runner's bindings) and the torch
-    ops. Raises ImportError naming the file when the wheel lacks it.
+    wheel ships the LLM ops in ``executorch/extension/llm/custom_ops/libcustom_ops_aot_lib``;
+    loading it registers the ExecuTorch kernels (for the runtime and the LLM runner's bindings)
+    and the torch ops. Raises ImportError naming the file when the wheel lacks it.
     """
     global _LLM_KERNELS_LOADED
     if _LLM_KERNELS_LOADED:
         return
     import importlib.util
     from pathlib import Path
+
+    import executorch.kernels.quantized  # noqa: F401  (registers the quantized ops' kernels)
 
     spec = importlib.util.find_spec("executorch.extension.llm.custom_ops")
     folders = list(spec.submodule_search_locations or []) if spec is not None else []

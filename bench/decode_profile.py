@@ -44,10 +44,9 @@ import torch
 def profile(pte: Path, steps: int, threads: int) -> Path:
     """Run decode steps with ETDump on (the decode method, or prefill at L = 1 in a program
     without one); the path of the written ETDump."""
-    import executorch.kernels.quantized  # noqa: F401  (quantized embedding kernels)
     from fxport.contract import load_llm_kernels
 
-    load_llm_kernels()  # llama::custom_sdpa (programs built with --custom-sdpa)
+    load_llm_kernels()  # embedding_byte, llama::custom_sdpa
     from executorch.extension.pybindings import portable_lib
 
     from fxport.fileio import weights_file

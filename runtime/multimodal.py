@@ -185,7 +185,6 @@ class RunnerLayoutBackend:
         from fxport.runtime.integrity import check_weights
 
         check_weights(path, data_path)
-        import executorch.kernels.quantized  # noqa: F401  (quantized embedding kernels)
         from executorch.runtime import Runtime
 
         from fxport.runtime.native_log import capture_native_stderr, verbose_default
@@ -196,7 +195,7 @@ class RunnerLayoutBackend:
 
                 set_num_threads(num_threads)
             try:
-                contract.load_llm_kernels()  # llama::custom_sdpa (fxport.passes.xnnpack.CustomSDPA)
+                contract.load_llm_kernels()  # embedding_byte, llama::custom_sdpa (fxport.passes.xnnpack.CustomSDPA)
                 self.program = Runtime.get().load_program(path, data_path=data_path)
                 names = set(self.program.method_names)
                 missing = [m for m in (contract.TOKEN_EMBEDDING, contract.TEXT_DECODER) if m not in names]

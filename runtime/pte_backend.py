@@ -150,7 +150,6 @@ class PteBackend:
         from fxport.runtime.integrity import check_weights
 
         check_weights(path, data_path)  # a damaged or foreign .ptd: one line, before anything runs
-        import executorch.kernels.quantized  # noqa: F401  (quantized embedding kernels, e.g. the "balanced" recipe)
         from executorch.runtime import Runtime
 
         from fxport.runtime.native_log import capture_native_stderr, verbose_default
@@ -164,7 +163,7 @@ class PteBackend:
             log = io.StringIO()
             missing = []
             try:
-                contract.load_llm_kernels()  # llama::custom_sdpa (fxport.passes.xnnpack.CustomSDPA)
+                contract.load_llm_kernels()  # embedding_byte, llama::custom_sdpa (fxport.passes.xnnpack.CustomSDPA)
                 with contextlib.redirect_stderr(log):
                     self.program = Runtime.get().load_program(path, data_path=data_path)
                     names = self.program.method_names

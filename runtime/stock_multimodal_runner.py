@@ -71,10 +71,9 @@ class StockMultimodalRunner:
         self.pte, self.tokenizer, self.data, self.verbose = pte, tokenizer, data, verbose
         self.rss_before = rss_bytes()
         with _native_output(verbose):
-            import executorch.kernels.quantized  # noqa: F401  (quantized ops for the runner's kernel registry)
             from fxport.contract import load_llm_kernels
 
-            load_llm_kernels()  # llama::custom_sdpa for the runner's kernel registry
+            load_llm_kernels()  # the quantized ops and llama::custom_sdpa for the runner's kernel registry
             from executorch.extension.llm.runner import MultimodalRunner
             from executorch.runtime import Runtime
 

@@ -7,6 +7,7 @@ only the program contract of :mod:`fxport.contract`. This module wraps it for th
 benchmarks and the tests, with the call a user's own script makes::
 
     import executorch.kernels.quantized            # the quantized ops (embedding_byte) the program uses
+    import executorch.extension.llm.custom_ops.custom_ops   # llama::custom_sdpa (not with --no-custom-sdpa)
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
     runner = TextLLMRunner("model.pte", "model.tokenizer/tokenizer.json", "model.ptd")
     runner.generate(prompt, GenerationConfig(echo=False, max_new_tokens=32, temperature=0.0, num_bos=1))
@@ -133,10 +134,9 @@ class StockRunner:
         pte, tokenizer, data = runner_files(pte, tokenizer, data)
         self.pte, self.tokenizer, self.data, self.verbose = pte, tokenizer, data, verbose
         with _native_output(verbose):  # the bindings log from static initializers at import too
-            import executorch.kernels.quantized  # noqa: F401  (embedding_byte & co. for the runner's kernel registry)
             from fxport.contract import load_llm_kernels
 
-            load_llm_kernels()  # llama::custom_sdpa for the runner's kernel registry
+            load_llm_kernels()  # embedding_byte & co., llama::custom_sdpa for the runner's kernel registry
             from executorch.extension.llm.runner import TextLLMRunner
 
             # after the imports: rss_delta counts the tokenizer and the program, not the libraries
