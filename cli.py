@@ -467,9 +467,11 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from fxport.lowering.xnnpack_quant import XNNPACK_RECIPES
+    from fxport.lowering.xnnpack_quant import XNNPACK_RECIPES, recipe_names
     from fxport.quant.recipe import get_recipe
 
+    if args.recipe not in recipe_names():  # one list: XNNPACK's names and fxport.quant.recipe's
+        raise ValueError(f"unknown quantization recipe {args.recipe!r}; choose one of: {', '.join(recipe_names())}")
     if args.recipe in XNNPACK_RECIPES:
         return _show_xnnpack_recipe(args, XNNPACK_RECIPES[args.recipe])
     recipe = get_recipe(args.recipe)
@@ -565,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantization recipe of the backend; xnnpack: balanced (int8 linears incl. the head, "
                         "activations smoothed on a calibration text, the embedding lookup reading the head's int8 "
                         "codes: weights in FILE.ptd beside FILE.pte, keep the two together), compact (separate "
-                        "int4 embedding lookup, one file), fast (int4 HQQ + GPTQ for most layers), 8da8w, "
+                        "int4 embedding lookup, one file), 8da8w, "
                         "8da4w (every linear int4 g32, int8 dynamic activations), 8da4w-head8, default, "
                         "sensitive; cuda: int4 (weight-only g32), default, sensitive; an unknown name lists the "
                         "choices; omit for float32")
@@ -700,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "linear/embedding weight and the config the recipe gives it.")
     p.add_argument("--recipe", default="default",
                    help="recipe name: default or sensitive, or an XNNPACK recipe of `fxport export --quant` "
-                        "(balanced, compact, fast, 8da8w, 8da4w, 8da4w-head8) (default: default)")
+                        "(balanced, compact, 8da8w, 8da4w, 8da4w-head8) (default: default)")
     _add_source(p, required=False)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_quantize)
@@ -714,7 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_positive, default=32, metavar="N", help="tokens to generate (default 32)")
     p.add_argument("--quant", default="balanced", metavar="RECIPE",
                    help="quantization recipe (default balanced: int8 linears, smoothed activations, int8 embedding lookup; "
-                        "'fast', '8da4w', ...; 'none' for float32)")
+                        "'compact', '8da4w', ...; 'none' for float32)")
     p.add_argument("--out", default="build/gemma3-270m.pte", metavar="FILE.pte",
                    help="where to write the .pte (reused when its recorded inputs are unchanged)")
     p.add_argument("--rebuild", action="store_true",
