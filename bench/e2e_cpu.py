@@ -3,7 +3,7 @@ speed and quality in one table.
 
 One command produces the README table (``make`` not needed)::
 
-    nice .venv/bin/python bench/e2e_cpu.py            # --recipes balanced fast --reps 3 --threads 2
+    nice .venv/bin/python bench/e2e_cpu.py            # --recipes balanced --reps 3 --threads 2
 
 Per runtime, in one run:
 
@@ -348,7 +348,7 @@ def quality_of(name: str, key_file: Path | None, corpus, ref, logits_fn) -> Q.Sc
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--recipes", nargs="*", default=["balanced", "fast"],
+    p.add_argument("--recipes", nargs="*", default=["balanced"],
                    help="fxport XNNPACK recipes (one .pte each); RECIPE+no-custom-sdpa builds it with --no-custom-sdpa "
                         "(attention inside XNNPACK; the default is --custom-sdpa)")
     p.add_argument("--threads", type=int, default=2)
