@@ -21,7 +21,7 @@ per window with all-position logits), ``fxport .pte`` (the program's ``decode`` 
 teacher-forced, one token per call: exactly what generation runs), llama.cpp through
 llama-cpp-python (``logits_all=True``, one ``eval`` per window; install: see ``LLAMACPP_INSTALL``).
 
-    .venv/bin/python bench/quality.py [--eager fp32 8da4w default fast] [--pte build/x.pte ...] [--llamacpp]
+    .venv/bin/python bench/quality.py [--eager fp32 8da4w default balanced] [--pte build/x.pte ...] [--llamacpp]
 
 The reference log-probabilities are cached (fp16) under ``build/quality/``.
 """
@@ -286,7 +286,7 @@ TABLE_HEAD = ("| variant | perplexity A | perplexity B | mean KL to ref | top-1 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--eager", nargs="*", default=["fp32", "8da4w", "8da8w", "default", "fast"],
+    p.add_argument("--eager", nargs="*", default=["fp32", "8da4w", "8da8w", "default"],
                    help="fxport eager variants: 'fp32' or XNNPACK recipe names")
     p.add_argument("--pte", nargs="*", default=[], type=Path, help=".pte files (decode method, teacher-forced)")
     p.add_argument("--llamacpp", action="store_true", help="also score llama.cpp on the same GGUF")

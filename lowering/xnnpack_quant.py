@@ -31,21 +31,22 @@ describe; print(describe())"`` prints them):
 * ``"compact"``: smoothed int8 linears (head included, smoothed) with a separate int4 g64
   asymmetric embedding lookup: the ``.pte`` is 1.48x the GGUF (375.5 MB) at mean KL 0.040
   (eager; the int4 table costs +0.03 nats). Superseded for size by ``balanced``'s shared table.
-* ``"fast"`` (:data:`FAST_RECIPE`): int4 g32 for the MLP and q/k/o projections on torchao's
-  scale-only HQQ grid (symmetric: XNNPACK's qb4w has no zero point) with GPTQ rounding
-  (:mod:`fxport.quant.gptq`, Hessians from 8,176 tokens of the calibration text), int8 per
-  channel for v_proj and layers 3, 5, 11, 17 (the most sensitive by bench/layer_sensitivity.py),
-  the head int8, the embedding lookup from the head's int8 codes (as ``balanced``). Measured
-  (eager): mean KL 0.143, ppl 12.55 / 12.79 (with a separate int4 g64 lookup: 0.164, 12.78 /
-  12.81, and an 84 MB larger program; with layers 0, 1, 16, 17 at 8 bits: 0.175; HQQ rounding
-  alone: 0.259; GPTQ on 1,022 tokens: 0.214), for 236 MB read per token instead of 270 MB: the
-  int8 head (168 MB) dominates the bytes, and an int4 head costs KL +0.07.
 * ``"8da8w"``: every linear int8 per channel, embedding float. ``"8da4w"``: every linear
   incl. the output head int4 g32. ``"8da4w-head8"``: the same with the head int8.
 * the names of :mod:`fxport.quant.recipe` (``"default"``, ``"sensitive"``), mapped to what
   XNNPACK can run: int4 weights symmetric (XNNPACK's qb4w has no zero point), HQQ as torchao's
   scale-only HQQ, 8-bit weights per channel. A tied output head takes the rule of the
   embedding it shares its weight with.
+
+The ``"fast"`` recipe (int4 g32 HQQ grid + GPTQ for the MLP and q/k/o, int8 v_proj, head and
+layers 3, 5, 11, 17) was dropped on 2026-12-05 (issue 24): every int4 variant on Gemma 3 270M
+costs far more than 5% perplexity (eager, docs/benchmarks.md: head int4 g32 HQQ +7% / KL 0.076,
+gate/up int4 +6% / 0.086, ``fast`` itself 12.55 / 12.79 vs llama.cpp 10.84 / 11.55, +16% / +11%,
+KL 0.143), and its bytes (236 MB a token vs ``balanced``'s 272 MB; the int8 head's 168 MB
+dominates) cap its decode gain at ~1.15x ``balanced``, not 2x; ``balanced`` decodes faster
+than ``fast`` did in every recorded run. GPTQ rounding (:mod:`fxport.quant.gptq`) stays
+available to a recipe of your own: ``XnnpackRecipe(..., gptq=True)`` re-rounds its int4 linears
+on Hessians from the calibration text (give :func:`quantize_for_xnnpack` a tokenizer).
 
 Weights no rule selects stay float. ``IntxWeightOnlyConfig`` (weight-only int8) is never used:
 XNNPACK delegates it but returned wrong numbers (rel. error ~3e3, ../shared/DESIGN.md).
@@ -159,31 +160,11 @@ COMPACT_RECIPE = XnnpackRecipe(
     smooth=DEFAULT_ALPHA,
 )
 
-# Layers kept 8-bit in "fast": the four most sensitive of Gemma 3 270M's 18 by
-# bench/layer_sensitivity.py (only layer i's q/k/o + MLP int4, mean KL to the fp32 reference on
-# 1,022 positions: layer 3 0.026, 17 0.020, 11 0.017, 5 0.015; the others 0.007-0.015).
-FAST_8BIT_LAYERS = (3, 5, 11, 17)
-FAST_RECIPE = XnnpackRecipe(
-    "fast",
-    (
-        (_HEAD, INT8_PC),
-        (r".*layers\.\d+\.self_attn\.v_proj\.weight", INT8_PC),
-        (r".*layers\.(%s)\..*" % "|".join(map(str, FAST_8BIT_LAYERS)), INT8_PC),
-        (r".*", INT4_G32_HQQ),
-    ),
-    doc="MLP and q/k/o int4 g32 HQQ grid with GPTQ rounding, v_proj and layers 3, 5, 11, 17 int8, head int8; "
-        "embedding lookup from the head's int8 codes",
-    gptq=True,
-    calibration_tokens=16 * 511,  # GPTQ's Hessians need more tokens than down_proj's 2048 inputs
-    lookup_from_head=True,
-)
-
 XNNPACK_RECIPES: dict[str, XnnpackRecipe] = {
     r.name: r
     for r in (
         DEFAULT_RECIPE,
         COMPACT_RECIPE,
-        FAST_RECIPE,
         XnnpackRecipe("8da8w", ((r".*", INT8_PC),), doc="every linear int8 per channel"),
         XnnpackRecipe("8da4w", ((r".*", INT4_G32),), doc="every linear incl. the head int4 g32"),
         XnnpackRecipe("8da4w-head8", ((_HEAD, INT8_PC), (r".*", INT4_G32)), doc="int4 g32, head int8"),

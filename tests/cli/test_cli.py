@@ -91,7 +91,14 @@ def test_argument_errors(capsys, tmp_path):
     out = str(tmp_path / "m.pte")
     line = _one_line_error(capsys, ["export", "--preset", "tiny", "--out", out, "--quant", "int3"])
     assert line == ("fxport export: error: unknown --quant recipe 'int3' for --backend xnnpack; choose one of: "
-                    "8da4w, 8da4w-head8, 8da8w, balanced, compact, default, fast, sensitive")
+                    "8da4w, 8da4w-head8, 8da8w, balanced, compact, default, sensitive")
+    # the dropped 'fast' recipe (lowering/xnnpack_quant.py) is refused like any unknown name
+    line = _one_line_error(capsys, ["export", "--preset", "tiny", "--out", out, "--quant", "fast"])
+    assert line == ("fxport export: error: unknown --quant recipe 'fast' for --backend xnnpack; choose one of: "
+                    "8da4w, 8da4w-head8, 8da8w, balanced, compact, default, sensitive")
+    line = _one_line_error(capsys, ["quantize", "--recipe", "fast"])
+    assert line == ("fxport quantize: error: unknown quantization recipe 'fast'; choose one of: "
+                    "8da4w, 8da4w-head8, 8da8w, balanced, compact, default, sensitive")
     line = _one_line_error(capsys, ["export", "--preset", "tiny", "--gguf", __file__, "--out", out])
     assert "not allowed with argument" in line
     line = _one_line_error(capsys, ["export", "--preset", "tiny", "--out", out, "--max-seq-len", "0"])
@@ -210,16 +217,13 @@ def test_bench_rejects_too_long_runs(exported, capsys):
 
 def test_quantize_shows_an_xnnpack_recipe(capsys):
     """``fxport quantize --recipe NAME`` knows the recipes ``fxport export --quant`` takes."""
-    assert main(["quantize", "--recipe", "fast"]) == 0
-    assert capsys.readouterr().out.splitlines() == [
-        "fast (--backend xnnpack): MLP and q/k/o int4 g32 HQQ grid with GPTQ rounding, v_proj and layers 3, 5, 11, "
-        "17 int8, head int8; embedding lookup from the head's int8 codes"]
-    assert main(["quantize", "--recipe", "fast", "--preset", "tiny-gemma3"]) == 0
+    assert main(["quantize", "--recipe", "8da4w-head8"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["8da4w-head8 (--backend xnnpack): int4 g32, head int8"]
+    assert main(["quantize", "--recipe", "8da4w-head8", "--preset", "tiny-gemma3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = dict(line.split(None, 1) for line in lines[1:-1])
-    assert rows["model.embed_tokens.weight"] == "lookup from lm_head's int8 codes (one table)"
-    assert rows["lm_head.weight"] == "8da8w per-channel"
-    assert rows["model.layers.0.mlp.up_proj.weight"] == "8da4w g32 hqq"
-    assert rows["model.layers.3.mlp.up_proj.weight"] == "8da8w per-channel"  # one of FAST_8BIT_LAYERS
-    assert rows["model.layers.0.self_attn.v_proj.weight"] == "8da8w per-channel"
-    assert len(rows) == 44 and lines[-1] == "44 of 44 weights quantized"
+    assert rows["model.embed_tokens.weight"] == "float"  # no embedding rule, no lookup from the head
+    assert rows["lm_head.weight"] == "8da8w per-channel"  # the head's rule comes first
+    assert rows["model.layers.0.mlp.up_proj.weight"] == "8da4w g32"
+    assert rows["model.layers.3.self_attn.v_proj.weight"] == "8da4w g32"
+    assert len(rows) == 44 and lines[-1] == "43 of 44 weights quantized"

@@ -173,7 +173,7 @@ def test_quant_report_for_fxport_recipe(tiny):
 
 
 def test_unknown_recipe_is_a_clear_error(tiny):
-    with pytest.raises(ValueError, match=r"unknown quantization recipe 'int3'; choose one of: 8da4w, 8da4w-head8, 8da8w, balanced, compact, default, fast, sensitive"):
+    with pytest.raises(ValueError, match=r"unknown quantization recipe 'int3'; choose one of: 8da4w, 8da4w-head8, 8da8w, balanced, compact, default, sensitive"):
         quantize_for_xnnpack(tiny.model(), "int3")
     with pytest.raises(ValueError, match="4-bit weights need a group_size"):
         XnnpackWeightQuant(4, None)

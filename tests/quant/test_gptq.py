@@ -77,22 +77,34 @@ def test_apply_gptq_rewrites_the_torchao_codes_in_place():
     assert err(m.a.weight.qdata) < err(before)
 
 
-def test_fast_recipe_runs_gptq_on_its_int4_linears():
-    """``fast`` with a tokenizer: GPTQ re-rounds exactly the int4 linears (of a 6-layer model:
-    q/k/o and the MLP of layers 0, 1, 2, 4; layers 3 and 5, every v_proj and the head are int8)."""
-    from fxport.lowering.xnnpack_quant import quantize_for_xnnpack
+def test_a_recipe_with_gptq_re_rounds_exactly_its_int4_linears():
+    """``XnnpackRecipe(..., gptq=True)`` with a tokenizer: GPTQ re-rounds exactly the int4 linears
+    (of a 2-layer model: q/k/o and the MLP of layer 0; layer 1, every v_proj and the head int8),
+    on the grid round-to-nearest chose (same scales); the int8 linears are RTN's to the bit."""
+    from fxport.lowering.xnnpack_quant import INT4_G32_HQQ, INT8_PC, XnnpackRecipe, quantize_for_xnnpack
     from fxport.models.gemma4.config import FULL, SLIDING, get_preset
     from fxport.models.gemma4.model import Gemma4ForCausalLM
     from fxport.tests.quant.test_smoothing import ByteTokenizer
 
-    cfg = get_preset("tiny-gemma3").replace(num_hidden_layers=6, layer_types=[SLIDING, FULL] * 3)
-    torch.manual_seed(0)
-    model = Gemma4ForCausalLM(cfg, max_seq_len=64).eval()
-    rep = quantize_for_xnnpack(model, "fast", tokenizer=ByteTokenizer(cfg.vocab_size))
-    assert rep.gptq == "GPTQ rounding for 24 int4 linear(s)"
-    assert rep.calibration.startswith("8176 tokens of pydoc_data.topics")
+    cfg = get_preset("tiny-gemma3").replace(num_hidden_layers=2, layer_types=[SLIDING, FULL])
+    rules = ((r"lm_head\.weight", INT8_PC), (r".*self_attn\.v_proj\.weight", INT8_PC),
+             (r".*layers\.1\..*", INT8_PC), (r".*", INT4_G32_HQQ))
+    models, reports = [], []
+    for gptq in (True, False):
+        torch.manual_seed(0)
+        model = Gemma4ForCausalLM(cfg, max_seq_len=64).eval()
+        recipe = XnnpackRecipe("int4-gptq", rules, gptq=gptq, calibration_tokens=4 * 63)
+        reports.append(quantize_for_xnnpack(model, recipe, tokenizer=ByteTokenizer(cfg.vocab_size)))
+        models.append(model)
+    rep, rtn = reports
+    assert rep.gptq == "GPTQ rounding for 6 int4 linear(s)" and rtn.gptq is None
+    assert rep.calibration.startswith("252 tokens of pydoc_data.topics")
     assert rep.smoothing is None
     int4 = sorted(n for n, k in rep.quantized.items() if k.startswith("8da4w"))
-    assert int4 == [f"model.layers.{i}.{n}" for i in (0, 1, 2, 4)
-                    for n in ("mlp.down_proj", "mlp.gate_proj", "mlp.up_proj",
-                              "self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj")]
+    assert int4 == [f"model.layers.0.{n}" for n in ("mlp.down_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                    "self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj")]
+    mods = [dict(m.named_modules()) for m in models]
+    for name in rep.quantized:
+        w, w0 = mods[0][name].weight, mods[1][name].weight
+        assert torch.equal(w.scale, w0.scale), name
+        assert torch.equal(w.qdata, w0.qdata) == (name not in int4), name

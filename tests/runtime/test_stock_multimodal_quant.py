@@ -135,7 +135,7 @@ def test_unknown_recipe_is_refused(quantized, tmp_path, capsys):
     assert main(["export", "--hf", str(quantized["dir"] / "ckpt"), "--out", str(tmp_path / "x.pte"), "--quant", "nope"]) == 2
     assert capsys.readouterr().err.strip().endswith(
         "unknown --quant recipe 'nope' for --backend xnnpack; choose one of: 8da4w, 8da4w-head8, 8da8w, balanced, "
-        "compact, default, fast, sensitive")
+        "compact, default, sensitive")
     assert not (tmp_path / "x.pte").exists()
 
 
