@@ -1,10 +1,11 @@
-"""Per-layer sensitivity to 4-bit weights: which decoder layers the ``fast`` recipe should keep
-at 8 bits, measured rather than assumed.
+"""Per-layer sensitivity to 4-bit weights: which decoder layers a mixed int4 / int8 recipe should
+keep at 8 bits, measured rather than assumed (it chose the 8-bit layers of the ``fast`` recipe,
+dropped on 2026-12-05: int4 costs more than 5% perplexity on Gemma 3 270M).
 
     .venv/bin/python bench/layer_sensitivity.py [--windows 1] [--keep 4]
 
 For each decoder layer ``i`` of Gemma 3 270M: a copy of the fp32 reference with only layer
-``i``'s q/k/o and MLP linears quantized as ``fast`` quantizes them (int4 g32 on torchao's HQQ
+``i``'s q/k/o and MLP linears quantized as ``fast`` did (int4 g32 on torchao's HQQ
 grid, RTN rounding: GPTQ would lower every row alike), everything else float; scored against
 the reference on the first ``--windows`` window(s) of each bench/quality.py text (mean KL and
 top-1 agreement). Prints one row per layer and the ``--keep`` most sensitive layers.
