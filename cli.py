@@ -593,7 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build without fxport's compile-time patches of ExecuTorch/torch/torchao internals "
                         "(the same program, ~4x slower)")
     p.add_argument("--custom-sdpa", action=argparse.BooleanOptionalAction, default=None,
-                   help="xnnpack (on by default): causal KV-cache attention through ExecuTorch's llama::custom_sdpa "
+                   help="xnnpack text programs (on by default; multimodal programs keep XNNPACK attention): causal "
+                        "KV-cache attention through ExecuTorch's llama::custom_sdpa "
                         "kernel instead of XNNPACK over the whole cache: faster decode and prefill (0.86-0.93x a "
                         "decode step on Gemma 3 270M); the runner must link ExecuTorch's LLM custom ops (llama_main "
                         "does; Python: import executorch.extension.llm.custom_ops.custom_ops), and a native one "
