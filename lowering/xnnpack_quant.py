@@ -274,14 +274,14 @@ def _smooth(model: nn.Module, alpha: float | None, windows: list[list[int]], sou
 
 def _split_outliers(model: nn.Module, amax: dict[str, Any], k: int) -> tuple[set[str], str]:
     """:func:`fxport.quant.outlier_split.split_outlier_channels`: the float linears' names and a summary."""
-    from fxport.quant.outlier_split import split_outlier_channels
+    from fxport.quant.outlier_split import FLOAT_LINEAR, MAX_SHARE, split_outlier_channels
 
     done = split_outlier_channels(model, amax, k)
-    names = {f"{mlp}.down_outliers" for mlp in done}
     if not done:
-        return set(), "outlier split: none (no gated MLP with calibration statistics and >= 8 channels)"
+        return set(), f"outlier split: none (no gated MLP with calibration statistics and >= {MAX_SHARE} channels)"
     sizes = "/".join(str(n) for n in sorted({int(c.numel()) for c in done.values()}))
-    return names, f"outlier split: {sizes} channel(s) of {len(done)} MLP(s) with a float32 down projection"
+    return ({f"{mlp}.{FLOAT_LINEAR}" for mlp in done},
+            f"outlier split: {sizes} channel(s) of {len(done)} MLP(s) with a float32 down projection")
 
 
 def _lookup_from_head(model: nn.Module, recipe: str, head_scale: Any = None) -> tuple[str, Any]:

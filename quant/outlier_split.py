@@ -47,8 +47,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-#: the names of the outlier branch's linears inside :class:`OutlierSplitMLP`
-OUTLIER_LINEARS = ("gate_outliers", "up_outliers", "down_outliers")
+#: the outlier branch's down projection inside :class:`OutlierSplitMLP`: the linear a recipe keeps float
+FLOAT_LINEAR = "down_outliers"
 #: an MLP gives at most 1 / MAX_SHARE of its intermediate channels to the outlier branch
 MAX_SHARE = 8
 
@@ -86,7 +86,9 @@ class OutlierSplitMLP(nn.Module):
         self.gate_outliers, self.up_outliers = _linear_of(w_gate[outliers]), _linear_of(w_up[outliers])  # (k, H)
         self.down_outliers = _linear_of(w_down[:, outliers])                                   # (H, k)
         self.act = act
-        self.register_buffer("outliers", outliers.clone(), persistent=False)  # for reports and tests
+        # for reports and tests; a plain attribute, not a buffer: torch.export would lift a buffer
+        # into every program as an input the graph never reads
+        self.outliers = outliers.clone()
 
     def forward(self, x: Tensor) -> Tensor:
         rest = self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
@@ -131,4 +133,4 @@ def split_outlier_channels(model: nn.Module, down_absmax: dict[str, Tensor], k: 
     return done
 
 
-__all__ = ["MAX_SHARE", "OUTLIER_LINEARS", "OutlierSplitMLP", "is_gated_mlp", "split_outlier_channels"]
+__all__ = ["FLOAT_LINEAR", "MAX_SHARE", "OutlierSplitMLP", "is_gated_mlp", "split_outlier_channels"]

@@ -87,6 +87,8 @@ def test_balanced_keeps_the_outlier_down_float_and_the_gate_up_codes_of_the_unsp
             assert torch.equal(getattr(split, f"{name}_outliers").weight.qdata, whole.qdata[split.outliers])
             assert torch.equal(getattr(split, f"{name}_proj").weight.qdata, whole.qdata[keep])
         assert split.down_outliers.weight.dtype == torch.float32
+    # the outlier indices are no buffer: torch.export would lift them into the program as an unread input
+    assert not [n for n, _ in m.named_buffers() if n.endswith(".outliers")]
 
 
 def test_the_split_cuts_the_int8_error_of_outlier_channels_fivefold():
