@@ -467,11 +467,10 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from fxport.lowering.xnnpack_quant import XNNPACK_RECIPES, recipe_names
+    from fxport.lowering.xnnpack_quant import XNNPACK_RECIPES, check_recipe_name
     from fxport.quant.recipe import get_recipe
 
-    if args.recipe not in recipe_names():  # one list: XNNPACK's names and fxport.quant.recipe's
-        raise ValueError(f"unknown quantization recipe {args.recipe!r}; choose one of: {', '.join(recipe_names())}")
+    check_recipe_name(args.recipe)  # one list: XNNPACK's names and fxport.quant.recipe's
     if args.recipe in XNNPACK_RECIPES:
         return _show_xnnpack_recipe(args, XNNPACK_RECIPES[args.recipe])
     recipe = get_recipe(args.recipe)

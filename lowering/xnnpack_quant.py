@@ -191,6 +191,12 @@ def _from_quant_config(cfg: Any) -> XnnpackWeightQuant:
     return XnnpackWeightQuant(4, cfg.group_size or 32, hqq=cfg.method == "hqq")
 
 
+def check_recipe_name(name: str) -> None:
+    """ValueError naming every recipe ``quant=`` accepts when ``name`` is none of them."""
+    if name not in recipe_names():
+        raise ValueError(f"unknown quantization recipe {name!r}; choose one of: {', '.join(recipe_names())}")
+
+
 def _resolver(recipe: str | XnnpackRecipe, num_layers: int | None):
     """fqn -> XnnpackWeightQuant | None for recipe ``recipe``."""
     if isinstance(recipe, XnnpackRecipe) or recipe in XNNPACK_RECIPES:
@@ -203,8 +209,7 @@ def _resolver(recipe: str | XnnpackRecipe, num_layers: int | None):
         return pick
     from fxport.quant.recipe import RECIPES
 
-    if recipe not in RECIPES:
-        raise ValueError(f"unknown quantization recipe {recipe!r}; choose one of: {', '.join(recipe_names())}")
+    check_recipe_name(recipe)
     qrecipe = RECIPES[recipe]
 
     def pick(fqn: str):
