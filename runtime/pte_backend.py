@@ -34,6 +34,7 @@ generation. A program from before that contract (``get_max_prefill_chunk``, no
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 from pathlib import Path
 from typing import Any, Iterator
@@ -79,22 +80,18 @@ def one_openmp_level() -> Iterator[None]:
             gomp.omp_set_max_active_levels(levels)
 
 
-_GOMP: list = []
-
-
+@functools.cache
 def _libgomp():
     """libgomp (the OpenMP runtime torch loads and ExecuTorch's kernels share), or None."""
-    if not _GOMP:
-        import ctypes
+    import ctypes
 
-        try:
-            lib = ctypes.CDLL("libgomp.so.1")
-            lib.omp_get_max_active_levels.restype = ctypes.c_int
-            lib.omp_set_max_active_levels.argtypes = [ctypes.c_int]
-            _GOMP.append(lib)
-        except (OSError, AttributeError):
-            _GOMP.append(None)
-    return _GOMP[0]
+    try:
+        lib = ctypes.CDLL("libgomp.so.1")
+        lib.omp_get_max_active_levels.restype = ctypes.c_int
+        lib.omp_set_max_active_levels.argtypes = [ctypes.c_int]
+        return lib
+    except (OSError, AttributeError):
+        return None
 
 
 @contextlib.contextmanager
