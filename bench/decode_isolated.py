@@ -23,14 +23,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))  # e2e_cpu (its runtimes, its program), as e2e_cpu imports quality
+import e2e_cpu as E  # noqa: E402
+
 PROMPT, STEPS = 128, 64
 
 _CHILD = """
 import json, statistics, sys
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
-from bench import e2e_cpu as E
+import e2e_cpu as E
 kind, path, threads, reps = sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 P, N = {prompt}, {steps}
 make = {{"fxport": lambda: E.FxportRuntime(path, threads),
@@ -50,7 +54,7 @@ def run_child(kind: str, path: Path, threads: int, reps: int) -> dict[str, float
     from fxport.runtime import huge_pages
 
     env = huge_pages.with_huge_pages(os.environ)
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(ROOT.parent), kind, str(path), str(threads), str(reps)],
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(BENCH), kind, str(path), str(threads), str(reps)],
                          capture_output=True, text=True, env=env, cwd=ROOT)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
@@ -70,10 +74,7 @@ def main(argv=None) -> int:
 
     gguf = gemma3_270m_gguf()
     if args.pte is None:
-        sys.path.insert(0, str(ROOT.parent))
-        from fxport.bench.e2e_cpu import ensure_pte
-
-        args.pte = ensure_pte("balanced", gguf)
+        args.pte = E.ensure_pte("balanced", gguf)
     if not args.pte.is_file():
         p.error(f"{args.pte}: no such file; build it with bench/e2e_cpu.py or fxport export")
     kinds = {"fxport": args.pte, "runner": args.pte, "llama.cpp": gguf}
