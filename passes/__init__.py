@@ -23,7 +23,8 @@ _LAZY_PASSES = {
     "EdgeDecompositions": "fxport.passes.edge_decompositions",
     "AdditiveAttentionMask": "fxport.passes.xnnpack",
     "CustomSDPA": "fxport.passes.xnnpack",
-    "GeluTanhAsTanh": "fxport.passes.xnnpack",
+    "GeluTanhAsSigmoid": "fxport.passes.xnnpack",
+    "GeluTanhAsTanh": "fxport.passes.xnnpack",  # its name before 2026-12-05
     "RMSNormAsLinear": "fxport.passes.xnnpack",
     "RotateHalfAsLinear": "fxport.passes.xnnpack",
     "SDPAAsMatmul": "fxport.passes.xnnpack",

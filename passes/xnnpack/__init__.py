@@ -6,7 +6,7 @@ portable ops between them (slow to run, and slow to lower: each subgraph is comp
 separately). Each pass here rewrites one such pattern into ops XNNPACK lowers, with the same
 numbers (one pass per module, each with its contract docstring):
 
-* :class:`GeluTanhAsTanh` — tanh GELU spelled out (XNNPACK's GELU is the erf form);
+* :class:`GeluTanhAsSigmoid` — tanh GELU as ``x * sigmoid(...)`` (XNNPACK's GELU is the erf form);
 * :class:`AdditiveAttentionMask` — bool SDPA masks as one shared additive float mask;
 * :class:`SDPAAsMatmul` — SDPA as matmul / softmax / matmul, GQA folded (no K/V copies);
 * :class:`RMSNormAsLinear` — ``rms_norm``'s mean as a linear;
@@ -21,10 +21,13 @@ from __future__ import annotations
 
 from fxport.passes.xnnpack.additive_attention_mask import AdditiveAttentionMask
 from fxport.passes.xnnpack.custom_sdpa import CustomSDPA
-from fxport.passes.xnnpack.gelu_tanh_as_tanh import GeluTanhAsTanh
+from fxport.passes.xnnpack.gelu_tanh_as_sigmoid import GeluTanhAsSigmoid
 from fxport.passes.xnnpack.rms_norm_as_linear import RMSNormAsLinear
 from fxport.passes.xnnpack.rotate_half_as_linear import RotateHalfAsLinear
 from fxport.passes.xnnpack.sdpa_as_matmul import SDPAAsMatmul
 from fxport.passes.xnnpack.symbolic_view_as_inferred import SymbolicViewAsInferred
 
-__all__ = ["AdditiveAttentionMask", "CustomSDPA", "GeluTanhAsTanh", "RMSNormAsLinear", "RotateHalfAsLinear", "SDPAAsMatmul", "SymbolicViewAsInferred"]
+#: the name GeluTanhAsSigmoid had before 2026-12-05, when it spelled the GELU with tanh
+GeluTanhAsTanh = GeluTanhAsSigmoid
+
+__all__ = ["AdditiveAttentionMask", "CustomSDPA", "GeluTanhAsSigmoid", "GeluTanhAsTanh", "RMSNormAsLinear", "RotateHalfAsLinear", "SDPAAsMatmul", "SymbolicViewAsInferred"]

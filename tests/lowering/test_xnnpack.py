@@ -66,7 +66,7 @@ def _pte_steps(backend, tokens, chunks):
 
 def test_passes_applied_per_method(fp32):
     _, results, _ = fp32
-    common = ["ring_buffer_kv_cache", "gelu_tanh_as_tanh", "additive_attention_mask", "sdpa_as_matmul", "rms_norm_as_linear",
+    common = ["ring_buffer_kv_cache", "gelu_tanh_as_sigmoid", "additive_attention_mask", "sdpa_as_matmul", "rms_norm_as_linear",
               "symbolic_view_as_inferred"]
     assert [r.name for r in results["prefill"].records] == [*common, "rotate_half_as_linear", "last_token_logits",
                                                             "edge_decompositions"]

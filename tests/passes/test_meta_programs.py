@@ -46,7 +46,7 @@ def test_cpu_pass_set_on_a_meta_program():
     (real, real_res), (meta, meta_res) = out["cpu"], out["meta"]
     assert _stats(meta_res) == _stats(real_res)
     assert [r.name for r in meta_res["prefill"].records if r.changed] == [
-        "ring_buffer_kv_cache", "gelu_tanh_as_tanh", "additive_attention_mask", "sdpa_as_matmul",
+        "ring_buffer_kv_cache", "gelu_tanh_as_sigmoid", "additive_attention_mask", "sdpa_as_matmul",
         "rms_norm_as_linear", "symbolic_view_as_inferred", "rotate_half_as_linear", "last_token_logits",
         "edge_decompositions"]
     assert _tensors(meta) == _tensors(real)

@@ -3,7 +3,8 @@ spelling (none, a parameter, a buffer, ``param + c`` / ``c + param`` folded into
 norms sharing one weight, and norms it must leave alone (two normalized dims, bfloat16 input).
 
 Expected from the contract: every norm is matched; fp32 one-dim norms are rewritten (one
-``fxport_rms_mean.<node>`` (1, D) constant of 1/D each; offset weights folded into
+``fxport_rms_mean.<node>`` (1, D) constant of 1/D and one ``fxport_rms_eps.<node>`` (1,) bias of
+eps each, no ``add`` left; offset weights folded into
 ``<param>_plus_<c>`` = param + c), the others skipped with the reason; values equal the
 unrewritten program within fp32 summation order and an fp64 RMSNorm; a second run changes
 nothing.
@@ -11,6 +12,7 @@ nothing.
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -81,11 +83,16 @@ def test_fp32_norms_become_a_mean_linear(D, lead, kinds, c, scale, seed):
         (D, "folded" if "+" in w else "as is") for w, _, _ in done]
     means = {k: v for k, v in new.constants.items() if k.startswith("fxport_rms_mean.")}
     assert len(means) == len(done) and all(torch.equal(v, torch.full((1, D), 1 / D)) for v in means.values())
+    biases = [v for k, v in new.constants.items() if k.startswith("fxport_rms_eps.")]
+    want_eps = sorted(torch.finfo(torch.float32).eps if e is None else e for _, e, _ in done)
+    assert sorted(float(v) for v in biases) == pytest.approx(want_eps, rel=1e-6) and all(v.shape == (1,) for v in biases)
     for source in {w.split(" ")[-1] if w.startswith("c") else w.split(" ")[0] for w, _, _ in done if "+" in w}:
         name = {"param": "w", "buffer": "b"}[source]
         folded = new.constants[f"{name}_plus_{_name_of(c)}".replace(".", "_")]  # param + c, computed once
         assert torch.equal(folded, getattr(model, name).detach() + c)
     assert ops(new)[aten.rms_norm.default] == alone and ops(new)[aten.linear.default] == len(done)
+    linears = [n for n in new.graph.nodes if n.target == aten.linear.default]
+    assert all(len(n.args) == 3 and [u.target for u in n.users] == [aten.rsqrt.default] for n in linears)  # eps is the bias
 
     got = new.module()(x)
     torch.testing.assert_close(got, ep.module()(x), rtol=1e-5, atol=1e-5)  # mean as a dot product with 1/D

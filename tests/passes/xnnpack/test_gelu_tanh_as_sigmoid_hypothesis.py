@@ -1,4 +1,4 @@
-"""GeluTanhAsTanh on drawn chains of GELUs (tanh and exact forms mixed), shapes, magnitudes and
+"""GeluTanhAsSigmoid on drawn chains of GELUs (tanh and exact forms mixed), shapes, magnitudes and
 dtypes.
 
 Expected from the contract: exactly the tanh GELUs are matched and rewritten, the exact ones
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fxport.passes.xnnpack import GeluTanhAsTanh
+from fxport.passes.xnnpack import GeluTanhAsSigmoid
 
 from fxport.tests.passes.hypothesis_helpers import assert_idempotent, examples, ops, run_pass
 
@@ -49,12 +49,14 @@ def gelu_tanh_fp64(x: torch.Tensor) -> torch.Tensor:
 def test_tanh_gelus_become_the_formula(forms, shape, dtype, magnitude, seed):
     x = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * magnitude).to(dtype)
     ep = torch.export.export(Gelus(forms), (x,))
-    new, rec = run_pass(ep, GeluTanhAsTanh())
+    new, rec = run_pass(ep, GeluTanhAsSigmoid())
     n_tanh = forms.count("tanh")
     assert (rec.changed, rec.stats.matched, rec.stats.rewritten, dict(rec.stats.skipped)) == (
         n_tanh > 0, n_tanh, n_tanh, {})
     counts = ops(new)
-    assert counts[aten.gelu.default] == forms.count("none") and counts[aten.tanh.default] == n_tanh
+    assert counts[aten.gelu.default] == forms.count("none") and counts[aten.sigmoid.default] == n_tanh
+    # each tanh GELU: 4 muls (x*x, *K1, x*(...), x*sigmoid), 1 add, 1 sigmoid; the module scales after each GELU
+    assert (counts[aten.tanh.default], counts[aten.add.Tensor], counts[aten.mul.Tensor]) == (0, n_tanh, 4 * n_tanh + len(forms))
 
     got = new.module()(x)
     tol = TOL[dtype]
@@ -66,4 +68,11 @@ def test_tanh_gelus_become_the_formula(forms, shape, dtype, magnitude, seed):
         want = y.to(dtype)
     assert ((got.double() - y).abs() <= tol * (1 + y.abs())).all()
     if n_tanh:
-        assert_idempotent(new, GeluTanhAsTanh())
+        assert_idempotent(new, GeluTanhAsSigmoid())
+
+
+def test_former_name_imports_the_same_pass():
+    from fxport.passes import GeluTanhAsTanh
+    from fxport.passes.xnnpack import GeluTanhAsSigmoid as current
+
+    assert GeluTanhAsTanh is current and GeluTanhAsTanh().name == "gelu_tanh_as_sigmoid"
