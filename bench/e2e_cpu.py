@@ -12,7 +12,9 @@ Per runtime, in one run:
   fxport's runtime runs its own generate loop (``fxport.runtime.generate``: sampling included,
   as the runner samples in C++); the runtimes are timed interleaved (A B C A B C ..., ``--reps``
   >= 3 rounds after one warm-up round) and the medians printed, with the load average before
-  and after, and the decode step in ms;
+  and after, and the decode step in ms; a per-round table gives each round's decode step per
+  runtime, the read bandwidth measured right after the round (a 256 MiB sum) and each
+  runtime's ratio to llama.cpp in that round, with how many rounds reach 1.5x;
 * quality (``bench/quality.py``): perplexity on text A / text B, mean KL to the fp32 reference
   and top-1 agreement (cached per program under ``build/quality/``);
 * bytes read per decode token, file size, peak RSS of one ``fxport run`` (resp. a llama.cpp
@@ -254,6 +256,28 @@ def read_bandwidth(threads: int, gib: float = 1.0, reps: int = 5) -> float:
     return x.numel() * 4 / statistics.median(times)
 
 
+def per_round_table(times: dict[str, list[tuple[float, float]]], round_bw: list[float], new_tokens: int) -> str:
+    """Each timed round's decode ms per step, the read bandwidth measured right after it, and each
+    runtime's decode ratio to llama.cpp in that round: the machine's bandwidth moves from minute to
+    minute, and a bandwidth-bound program's step (and its ratio to a compute-bound one) with it."""
+    keys = [k for k in times if k != "transformers"]
+    head = "| round | read GB/s after it | " + " | ".join(f"{k} ms" for k in keys)
+    ratio_keys = [k for k in keys if k != "llamacpp"] if "llamacpp" in times else []
+    head += "".join(f" | {k} vs llama.cpp" for k in ratio_keys) + " |"
+    rows = [head, "|" + "---:|" * (2 + len(keys) + len(ratio_keys))]
+    for i, bw in enumerate(round_bw):
+        ms = {k: 1e3 * times[k][i][1] / new_tokens for k in keys}
+        cells = [str(i + 1), f"{bw / 1e9:.1f}", *(f"{ms[k]:.2f}" for k in keys),
+                 *(f"{ms['llamacpp'] / ms[k]:.2f}x" for k in ratio_keys)]
+        rows.append("| " + " | ".join(cells) + " |")
+    lines = ["per round (decode ms per step; the bandwidth of a 256 MiB float32 sum right after the round):", *rows]
+    for k in ratio_keys:
+        ratios = [times["llamacpp"][i][1] / times[k][i][1] for i in range(len(round_bw))]
+        lines.append(f"{k}: decode >= 1.5x llama.cpp in {sum(r >= 1.5 for r in ratios)} of {len(ratios)} rounds "
+                     f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
+    return "\n".join(lines)
+
+
 _RSS_FXPORT = """
 import sys, torch
 from fxport.runtime.pte_backend import PteBackend
@@ -442,12 +466,15 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 262144, (args.prompt_len + args.new_tokens,), generator=g).tolist()
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in runtimes}
+    round_bw: list[float] = []  # read bandwidth right after each timed round
     load_speed = os.getloadavg()
     for rnd in range(args.reps + 1):  # round 0 = warm-up
         for k, rt in runtimes.items():
             t = rt.run(ids, args.prompt_len)
             if rnd:
                 times[k].append(t)
+        if rnd:
+            round_bw.append(read_bandwidth(args.threads, gib=0.25, reps=3))
     load_after = os.getloadavg()
     del runtimes
     bw = read_bandwidth(args.threads)
@@ -525,6 +552,7 @@ def main(argv=None) -> int:
     steps = ", ".join(f"{k} {1e3 * statistics.median(t[1] for t in times[k]) / args.new_tokens:.2f}"
                       for k in times)
     print(f"decode ms per step (median): {steps}")
+    print(per_round_table(times, round_bw, args.new_tokens))
     if "llamacpp" in times:
         base = [statistics.median(args.prompt_len / t[0] for t in times["llamacpp"]),
                 statistics.median(args.new_tokens / t[1] for t in times["llamacpp"])]
