@@ -106,7 +106,7 @@ def vision_encoder_passes() -> list:
 def rewrite_multimodal_programs(model: torch.nn.Module, programs: dict[str, ExportedProgram],
                                 max_prefill_chunk: int, ring_size: int | None = None, dump=None):
     """The CPU pass set on each method (FixedSlotFusion first on prefill, the text CPU set on
-    prefill / decode, GeluTanhAsTanh on the encoders: the text set has it already). Ring size default:
+    prefill / decode, GeluTanhAsSigmoid on the encoders: the text set has it already). Ring size default:
     ``max(2 W, W + max_prefill_chunk - 1)`` so that a chunk holding a whole image fits the ring.
     Returns (programs, {method: PipelineResult})."""
     from fxport.lowering.xnnpack import apply_method_passes, cpu_passes
@@ -119,9 +119,9 @@ def rewrite_multimodal_programs(model: torch.nn.Module, programs: dict[str, Expo
     if "audio_encoder" in programs:
         passes["audio_encoder"] = audio_encoder_passes()
     # XNNPACK's GELU is the erf form whatever ``approximate`` says: spell the tanh form out.
-    from fxport.passes.xnnpack.gelu_tanh_as_tanh import GeluTanhAsTanh
+    from fxport.passes.xnnpack.gelu_tanh_as_sigmoid import GeluTanhAsSigmoid
 
-    passes = {m: list(passes[m]) if m in ("prefill", "decode") else [GeluTanhAsTanh()] + list(passes.get(m, []))
+    passes = {m: list(passes[m]) if m in ("prefill", "decode") else [GeluTanhAsSigmoid()] + list(passes.get(m, []))
               for m in programs}
     return apply_method_passes(programs, passes, dump=dump)
 
@@ -172,18 +172,18 @@ def rewrite_runner_programs(model: torch.nn.Module, programs: dict[str, Exported
                             ring_size: int | None = None, dump=None):
     """The CPU pass set on each method of the runner layout: ``text_decoder`` gets the text
     prefill set (RingBufferKVCache, the XNNPACK rewrites, LastTokenLogits), the encoders
-    GeluTanhAsTanh (and the audio tower's RMSNormAsLinear), ``token_embedding`` nothing.
+    GeluTanhAsSigmoid (and the audio tower's RMSNormAsLinear), ``token_embedding`` nothing.
     Returns (programs, {method: PipelineResult})."""
     from fxport.lowering.xnnpack import apply_method_passes, cpu_passes
     from fxport.models.gemma4.model import sliding_window_buffers
-    from fxport.passes.xnnpack.gelu_tanh_as_tanh import GeluTanhAsTanh
+    from fxport.passes.xnnpack.gelu_tanh_as_sigmoid import GeluTanhAsSigmoid
 
     ring = ring_size if ring_size is not None else ring_size_for(model, max_prefill_chunk)
     text = cpu_passes(windows=sliding_window_buffers(model), ring_size=ring,
                       max_prefill_chunk=max_prefill_chunk)["prefill"]
     passes = {contract.TEXT_DECODER: text, contract.TOKEN_EMBEDDING: [],
-              contract.VISION_ENCODER: [GeluTanhAsTanh()] + vision_encoder_passes(),
-              contract.AUDIO_ENCODER: [GeluTanhAsTanh()] + audio_encoder_passes()}
+              contract.VISION_ENCODER: [GeluTanhAsSigmoid()] + vision_encoder_passes(),
+              contract.AUDIO_ENCODER: [GeluTanhAsSigmoid()] + audio_encoder_passes()}
     return apply_method_passes(programs, {m: passes[m] for m in programs}, dump=dump)
 
 
