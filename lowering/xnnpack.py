@@ -69,7 +69,8 @@ def cpu_passes(*, windows: Mapping[str, int] | None = None,
       ``llama::custom_sdpa`` (in place, no cache copies; the program then needs ExecuTorch's LLM
       custom-op kernels, see :mod:`fxport.contract`, and a native runner ``OMP_NUM_THREADS=1``
       for reproducible logits: see :mod:`fxport.passes.xnnpack.custom_sdpa`);
-    * ``GeluTanhAsSigmoid`` (XNNPACK serializes every GELU as the erf form), ``AdditiveAttentionMask``,
+    * ``QKNormRopeAsOne`` (after ``CustomSDPA``: a layer's query and key heads normalized and
+      rotated as one tensor), ``GeluTanhAsSigmoid`` (XNNPACK serializes every GELU as the erf form), ``AdditiveAttentionMask``,
       ``SDPAAsMatmul``, ``RMSNormAsLinear`` and ``SymbolicViewAsInferred``
       (:mod:`fxport.passes.xnnpack`) when ``xnnpack_rewrites``: patterns XNNPACK would
       otherwise leave to portable kernels (each one left out splits a delegate); on prefill also
@@ -89,6 +90,7 @@ def cpu_passes(*, windows: Mapping[str, int] | None = None,
     from fxport.passes.xnnpack import (
         AdditiveAttentionMask,
         GeluTanhAsSigmoid,
+        QKNormRopeAsOne,
         RMSNormAsLinear,
         RotateHalfAsLinear,
         SDPAAsMatmul,
@@ -105,7 +107,7 @@ def cpu_passes(*, windows: Mapping[str, int] | None = None,
 
         common.append(CustomSDPA())
     if xnnpack_rewrites:
-        common += [GeluTanhAsSigmoid(), AdditiveAttentionMask(), SDPAAsMatmul(), RMSNormAsLinear(), SymbolicViewAsInferred()]
+        common += [QKNormRopeAsOne(), GeluTanhAsSigmoid(), AdditiveAttentionMask(), SDPAAsMatmul(), RMSNormAsLinear(), SymbolicViewAsInferred()]
     prefill_only = [RotateHalfAsLinear()] if xnnpack_rewrites else []
     prefill = list(common) + prefill_only + ([LastTokenLogits()] if last_token_logits else [])
     out = {"prefill": prefill + [EdgeDecompositions()], "decode": common + [EdgeDecompositions()]}

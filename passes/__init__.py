@@ -25,6 +25,7 @@ _LAZY_PASSES = {
     "CustomSDPA": "fxport.passes.xnnpack",
     "GeluTanhAsSigmoid": "fxport.passes.xnnpack",
     "GeluTanhAsTanh": "fxport.passes.xnnpack",  # its name before 2026-12-05
+    "QKNormRopeAsOne": "fxport.passes.xnnpack",
     "RMSNormAsLinear": "fxport.passes.xnnpack",
     "RotateHalfAsLinear": "fxport.passes.xnnpack",
     "SDPAAsMatmul": "fxport.passes.xnnpack",

@@ -12,6 +12,8 @@ numbers (one pass per module, each with its contract docstring):
 * :class:`RMSNormAsLinear` — ``rms_norm``'s mean as a linear;
 * :class:`SymbolicViewAsInferred` — a view's one symbolic size as ``-1``;
 * :class:`RotateHalfAsLinear` — RoPE's ``rotate_half`` as a linear with a signed permutation;
+* :class:`QKNormRopeAsOne` — a layer's query and key heads normalized and rotated as one tensor
+  (after CustomSDPA: one norm and one RoPE instead of two, no transposes);
 * :class:`CustomSDPA` — causal KV-cache attention as ExecuTorch's ``llama::custom_sdpa`` (in
   place, over the written prefix only: not an XNNPACK op, but it replaces the cache copies and
   the whole-cache attention XNNPACK would run).
@@ -22,6 +24,7 @@ from __future__ import annotations
 from fxport.passes.xnnpack.additive_attention_mask import AdditiveAttentionMask
 from fxport.passes.xnnpack.custom_sdpa import CustomSDPA
 from fxport.passes.xnnpack.gelu_tanh_as_sigmoid import GeluTanhAsSigmoid
+from fxport.passes.xnnpack.qk_norm_rope_as_one import QKNormRopeAsOne
 from fxport.passes.xnnpack.rms_norm_as_linear import RMSNormAsLinear
 from fxport.passes.xnnpack.rotate_half_as_linear import RotateHalfAsLinear
 from fxport.passes.xnnpack.sdpa_as_matmul import SDPAAsMatmul
@@ -30,4 +33,4 @@ from fxport.passes.xnnpack.symbolic_view_as_inferred import SymbolicViewAsInferr
 #: the name GeluTanhAsSigmoid had before 2026-12-05, when it spelled the GELU with tanh
 GeluTanhAsTanh = GeluTanhAsSigmoid
 
-__all__ = ["AdditiveAttentionMask", "CustomSDPA", "GeluTanhAsSigmoid", "GeluTanhAsTanh", "RMSNormAsLinear", "RotateHalfAsLinear", "SDPAAsMatmul", "SymbolicViewAsInferred"]
+__all__ = ["AdditiveAttentionMask", "CustomSDPA", "GeluTanhAsSigmoid", "GeluTanhAsTanh", "QKNormRopeAsOne", "RMSNormAsLinear", "RotateHalfAsLinear", "SDPAAsMatmul", "SymbolicViewAsInferred"]
