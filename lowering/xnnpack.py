@@ -107,7 +107,8 @@ def cpu_passes(*, windows: Mapping[str, int] | None = None,
 
         common.append(CustomSDPA())
     if xnnpack_rewrites:
-        common += [QKNormRopeAsOne(), GeluTanhAsSigmoid(), AdditiveAttentionMask(), SDPAAsMatmul(), RMSNormAsLinear(), SymbolicViewAsInferred()]
+        common += [QKNormRopeAsOne()] if custom_sdpa else []  # its sites are custom_sdpa's
+        common += [GeluTanhAsSigmoid(), AdditiveAttentionMask(), SDPAAsMatmul(), RMSNormAsLinear(), SymbolicViewAsInferred()]
     prefill_only = [RotateHalfAsLinear()] if xnnpack_rewrites else []
     prefill = list(common) + prefill_only + ([LastTokenLogits()] if last_token_logits else [])
     out = {"prefill": prefill + [EdgeDecompositions()], "decode": common + [EdgeDecompositions()]}

@@ -27,9 +27,10 @@ head and the key weight on every key head (one constant ``fxport_qk_norm.<sdpa>`
 ``r = n * cos' + rotate_half(n) * sin'`` with the tables given a head axis (a ``view`` with L as -1;
 one per table, shared by the sites); the query
 ``slice(r, 2, 0, Hq)`` and the key ``slice(r, 2, Hq, Hq + Hk)``, each (B, L, H, D).
-Leaves alone (skip reasons): sites where either chain differs from the above; programs without
-``custom_sdpa`` (attention in XNNPACK keeps (B, H, L, D)). The rewritten sites have no
-transpose left, so the pass is idempotent.
+Leaves alone (skip reasons): sites where either chain differs from the above, e.g. the norm
+after the transpose (transformers' Gemma 3, whose norm is a pow / mean / rsqrt chain, not
+``rms_norm``); programs without ``custom_sdpa`` (attention in XNNPACK keeps (B, H, L, D)). The
+rewritten sites have no transpose left, so the pass is idempotent.
 Invariant: the same arithmetic per element (each head's mean over D, its weight, its rotation):
 equal up to fp32 rounding of the norm's summation order.
 """

@@ -150,13 +150,16 @@ def test_runner_past_the_context_length_fails_loudly(program, runner_out):
 
 def test_the_default_uses_custom_sdpa_and_no_custom_sdpa_runs_in_the_runner_too(program_build, tmp_path):
     """The default program (the module's ``program``, whose runner tests are above) calls
-    ``llama::custom_sdpa`` for the global layer (the ring-buffer layers stay on XNNPACK) and says
+    ``llama::custom_sdpa`` for the global layer (the ring-buffer layers stay on XNNPACK), whose
+    query and key heads QKNormRopeAsOne normalizes and rotates as one, and says
     so in ``use_sdpa_with_kv_cache``; ``--no-custom-sdpa`` (``BuildOptions(custom_sdpa=False)``)
     keeps every attention in XNNPACK, says 0, and the stock runner, in a fresh process, greedily
     generates ``fxport run``'s tokens through chunked prefill and decode past the ring."""
     cs = program_build[2].pass_results["prefill"]["custom_sdpa"].stats
     assert (cs.matched, cs.rewritten) == (3, 1)
     assert dict(cs.skipped) == {"cache written at computed positions (e.g. a ring buffer)": 2}
+    qk = program_build[2].pass_results["prefill"]["qk_norm_rope_as_one"].stats  # on custom_sdpa's layer
+    assert (qk.matched, qk.rewritten, dict(qk.skipped)) == (1, 1, {})
     tokenizer = tiny_tokenizer()
     out = tmp_path / "tiny-no-custom-sdpa.pte"
     result = build(Source(model=varied_tiny_model(max_seq_len=POSITIONS, window=WINDOW), tokenizer=tokenizer), out,
