@@ -148,7 +148,7 @@ def rotate_halves(ep) -> int:
     return sum(match(ROTATE_HALF, n) is not None for n in ep.graph.nodes)
 
 
-@examples(6)
+@examples(4)
 @given(heads=st.sampled_from([(4, 1), (4, 2), (2, 2)]), d=st.sampled_from([8, 16]),
        spelling=st.sampled_from(["param", "1 + param", "none"]), table=st.sampled_from(["LD", "11LD"]),
        swapped=st.booleans(), n_layers=st.integers(1, 2))
