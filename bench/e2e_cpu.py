@@ -82,18 +82,18 @@ def ensure_pte(recipe: str, gguf: Path, force: bool = False) -> Path:
     source = Source(gguf=gguf)
     if not force and out.with_suffix(".bytes").is_file() and reuse_decision(out, build_inputs(source, options))[0]:
         return out
-    from fxport.models.gemma4.load import load_model
-
     print(f"exporting {out} (recipe {recipe}) ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    build(source, out, options, reuse=True)
-    # the bytes a token reads, as bench/quality.py counts them: the same recipe on an eager copy
-    from fxport.lowering.xnnpack_quant import quantize_for_xnnpack
-    from fxport.models.gemma4.tokenizer import load_tokenizer
+    model = build(source, out, options, reuse=not force).model  # the quantized eager model it exported
+    if model is None:  # the build reused its files: the same recipe on an eager copy
+        from fxport.lowering.xnnpack_quant import quantize_for_xnnpack
+        from fxport.models.gemma4.load import load_model
+        from fxport.models.gemma4.tokenizer import load_tokenizer
 
-    model, tok_src = load_model(gguf, max_seq_len=Q.WINDOW, progress=False)
-    if quant:
-        quantize_for_xnnpack(model, quant, tokenizer=load_tokenizer(tok_src))
+        model, tok_src = load_model(gguf, max_seq_len=Q.WINDOW, progress=False)
+        if quant:
+            quantize_for_xnnpack(model, quant, tokenizer=load_tokenizer(tok_src))
+    # the bytes a token reads, as bench/quality.py counts them
     out.with_suffix(".bytes").write_text(str(Q.linear_bytes(model)))
     print(f"exported {out} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return out
