@@ -232,7 +232,7 @@ class QKNormRopeAsOne(Pass):
             return None
         w = []
         for side, heads in ((q, Hq), (k, Hk)):
-            value = torch.ones(D) if side["weight"] is None else _constant_value(ep, side["weight"])
+            value = torch.ones(D, device=val(q["view"]).device) if side["weight"] is None else _constant_value(ep, side["weight"])
             if value is None or tuple(value.shape) != (D,):
                 raise _Skip("a norm weight that is not a constant of shape (D,)")
             w.append(value.detach().to(val(q["view"]).dtype).expand(heads, D))
