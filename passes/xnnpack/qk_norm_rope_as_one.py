@@ -39,13 +39,13 @@ from __future__ import annotations
 
 import torch
 from torch.export import ExportedProgram
-from torch.export.graph_signature import InputKind
 from torch.fx import Node
 
 from fxport.passes.base import Pass, PassContext, PassResult, PassStats
-from fxport.passes.graph import add_constant, arg, call, dims_equal, input_spec, shape, tensor_of, val
+from fxport.passes.graph import add_constant, arg, call, dims_equal, shape, tensor_of, val
 from fxport.passes.match import is_op, match
-from fxport.passes.xnnpack.rotate_half_as_linear import ROTATE_HALF, _slice_is
+from fxport.passes.xnnpack.rms_norm_as_linear import offset_parameter
+from fxport.passes.xnnpack.rotate_half_as_linear import ROTATE_HALF, rotate_half_slices
 
 aten = torch.ops.aten
 llama = getattr(torch.ops, "llama", None)
@@ -74,16 +74,12 @@ def _is_swap(node: Node) -> bool:
 def _constant_value(ep: ExportedProgram, node) -> torch.Tensor | None:
     """The tensor behind ``node``: a parameter, buffer or constant placeholder, or ``param + c``."""
     if isinstance(node, Node) and node.op == "placeholder":
-        if input_spec(ep, node).kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
-            return tensor_of(ep, node)
+        return tensor_of(ep, node)  # None for a user input
+    offset = offset_parameter(ep, node)
+    if offset is None:
         return None
-    if is_op(node, aten.add.Tensor, aten.add.Scalar) and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1:
-        a, b = node.args
-        if isinstance(a, (int, float)):
-            a, b = b, a
-        base = _constant_value(ep, a) if isinstance(b, (int, float)) else None
-        return None if base is None else base.detach().float() + b
-    return None
+    param, scalar = offset
+    return tensor_of(ep, param).detach().float() + scalar
 
 
 def _rope(out: Node) -> tuple[Node, Node, Node, list[Node]]:
@@ -102,9 +98,7 @@ def _rope(out: Node) -> tuple[Node, Node, Node, list[Node]]:
                 continue
             cos = a.args[1] if a.args[0] is t else a.args[0]
             D, last = shape(t)[-1], len(shape(t)) - 1
-            h = D // 2
-            if not (isinstance(cos, Node) and isinstance(D, int) and _slice_is(caps["high"], last, h, D, D)
-                    and _slice_is(caps["low"], last, 0, h, D)):
+            if not (isinstance(cos, Node) and isinstance(D, int) and rotate_half_slices(rot, caps, last, D)):
                 continue
             chain = [out, a, b, rot, caps["high"], caps["low"], rot.args[0][0]]
             return t, cos, sin, chain
@@ -121,8 +115,7 @@ def _chain(end: Node, consumer: Node) -> dict:
     t, cos, sin, rope_nodes = _rope(out)
     if not _is_swap(t):
         raise _Skip("RoPE not applied on the (B, H, L, D) transpose")
-    inner = {n for n in rope_nodes}
-    if any(u not in inner for u in t.users):
+    if any(u not in rope_nodes for u in t.users):
         raise _Skip("the transposed heads have other readers")
     norm = t.args[0]
     if not (is_op(norm, aten.rms_norm.default) and _only_user(norm, t)):
@@ -137,7 +130,7 @@ def _chain(end: Node, consumer: Node) -> dict:
             "cos": cos, "sin": sin}
 
 
-def _key_written(k_cache: Node, sdpa: Node) -> tuple[Node, Node]:
+def _key_written(k_cache: Node) -> tuple[Node, Node]:
     """The ``index_copy`` the kernel's key cache comes from (directly or a prefix slice) and the key it writes."""
     write = k_cache
     while is_op(write, aten.slice.Tensor):
@@ -181,7 +174,7 @@ class QKNormRopeAsOne(Pass):
         for sdpa in [n for n in g.nodes if is_op(n, llama.custom_sdpa.default)]:
             stats.matched += 1
             try:
-                write, key_end = _key_written(sdpa.args[1], sdpa)
+                write, key_end = _key_written(sdpa.args[1])
                 q = _chain(sdpa.args[0], sdpa)
                 k = _chain(key_end, write)
                 W = self._weights(ep, q, k)
@@ -233,7 +226,7 @@ class QKNormRopeAsOne(Pass):
         w = []
         for side, heads in ((q, Hq), (k, Hk)):
             value = torch.ones(D, device=val(q["view"]).device) if side["weight"] is None else _constant_value(ep, side["weight"])
-            if value is None or tuple(value.shape) != (D,):
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != (D,):
                 raise _Skip("a norm weight that is not a constant of shape (D,)")
             w.append(value.detach().to(val(q["view"]).dtype).expand(heads, D))
         return torch.cat(w).contiguous()

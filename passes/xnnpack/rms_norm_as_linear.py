@@ -31,8 +31,9 @@ from fxport.passes.match import is_op
 aten = torch.ops.aten
 
 
-def _fold_offset_weight(ep: ExportedProgram, weight: Node) -> Node | None:
-    """A constant for ``add(param, scalar)`` (either order) of a parameter, else None."""
+def offset_parameter(ep: ExportedProgram, weight) -> tuple[Node, float] | None:
+    """``(param, c)`` when ``weight`` is ``add(param, c)`` (either order, alpha 1) of a parameter,
+    buffer or constant placeholder with a value (Gemma's ``1 + w``), else None."""
     if not is_op(weight, aten.add.Tensor, aten.add.Scalar):
         return None
     param, scalar = weight.args[0], weight.args[1]
@@ -44,11 +45,17 @@ def _fold_offset_weight(ep: ExportedProgram, weight: Node) -> Node | None:
         return None
     if len(weight.args) > 2 or weight.kwargs.get("alpha", 1) != 1:
         return None
-    tensor = tensor_of(ep, param)
-    if tensor is None:
+    return (param, scalar) if tensor_of(ep, param) is not None else None
+
+
+def _fold_offset_weight(ep: ExportedProgram, weight: Node) -> Node | None:
+    """A constant for ``add(param, scalar)`` (either order) of a parameter, else None."""
+    offset = offset_parameter(ep, weight)
+    if offset is None:
         return None
+    param, scalar = offset
     target = f"{input_spec(ep, param).target}_plus_{_name_of(scalar)}".replace(".", "_")
-    return add_constant(ep, target, (tensor.detach().float() + scalar).contiguous())
+    return add_constant(ep, target, (tensor_of(ep, param).detach().float() + scalar).contiguous())
 
 
 def _name_of(scalar: float) -> str:
@@ -102,4 +109,4 @@ class RMSNormAsLinear(Pass):
         return PassResult(ep, stats.rewritten > 0, stats)
 
 
-__all__ = ["RMSNormAsLinear"]
+__all__ = ["RMSNormAsLinear", "offset_parameter"]

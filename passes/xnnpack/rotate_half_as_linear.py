@@ -42,6 +42,14 @@ def _slice_is(sl: Node, last: int, start: int, end: int, D: int) -> bool:
     return d in (-1, last) and s0 == start and full_end and step == 1
 
 
+def rotate_half_slices(cat: Node, caps: dict, last: int, D: int) -> bool:
+    """``cat`` (a :data:`ROTATE_HALF` match, ``caps`` its captures) joins ``-x[..., h:]`` and
+    ``x[..., :h]`` along ``x``'s last dim ``last`` of size D = 2h: rotate_half's bounds exactly."""
+    h = D // 2
+    return (arg(cat, 1, "dim", 0) in (-1, last) and _slice_is(caps["high"], last, h, D, D)
+            and _slice_is(caps["low"], last, 0, h, D))
+
+
 def rotation(D: int) -> torch.Tensor:
     """(D, D) ``R`` with ``linear(x, R) == cat([-x[..., h:], x[..., :h]], -1)``, h = D // 2."""
     h = D // 2
@@ -59,7 +67,7 @@ class RotateHalfAsLinear(Pass):
         stats = PassStats()
         g = ep.graph
         for node, caps in find_all(g, ROTATE_HALF):
-            x, high, low = caps["x"], caps["high"], caps["low"]
+            x = caps["x"]
             xval = val(x)
             if xval is None:
                 continue
@@ -68,9 +76,7 @@ class RotateHalfAsLinear(Pass):
             if xval.dtype != torch.float32 or not isinstance(D, int) or D % 2:
                 stats.skip("not fp32 or last dim odd / dynamic")
                 continue
-            h = D // 2
-            dim = arg(node, 1, "dim", 0)
-            if dim not in (-1, last) or not _slice_is(high, last, h, D, D) or not _slice_is(low, last, 0, h, D):
+            if not rotate_half_slices(node, caps, last, D):
                 stats.skip("not rotate_half's slices")
                 continue
             # On the program's device: a meta-device program (no weights) gets a meta constant.
@@ -85,4 +91,4 @@ class RotateHalfAsLinear(Pass):
         return PassResult(ep, stats.rewritten > 0, stats)
 
 
-__all__ = ["ROTATE_HALF", "RotateHalfAsLinear", "rotation"]
+__all__ = ["ROTATE_HALF", "RotateHalfAsLinear", "rotate_half_slices", "rotation"]
