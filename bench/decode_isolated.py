@@ -101,8 +101,7 @@ def main(argv=None) -> int:
         print(f"| {kind} | {med:.2f} ({min(ms):.2f}-{max(ms):.2f}) | {1e3 / med:.1f} | {pf:.0f} | {vs} |")
     for kind in ("fxport", "runner"):  # a round's ratio: its llama.cpp process over this runtime's
         ratios = [ll["decode_ms"] / x["decode_ms"] for ll, x in zip(got["llama.cpp"], got[kind])]
-        print(f"{kind}: decode >= 1.5x llama.cpp in {sum(r >= 1.5 for r in ratios)} of {len(ratios)} rounds "
-              f"(per round {', '.join(f'{r:.2f}x' for r in ratios)})")
+        print(f"{kind}: {E.rounds_at_goal(ratios)}; per round {', '.join(f'{r:.2f}x' for r in ratios)}")
     return 0
 
 
