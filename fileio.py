@@ -573,6 +573,7 @@ def write_program(
     gen.mkdir()
     side = Path(sidecar) if sidecar is not None else None
     published = False
+    lock = None
     try:
         names: list[str] = []
         extra = sorted(p for p in Path(beside).iterdir() if p.is_file()) if beside is not None else []
@@ -593,6 +594,7 @@ def write_program(
         _fsync_tree(gen)
         _fsync_dir(store)
         everything = list(dict.fromkeys(names + list(owned) + ([side.name] if side is not None else [])))
+        lock = _PublishLock(store)
         _adopt_legacy(folder, store, everything)
         for name in names:
             _put_link(folder / name, _link_target(store, name))
@@ -600,6 +602,8 @@ def write_program(
         old = _switch(store, gen.name)
         published = True
     except BaseException as exc:
+        if lock is not None:
+            lock.close()
         if not published:
             shutil.rmtree(gen, ignore_errors=True)
             if made_store:
@@ -611,8 +615,10 @@ def write_program(
         raise err from exc
     finally:
         _WRITING.discard(str(gen))
-    # Published. What is left is tidying: links of names the new program lacks, the old generation.
-    with contextlib.suppress(OSError):
+    # Published. What is left is tidying: links of names the new program lacks, the old
+    # generation. Still under the lock: another writer's links and switch cannot fall between
+    # this writer's switch and its unlinks (which would leave its program without its x.ptd).
+    with lock, contextlib.suppress(OSError):
         for name in everything:
             if name not in names and _is_ours(folder / name, store):
                 (folder / name).unlink()
@@ -620,6 +626,38 @@ def write_program(
         if old and old != gen.name and _readlink(store / CURRENT) != old:
             _remove_generation(store / old)
     return path
+
+
+class _PublishLock:
+    """An exclusive ``flock`` on a program store, held from a writer's first link to its last
+    unlink, so two writers' publish steps never interleave (each writes its generation, the slow
+    part, unlocked). The kernel drops it when the holder exits, killed or not: it never goes
+    stale. Where the system has no ``flock`` the steps run unlocked, as before."""
+
+    def __init__(self, store: Path):
+        self._fd: int | None = None
+        try:
+            import fcntl
+        except ImportError:
+            return
+        fd = os.open(store, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            os.close(fd)
+            return
+        self._fd = fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor releases the lock
+            self._fd = None
+
+    def __enter__(self) -> "_PublishLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _remove_generation(gen: Path) -> None:

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,33 @@ def test_two_concurrent_writers_leave_one_complete_set(tmp_path):
     _publish(out, NEW)  # and the next save leaves one generation, no temporaries
     assert len(os.listdir(program_store(out))) == 2
     assert sorted(os.listdir(tmp_path)) == ["x.fxport", "x.ptd", "x.pte", "x.tokenizer"]
+
+
+def test_a_writer_publishing_between_anothers_switch_and_tidy_keeps_its_weights(tmp_path):
+    """The interleaving CI once hit by chance, forced: writer B (a program without weights)
+    pauses right after switching ``current``; writer A publishes NEW in that pause. B's tidying
+    (unlinking the x.ptd / x.tokenizer its program lacks) must not strip A's links: A waits for
+    B's publish lock, then publishes whole."""
+    out = tmp_path / "x.pte"
+    _publish(out, OLD)
+    paused = tmp_path / "b-switched"
+    code = ("import time; from pathlib import Path; from fxport import fileio\n"
+            "from fxport.tests.test_publish import _publish, BARE\n"
+            "real = fileio._switch\n"
+            "def switch(*a):\n"
+            "    old = real(*a); Path(%r).touch(); time.sleep(1.0); return old\n"
+            "fileio._switch = switch\n"
+            "_publish(Path(%r), BARE)\n") % (str(paused), str(out))
+    b = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not paused.exists():
+        assert b.poll() is None, b.stderr.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    _publish(out, NEW)  # A, while B sits between its switch and its tidying
+    assert b.wait() == 0, b.stderr.read().decode()
+    assert _seen(out) == (NEW, NEW)
+    assert sorted(os.listdir(tmp_path)) == ["b-switched", "x.fxport", "x.ptd", "x.pte", "x.tokenizer"]
 
 
 # ----------------------------------------------------------------------------- litter of dead writers
