@@ -224,6 +224,30 @@ def test_rewritten_programs_match_at_every_step(layers, mask, write, is_causal, 
     assert_parity(progs, {m: r.ep for m, r in results.items()})
 
 
+def test_a_window_reads_at_most_its_reach_plus_the_chunk():
+    """Window 3 in a 12-slot cache (Gemma's sliding layer): the kernel gets rows
+    ``start - min(start, 2) .. start + L - 1`` of each cache and those columns of the mask, so
+    at most 3 + L - 1 rows wherever the chunk is (not ``start + L``); the bound is the slices'
+    planned size (prefill chunks up to CHUNK, decode 1)."""
+    import operator
+
+    from fxport.passes.graph import upper_bound
+
+    _, progs = programs((3, "causal"))
+    for method, result in rewrite(progs).items():
+        ep = result.ep
+        window = next(n for n in custom_sdpas(ep) if not n.args[6])
+        k, v, mask = window.args[1], window.args[2], window.args[4]
+        assert [x.target for x in (k, v, mask)] == [aten.slice.Tensor] * 3, method
+        lo = k.args[2]
+        assert lo is v.args[2] is mask.args[2] and lo.target is operator.sub and lo.args[0] is window.args[3]
+        back = lo.args[1]  # min(start, reach - 1) as its own scalar
+        assert back.target is aten._local_scalar_dense.default
+        assert back.args[0].target is aten.clamp.default and back.args[0].args[1:] == (None, 2)
+        rows = 3 + (CHUNK if method == "prefill" else 1) - 1
+        assert [upper_bound(ep, x.meta["val"].shape[d]) for x, d in ((k, 1), (v, 1), (mask, 1))] == [rows] * 3, method
+
+
 def test_second_run_changes_nothing():
     _, progs = programs((3, "causal"))
     once = rewrite(progs)
