@@ -104,7 +104,8 @@ def main(argv=None) -> int:
         span = (ref.max(1).values - ref.min(1).values)
         print(f"\nparity vs {args.pte[0]} ({args.parity_prompt}-token prompt, then its {args.parity_steps} greedy "
               "tokens fed to every program)")
-        print("| program | top-1 equal | first differing step | max abs logits diff | of range | steps equal to the bit |")
+        print("| program | top-1 equal | first differing step | max abs logits diff | of range "
+              "| steps equal to the bit |")
         print("|---|---:|---:|---:|---:|---:|")
         for path in args.pte[1:]:
             tokens, logits = greedy_run(path, prompt, args.parity_steps, args.threads, feed=ref_tokens)

@@ -39,14 +39,14 @@ asserted. ``lo`` is 0, or for a mask whose reach W (every evaluated query at pos
 slot below p - W + 1: a sliding window) is shorter than the cache, ``start - min(start, W - 1)``
 (that minimum its own scalar in [0, W - 1], so the slices are ``L + min(start, W - 1) <= W + L - 1``
 rows, planned at that size): a window reads W + L - 1 rows at most, wherever it is. On the 270M
-(window 512, 1,024 positions) that took decode to 0.86x at position 700 and 0.91x at 128
-(2026-12-05).
+(window 512, 1,024 positions) the decode step at position 700 took 0.86x the time it took when
+every written row was read (2026-12-05; 0.91x at 128, where the rows read are the same).
 Leaves alone (skip reasons): masks that let a query see unwritten slots, ring buffers (their
 positions are computed; measured, not just unmatched: the kernel given a ring's own mask over all
 R slots, start 0, was tried on the 270M at 4,096 positions and took 1.06-1.20x the XNNPACK ring's
 decode step at positions 1,500 and 3,000, 1.08-1.19x with a decode query's heads folded into
-rows so K/V are read once, at the same logits), masks that read other inputs (e.g. vision runs), prefix-case masks
-with batch / head dims other than 1, caches of other dtypes (float64),
+rows so K/V are read once, at the same logits), masks that read other inputs (e.g. vision runs),
+prefix-case masks with batch / head dims other than 1, caches of other dtypes (float64),
 caches with other readers, SDPAs without a mask, causal / dropout SDPAs, and caches already
 (B, S, H, D) (so the pass is idempotent: a rewritten program has no SDPA on a cache left).
 Rejects (PassError): a buffer that another method's rewrite by this pass object re-laid out but
@@ -359,7 +359,7 @@ def _prefix_mask(g: torch.fx.Graph, mask: Node, pos: Node, start: Node, S: int,
         elif mval.dtype != torch.float32:
             m2 = call(g, aten._to_copy.default, m2, dtype=torch.float32)
         lo = 0
-        if reach < S:  # lo = start - back, back = min(start, reach - 1): the slice is L + back rows, in [1, reach + L - 1]
+        if reach < S:  # lo = start - back, back = min(start, reach - 1): slices of L + back <= reach + L - 1 rows
             first = call(g, aten.clamp.default, call(g, aten.select.int, pos, 0, 0), None, reach - 1)
             back = call(g, aten._local_scalar_dense.default, first)
             call(g, aten.sym_constrain_range.default, back, min=0, max=reach - 1)
