@@ -203,7 +203,7 @@ class CustomSDPA(Pass):
             a.node.replace_all_uses_with(y)
             g.erase_node(a.node)
             for user in list(y.users):  # the usual transpose(1, 2) back to (B, L, H_q, D) is the kernel's output
-                if _swaps_1_2(user):
+                if swaps_1_2(user, rank=4):
                     user.replace_all_uses_with(out)
                     g.erase_node(user)
             stats.rewritten += 1
@@ -295,7 +295,7 @@ class CustomSDPA(Pass):
             dims = (1,) * (4 - len(dims)) + tuple(dims)
             if (dims[0], dims[1], dims[3]) != (B, H, D):
                 value = call(g, aten.expand.default, value, [B, H, -1, D])  # (B, H, L, D)
-            if _swaps_1_2(value) and len(shape(value.args[0]) or ()) == 4:  # transpose(x, 1, 2): x is the rows
+            if swaps_1_2(value):  # transpose(x, 1, 2): x is the rows
                 rows = value.args[0]  # (B, L, H, D)
             else:
                 rows = call(g, aten.permute.default, value, [0, 2, 1, 3])  # (B, L, H, D)
@@ -330,11 +330,17 @@ def _only_read_by(write: Node, sites: list[dict]) -> bool:
     return True
 
 
-def _swaps_1_2(node: Node) -> bool:
-    """``transpose(x, 1, 2)`` / ``permute(x, [0, 2, 1, 3])`` of a rank-4 x."""
+def swaps_1_2(node: Node, rank: int | None = None) -> bool:
+    """``transpose(x, 1, 2)`` / ``permute(x, [0, 2, 1, 3])`` of a rank-4 x (dims counted either
+    way): (B, H, L, D) <-> (B, L, H, D). ``rank``: x's rank when the caller knows it (a node this
+    pass just made has no shape metadata yet), else read from x's metadata."""
     if node.target is aten.transpose.int:
-        return sorted(d % 4 for d in node.args[1:3]) == [1, 2]
-    return node.target is aten.permute.default and [d % 4 for d in node.args[1]] == [0, 2, 1, 3]
+        swaps = sorted(d % 4 for d in node.args[1:3]) == [1, 2]
+    elif node.target is aten.permute.default:
+        swaps = [d % 4 for d in node.args[1]] == [0, 2, 1, 3]
+    else:
+        return False
+    return swaps and (rank if rank is not None else len(shape(node.args[0]) or ())) == 4
 
 
 def _prefix_mask(g: torch.fx.Graph, mask: Node, pos: Node, start: Node, S: int,
@@ -449,4 +455,4 @@ def _mask_kind(ep: ExportedProgram, mask: Node, pos: Node, S: int, chunk: int) -
     return (CAUSAL if causal else PREFIX), reach
 
 
-__all__ = ["CustomSDPA", "llama_ops"]
+__all__ = ["CustomSDPA", "llama_ops", "swaps_1_2"]

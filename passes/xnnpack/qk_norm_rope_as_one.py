@@ -44,15 +44,12 @@ from torch.fx import Node
 from fxport.passes.base import Pass, PassContext, PassResult, PassStats
 from fxport.passes.graph import add_constant, arg, call, dims_equal, shape, tensor_of, val
 from fxport.passes.match import is_op, match
+from fxport.passes.xnnpack.custom_sdpa import swaps_1_2
 from fxport.passes.xnnpack.rms_norm_as_linear import offset_parameter
 from fxport.passes.xnnpack.rotate_half_as_linear import ROTATE_HALF, rotate_half_slices
 
 aten = torch.ops.aten
 llama = getattr(torch.ops, "llama", None)
-
-#: the permute CustomSDPA writes from (B, H, L, D) to the kernel's (B, L, H, D), and back
-SWAP_1_2 = [0, 2, 1, 3]
-
 
 class _Skip(Exception):
     """A site that does not have the pass's form; the message is the skip reason."""
@@ -60,15 +57,6 @@ class _Skip(Exception):
 
 def _only_user(node: Node, user: Node) -> bool:
     return list(node.users) == [user]
-
-
-def _is_swap(node: Node) -> bool:
-    """``transpose(x, 1, 2)`` or ``permute(x, [0, 2, 1, 3])`` of a rank-4 ``x``."""
-    if is_op(node, aten.permute.default):
-        return list(node.args[1]) == SWAP_1_2
-    if is_op(node, aten.transpose.int):
-        return sorted(d % 4 for d in node.args[1:3]) == [1, 2] and len(shape(node.args[0]) or ()) == 4
-    return False
 
 
 def _constant_value(ep: ExportedProgram, node) -> torch.Tensor | None:
@@ -107,13 +95,13 @@ def _rope(out: Node) -> tuple[Node, Node, Node, list[Node]]:
 
 def _chain(end: Node, consumer: Node) -> dict:
     """The query / key chain ending in ``end`` (read by ``consumer`` only): its view, norm and tables."""
-    if not (_is_swap(end) and _only_user(end, consumer)):
+    if not (swaps_1_2(end) and _only_user(end, consumer)):
         raise _Skip("the attention input is not a permute to (B, L, H, D)")
     out = end.args[0]
     if not _only_user(out, end):
         raise _Skip("RoPE's result has other readers")
     t, cos, sin, rope_nodes = _rope(out)
-    if not _is_swap(t):
+    if not swaps_1_2(t):
         raise _Skip("RoPE not applied on the (B, H, L, D) transpose")
     if any(u not in rope_nodes for u in t.users):
         raise _Skip("the transposed heads have other readers")
