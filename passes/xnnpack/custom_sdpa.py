@@ -366,8 +366,8 @@ def _prefix_mask(g: torch.fx.Graph, mask: Node, pos: Node, start: Node, S: int,
             m2 = call(g, aten._to_copy.default, m2, dtype=torch.float32)
         lo = 0
         if reach < S:  # lo = start - back, back = min(start, reach - 1): slices of L + back <= reach + L - 1 rows
-            first = call(g, aten.clamp.default, call(g, aten.select.int, pos, 0, 0), None, reach - 1)
-            back = call(g, aten._local_scalar_dense.default, first)
+            first = start.args[0]  # pos[0], the tensor ``start`` is read from
+            back = call(g, aten._local_scalar_dense.default, call(g, aten.clamp.default, first, None, reach - 1))
             call(g, aten.sym_constrain_range.default, back, min=0, max=reach - 1)
             call(g, aten._assert_scalar.default, call(g, operator.le, back, start),  # lo >= 0, for slice()
                  "custom_sdpa: a window reaching before position 0")

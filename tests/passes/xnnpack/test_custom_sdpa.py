@@ -244,6 +244,7 @@ def test_a_window_reads_at_most_its_reach_plus_the_chunk():
         back = lo.args[1]  # min(start, reach - 1) as its own scalar
         assert back.target is aten._local_scalar_dense.default
         assert back.args[0].target is aten.clamp.default and back.args[0].args[1:] == (None, 2)
+        assert back.args[0].args[0] is window.args[3].args[0]  # clamps the pos[0] that start is read from
         rows = 3 + (CHUNK if method == "prefill" else 1) - 1
         assert [upper_bound(ep, x.meta["val"].shape[d]) for x, d in ((k, 1), (v, 1), (mask, 1))] == [rows] * 3, method
 
